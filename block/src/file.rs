@@ -1,0 +1,306 @@
+//! The `file` protocol driver: a host file or block device.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+
+use crate::blockdev::Common;
+use crate::node::{check_range, write_zeroes_by_writing, BlockNode};
+use crate::options::Opts;
+use crate::{BlockError, Result};
+
+/// Alignment of buffers, offsets and lengths for `cache.direct` (O_DIRECT).
+const DIRECT_ALIGN: usize = 4096;
+
+/// A host file opened for the block graph.
+#[derive(Debug)]
+pub struct FileNode {
+    file: File,
+    filename: String,
+    size: u64,
+    read_only: bool,
+    direct: bool,
+    no_flush: bool,
+    unmap: bool,
+}
+
+impl FileNode {
+    /// Opens a `file` node from its driver-specific options.
+    pub fn open(o: &mut Opts, common: &Common, base_dir: Option<&Path>) -> Result<Self> {
+        let filename = o.req_str("filename")?;
+        for (key, allowed) in [("aio", &["threads", "native", "io_uring"][..]), ("locking", &["auto", "on", "off"][..])] {
+            if let Some(v) = o.str(key)? {
+                if !allowed.contains(&v.as_str()) {
+                    return Err(o.error(key, format!("invalid value '{v}' (expected one of {})", allowed.join(", "))));
+                }
+            }
+        }
+        let full = match base_dir {
+            Some(dir) => dir.join(&filename),
+            None => filename.clone().into(),
+        };
+        let open = |write: bool| {
+            let mut oo = OpenOptions::new();
+            oo.read(true).write(write);
+            if common.cache_direct {
+                oo.custom_flags(libc::O_DIRECT);
+            }
+            oo.open(&full)
+        };
+        let (file, read_only) = match open(!common.read_only) {
+            Ok(f) => (f, common.read_only),
+            Err(e) if common.auto_read_only && !common.read_only && e.kind() == std::io::ErrorKind::PermissionDenied => {
+                (open(false).map_err(|e| BlockError::io(format!("Could not open '{filename}'"), e))?, true)
+            }
+            Err(e) => return Err(BlockError::io(format!("Could not open '{filename}'"), e)),
+        };
+        let size = device_size(&file).map_err(|e| BlockError::io(format!("reading the size of '{filename}'"), e))?;
+        Ok(Self {
+            file,
+            filename,
+            size,
+            read_only,
+            direct: common.cache_direct,
+            no_flush: common.cache_no_flush,
+            unmap: common.discard_unmap,
+        })
+    }
+
+    fn io_err(&self, what: &str, offset: u64, e: std::io::Error) -> BlockError {
+        BlockError::io(format!("{what} '{}' at offset {offset}", self.filename), e)
+    }
+
+    fn aligned(&self, offset: u64, len: usize, ptr: *const u8) -> bool {
+        !self.direct
+            || (offset % DIRECT_ALIGN as u64 == 0 && len % DIRECT_ALIGN == 0 && (ptr as usize) % DIRECT_ALIGN == 0)
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> std::io::Result<()> {
+        let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        };
+        // SAFETY: fallocate only reads its integer arguments; the fd is owned by
+        // `self.file` and stays open for the duration of the call.
+        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, l) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+}
+
+/// Size of a regular file or block device.
+fn device_size(file: &File) -> std::io::Result<u64> {
+    let meta = file.metadata()?;
+    if meta.file_type().is_file() {
+        return Ok(meta.len());
+    }
+    use std::io::{Seek, SeekFrom};
+    let mut f = file;
+    f.seek(SeekFrom::End(0))
+}
+
+/// A heap buffer with an aligned window, for O_DIRECT bounce I/O.
+fn aligned_buffer(len: usize) -> (Vec<u8>, usize) {
+    let buf = vec![0u8; len + DIRECT_ALIGN];
+    let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
+    (buf, start)
+}
+
+impl BlockNode for FileNode {
+    fn driver(&self) -> &'static str {
+        "file"
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        check_range(&self.filename, self.size, offset, buf.len() as u64)?;
+        if self.aligned(offset, buf.len(), buf.as_ptr()) {
+            return self.file.read_exact_at(buf, offset).map_err(|e| self.io_err("reading", offset, e));
+        }
+        let start = offset - offset % DIRECT_ALIGN as u64;
+        let head = (offset - start) as usize;
+        let span = (head + buf.len()).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+        let (mut bounce, at) = aligned_buffer(span);
+        let window = &mut bounce[at..at + span];
+        let n = read_up_to(&self.file, window, start).map_err(|e| self.io_err("reading", offset, e))?;
+        if n < head + buf.len() {
+            return Err(self.io_err("reading", offset, std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        buf.copy_from_slice(&window[head..head + buf.len()]);
+        Ok(())
+    }
+
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly(self.filename.clone()));
+        }
+        check_range(&self.filename, self.size, offset, buf.len() as u64)?;
+        if self.aligned(offset, buf.len(), buf.as_ptr()) {
+            return self.file.write_all_at(buf, offset).map_err(|e| self.io_err("writing", offset, e));
+        }
+        // O_DIRECT with an unaligned request: read-modify-write whole blocks.
+        let start = offset - offset % DIRECT_ALIGN as u64;
+        let head = (offset - start) as usize;
+        let span = (head + buf.len()).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+        let (mut bounce, at) = aligned_buffer(span);
+        let window = &mut bounce[at..at + span];
+        let n = read_up_to(&self.file, window, start).map_err(|e| self.io_err("reading", offset, e))?;
+        window[head..head + buf.len()].copy_from_slice(buf);
+        // The file's tail may not be block aligned: write only what exists.
+        let valid = n.max(head + buf.len());
+        let write_len = if valid == span { span } else { valid.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN };
+        self.file
+            .write_all_at(&window[..write_len], start)
+            .map_err(|e| self.io_err("writing", offset, e))?;
+        if start + write_len as u64 > self.size {
+            self.file.set_len(self.size).map_err(|e| self.io_err("truncating", offset, e))?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        if self.no_flush || self.read_only {
+            return Ok(());
+        }
+        self.file.sync_data().map_err(|e| BlockError::io(format!("flushing '{}'", self.filename), e))
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly(self.filename.clone()));
+        }
+        check_range(&self.filename, self.size, offset, len)?;
+        if !self.unmap || len == 0 {
+            return Ok(());
+        }
+        // Discard is advisory: a file system without hole punching just keeps the data.
+        let _ = self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len);
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly(self.filename.clone()));
+        }
+        check_range(&self.filename, self.size, offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        if self.fallocate(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, len).is_ok()
+            || self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len).is_ok()
+        {
+            return Ok(());
+        }
+        write_zeroes_by_writing(self, offset, len)
+    }
+
+    fn filename(&self) -> Option<&str> {
+        Some(&self.filename)
+    }
+
+    fn allocated_size(&self) -> Option<u64> {
+        self.file.metadata().ok().map(|m| m.blocks() * 512)
+    }
+}
+
+/// Reads as much as exists at `offset` (short at end of file).
+fn read_up_to(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// Creates (or truncates) a host file of `size` bytes, as `blockdev-create` of a `file` node.
+pub fn create_file(path: &Path, size: u64) -> Result<()> {
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| BlockError::io(format!("Could not create '{}'", path.display()), e))?;
+    f.set_len(size).map_err(|e| BlockError::io(format!("Could not resize '{}'", path.display()), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn open(path: &Path, extra: serde_json::Value, common: Common) -> Result<FileNode> {
+        let mut v = json!({"filename": path.to_str().unwrap()});
+        v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let mut o = Opts::from_value("t", v).unwrap();
+        let n = FileNode::open(&mut o, &common, None)?;
+        o.finish()?;
+        Ok(n)
+    }
+
+    #[test]
+    fn read_write_zero_and_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        create_file(&p, 1 << 20).unwrap();
+        let n = open(&p, json!({}), Common::default()).unwrap();
+        assert_eq!(n.size(), 1 << 20);
+        n.write_at(100, b"hello").unwrap();
+        let mut b = [0u8; 5];
+        n.read_at(100, &mut b).unwrap();
+        assert_eq!(&b, b"hello");
+        n.write_zeroes(0, 4096).unwrap();
+        n.read_at(100, &mut b).unwrap();
+        assert_eq!(b, [0; 5]);
+        assert!(matches!(n.read_at((1 << 20) - 2, &mut b), Err(BlockError::OutOfRange { .. })));
+        assert!(n.write_at(u64::MAX - 1, b"xx").is_err());
+    }
+
+    #[test]
+    fn direct_io_handles_unaligned_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        create_file(&p, 3 * 4096 + 512).unwrap();
+        let common = Common { cache_direct: true, ..Common::default() };
+        let Ok(n) = open(&p, json!({}), common) else {
+            eprintln!("O_DIRECT unsupported on this file system; skipping");
+            return;
+        };
+        let data: Vec<u8> = (0..9000u32).map(|i| i as u8).collect();
+        n.write_at(1000, &data).unwrap();
+        n.write_at(3 * 4096 + 100, b"tail").unwrap();
+        let mut back = vec![0u8; 9000];
+        n.read_at(1000, &mut back).unwrap();
+        assert_eq!(back, data);
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 3 * 4096 + 512);
+        let raw = std::fs::read(&p).unwrap();
+        assert_eq!(&raw[1000..10000], &data[..]);
+        assert_eq!(&raw[3 * 4096 + 100..3 * 4096 + 104], b"tail");
+    }
+
+    #[test]
+    fn read_only_refuses_writes_and_missing_files_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        create_file(&p, 4096).unwrap();
+        let n = open(&p, json!({}), Common { read_only: true, ..Common::default() }).unwrap();
+        assert!(matches!(n.write_at(0, b"x"), Err(BlockError::ReadOnly(_))));
+        let err = open(&dir.path().join("nope"), json!({}), Common::default()).unwrap_err();
+        assert!(err.to_string().contains("Could not open"), "{err}");
+        assert!(open(&p, json!({"aio": "bogus"}), Common::default()).is_err());
+    }
+}

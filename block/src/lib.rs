@@ -1,0 +1,22 @@
+//! cryptvm's block layer: a graph of block nodes built from QMP `blockdev-add`
+//! arguments, the `file`, `raw` and `luks` drivers, and the secrets that unlock
+//! encrypted nodes. Nothing here knows about KVM.
+
+pub mod blockdev;
+pub mod error;
+pub mod file;
+pub mod graph;
+pub mod keyval;
+pub mod luks;
+pub mod node;
+pub mod options;
+pub mod raw;
+pub mod secret;
+
+pub use error::{BlockError, Result};
+pub use graph::BlockGraph;
+pub use node::{BlockNode, NodeRef};
+pub use secret::SecretStore;
+
+/// Size of the sectors that the LUKS payload and guest-visible disks use.
+pub const SECTOR_SIZE: u64 = 512;

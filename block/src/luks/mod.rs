@@ -1,0 +1,21 @@
+//! LUKS1 encrypted volumes: the on-disk format (header, key slots,
+//! anti-forensic split), the ciphers, and the `luks` block driver.
+//!
+//! Follows the LUKS 1.2 on-disk format spec, cryptsetup and QEMU's
+//! `crypto/block-luks.c`, including QEMU's detached header layout.
+
+mod af;
+mod cipher;
+mod create;
+mod error;
+mod hash;
+mod header;
+mod keyslot;
+pub mod node;
+
+pub use cipher::{new_sector_cipher, CipherAlg, CipherMode, CipherSpec, IvGenAlg, SectorCipher};
+pub use create::{create, CreateOptions, NewVolume};
+pub use error::LuksError;
+pub use hash::HashAlg;
+pub use header::{KeySlot, LuksHeader};
+pub use keyslot::{unlock, MasterKey};

@@ -1,0 +1,73 @@
+//! The interface every block driver implements.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::{BlockError, Result};
+
+/// A shared handle to a block node.
+pub type NodeRef = Arc<dyn BlockNode>;
+
+/// A node of the block graph: a disk-like byte array with a fixed size.
+///
+/// All methods take `&self` so that several I/O threads can use one node at
+/// once; drivers keep whatever state they mutate behind their own locks.
+pub trait BlockNode: Send + Sync {
+    /// The QMP driver name (`file`, `raw`, `luks`, ...).
+    fn driver(&self) -> &'static str;
+    /// Size in bytes as seen by the node's users.
+    fn size(&self) -> u64;
+    /// Whether writes are refused.
+    fn read_only(&self) -> bool;
+    /// Fill `buf` from `offset`; reading past the end is an error.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// Write `buf` at `offset`; writing past the end is an error.
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()>;
+    /// Make previous writes durable.
+    fn flush(&self) -> Result<()>;
+    /// Hint that a range is unused; it may read back as anything afterwards
+    /// unless the driver says otherwise. Drivers may ignore it.
+    fn discard(&self, offset: u64, len: u64) -> Result<()>;
+    /// Make a range read back as zeros.
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()>;
+    /// Driver-specific information, shaped as QEMU's `format-specific` data
+    /// (`null` when there is none).
+    fn info(&self) -> Value {
+        Value::Null
+    }
+    /// Children by role (`file`, `header`, ...).
+    fn children(&self) -> Vec<(&'static str, NodeRef)> {
+        Vec::new()
+    }
+    /// The host file behind this node, when it is a protocol node.
+    fn filename(&self) -> Option<&str> {
+        None
+    }
+    /// Bytes the node occupies on the host (as `disk size` in `qemu-img
+    /// info`): by default the sum over its children.
+    fn allocated_size(&self) -> Option<u64> {
+        self.children().iter().map(|(_, c)| c.allocated_size()).sum()
+    }
+}
+
+/// Checks that `[offset, offset+len)` lies within a node of `size` bytes.
+pub fn check_range(node: &str, size: u64, offset: u64, len: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(BlockError::OutOfRange { node: node.to_string(), offset, len, size }),
+    }
+}
+
+/// Writes zeros over a range with ordinary writes, in bounded chunks.
+pub fn write_zeroes_by_writing(node: &dyn BlockNode, offset: u64, len: u64) -> Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let zeros = vec![0u8; CHUNK.min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = CHUNK.min(len - done);
+        node.write_at(offset + done, &zeros[..n as usize])?;
+        done += n;
+    }
+    Ok(())
+}

@@ -1,0 +1,96 @@
+//! The `raw` format driver: a window (`offset`, `size`) onto its `file` child.
+
+use serde_json::json;
+
+use crate::node::{check_range, BlockNode, NodeRef};
+use crate::options::Opts;
+use crate::{BlockError, Result};
+
+/// A pass-through node, optionally restricted to part of its child.
+pub struct RawNode {
+    child: NodeRef,
+    offset: u64,
+    size: u64,
+    read_only: bool,
+}
+
+impl RawNode {
+    /// Opens a `raw` node over `child` from its driver-specific options.
+    pub fn open(o: &mut Opts, child: NodeRef, read_only: bool) -> Result<Self> {
+        let offset = o.u64("offset")?.unwrap_or(0);
+        let child_size = child.size();
+        let size = o.u64("size")?;
+        let size = match size {
+            Some(s) => s,
+            None => child_size.checked_sub(offset).ok_or_else(|| {
+                o.error("offset", format!("offset {offset} is beyond the end of the file ({child_size} bytes)"))
+            })?,
+        };
+        if offset.checked_add(size).is_none_or(|end| end > child_size) {
+            return Err(BlockError::option(
+                o.path(),
+                format!(
+                    "The sum of offset ({offset}) and size ({size}) has to be smaller or equal to the actual size of the containing file ({child_size})"
+                ),
+            ));
+        }
+        Ok(Self { child, offset, size, read_only })
+    }
+}
+
+impl BlockNode for RawNode {
+    fn driver(&self) -> &'static str {
+        "raw"
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        check_range("raw", self.size, offset, buf.len() as u64)?;
+        self.child.read_at(self.offset + offset, buf)
+    }
+
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly("raw".into()));
+        }
+        check_range("raw", self.size, offset, buf.len() as u64)?;
+        self.child.write_at(self.offset + offset, buf)
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.child.flush()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        check_range("raw", self.size, offset, len)?;
+        self.child.discard(self.offset + offset, len)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly("raw".into()));
+        }
+        check_range("raw", self.size, offset, len)?;
+        self.child.write_zeroes(self.offset + offset, len)
+    }
+
+    fn info(&self) -> serde_json::Value {
+        if self.offset == 0 && self.size == self.child.size() {
+            serde_json::Value::Null
+        } else {
+            json!({"offset": self.offset, "size": self.size})
+        }
+    }
+
+    fn children(&self) -> Vec<(&'static str, NodeRef)> {
+        vec![("file", self.child.clone())]
+    }
+
+}

@@ -1,0 +1,160 @@
+//! Command-line parsing in qemu-img's style: short options with separate or
+//! attached values, `--long=value`, repeated `--object` and `-o`.
+
+use std::collections::VecDeque;
+
+/// A command-line error (bad or missing option).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ArgError(pub String);
+
+/// The options of one `img` sub-command.
+#[derive(Debug, Default)]
+pub struct Args {
+    /// `--object` values, in order.
+    pub objects: Vec<String>,
+    /// `-f`: source / image format.
+    pub format: Option<String>,
+    /// `-F`: second image's format (compare).
+    pub format2: Option<String>,
+    /// `-O`: output format (convert).
+    pub output_format: Option<String>,
+    /// `-o`: creation options, joined with commas.
+    pub options: Vec<String>,
+    /// `--output=human|json`.
+    pub json: bool,
+    /// `--image-opts`: file names are option strings.
+    pub image_opts: bool,
+    /// `--target-image-opts`: the target is an option string.
+    pub target_image_opts: bool,
+    /// `-p`: show progress.
+    pub progress: bool,
+    /// `-q`: quiet.
+    pub quiet: bool,
+    /// `-n`: do not create the target.
+    pub no_create: bool,
+    /// `-s`: strict compare.
+    pub strict: bool,
+    /// Positional arguments.
+    pub positional: Vec<String>,
+}
+
+impl Args {
+    /// Parses `argv` (after the sub-command name). `flags` lists the short
+    /// flags the sub-command accepts, `valued` the short options with a value.
+    pub fn parse(argv: &[String], flags: &str, valued: &str) -> Result<Self, ArgError> {
+        let mut a = Args::default();
+        let mut q: VecDeque<String> = argv.iter().cloned().collect();
+        while let Some(arg) = q.pop_front() {
+            if arg == "--" {
+                a.positional.extend(q.drain(..));
+                break;
+            }
+            if let Some(long) = arg.strip_prefix("--") {
+                let (name, inline) = match long.split_once('=') {
+                    Some((n, v)) => (n, Some(v.to_string())),
+                    None => (long, None),
+                };
+                let mut value = |q: &mut VecDeque<String>| {
+                    inline.clone().or_else(|| q.pop_front()).ok_or_else(|| ArgError(format!("option '--{name}' requires an argument")))
+                };
+                match name {
+                    "object" => a.objects.push(value(&mut q)?),
+                    "output" => {
+                        a.json = match value(&mut q)?.as_str() {
+                            "json" => true,
+                            "human" => false,
+                            other => return Err(ArgError(format!("--output must be used with human or json as argument, not '{other}'"))),
+                        }
+                    }
+                    "image-opts" => a.image_opts = true,
+                    "target-image-opts" => a.target_image_opts = true,
+                    "force-share" => {}
+                    "format" => a.format = Some(value(&mut q)?),
+                    _ => return Err(ArgError(format!("unrecognized option '--{name}'"))),
+                }
+                continue;
+            }
+            if arg.len() > 1 && arg.starts_with('-') {
+                let mut chars = arg[1..].char_indices();
+                while let Some((i, c)) = chars.next() {
+                    if valued.contains(c) {
+                        let rest = &arg[1 + i + c.len_utf8()..];
+                        let v = if rest.is_empty() {
+                            q.pop_front().ok_or_else(|| ArgError(format!("option requires an argument -- '{c}'")))?
+                        } else {
+                            rest.to_string()
+                        };
+                        match c {
+                            'f' => a.format = Some(v),
+                            'F' => a.format2 = Some(v),
+                            'O' => a.output_format = Some(v),
+                            'o' => a.options.push(v),
+                            // Cache modes and similar tuning values are accepted and validated by name only.
+                            't' | 'T' => check_cache_mode(&v)?,
+                            _ => {}
+                        }
+                        break;
+                    }
+                    if !flags.contains(c) {
+                        return Err(ArgError(format!("invalid option -- '{c}'")));
+                    }
+                    match c {
+                        'p' => a.progress = true,
+                        'q' => a.quiet = true,
+                        'n' => a.no_create = true,
+                        's' => a.strict = true,
+                        _ => {}
+                    }
+                }
+                continue;
+            }
+            a.positional.push(arg);
+        }
+        Ok(a)
+    }
+
+    /// The `-o` options as one keyval string.
+    pub fn joined_options(&self) -> String {
+        self.options.join(",")
+    }
+}
+
+fn check_cache_mode(mode: &str) -> Result<(), ArgError> {
+    match mode {
+        "none" | "writeback" | "writethrough" | "directsync" | "unsafe" => Ok(()),
+        _ => Err(ArgError(format!("Invalid cache option: {mode}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn qemu_img_style() {
+        let a = Args::parse(
+            &argv("--object secret,id=s,data=x -f luks -o a=1 -okey-secret=s -p --output=json --image-opts src dst"),
+            "pqn",
+            "fFOotT",
+        )
+        .unwrap();
+        assert_eq!(a.objects, vec!["secret,id=s,data=x"]);
+        assert_eq!(a.format.as_deref(), Some("luks"));
+        assert_eq!(a.joined_options(), "a=1,key-secret=s");
+        assert!(a.progress && a.json && a.image_opts);
+        assert_eq!(a.positional, vec!["src", "dst"]);
+    }
+
+    #[test]
+    fn errors() {
+        assert!(Args::parse(&argv("-z"), "p", "f").is_err());
+        assert!(Args::parse(&argv("-f"), "p", "f").is_err());
+        assert!(Args::parse(&argv("--output=xml"), "p", "f").is_err());
+        assert!(Args::parse(&argv("--bogus"), "p", "f").is_err());
+    }
+}

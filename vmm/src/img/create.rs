@@ -1,0 +1,154 @@
+//! `cryptvm img create`: new raw and luks images (attached or detached header).
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use block::luks::{create, CipherAlg, CipherMode, CipherSpec, CreateOptions, HashAlg, IvGenAlg};
+use block::options::{parse_size, Opts};
+use block::{keyval, BlockError, SecretStore};
+
+use super::image::load_objects;
+use super::{Args, ImgError, Result};
+
+/// Runs `img create`.
+pub fn run(argv: &[String]) -> Result<u8> {
+    let a = Args::parse(argv, "qu", "fFbo")?;
+    let secrets = load_objects(&a.objects)?;
+    let format = a.format.clone().unwrap_or_else(|| "raw".into());
+    let (filename, size_arg) = match a.positional.as_slice() {
+        [f] => (f.clone(), None),
+        [f, s] => (f.clone(), Some(s.clone())),
+        [] => return Err(ImgError::Msg("Expecting image file name".into())),
+        _ => return Err(ImgError::Msg("Unexpected argument: too many positional arguments".into())),
+    };
+    let options_text = a.joined_options();
+    let map = keyval::parse(&options_text, None).map_err(|e| ImgError::Msg(format!("Invalid options: {e}")))?;
+    let mut o = Opts::new("-o", map);
+    let size = match (size_arg, o.u64("size")?) {
+        (Some(s), _) => Some(parse_size(&s).ok_or_else(|| {
+            ImgError::Msg(format!(
+                "Invalid image size specified. You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes. ('{s}')"
+            ))
+        })?),
+        (None, s) => s,
+    };
+    let path = Path::new(&filename);
+    match format.as_str() {
+        "raw" => {
+            check_preallocation(&mut o)?;
+            o.finish()?;
+            let size = size.ok_or_else(|| ImgError::Msg("Image creation needs a size parameter".into()))?;
+            announce(&a, &filename, &format, size, &options_text);
+            block::file::create_file(path, size)?;
+        }
+        "luks" => {
+            let (opts, key_secret) = luks_options(&mut o)?;
+            check_preallocation(&mut o)?;
+            o.finish()?;
+            create_luks(path, &opts, &key_secret, size, &secrets, &a, &options_text)?;
+        }
+        other => return Err(ImgError::Msg(format!("Unknown file format '{other}' (supported: raw, luks)"))),
+    }
+    Ok(0)
+}
+
+fn check_preallocation(o: &mut Opts) -> Result<()> {
+    match o.str("preallocation")?.as_deref() {
+        None | Some("off") => Ok(()),
+        Some(other) => Err(o.error("preallocation", format!("unsupported preallocation mode '{other}' (only 'off')")).into()),
+    }
+}
+
+/// qemu-img's `-o` options for luks: returns the create options and `key-secret`.
+pub fn luks_options(o: &mut Opts) -> Result<(CreateOptions, String)> {
+    let mut opts = CreateOptions::default();
+    let key_secret = o.str("key-secret")?;
+    let named = |o: &mut Opts, key: &str| -> Result<Option<String>> { Ok(o.str(key)?) };
+    if let Some(v) = named(o, "cipher-alg")? {
+        opts.spec.alg = CipherAlg::from_name(&v).map_err(|e| o.error("cipher-alg", e.to_string()))?;
+    }
+    if let Some(v) = named(o, "cipher-mode")? {
+        opts.spec.mode = CipherMode::from_name(&v).map_err(|e| o.error("cipher-mode", e.to_string()))?;
+    }
+    if let Some(v) = named(o, "ivgen-alg")? {
+        opts.spec.ivgen = IvGenAlg::from_name(&v).map_err(|e| o.error("ivgen-alg", e.to_string()))?;
+    }
+    if let Some(v) = named(o, "ivgen-hash-alg")? {
+        opts.spec.ivgen_hash = Some(HashAlg::from_name(&v).map_err(|e| o.error("ivgen-hash-alg", e.to_string()))?);
+    }
+    if opts.spec.ivgen == IvGenAlg::Essiv && opts.spec.ivgen_hash.is_none() {
+        opts.spec.ivgen_hash = Some(HashAlg::Sha256);
+    }
+    if let Some(v) = named(o, "hash-alg")? {
+        opts.spec.hash = HashAlg::from_name(&v).map_err(|e| o.error("hash-alg", e.to_string()))?;
+    }
+    if let Some(ms) = o.u64("iter-time")? {
+        if ms == 0 {
+            return Err(o.error("iter-time", "must be at least 1 millisecond").into());
+        }
+        opts.iter_time_ms = ms;
+    }
+    opts.detached_header = o.bool("detached-header")?.unwrap_or(false);
+    let key_secret =
+        key_secret.ok_or_else(|| ImgError::Msg("Parameter 'key-secret' is required for cipher".into()))?;
+    Ok((opts, key_secret))
+}
+
+/// Formats a new luks image at `path`; with a detached header `path` gets
+/// only the header and key material.
+pub fn create_luks(
+    path: &Path,
+    opts: &CreateOptions,
+    key_secret: &str,
+    size: Option<u64>,
+    secrets: &SecretStore,
+    a: &Args,
+    options_text: &str,
+) -> Result<()> {
+    let passphrase = secrets.passphrase(key_secret).map_err(BlockError::from)?;
+    let payload = match (opts.detached_header, size) {
+        (true, Some(s)) if s > 0 => {
+            return Err(ImgError::Msg(
+                "a size makes no sense with detached-header=true: the file holds only the header; create the payload separately".into(),
+            ))
+        }
+        (true, _) => 0,
+        (false, Some(s)) => s.next_multiple_of(block::SECTOR_SIZE),
+        (false, None) => return Err(ImgError::Msg("Image creation needs a size parameter".into())),
+    };
+    validate_spec(&opts.spec)?;
+    let volume = create(opts, &passphrase)?;
+    announce(a, &path.display().to_string(), "luks", payload, options_text);
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| ImgError::Msg(format!("Could not create '{}': {e}", path.display())))?;
+    let total = volume.header_image.len() as u64 + payload;
+    let io = |e: std::io::Error| ImgError::Msg(format!("writing '{}': {e}", path.display()));
+    file.set_len(total).map_err(io)?;
+    file.write_all_at(&volume.header_image, 0).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    Ok(())
+}
+
+/// Builds a throwaway cipher to reject impossible combinations before any file is touched.
+fn validate_spec(spec: &CipherSpec) -> Result<()> {
+    let key = vec![0u8; spec.key_bytes()];
+    block::luks::new_sector_cipher(spec, &key)?;
+    Ok(())
+}
+
+fn announce(a: &Args, filename: &str, format: &str, size: u64, options_text: &str) {
+    if a.quiet {
+        return;
+    }
+    let mut line = format!("Formatting '{filename}', fmt={format} size={size}");
+    for opt in options_text.split(',').filter(|s| !s.is_empty() && !s.starts_with("size=")) {
+        line.push(' ');
+        line.push_str(opt);
+    }
+    println!("{line}");
+}

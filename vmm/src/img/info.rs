@@ -1,0 +1,122 @@
+//! `cryptvm img info`: what `qemu-img info` shows, in text or JSON.
+
+use block::NodeRef;
+use serde_json::{json, Map, Value};
+
+use super::image::{display_name, image_options, load_objects, open, OpenMode};
+use super::size::human;
+use super::{Args, ImgError, Result};
+
+/// Runs `img info`.
+pub fn run(argv: &[String]) -> Result<u8> {
+    let a = Args::parse(argv, "qU", "ft")?;
+    let [spec] = a.positional.as_slice() else {
+        return Err(ImgError::Msg("Expecting one image file name".into()));
+    };
+    let secrets = load_objects(&a.objects)?;
+    let opts = image_options(spec, a.image_opts, a.format.as_deref())?;
+    let image = open(opts, &secrets, OpenMode { read_only: true, no_io: true })?;
+    let info = node_info(&image.node);
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&info).expect("JSON values serialize"));
+    } else {
+        print!("{}", human_info(&info, 0));
+    }
+    Ok(0)
+}
+
+/// `ImageInfo` of a node, shaped as qemu-img's JSON.
+fn node_info(node: &NodeRef) -> Value {
+    let children: Vec<Value> = node
+        .children()
+        .into_iter()
+        .map(|(role, child)| json!({"name": role, "info": node_info(&child)}))
+        .collect();
+    let mut m = Map::new();
+    m.insert("children".into(), Value::Array(children));
+    m.insert("virtual-size".into(), json!(node.size()));
+    m.insert("filename".into(), json!(display_name(node)));
+    m.insert("format".into(), json!(node.driver()));
+    if let Some(actual) = node.allocated_size() {
+        m.insert("actual-size".into(), json!(actual));
+    }
+    let specific = match node.driver() {
+        "file" => json!({"type": "file", "data": {}}),
+        _ => node.info(),
+    };
+    if !specific.is_null() {
+        m.insert("format-specific".into(), specific);
+    }
+    if node.driver() == "luks" {
+        m.insert("encrypted".into(), json!(true));
+    }
+    m.insert("dirty-flag".into(), json!(false));
+    Value::Object(m)
+}
+
+/// The text form, indented by `level` * 4 spaces.
+fn human_info(info: &Value, level: usize) -> String {
+    let pad = " ".repeat(level * 4);
+    let mut out = String::new();
+    let get_u64 = |k: &str| info.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let filename = info["filename"].as_str().unwrap_or_default();
+    let format = info["format"].as_str().unwrap_or_default();
+    if format == "file" {
+        out += &format!("{pad}filename: {filename}\n{pad}protocol type: file\n");
+        out += &format!("{pad}file length: {} ({} bytes)\n", human(get_u64("virtual-size")), get_u64("virtual-size"));
+        if let Some(a) = info.get("actual-size").and_then(Value::as_u64) {
+            out += &format!("{pad}disk size: {}\n", human(a));
+        }
+    } else {
+        out += &format!("{pad}image: {filename}\n{pad}file format: {format}\n");
+        out += &format!("{pad}virtual size: {} ({} bytes)\n", human(get_u64("virtual-size")), get_u64("virtual-size"));
+        if let Some(a) = info.get("actual-size").and_then(Value::as_u64) {
+            out += &format!("{pad}disk size: {}\n", human(a));
+        }
+        if info.get("encrypted") == Some(&json!(true)) {
+            out += &format!("{pad}encrypted: yes\n");
+        }
+        if let Some(data) = info.get("format-specific").and_then(|s| s.get("data")) {
+            out += &format!("{pad}Format specific information:\n");
+            dump(data, level + 1, &mut out);
+        }
+    }
+    for child in info["children"].as_array().into_iter().flatten() {
+        let name = child["name"].as_str().unwrap_or_default();
+        out += &format!("{pad}Child node '/{name}':\n");
+        out += &human_info(&child["info"], level + 1);
+    }
+    out
+}
+
+/// QEMU's `dump_qobject`: keys with spaces for dashes, lists as `[i]:`.
+fn dump(value: &Value, level: usize, out: &mut String) {
+    let pad = " ".repeat(level * 4);
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map {
+                let key = k.replace('-', " ");
+                if v.is_object() || v.is_array() {
+                    out.push_str(&format!("{pad}{key}:\n"));
+                    dump(v, level + 1, out);
+                } else {
+                    out.push_str(&format!("{pad}{key}: {}\n", scalar(v)));
+                }
+            }
+        }
+        Value::Array(items) => {
+            for (i, v) in items.iter().enumerate() {
+                out.push_str(&format!("{pad}[{i}]:\n"));
+                dump(v, level + 1, out);
+            }
+        }
+        other => out.push_str(&format!("{pad}{}\n", scalar(other))),
+    }
+}
+
+fn scalar(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}

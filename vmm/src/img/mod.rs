@@ -1,0 +1,65 @@
+//! `cryptvm img`: a qemu-img compatible image tool for luks and raw images.
+
+mod args;
+mod compare;
+mod convert;
+mod create;
+mod image;
+mod info;
+mod size;
+
+use block::BlockError;
+
+pub use args::{ArgError, Args};
+
+/// What can make an `img` sub-command fail.
+#[derive(Debug, thiserror::Error)]
+pub enum ImgError {
+    /// Bad command line.
+    #[error(transparent)]
+    Args(#[from] ArgError),
+    /// The block layer refused.
+    #[error(transparent)]
+    Block(#[from] BlockError),
+    /// Anything else, already worded for the user.
+    #[error("{0}")]
+    Msg(String),
+}
+
+impl From<block::luks::LuksError> for ImgError {
+    fn from(e: block::luks::LuksError) -> Self {
+        Self::Block(e.into())
+    }
+}
+
+/// Result of `img` sub-commands: the exit status on success.
+pub type Result<T, E = ImgError> = std::result::Result<T, E>;
+
+/// Runs `cryptvm img ARGS...` and returns the process exit status.
+pub fn main(argv: &[String]) -> u8 {
+    let Some((cmd, rest)) = argv.split_first() else {
+        eprintln!("cryptvm img: missing command (create, info, convert, compare)");
+        return 1;
+    };
+    let result = match cmd.as_str() {
+        "create" => create::run(rest),
+        "info" => info::run(rest),
+        "convert" => convert::run(rest),
+        "compare" => compare::run(rest),
+        "check" | "bench" => Err(ImgError::Msg(format!("'{cmd}' needs the qcow2 driver, which this build lacks"))),
+        other => Err(ImgError::Msg(format!("Command not found: {other}"))),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            // One line, always: callers parse stderr.
+            eprintln!("cryptvm img: {}", e.to_string().replace('\n', " "));
+            // qemu-img compare reserves 1 for "images differ".
+            if cmd == "compare" {
+                2
+            } else {
+                1
+            }
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! cryptvm's virtual machine monitor and its command-line front ends.
+
+pub mod img;
