@@ -410,7 +410,8 @@ pub fn new_sector_cipher(
 /// The IV generator of `spec` for `key`.
 fn new_ivgen(spec: &CipherSpec, key: &[u8]) -> Result<IvGen, LuksError> {
     if spec.mode == CipherMode::Ecb {
-        return Ok(IvGen::None);
+        // ECB takes no IV; this one is never used.
+        return Ok(IvGen::Plain64);
     }
     Ok(match spec.ivgen {
         IvGenAlg::Plain => IvGen::Plain,
@@ -494,6 +495,12 @@ fn build_any<C: ModeCipher>(
             )))
         }
     })
+}
+
+/// The number of the `index`th sector of a buffer starting at sector
+/// `first` (wrapping around like the 64-bit IVs do).
+fn sector_number(first: u64, index: usize) -> u64 {
+    first.wrapping_add(index as u64)
 }
 
 /// Asserts the [`SectorCipher`] buffer contract.

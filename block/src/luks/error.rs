@@ -76,7 +76,7 @@ pub enum LuksError {
 
 impl LuksError {
     /// Shorthand for [`LuksError::Corrupt`].
-    pub(crate) fn corrupt(msg: impl Into<String>) -> Self {
+    pub fn corrupt(msg: impl Into<String>) -> Self {
         LuksError::Corrupt(msg.into())
     }
 

@@ -46,7 +46,7 @@ mod off {
 }
 
 /// One of the 8 key slots of a LUKS1 header.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KeySlot {
     /// The slot holds a copy of the master key.
     pub active: bool,
@@ -344,7 +344,7 @@ fn name_field(buf: &[u8], at: usize, len: usize, what: &str) -> Result<String, L
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::super::cipher::{CipherAlg, CipherMode, IvGenAlg};
     use super::super::hash::HashAlg;
     use super::*;

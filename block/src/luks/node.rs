@@ -54,7 +54,11 @@ impl LuksNode {
         let header = LuksHeader::parse(&buf[..avail], detached)?;
         let header_len = header.key_material_end();
         if header_src.size() < header_len {
-            return Err(LuksError::Truncated { need: header_len, have: header_src.size() }.into());
+            return Err(LuksError::corrupt(format!(
+                "LUKS header is truncated: its key material ends at byte {header_len}, but the header is only {} bytes",
+                header_src.size()
+            ))
+            .into());
         }
         // With a detached header, the payload offset (usually 0) locates the
         // data within `file`, as cryptsetup --header --offset does.

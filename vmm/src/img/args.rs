@@ -55,7 +55,7 @@ impl Args {
                     Some((n, v)) => (n, Some(v.to_string())),
                     None => (long, None),
                 };
-                let mut value = |q: &mut VecDeque<String>| {
+                let value = |q: &mut VecDeque<String>| {
                     inline.clone().or_else(|| q.pop_front()).ok_or_else(|| ArgError(format!("option '--{name}' requires an argument")))
                 };
                 match name {

@@ -9,10 +9,8 @@ use serde_json::{json, Map, Value};
 
 use super::{ImgError, Result};
 
-/// An opened image: its graph and top node.
+/// An opened image: its top node (which holds its children).
 pub struct Image {
-    /// Keeps every node of the image alive.
-    pub graph: BlockGraph,
     /// The top node.
     pub node: NodeRef,
 }
@@ -125,7 +123,7 @@ pub fn open(opts: Map<String, Value>, secrets: &SecretStore, mode: OpenMode) -> 
     let mut graph = BlockGraph::new();
     let name = graph.add("", Value::Object(opts), &ctx, true).map_err(strip_empty_path)?;
     let node = graph.get(&name).expect("node just added");
-    Ok(Image { graph, node })
+    Ok(Image { node })
 }
 
 /// Errors about the top-level image have an empty key path: say "image" there.

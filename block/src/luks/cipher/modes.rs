@@ -6,7 +6,7 @@ use cipher::inout::InOutBuf;
 use cipher::{Block, BlockDecrypt, BlockEncrypt, BlockSizeUser, Unsigned};
 
 use super::ivgen::IvGen;
-use super::{check_len, SectorCipher, SECTOR_SIZE};
+use super::{check_len, sector_number, SectorCipher, SECTOR_SIZE};
 
 /// Views `buf` as whole blocks of `N` bytes (a trailing partial block is
 /// left out; sector buffers have none).
@@ -72,7 +72,8 @@ impl<C: BlockEncrypt + BlockDecrypt + Send + Sync> SectorCipher for Cbc<C> {
     fn encrypt(&self, first_sector: u64, buf: &mut [u8]) {
         check_len(buf);
         let mut chain = Block::<C>::default();
-        for (n, sector) in (first_sector..).zip(buf.chunks_exact_mut(SECTOR_SIZE)) {
+        for (i, sector) in buf.chunks_exact_mut(SECTOR_SIZE).enumerate() {
+            let n = sector_number(first_sector, i);
             self.ivgen.generate(n, &mut chain);
             for block in as_blocks::<C::BlockSize>(sector) {
                 xor_in_place(block, &chain);
@@ -87,7 +88,8 @@ impl<C: BlockEncrypt + BlockDecrypt + Send + Sync> SectorCipher for Cbc<C> {
         let bs = C::BlockSize::USIZE;
         let mut iv = Block::<C>::default();
         let mut ciphertext = [0u8; SECTOR_SIZE];
-        for (n, sector) in (first_sector..).zip(buf.chunks_exact_mut(SECTOR_SIZE)) {
+        for (i, sector) in buf.chunks_exact_mut(SECTOR_SIZE).enumerate() {
+            let n = sector_number(first_sector, i);
             self.ivgen.generate(n, &mut iv);
             ciphertext.copy_from_slice(sector);
             // Blocks decrypt independently (and in parallel where the
@@ -120,7 +122,8 @@ impl<C: BlockEncrypt + BlockSizeUser + Send + Sync> Ctr<C> {
         let bs = C::BlockSize::USIZE;
         let mut counter = Block::<C>::default();
         let mut keystream = [0u8; SECTOR_SIZE];
-        for (n, sector) in (first_sector..).zip(buf.chunks_exact_mut(SECTOR_SIZE)) {
+        for (i, sector) in buf.chunks_exact_mut(SECTOR_SIZE).enumerate() {
+            let n = sector_number(first_sector, i);
             self.ivgen.generate(n, &mut counter);
             for chunk in keystream.chunks_exact_mut(bs) {
                 chunk.copy_from_slice(&counter);

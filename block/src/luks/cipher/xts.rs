@@ -10,7 +10,7 @@ use cipher::{Block, BlockDecrypt, BlockEncrypt, BlockSizeUser};
 
 use super::ivgen::IvGen;
 use super::modes::as_blocks;
-use super::{check_len, SectorCipher, SECTOR_SIZE};
+use super::{check_len, sector_number, SectorCipher, SECTOR_SIZE};
 
 /// Blocks in a sector.
 const BLOCKS: usize = SECTOR_SIZE / 16;
@@ -51,7 +51,8 @@ where
     fn process(&self, first_sector: u64, buf: &mut [u8], encrypt: bool) {
         check_len(buf);
         let mut tweaks: Tweaks = [0; BLOCKS];
-        for (n, sector) in (first_sector..).zip(buf.chunks_exact_mut(SECTOR_SIZE)) {
+        for (i, sector) in buf.chunks_exact_mut(SECTOR_SIZE).enumerate() {
+            let n = sector_number(first_sector, i);
             self.tweaks(n, &mut tweaks);
             xor_tweaks(sector, &tweaks);
             let blocks = as_blocks::<U16>(sector);

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Builds cryptvm, then creates a detached-header LUKS disk in a scratch folder
+# and shows `img info` of it: the README's first command.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+cargo build --release --quiet --manifest-path "$root/Cargo.toml" -p vmm
+cryptvm="$root/target/release/cryptvm"
+work=${1:-$(mktemp -d)}
+cd "$work"
+"$cryptvm" img create --object secret,id=sec0,data=abc123 -f luks \
+    -o cipher-alg=aes-256,cipher-mode=xts -o key-secret=sec0 \
+    -o detached-header=true test-header.img
+"$cryptvm" img create -f raw test-payload.img 1G
+"$cryptvm" img info 'json:{"driver":"luks","file":{"filename":"test-payload.img"},"header":{"filename":"test-header.img"}}'
+echo "files are in $work"

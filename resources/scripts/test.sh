@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The whole test suite: the README's test command, and what .ci/run runs.
+#
+#   resources/scripts/test.sh
+#
+# rustfmt and clippy (warnings denied), every unit and integration test of the workspace
+# (tests/interop, tests/functional, tests/security run the real peer tools: qemu-img,
+# qemu-io, qemu-system-x86_64, cryptsetup, openssl, python3; with CI=true a missing tool
+# fails its tests, elsewhere they are skipped with a note), then the convert benchmark
+# (resources/bench/convert.sh), whose figures are printed, not judged.
+# BENCH=0 skips the benchmark.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+echo "== cargo fmt --all --check"
+cargo fmt --all --check
+
+echo "== cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+echo "== cargo test --workspace"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# Totals over every test binary ("test result: ok. 12 passed; 0 failed; ...").
+passed=$(sed -n 's/^test result: .* \([0-9][0-9]*\) passed; .*/\1/p' "$log" | awk '{ s += $1 } END { print s + 0 }')
+failed=$(sed -n 's/^test result: .* \([0-9][0-9]*\) failed; .*/\1/p' "$log" | awk '{ s += $1 } END { print s + 0 }')
+if [[ $status -ne 0 || $failed -ne 0 ]]; then
+    echo "cargo test failed (exit status $status)"
+    echo "tests: $passed passed, $failed failed"
+    exit 1
+fi
+
+if [[ "${BENCH:-1}" != 0 ]]; then
+    echo "== resources/bench/convert.sh"
+    resources/bench/convert.sh
+fi
+
+echo "tests: $passed passed, $failed failed"

@@ -1,0 +1,808 @@
+//! Helpers shared by the integration tests in `tests/<purpose>/*.rs`.
+//!
+//! Each test file includes this module with `#[path = "../common/mod.rs"] mod common;`
+//! and is built as an integration-test target of the `vmm` package, so that
+//! `CARGO_BIN_EXE_cryptvm` names the binary under test.
+//!
+//! Expected values never come from cryptvm itself: they come from the peer tools
+//! (`qemu-img`, `qemu-io`, QEMU's QMP `blockdev-create`, `cryptsetup`, `openssl`) or from
+//! patterns computed here.
+
+// Each test binary uses a different subset of these helpers.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fmt;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The binary under test.
+pub const CRYPTVM: &str = env!("CARGO_BIN_EXE_cryptvm");
+
+/// A command that runs longer than this is killed and fails its test.
+const TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Size of a disk sector, the unit of LUKS1 offsets and of IV generation.
+pub const SECTOR: usize = 512;
+
+/// The workspace root (the folder holding `resources/` and `tests/`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("vmm/ has a parent")
+        .to_path_buf()
+}
+
+/// The outcome of one command.
+pub struct Run {
+    /// The command line, for messages.
+    pub cmd: String,
+    /// Exit status; `None` when killed by a signal.
+    pub status: Option<i32>,
+    /// Standard output, lossily decoded.
+    pub stdout: String,
+    /// Standard error, lossily decoded.
+    pub stderr: String,
+}
+
+impl fmt::Display for Run {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "$ {}", self.cmd)?;
+        writeln!(f, "exit status: {:?}", self.status)?;
+        writeln!(f, "--- stdout ---\n{}", self.stdout)?;
+        write!(f, "--- stderr ---\n{}", self.stderr)
+    }
+}
+
+impl Run {
+    /// Asserts exit status 0 and returns self.
+    #[track_caller]
+    pub fn ok(self) -> Self {
+        assert_eq!(self.status, Some(0), "command failed:\n{self}");
+        self
+    }
+
+    /// Asserts a failure the way the interface contract wants it: the given exit status,
+    /// exactly one non-empty line on stderr that mentions one of `mentions`
+    /// (case-insensitive), and no panic.
+    #[track_caller]
+    pub fn clean_error(&self, code: i32, mentions: &[&str]) {
+        assert_eq!(self.status, Some(code), "wrong exit status:\n{self}");
+        assert!(
+            !self.stderr.contains("panicked") && !self.stdout.contains("panicked"),
+            "cryptvm panicked:\n{self}"
+        );
+        let lines: Vec<&str> = self.stderr.lines().collect();
+        assert!(
+            lines.len() == 1 && !lines[0].trim().is_empty(),
+            "expected exactly one error line on stderr:\n{self}"
+        );
+        let line = lines[0].to_lowercase();
+        assert!(
+            mentions.iter().any(|m| line.contains(&m.to_lowercase())),
+            "the error should mention one of {mentions:?}:\n{self}"
+        );
+    }
+
+    /// Asserts that neither stdout nor stderr contains `secret`.
+    #[track_caller]
+    pub fn never_shows(&self, secret: &str) {
+        assert!(
+            !self.stdout.contains(secret) && !self.stderr.contains(secret),
+            "the passphrase appears in the output:\n{self}"
+        );
+    }
+
+    /// Parses stdout as JSON.
+    #[track_caller]
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{self}"))
+    }
+}
+
+/// Runs `program` with `args` in `cwd` (or the current folder), with no standard input,
+/// capturing its output; kills it after [`TIMEOUT`].
+pub fn run<I, S>(program: &str, args: I, cwd: Option<&Path>) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    let cmd = std::iter::once(program.to_string())
+        .chain(args.iter().map(|a| shell_quote(&a.to_string_lossy())))
+        .collect::<Vec<_>>()
+        .join(" ");
+    // Peer tools may live in sbin folders that a non-login PATH lacks (cryptsetup).
+    let resolved = if program.contains('/') {
+        PathBuf::from(program)
+    } else {
+        find_tool(program).unwrap_or_else(|| PathBuf::from(program))
+    };
+    let mut command = Command::new(resolved);
+    command
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(dir) = cwd {
+        command.current_dir(dir);
+    }
+    let mut child = command
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd}: {e}"));
+    let mut out = child.stdout.take().expect("piped stdout");
+    let mut err = child.stderr.take().expect("piped stderr");
+    let out_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = out.read_to_end(&mut buf);
+        buf
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = err.read_to_end(&mut buf);
+        buf
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for a child") {
+            break status;
+        }
+        if start.elapsed() > TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd}: still running after {TIMEOUT:?}, killed");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let stdout = String::from_utf8_lossy(&out_reader.join().expect("stdout reader")).into_owned();
+    let stderr = String::from_utf8_lossy(&err_reader.join().expect("stderr reader")).into_owned();
+    Run {
+        cmd,
+        status: status.code(),
+        stdout,
+        stderr,
+    }
+}
+
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_=.,/:+@%".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// Runs `cryptvm ARGS...` in `cwd`.
+pub fn cryptvm<I, S>(cwd: &Path, args: I) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    run(CRYPTVM, args, Some(cwd))
+}
+
+/// Where `tool` is: on PATH, or in /usr/sbin or /sbin.
+pub fn find_tool(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|dir| dir.join(tool))
+        .find(|p| p.is_file())
+}
+
+/// Whether `tool` is installed (see [`find_tool`]).
+pub fn have_tool(tool: &str) -> bool {
+    find_tool(tool).is_some()
+}
+
+/// Returns whether all `tools` are installed. When one is missing, a test that needs it
+/// fails loudly under CI (`CI=true`) and is skipped with a note elsewhere.
+pub fn require(tools: &[&str]) -> bool {
+    let missing: Vec<&str> = tools.iter().copied().filter(|t| !have_tool(t)).collect();
+    if missing.is_empty() {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("peer tools {missing:?} are not installed (CI=true: .ci/run installs them)");
+    }
+    eprintln!("SKIPPED: peer tools {missing:?} are not installed");
+    false
+}
+
+/// The peer tools the LUKS interop tests use.
+pub const PEERS: &[&str] = &[
+    "qemu-img",
+    "qemu-io",
+    "qemu-system-x86_64",
+    "cryptsetup",
+    "python3",
+];
+
+/// A scratch folder with a passphrase file in it.
+pub struct Scratch {
+    /// The folder (removed on drop).
+    pub dir: tempfile::TempDir,
+    /// The passphrase: distinctive, so that tests can check it is never printed.
+    pub pass: String,
+    /// `pass.txt` in `dir`, holding `pass` with no newline.
+    pub pass_file: PathBuf,
+}
+
+impl Scratch {
+    /// A new scratch folder whose passphrase contains `tag`.
+    pub fn new(tag: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("cryptvm-test-")
+            .tempdir()
+            .expect("creating a temporary folder");
+        let pass = format!("Pw-{tag}-9f3b7c1e");
+        let pass_file = dir.path().join("pass.txt");
+        std::fs::write(&pass_file, &pass).expect("writing pass.txt");
+        Scratch {
+            dir,
+            pass,
+            pass_file,
+        }
+    }
+
+    /// The folder.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A path in the folder.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// `--object` value defining secret `sec0` from the passphrase file.
+    pub fn secret_object(&self) -> String {
+        format!("secret,id=sec0,file={}", self.pass_file.display())
+    }
+
+    /// Writes `bytes` to `name` in the folder and returns its path.
+    pub fn write(&self, name: &str, bytes: &[u8]) -> PathBuf {
+        let p = self.join(name);
+        std::fs::write(&p, bytes).unwrap_or_else(|e| panic!("writing {}: {e}", p.display()));
+        p
+    }
+
+    /// Creates `name` as a sparse file of `len` zero bytes and returns its path.
+    pub fn sparse(&self, name: &str, len: u64) -> PathBuf {
+        let p = self.join(name);
+        let f = std::fs::File::create(&p).expect("creating a sparse file");
+        f.set_len(len).expect("sizing a sparse file");
+        p
+    }
+}
+
+/// A LUKS block stack: payload file plus, if detached, a header file.
+#[derive(Clone, Debug)]
+pub struct Luks {
+    /// The payload (for an attached header: the whole image).
+    pub payload: PathBuf,
+    /// The detached header, if any.
+    pub header: Option<PathBuf>,
+}
+
+impl Luks {
+    /// A detached-header stack.
+    pub fn detached(header: &Path, payload: &Path) -> Self {
+        Luks {
+            payload: payload.to_path_buf(),
+            header: Some(header.to_path_buf()),
+        }
+    }
+
+    /// An attached-header image.
+    pub fn attached(image: &Path) -> Self {
+        Luks {
+            payload: image.to_path_buf(),
+            header: None,
+        }
+    }
+
+    /// QEMU's dotted `--image-opts` form, with key-secret `sec0`.
+    pub fn image_opts(&self) -> String {
+        let mut s = format!(
+            "driver=luks,key-secret=sec0,file.filename={}",
+            self.payload.display()
+        );
+        if let Some(h) = &self.header {
+            s.push_str(&format!(",header.filename={}", h.display()));
+        }
+        s
+    }
+
+    /// The QMP blockdev options, with key-secret `sec0`.
+    pub fn json(&self) -> Value {
+        let mut v = serde_json::json!({
+            "driver": "luks",
+            "key-secret": "sec0",
+            "file": { "driver": "file", "filename": self.payload },
+        });
+        if let Some(h) = &self.header {
+            v["header"] = serde_json::json!({ "driver": "file", "filename": h });
+        }
+        v
+    }
+
+    /// A `json:{...}` filename.
+    pub fn json_filename(&self) -> String {
+        format!("json:{}", self.json())
+    }
+
+    /// The files of the stack.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut v = vec![self.payload.clone()];
+        v.extend(self.header.clone());
+        v
+    }
+}
+
+/// A cipher/mode/ivgen/hash combination, named as QEMU's luks creation options name it.
+#[derive(Clone, Copy, Debug)]
+pub struct Combo {
+    /// `cipher-alg`: aes-256, serpent-128, cast5-128, ...
+    pub cipher_alg: &'static str,
+    /// `cipher-mode`: xts, cbc, ecb, ctr.
+    pub cipher_mode: &'static str,
+    /// `ivgen-alg`: plain, plain64, essiv.
+    pub ivgen_alg: &'static str,
+    /// `ivgen-hash-alg` (essiv only).
+    pub ivgen_hash_alg: Option<&'static str>,
+    /// `hash-alg`: the PBKDF2/AF hash.
+    pub hash_alg: &'static str,
+}
+
+impl Combo {
+    /// The cipher family (`aes`), as the LUKS1 header and cryptsetup name it.
+    pub fn cipher_name(&self) -> &'static str {
+        self.cipher_alg.split('-').next().expect("cipher name")
+    }
+
+    /// Key bits of the block cipher (`aes-192` -> 192).
+    pub fn cipher_bits(&self) -> u32 {
+        self.cipher_alg
+            .rsplit('-')
+            .next()
+            .and_then(|b| b.parse().ok())
+            .expect("cipher-alg ends in its key bits")
+    }
+
+    /// Master key bits: doubled for XTS.
+    pub fn key_bits(&self) -> u32 {
+        self.cipher_bits() * if self.cipher_mode == "xts" { 2 } else { 1 }
+    }
+
+    /// The LUKS1 cipher-mode string, as cryptsetup takes it and the header stores it.
+    pub fn mode_spec(&self) -> String {
+        match self.ivgen_hash_alg {
+            Some(h) => format!("{}-{}:{}", self.cipher_mode, self.ivgen_alg, h),
+            None => format!("{}-{}", self.cipher_mode, self.ivgen_alg),
+        }
+    }
+
+    /// cryptsetup's `--cipher` value.
+    pub fn cryptsetup_cipher(&self) -> String {
+        format!("{}-{}", self.cipher_name(), self.mode_spec())
+    }
+
+    /// qemu-img / cryptvm `-o` creation options for this combo.
+    pub fn create_opts(&self) -> String {
+        let mut s = format!(
+            "cipher-alg={},cipher-mode={},ivgen-alg={},hash-alg={}",
+            self.cipher_alg, self.cipher_mode, self.ivgen_alg, self.hash_alg
+        );
+        if let Some(h) = self.ivgen_hash_alg {
+            s.push_str(&format!(",ivgen-hash-alg={h}"));
+        }
+        s
+    }
+
+    /// A name for messages and files.
+    pub fn name(&self) -> String {
+        format!("{}-{}-{}", self.cipher_alg, self.mode_spec(), self.hash_alg).replace(':', "_")
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), distinct per `seed`.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Reads a whole file.
+#[track_caller]
+pub fn read(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+/// Asserts two byte strings are equal, reporting the first differing offset.
+#[track_caller]
+pub fn assert_same_bytes(got: &[u8], want: &[u8], what: &str) {
+    if got == want {
+        return;
+    }
+    let first = got
+        .iter()
+        .zip(want)
+        .position(|(a, b)| a != b)
+        .unwrap_or(got.len().min(want.len()));
+    panic!(
+        "{what}: {} bytes, expected {}; first difference at offset {first} (got {:02x?}, want {:02x?})",
+        got.len(),
+        want.len(),
+        got.get(first..(first + 16).min(got.len())).unwrap_or(&[]),
+        want.get(first..(first + 16).min(want.len())).unwrap_or(&[]),
+    );
+}
+
+/// The contents of every file under a folder, to check that a command left them
+/// byte-identical.
+pub struct Snapshot {
+    root: PathBuf,
+    files: BTreeMap<PathBuf, Vec<u8>>,
+}
+
+impl Snapshot {
+    /// Reads every file under `root`.
+    pub fn take(root: &Path) -> Self {
+        let mut files = BTreeMap::new();
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).expect("listing a folder") {
+                let path = entry.expect("folder entry").path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else {
+                    let bytes = read(&path);
+                    files.insert(path, bytes);
+                }
+            }
+        }
+        Snapshot {
+            root: root.to_path_buf(),
+            files,
+        }
+    }
+
+    /// Asserts that the folder holds exactly the same files with the same bytes.
+    #[track_caller]
+    pub fn assert_unchanged(&self, after: &Run) {
+        let now = Snapshot::take(&self.root);
+        let before: Vec<_> = self.files.keys().collect();
+        let later: Vec<_> = now.files.keys().collect();
+        assert_eq!(before, later, "the set of files changed after:\n{after}");
+        for (path, bytes) in &self.files {
+            let got = &now.files[path];
+            if got != bytes {
+                let first = got.iter().zip(bytes).position(|(a, b)| a != b);
+                panic!(
+                    "{} changed (length {} -> {}, first difference at {first:?}) after:\n{after}",
+                    path.display(),
+                    bytes.len(),
+                    got.len()
+                );
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Peer tools
+// ---------------------------------------------------------------------------------------
+
+/// `qemu-io --object SECRET --image-opts OPTS -c CMD...`; asserts success and that no
+/// pattern check failed.
+#[track_caller]
+pub fn qemu_io(secret_object: &str, image_opts: &str, cmds: &[String]) -> Run {
+    let mut args = vec![
+        "--object".to_string(),
+        secret_object.to_string(),
+        "--image-opts".to_string(),
+        image_opts.to_string(),
+    ];
+    for c in cmds {
+        args.push("-c".into());
+        args.push(c.clone());
+    }
+    let r = run("qemu-io", &args, None).ok();
+    assert!(
+        !r.stdout.contains("failed") && !r.stderr.contains("failed") && r.stderr.is_empty(),
+        "qemu-io reported a failure:\n{r}"
+    );
+    r
+}
+
+/// `qemu-img info --output=json` of a LUKS stack.
+#[track_caller]
+pub fn qemu_img_info(secret_object: &str, luks: &Luks) -> Value {
+    run(
+        "qemu-img",
+        [
+            "info",
+            "--output=json",
+            "--object",
+            secret_object,
+            "--image-opts",
+            &luks.image_opts(),
+        ],
+        None,
+    )
+    .ok()
+    .json()
+}
+
+/// `resources/scripts/qemu-luks-create.py`: a header made by QEMU's own LUKS code through
+/// QMP `blockdev-create`. `size` is `None` for a detached header (file gets header only).
+pub fn qemu_create(pass_file: &Path, target: &Path, size: Option<u64>, opts: &str) -> Run {
+    let script = repo_root().join("resources/scripts/qemu-luks-create.py");
+    let mut args = vec![
+        script.display().to_string(),
+        "--passphrase-file".into(),
+        pass_file.display().to_string(),
+    ];
+    match size {
+        None => args.extend(["--header".into(), target.display().to_string()]),
+        Some(n) => args.extend([
+            "--file".into(),
+            target.display().to_string(),
+            "--size".into(),
+            n.to_string(),
+        ]),
+    }
+    if !opts.is_empty() {
+        args.extend(["-o".into(), opts.to_string()]);
+    }
+    run("python3", &args, None)
+}
+
+/// `cryptsetup luksFormat --type luks1 --header HEADER PAYLOAD` (or attached when `header`
+/// is `None`) with `--pbkdf-force-iterations 1000`, the LUKS1 minimum, which also sets the
+/// master-key digest iterations to 1000 (cryptsetup otherwise spends 125 ms on those).
+pub fn cryptsetup_format(
+    pass_file: &Path,
+    header: Option<&Path>,
+    payload: &Path,
+    combo: &Combo,
+) -> Run {
+    let mut args: Vec<String> = vec![
+        "luksFormat".into(),
+        "--type".into(),
+        "luks1".into(),
+        "--batch-mode".into(),
+        "--cipher".into(),
+        combo.cryptsetup_cipher(),
+        "--key-size".into(),
+        combo.key_bits().to_string(),
+        "--hash".into(),
+        combo.hash_alg.into(),
+        "--pbkdf-force-iterations".into(),
+        "1000".into(),
+        "--key-file".into(),
+        pass_file.display().to_string(),
+    ];
+    if let Some(h) = header {
+        args.extend(["--header".into(), h.display().to_string()]);
+    }
+    args.push(payload.display().to_string());
+    run("cryptsetup", &args, None)
+}
+
+/// One key slot as `cryptsetup luksDump` shows it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DumpSlot {
+    /// ENABLED.
+    pub enabled: bool,
+    /// PBKDF2 iterations (enabled slots).
+    pub iterations: Option<u64>,
+    /// Key material offset in sectors (enabled slots).
+    pub key_material_offset: Option<u64>,
+    /// AF stripes (enabled slots).
+    pub stripes: Option<u64>,
+}
+
+/// A LUKS1 header as `cryptsetup luksDump` shows it.
+#[derive(Clone, Debug, Default)]
+pub struct Dump {
+    /// Version.
+    pub version: u32,
+    /// Cipher name (aes).
+    pub cipher_name: String,
+    /// Cipher mode (xts-plain64).
+    pub cipher_mode: String,
+    /// Hash spec (sha256).
+    pub hash_spec: String,
+    /// Payload offset in sectors.
+    pub payload_offset: u64,
+    /// MK bits.
+    pub mk_bits: u32,
+    /// MK iterations.
+    pub mk_iterations: u64,
+    /// UUID.
+    pub uuid: String,
+    /// Key slots 0..8.
+    pub slots: Vec<DumpSlot>,
+}
+
+/// Runs `cryptsetup luksDump` on a header file and parses it.
+#[track_caller]
+pub fn luks_dump(header: &Path) -> Dump {
+    let r = run(
+        "cryptsetup",
+        [OsStr::new("luksDump"), header.as_os_str()],
+        None,
+    )
+    .ok();
+    parse_luks_dump(&r.stdout)
+}
+
+/// Parses `cryptsetup luksDump` output (LUKS1).
+pub fn parse_luks_dump(text: &str) -> Dump {
+    let mut d = Dump::default();
+    for line in text.lines() {
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        let (key, value) = (key.trim(), value.trim());
+        let num = || value.parse::<u64>().unwrap_or(u64::MAX);
+        if let Some(n) = key.strip_prefix("Key Slot ") {
+            let _ = n;
+            d.slots.push(DumpSlot {
+                enabled: value == "ENABLED",
+                ..DumpSlot::default()
+            });
+            continue;
+        }
+        match key {
+            "Version" => d.version = num() as u32,
+            "Cipher name" => d.cipher_name = value.into(),
+            "Cipher mode" => d.cipher_mode = value.into(),
+            "Hash spec" => d.hash_spec = value.into(),
+            "Payload offset" => d.payload_offset = num(),
+            "MK bits" => d.mk_bits = num() as u32,
+            "MK iterations" => d.mk_iterations = num(),
+            "UUID" => d.uuid = value.into(),
+            "Iterations" => d.slots.last_mut().expect("slot").iterations = Some(num()),
+            "Key material offset" => {
+                d.slots.last_mut().expect("slot").key_material_offset = Some(num())
+            }
+            "AF stripes" => d.slots.last_mut().expect("slot").stripes = Some(num()),
+            _ => {}
+        }
+    }
+    d
+}
+
+/// `cryptsetup luksOpen --test-passphrase --header HDR --key-file KEY HDR`: checks the
+/// passphrase opens a key slot, with no device-mapper.
+pub fn cryptsetup_test_passphrase(header: &Path, key_file: &Path) -> Run {
+    run(
+        "cryptsetup",
+        [
+            OsStr::new("luksOpen"),
+            OsStr::new("--test-passphrase"),
+            OsStr::new("--header"),
+            header.as_os_str(),
+            OsStr::new("--key-file"),
+            key_file.as_os_str(),
+            header.as_os_str(),
+        ],
+        None,
+    )
+}
+
+/// The master key, from `cryptsetup luksDump --dump-master-key`.
+#[track_caller]
+pub fn cryptsetup_master_key(header: &Path, key_file: &Path) -> Vec<u8> {
+    let r = run(
+        "cryptsetup",
+        [
+            OsStr::new("luksDump"),
+            OsStr::new("--dump-master-key"),
+            OsStr::new("--batch-mode"),
+            OsStr::new("--key-file"),
+            key_file.as_os_str(),
+            header.as_os_str(),
+        ],
+        None,
+    )
+    .ok();
+    let mut hex = String::new();
+    let mut in_key = false;
+    for line in r.stdout.lines() {
+        if let Some(rest) = line.strip_prefix("MK dump:") {
+            in_key = true;
+            hex.push_str(rest);
+        } else if in_key && line.starts_with(|c: char| c.is_whitespace()) {
+            hex.push_str(line);
+        } else {
+            in_key = false;
+        }
+    }
+    let digits: String = hex.chars().filter(|c| c.is_ascii_hexdigit()).collect();
+    assert!(!digits.is_empty(), "no MK dump in:\n{r}");
+    (0..digits.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&digits[i..i + 2], 16).expect("hex"))
+        .collect()
+}
+
+/// Lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `openssl enc -d -CIPHER -K key -iv iv -nopad` over one buffer (CBC/ECB decryption with
+/// no padding) or `-e` with `encrypt`.
+#[track_caller]
+pub fn openssl_enc(
+    cipher: &str,
+    encrypt: bool,
+    key: &[u8],
+    iv: Option<&[u8]>,
+    data: &[u8],
+) -> Vec<u8> {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let input = dir.path().join("in");
+    let output = dir.path().join("out");
+    std::fs::write(&input, data).expect("writing openssl input");
+    let mut args: Vec<String> = vec![
+        "enc".into(),
+        if encrypt { "-e" } else { "-d" }.into(),
+        format!("-{cipher}"),
+        "-nopad".into(),
+        "-K".into(),
+        hex(key),
+        "-in".into(),
+        input.display().to_string(),
+        "-out".into(),
+        output.display().to_string(),
+    ];
+    if let Some(iv) = iv {
+        args.extend(["-iv".into(), hex(iv)]);
+    }
+    run("openssl", &args, None).ok();
+    read(&output)
+}
+
+/// SHA-256 with `openssl dgst`.
+#[track_caller]
+pub fn openssl_sha256(data: &[u8]) -> Vec<u8> {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let input = dir.path().join("in");
+    let output = dir.path().join("out");
+    std::fs::write(&input, data).expect("writing openssl input");
+    run(
+        "openssl",
+        [
+            OsStr::new("dgst"),
+            OsStr::new("-sha256"),
+            OsStr::new("-binary"),
+            OsStr::new("-out"),
+            output.as_os_str(),
+            input.as_os_str(),
+        ],
+        None,
+    )
+    .ok();
+    read(&output)
+}
