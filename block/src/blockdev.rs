@@ -48,12 +48,20 @@ impl Common {
             common.discard_unmap = match d.as_str() {
                 "unmap" | "on" => true,
                 "ignore" | "off" => false,
-                _ => return Err(o.error("discard", format!("invalid value '{d}' (expected 'ignore' or 'unmap')"))),
+                _ => {
+                    return Err(o.error(
+                        "discard",
+                        format!("invalid value '{d}' (expected 'ignore' or 'unmap')"),
+                    ))
+                }
             };
         }
         if let Some(dz) = o.str("detect-zeroes")? {
             if dz != "off" {
-                return Err(o.error("detect-zeroes", format!("'{dz}' is not supported (only 'off')")));
+                return Err(o.error(
+                    "detect-zeroes",
+                    format!("'{dz}' is not supported (only 'off')"),
+                ));
             }
         }
         if o.bool("force-share")?.unwrap_or(false) && !common.read_only {
@@ -94,7 +102,9 @@ pub fn open_driver(
     ctx: &OpenContext<'_>,
 ) -> Result<NodeRef> {
     let mut required_child = |o: &mut Opts, key: &str| -> Result<NodeRef> {
-        children.child(o, key, common)?.ok_or_else(|| o.error(key, "missing mandatory option"))
+        children
+            .child(o, key, common)?
+            .ok_or_else(|| o.error(key, "missing mandatory option"))
     };
     Ok(match driver {
         "file" | "host_device" => std::sync::Arc::new(FileNode::open(o, common, ctx.base_dir)?),
@@ -112,7 +122,10 @@ pub fn open_driver(
         other => {
             return Err(o.error(
                 "driver",
-                format!("Invalid parameter '{other}' (supported drivers: {})", DRIVERS.join(", ")),
+                format!(
+                    "Invalid parameter '{other}' (supported drivers: {})",
+                    DRIVERS.join(", ")
+                ),
             ))
         }
     })

@@ -26,7 +26,9 @@ pub enum BlockError {
         source: io::Error,
     },
     /// A request beyond the end of the node.
-    #[error("request at offset {offset} length {len} is beyond the end of node '{node}' ({size} bytes)")]
+    #[error(
+        "request at offset {offset} length {len} is beyond the end of node '{node}' ({size} bytes)"
+    )]
     OutOfRange {
         /// Node name.
         node: String,
@@ -54,11 +56,17 @@ pub enum BlockError {
 impl BlockError {
     /// An [`BlockError::Io`] saying what was being done.
     pub fn io(what: impl Into<String>, source: io::Error) -> Self {
-        Self::Io { what: what.into(), source }
+        Self::Io {
+            what: what.into(),
+            source,
+        }
     }
 
     /// An [`BlockError::Option`] for the option at `key`.
     pub fn option(key: impl Into<String>, msg: impl Into<String>) -> Self {
-        Self::Option { key: key.into(), msg: msg.into() }
+        Self::Option {
+            key: key.into(),
+            msg: msg.into(),
+        }
     }
 }

@@ -29,10 +29,19 @@ impl FileNode {
     /// Opens a `file` node from its driver-specific options.
     pub fn open(o: &mut Opts, common: &Common, base_dir: Option<&Path>) -> Result<Self> {
         let filename = o.req_str("filename")?;
-        for (key, allowed) in [("aio", &["threads", "native", "io_uring"][..]), ("locking", &["auto", "on", "off"][..])] {
+        for (key, allowed) in [
+            ("aio", &["threads", "native", "io_uring"][..]),
+            ("locking", &["auto", "on", "off"][..]),
+        ] {
             if let Some(v) = o.str(key)? {
                 if !allowed.contains(&v.as_str()) {
-                    return Err(o.error(key, format!("invalid value '{v}' (expected one of {})", allowed.join(", "))));
+                    return Err(o.error(
+                        key,
+                        format!(
+                            "invalid value '{v}' (expected one of {})",
+                            allowed.join(", ")
+                        ),
+                    ));
                 }
             }
         }
@@ -50,12 +59,21 @@ impl FileNode {
         };
         let (file, read_only) = match open(!common.read_only) {
             Ok(f) => (f, common.read_only),
-            Err(e) if common.auto_read_only && !common.read_only && e.kind() == std::io::ErrorKind::PermissionDenied => {
-                (open(false).map_err(|e| BlockError::io(format!("Could not open '{filename}'"), e))?, true)
+            Err(e)
+                if common.auto_read_only
+                    && !common.read_only
+                    && e.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                (
+                    open(false)
+                        .map_err(|e| BlockError::io(format!("Could not open '{filename}'"), e))?,
+                    true,
+                )
             }
             Err(e) => return Err(BlockError::io(format!("Could not open '{filename}'"), e)),
         };
-        let size = device_size(&file).map_err(|e| BlockError::io(format!("reading the size of '{filename}'"), e))?;
+        let size = device_size(&file)
+            .map_err(|e| BlockError::io(format!("reading the size of '{filename}'"), e))?;
         Ok(Self {
             file,
             filename,
@@ -73,7 +91,9 @@ impl FileNode {
 
     fn aligned(&self, offset: u64, len: usize, ptr: *const u8) -> bool {
         !self.direct
-            || (offset % DIRECT_ALIGN as u64 == 0 && len % DIRECT_ALIGN == 0 && (ptr as usize) % DIRECT_ALIGN == 0)
+            || (offset.is_multiple_of(DIRECT_ALIGN as u64)
+                && len.is_multiple_of(DIRECT_ALIGN)
+                && (ptr as usize).is_multiple_of(DIRECT_ALIGN))
     }
 
     fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> std::io::Result<()> {
@@ -91,11 +111,12 @@ impl FileNode {
     }
 }
 
-/// Size of a regular file or block device.
+/// Size of a regular file or block device. As in QEMU, a file's size is
+/// rounded up to whole sectors; the bytes past its end read as zeros.
 fn device_size(file: &File) -> std::io::Result<u64> {
     let meta = file.metadata()?;
     if meta.file_type().is_file() {
-        return Ok(meta.len());
+        return Ok(meta.len().next_multiple_of(crate::SECTOR_SIZE));
     }
     use std::io::{Seek, SeekFrom};
     let mut f = file;
@@ -125,17 +146,20 @@ impl BlockNode for FileNode {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         check_range(&self.filename, self.size, offset, buf.len() as u64)?;
         if self.aligned(offset, buf.len(), buf.as_ptr()) {
-            return self.file.read_exact_at(buf, offset).map_err(|e| self.io_err("reading", offset, e));
+            let n = read_up_to(&self.file, buf, offset)
+                .map_err(|e| self.io_err("reading", offset, e))?;
+            // Past the end of a file whose length is not a whole number of sectors.
+            buf[n..].fill(0);
+            return Ok(());
         }
         let start = offset - offset % DIRECT_ALIGN as u64;
         let head = (offset - start) as usize;
         let span = (head + buf.len()).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
         let (mut bounce, at) = aligned_buffer(span);
         let window = &mut bounce[at..at + span];
-        let n = read_up_to(&self.file, window, start).map_err(|e| self.io_err("reading", offset, e))?;
-        if n < head + buf.len() {
-            return Err(self.io_err("reading", offset, std::io::ErrorKind::UnexpectedEof.into()));
-        }
+        let n =
+            read_up_to(&self.file, window, start).map_err(|e| self.io_err("reading", offset, e))?;
+        window[n..].fill(0);
         buf.copy_from_slice(&window[head..head + buf.len()]);
         Ok(())
     }
@@ -146,7 +170,10 @@ impl BlockNode for FileNode {
         }
         check_range(&self.filename, self.size, offset, buf.len() as u64)?;
         if self.aligned(offset, buf.len(), buf.as_ptr()) {
-            return self.file.write_all_at(buf, offset).map_err(|e| self.io_err("writing", offset, e));
+            return self
+                .file
+                .write_all_at(buf, offset)
+                .map_err(|e| self.io_err("writing", offset, e));
         }
         // O_DIRECT with an unaligned request: read-modify-write whole blocks.
         let start = offset - offset % DIRECT_ALIGN as u64;
@@ -154,16 +181,23 @@ impl BlockNode for FileNode {
         let span = (head + buf.len()).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
         let (mut bounce, at) = aligned_buffer(span);
         let window = &mut bounce[at..at + span];
-        let n = read_up_to(&self.file, window, start).map_err(|e| self.io_err("reading", offset, e))?;
+        let n =
+            read_up_to(&self.file, window, start).map_err(|e| self.io_err("reading", offset, e))?;
         window[head..head + buf.len()].copy_from_slice(buf);
         // The file's tail may not be block aligned: write only what exists.
         let valid = n.max(head + buf.len());
-        let write_len = if valid == span { span } else { valid.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN };
+        let write_len = if valid == span {
+            span
+        } else {
+            valid.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN
+        };
         self.file
             .write_all_at(&window[..write_len], start)
             .map_err(|e| self.io_err("writing", offset, e))?;
         if start + write_len as u64 > self.size {
-            self.file.set_len(self.size).map_err(|e| self.io_err("truncating", offset, e))?;
+            self.file
+                .set_len(self.size)
+                .map_err(|e| self.io_err("truncating", offset, e))?;
         }
         Ok(())
     }
@@ -172,7 +206,9 @@ impl BlockNode for FileNode {
         if self.no_flush || self.read_only {
             return Ok(());
         }
-        self.file.sync_data().map_err(|e| BlockError::io(format!("flushing '{}'", self.filename), e))
+        self.file
+            .sync_data()
+            .map_err(|e| BlockError::io(format!("flushing '{}'", self.filename), e))
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
@@ -184,7 +220,11 @@ impl BlockNode for FileNode {
             return Ok(());
         }
         // Discard is advisory: a file system without hole punching just keeps the data.
-        let _ = self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len);
+        let _ = self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        );
         Ok(())
     }
 
@@ -196,8 +236,20 @@ impl BlockNode for FileNode {
         if len == 0 {
             return Ok(());
         }
-        if self.fallocate(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, len).is_ok()
-            || self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len).is_ok()
+        if self
+            .fallocate(
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            )
+            .is_ok()
+            || self
+                .fallocate(
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    offset,
+                    len,
+                )
+                .is_ok()
         {
             return Ok(());
         }
@@ -235,7 +287,8 @@ pub fn create_file(path: &Path, size: u64) -> Result<()> {
         .truncate(true)
         .open(path)
         .map_err(|e| BlockError::io(format!("Could not create '{}'", path.display()), e))?;
-    f.set_len(size).map_err(|e| BlockError::io(format!("Could not resize '{}'", path.display()), e))
+    f.set_len(size)
+        .map_err(|e| BlockError::io(format!("Could not resize '{}'", path.display()), e))
 }
 
 #[cfg(test)]
@@ -245,7 +298,9 @@ mod tests {
 
     fn open(path: &Path, extra: serde_json::Value, common: Common) -> Result<FileNode> {
         let mut v = json!({"filename": path.to_str().unwrap()});
-        v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
         let mut o = Opts::from_value("t", v).unwrap();
         let n = FileNode::open(&mut o, &common, None)?;
         o.finish()?;
@@ -266,7 +321,10 @@ mod tests {
         n.write_zeroes(0, 4096).unwrap();
         n.read_at(100, &mut b).unwrap();
         assert_eq!(b, [0; 5]);
-        assert!(matches!(n.read_at((1 << 20) - 2, &mut b), Err(BlockError::OutOfRange { .. })));
+        assert!(matches!(
+            n.read_at((1 << 20) - 2, &mut b),
+            Err(BlockError::OutOfRange { .. })
+        ));
         assert!(n.write_at(u64::MAX - 1, b"xx").is_err());
     }
 
@@ -275,7 +333,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
         create_file(&p, 3 * 4096 + 512).unwrap();
-        let common = Common { cache_direct: true, ..Common::default() };
+        let common = Common {
+            cache_direct: true,
+            ..Common::default()
+        };
         let Ok(n) = open(&p, json!({}), common) else {
             eprintln!("O_DIRECT unsupported on this file system; skipping");
             return;
@@ -297,7 +358,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
         create_file(&p, 4096).unwrap();
-        let n = open(&p, json!({}), Common { read_only: true, ..Common::default() }).unwrap();
+        let n = open(
+            &p,
+            json!({}),
+            Common {
+                read_only: true,
+                ..Common::default()
+            },
+        )
+        .unwrap();
         assert!(matches!(n.write_at(0, b"x"), Err(BlockError::ReadOnly(_))));
         let err = open(&dir.path().join("nope"), json!({}), Common::default()).unwrap_err();
         assert!(err.to_string().contains("Could not open"), "{err}");

@@ -40,13 +40,22 @@ impl BlockGraph {
     /// Adds a node from `blockdev-add` arguments; `path` names them in errors
     /// (`blockdevs[2]`). A top-level node must have a `node-name` unless
     /// `anonymous_ok` (as for qemu-img filenames). Returns the node-name.
-    pub fn add(&mut self, path: &str, args: Value, ctx: &OpenContext<'_>, anonymous_ok: bool) -> Result<String> {
+    pub fn add(
+        &mut self,
+        path: &str,
+        args: Value,
+        ctx: &OpenContext<'_>,
+        anonymous_ok: bool,
+    ) -> Result<String> {
         let map = match args {
             Value::Object(map) => {
                 keyval::unflatten(map).map_err(|e| BlockError::option(path, e.to_string()))?
             }
             other => {
-                return Err(BlockError::option(path, format!("expected an object, got {}", crate::options::kind(&other))))
+                return Err(BlockError::option(
+                    path,
+                    format!("expected an object, got {}", crate::options::kind(&other)),
+                ))
             }
         };
         let mut added = Vec::new();
@@ -72,7 +81,10 @@ impl BlockGraph {
             Some(name) => {
                 check_node_name(&name).map_err(|msg| o.error("node-name", msg))?;
                 if self.nodes.contains_key(&name) || added.contains(&name) {
-                    return Err(o.error("node-name", format!("Duplicate nodes with node-name='{name}'")));
+                    return Err(o.error(
+                        "node-name",
+                        format!("Duplicate nodes with node-name='{name}'"),
+                    ));
                 }
                 name
             }
@@ -81,15 +93,28 @@ impl BlockGraph {
         };
         let driver = o.req_str("driver")?;
         let common = Common::parse(&mut o, parent, ctx.read_only)?;
-        let mut resolver = Resolver { graph: self, ctx, parent_name: &name, added, children: Vec::new() };
+        // Reserve the name so that an inline child cannot take it too; on
+        // failure the caller's rollback skips it, as it was never inserted.
+        added.push(name.clone());
+        let mut resolver = Resolver {
+            graph: self,
+            ctx,
+            parent_name: &name,
+            added,
+            children: Vec::new(),
+        };
         let node = open_driver(&driver, &mut o, &common, &mut resolver, ctx)?;
         let children = std::mem::take(&mut resolver.children);
         o.finish()?;
         self.nodes.insert(
             name.clone(),
-            Entry { node, children, implicit: parent.is_some(), users: Vec::new() },
+            Entry {
+                node,
+                children,
+                implicit: parent.is_some(),
+                users: Vec::new(),
+            },
         );
-        added.push(name.clone());
         Ok(name)
     }
 
@@ -115,7 +140,10 @@ impl BlockGraph {
 
     /// Children of `name` as (role, node-name).
     pub fn children_of(&self, name: &str) -> &[(String, String)] {
-        self.nodes.get(name).map(|e| e.children.as_slice()).unwrap_or_default()
+        self.nodes
+            .get(name)
+            .map(|e| e.children.as_slice())
+            .unwrap_or_default()
     }
 
     /// Names of the nodes that have `name` as a child.
@@ -129,12 +157,13 @@ impl BlockGraph {
 
     /// Records that `user` (a device id) uses node `name`.
     pub fn attach(&mut self, name: &str, user: &str) -> Result<NodeRef> {
-        let entry = self
-            .nodes
-            .get_mut(name)
-            .ok_or_else(|| BlockError::Graph(format!("Cannot find device='' nor node-name='{name}'")))?;
+        let entry = self.nodes.get_mut(name).ok_or_else(|| {
+            BlockError::Graph(format!("Cannot find device='' nor node-name='{name}'"))
+        })?;
         if let Some(other) = entry.users.first() {
-            return Err(BlockError::Graph(format!("Node '{name}' is already in use by '{other}'")));
+            return Err(BlockError::Graph(format!(
+                "Node '{name}' is already in use by '{other}'"
+            )));
         }
         entry.users.push(user.to_string());
         Ok(entry.node.clone())
@@ -150,27 +179,35 @@ impl BlockGraph {
     /// Removes node `name` (`blockdev-del`) and the inline children that only
     /// it used. Refused while a device or another node uses it.
     pub fn remove(&mut self, name: &str) -> Result<()> {
-        let entry = self
-            .nodes
-            .get(name)
-            .ok_or_else(|| BlockError::Graph(format!("Failed to find node with node-name='{name}'")))?;
+        let entry = self.nodes.get(name).ok_or_else(|| {
+            BlockError::Graph(format!("Failed to find node with node-name='{name}'"))
+        })?;
         if entry.implicit {
-            return Err(BlockError::Graph(format!("Node {name} is not owned by the monitor")));
+            return Err(BlockError::Graph(format!(
+                "Node {name} is not owned by the monitor"
+            )));
         }
         if let Some(user) = entry.users.first() {
-            return Err(BlockError::Graph(format!("Node {name} is in use by device '{user}'")));
+            return Err(BlockError::Graph(format!(
+                "Node {name} is in use by device '{user}'"
+            )));
         }
         if let Some(parent) = self.parents_of(name).first() {
-            return Err(BlockError::Graph(format!("Node {name} is in use by node '{parent}'")));
+            return Err(BlockError::Graph(format!(
+                "Node {name} is in use by node '{parent}'"
+            )));
         }
         self.remove_tree(name);
         Ok(())
     }
 
     fn remove_tree(&mut self, name: &str) {
-        let Some(entry) = self.nodes.remove(name) else { return };
+        let Some(entry) = self.nodes.remove(name) else {
+            return;
+        };
         for (_, child) in entry.children {
-            let orphan_inline = self.nodes.get(&child).is_some_and(|c| c.implicit) && self.parents_of(&child).is_empty();
+            let orphan_inline = self.nodes.get(&child).is_some_and(|c| c.implicit)
+                && self.parents_of(&child).is_empty();
             if orphan_inline {
                 self.remove_tree(&child);
             }
@@ -192,21 +229,30 @@ impl ChildResolver for Resolver<'_, '_> {
             None | Some(Value::Null) => return Ok(None),
             Some(Value::String(name)) => {
                 if name == self.parent_name {
-                    return Err(o.error(key, format!("node '{name}' cannot be its own child (cycle)")));
+                    return Err(o.error(
+                        key,
+                        format!("node '{name}' cannot be its own child (cycle)"),
+                    ));
                 }
                 if !self.graph.nodes.contains_key(&name) {
-                    return Err(o.error(key, format!("Cannot find device='' nor node-name='{name}'")));
+                    return Err(
+                        o.error(key, format!("Cannot find device='' nor node-name='{name}'"))
+                    );
                 }
                 name
             }
             Some(Value::Object(map)) => {
                 let child_opts = Opts::new(o.key_path(key), map);
-                self.graph.add_opts(child_opts, self.ctx, Some(parent), true, self.added)?
+                self.graph
+                    .add_opts(child_opts, self.ctx, Some(parent), true, self.added)?
             }
             Some(other) => {
                 return Err(o.error(
                     key,
-                    format!("expected a node-name or an object, got {}", crate::options::kind(&other)),
+                    format!(
+                        "expected a node-name or an object, got {}",
+                        crate::options::kind(&other)
+                    ),
                 ))
             }
         };
@@ -219,7 +265,9 @@ impl ChildResolver for Resolver<'_, '_> {
 fn check_node_name(name: &str) -> std::result::Result<(), String> {
     let valid = name.len() <= 31
         && name.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-._".contains(c));
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c));
     if valid {
         Ok(())
     } else {
@@ -244,10 +292,18 @@ mod tests {
             for f in ["a.img", "b.img"] {
                 crate::file::create_file(&dir.path().join(f), 1 << 20).unwrap();
             }
-            Self { dir, secrets: SecretStore::new() }
+            Self {
+                dir,
+                secrets: SecretStore::new(),
+            }
         }
         fn ctx(&self) -> OpenContext<'_> {
-            OpenContext { secrets: &self.secrets, base_dir: Some(self.dir.path()), no_io: false, read_only: false }
+            OpenContext {
+                secrets: &self.secrets,
+                base_dir: Some(self.dir.path()),
+                no_io: false,
+                read_only: false,
+            }
         }
     }
 
@@ -255,16 +311,37 @@ mod tests {
     fn references_and_inline_children() {
         let f = Fixture::new();
         let mut g = BlockGraph::new();
-        g.add("b[0]", json!({"node-name":"fa","driver":"file","filename":"a.img"}), &f.ctx(), false).unwrap();
-        g.add("b[1]", json!({"node-name":"ra","driver":"raw","file":"fa","offset":4096}), &f.ctx(), false).unwrap();
-        g.add("b[2]", json!({"node-name":"rb","driver":"raw","file":{"driver":"file","filename":"b.img"}}), &f.ctx(), false)
-            .unwrap();
+        g.add(
+            "b[0]",
+            json!({"node-name":"fa","driver":"file","filename":"a.img"}),
+            &f.ctx(),
+            false,
+        )
+        .unwrap();
+        g.add(
+            "b[1]",
+            json!({"node-name":"ra","driver":"raw","file":"fa","offset":4096}),
+            &f.ctx(),
+            false,
+        )
+        .unwrap();
+        g.add(
+            "b[2]",
+            json!({"node-name":"rb","driver":"raw","file":{"driver":"file","filename":"b.img"}}),
+            &f.ctx(),
+            false,
+        )
+        .unwrap();
         assert_eq!(g.get("ra").unwrap().size(), (1 << 20) - 4096);
         assert_eq!(g.parents_of("fa"), vec!["ra"]);
         let inline = g.children_of("rb")[0].1.clone();
         assert!(inline.starts_with('#'));
         // The inline child belongs to its parent.
-        assert!(g.remove(&inline).unwrap_err().to_string().contains("not owned"));
+        assert!(g
+            .remove(&inline)
+            .unwrap_err()
+            .to_string()
+            .contains("not owned"));
         g.remove("rb").unwrap();
         assert!(g.get(&inline).is_none());
     }
@@ -273,34 +350,111 @@ mod tests {
     fn refusals_name_the_key_path() {
         let f = Fixture::new();
         let mut g = BlockGraph::new();
-        g.add("blockdevs[0]", json!({"node-name":"fa","driver":"file","filename":"a.img"}), &f.ctx(), false).unwrap();
-        let dup = g.add("blockdevs[1]", json!({"node-name":"fa","driver":"file","filename":"b.img"}), &f.ctx(), false);
-        assert_eq!(dup.unwrap_err().to_string(), "blockdevs[1].node-name: Duplicate nodes with node-name='fa'");
-        let unknown = g.add("blockdevs[2]", json!({"node-name":"r","driver":"raw","file":"nope"}), &f.ctx(), false);
-        assert_eq!(unknown.unwrap_err().to_string(), "blockdevs[2].file: Cannot find device='' nor node-name='nope'");
-        let cycle = g.add("blockdevs[3]", json!({"node-name":"r","driver":"raw","file":"r"}), &f.ctx(), false);
+        g.add(
+            "blockdevs[0]",
+            json!({"node-name":"fa","driver":"file","filename":"a.img"}),
+            &f.ctx(),
+            false,
+        )
+        .unwrap();
+        let dup = g.add(
+            "blockdevs[1]",
+            json!({"node-name":"fa","driver":"file","filename":"b.img"}),
+            &f.ctx(),
+            false,
+        );
+        assert_eq!(
+            dup.unwrap_err().to_string(),
+            "blockdevs[1].node-name: Duplicate nodes with node-name='fa'"
+        );
+        let unknown = g.add(
+            "blockdevs[2]",
+            json!({"node-name":"r","driver":"raw","file":"nope"}),
+            &f.ctx(),
+            false,
+        );
+        assert_eq!(
+            unknown.unwrap_err().to_string(),
+            "blockdevs[2].file: Cannot find device='' nor node-name='nope'"
+        );
+        let cycle = g.add(
+            "blockdevs[3]",
+            json!({"node-name":"r","driver":"raw","file":"r"}),
+            &f.ctx(),
+            false,
+        );
         assert!(cycle.unwrap_err().to_string().contains("cycle"));
         let inner_dup = json!({"node-name":"x","driver":"raw","file":{"node-name":"x","driver":"file","filename":"b.img"}});
-        assert!(g.add("blockdevs[4]", inner_dup, &f.ctx(), false).unwrap_err().to_string().contains("blockdevs[4].file.node-name"));
+        assert!(g
+            .add("blockdevs[4]", inner_dup, &f.ctx(), false)
+            .unwrap_err()
+            .to_string()
+            .contains("blockdevs[4].file.node-name"));
         let bad_key = json!({"node-name":"y","driver":"raw","file":{"driver":"file","filename":"b.img","bogus":1}});
-        assert_eq!(g.add("blockdevs[5]", bad_key, &f.ctx(), false).unwrap_err().to_string(), "blockdevs[5].file.bogus: unknown option");
+        assert_eq!(
+            g.add("blockdevs[5]", bad_key, &f.ctx(), false)
+                .unwrap_err()
+                .to_string(),
+            "blockdevs[5].file.bogus: unknown option"
+        );
         // Failed adds leave nothing behind.
         assert_eq!(g.names().collect::<Vec<_>>(), vec!["fa"]);
-        assert!(g.add("b", json!({"driver":"file","filename":"a.img"}), &f.ctx(), false).is_err());
-        assert!(g.add("b", json!({"node-name":"1x","driver":"file","filename":"a.img"}), &f.ctx(), false).is_err());
-        assert!(g.add("b", json!({"node-name":"z","driver":"qcow9","filename":"a.img"}), &f.ctx(), false).is_err());
+        assert!(g
+            .add(
+                "b",
+                json!({"driver":"file","filename":"a.img"}),
+                &f.ctx(),
+                false
+            )
+            .is_err());
+        assert!(g
+            .add(
+                "b",
+                json!({"node-name":"1x","driver":"file","filename":"a.img"}),
+                &f.ctx(),
+                false
+            )
+            .is_err());
+        assert!(g
+            .add(
+                "b",
+                json!({"node-name":"z","driver":"qcow9","filename":"a.img"}),
+                &f.ctx(),
+                false
+            )
+            .is_err());
     }
 
     #[test]
     fn nodes_in_use_cannot_be_removed() {
         let f = Fixture::new();
         let mut g = BlockGraph::new();
-        g.add("b", json!({"node-name":"fa","driver":"file","filename":"a.img"}), &f.ctx(), false).unwrap();
-        g.add("b", json!({"node-name":"ra","driver":"raw","file":"fa"}), &f.ctx(), false).unwrap();
-        assert!(g.remove("fa").unwrap_err().to_string().contains("in use by node 'ra'"));
+        g.add(
+            "b",
+            json!({"node-name":"fa","driver":"file","filename":"a.img"}),
+            &f.ctx(),
+            false,
+        )
+        .unwrap();
+        g.add(
+            "b",
+            json!({"node-name":"ra","driver":"raw","file":"fa"}),
+            &f.ctx(),
+            false,
+        )
+        .unwrap();
+        assert!(g
+            .remove("fa")
+            .unwrap_err()
+            .to_string()
+            .contains("in use by node 'ra'"));
         g.attach("ra", "virtio-disk0").unwrap();
         assert!(g.attach("ra", "virtio-disk1").is_err());
-        assert!(g.remove("ra").unwrap_err().to_string().contains("in use by device"));
+        assert!(g
+            .remove("ra")
+            .unwrap_err()
+            .to_string()
+            .contains("in use by device"));
         g.detach("ra", "virtio-disk0");
         g.remove("ra").unwrap();
         g.remove("fa").unwrap();
@@ -311,9 +465,28 @@ mod tests {
     fn read_only_children_need_read_only_parents() {
         let f = Fixture::new();
         let mut g = BlockGraph::new();
-        g.add("b", json!({"node-name":"fa","driver":"file","filename":"a.img","read-only":true}), &f.ctx(), false).unwrap();
-        assert!(g.add("b", json!({"node-name":"ra","driver":"raw","file":"fa"}), &f.ctx(), false).is_err());
-        g.add("b", json!({"node-name":"ra","driver":"raw","file":"fa","read-only":true}), &f.ctx(), false).unwrap();
+        g.add(
+            "b",
+            json!({"node-name":"fa","driver":"file","filename":"a.img","read-only":true}),
+            &f.ctx(),
+            false,
+        )
+        .unwrap();
+        assert!(g
+            .add(
+                "b",
+                json!({"node-name":"ra","driver":"raw","file":"fa"}),
+                &f.ctx(),
+                false
+            )
+            .is_err());
+        g.add(
+            "b",
+            json!({"node-name":"ra","driver":"raw","file":"fa","read-only":true}),
+            &f.ctx(),
+            false,
+        )
+        .unwrap();
         assert!(g.get("ra").unwrap().write_at(0, b"x").is_err());
     }
 }

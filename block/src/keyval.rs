@@ -107,7 +107,9 @@ fn insert_path(map: &mut Map<String, Value>, key: &str, value: Value) -> Result<
             _ => Err(KeyvalError::Conflict(key.to_string())),
         },
         Some((head, rest)) => {
-            let slot = map.entry(head.to_string()).or_insert_with(|| Value::Object(Map::new()));
+            let slot = map
+                .entry(head.to_string())
+                .or_insert_with(|| Value::Object(Map::new()));
             match slot {
                 Value::Object(inner) => insert_path(inner, rest, value),
                 _ => Err(KeyvalError::Conflict(head.to_string())),
@@ -124,7 +126,10 @@ mod tests {
     #[test]
     fn implied_key_and_pairs() {
         let m = parse("secret,id=sec0,data=abc123", Some("qom-type")).unwrap();
-        assert_eq!(Value::Object(m), json!({"qom-type":"secret","id":"sec0","data":"abc123"}));
+        assert_eq!(
+            Value::Object(m),
+            json!({"qom-type":"secret","id":"sec0","data":"abc123"})
+        );
     }
 
     #[test]
@@ -144,18 +149,37 @@ mod tests {
 
     #[test]
     fn json_objects_are_unflattened() {
-        let m = parse(r#"{"driver":"luks","file.filename":"x","file":{"driver":"file"}}"#, None).unwrap();
-        assert_eq!(Value::Object(m), json!({"driver":"luks","file":{"filename":"x","driver":"file"}}));
+        let m = parse(
+            r#"{"driver":"luks","file.filename":"x","file":{"driver":"file"}}"#,
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            Value::Object(m),
+            json!({"driver":"luks","file":{"filename":"x","driver":"file"}})
+        );
     }
 
     #[test]
     fn errors() {
-        assert_eq!(parse("a=1,a=2", None), Err(KeyvalError::Conflict("a".into())));
-        assert!(matches!(parse("bare", None), Err(KeyvalError::MissingValue(_))));
+        assert_eq!(
+            parse("a=1,a=2", None),
+            Err(KeyvalError::Conflict("a".into()))
+        );
+        assert!(matches!(
+            parse("bare", None),
+            Err(KeyvalError::MissingValue(_))
+        ));
         assert!(matches!(parse("=x", None), Err(KeyvalError::EmptyKey(_))));
         assert!(matches!(parse("a.=x", None), Err(KeyvalError::EmptyKey(_))));
         assert!(matches!(parse("{\"a\":", None), Err(KeyvalError::Json(_))));
-        assert!(matches!(parse("[1]", None), Err(KeyvalError::MissingValue(_))));
-        assert!(matches!(parse("a=1,a.b=2", None), Err(KeyvalError::Conflict(_))));
+        assert!(matches!(
+            parse("[1]", None),
+            Err(KeyvalError::MissingValue(_))
+        ));
+        assert!(matches!(
+            parse("a=1,a.b=2", None),
+            Err(KeyvalError::Conflict(_))
+        ));
     }
 }

@@ -47,7 +47,10 @@ pub trait BlockNode: Send + Sync {
     /// Bytes the node occupies on the host (as `disk size` in `qemu-img
     /// info`): by default the sum over its children.
     fn allocated_size(&self) -> Option<u64> {
-        self.children().iter().map(|(_, c)| c.allocated_size()).sum()
+        self.children()
+            .iter()
+            .map(|(_, c)| c.allocated_size())
+            .sum()
     }
 }
 
@@ -55,7 +58,12 @@ pub trait BlockNode: Send + Sync {
 pub fn check_range(node: &str, size: u64, offset: u64, len: u64) -> Result<()> {
     match offset.checked_add(len) {
         Some(end) if end <= size => Ok(()),
-        _ => Err(BlockError::OutOfRange { node: node.to_string(), offset, len, size }),
+        _ => Err(BlockError::OutOfRange {
+            node: node.to_string(),
+            offset,
+            len,
+            size,
+        }),
     }
 }
 

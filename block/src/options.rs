@@ -15,7 +15,10 @@ pub struct Opts {
 impl Opts {
     /// Wraps `map`, whose keys are reported as `path.key`.
     pub fn new(path: impl Into<String>, map: Map<String, Value>) -> Self {
-        Self { path: path.into(), map }
+        Self {
+            path: path.into(),
+            map,
+        }
     }
 
     /// Wraps `value`, which must be an object.
@@ -23,7 +26,10 @@ impl Opts {
         let path = path.into();
         match value {
             Value::Object(map) => Ok(Self::new(path, map)),
-            other => Err(BlockError::option(path, format!("expected an object, got {}", kind(&other)))),
+            other => Err(BlockError::option(
+                path,
+                format!("expected an object, got {}", kind(&other)),
+            )),
         }
     }
 
@@ -62,7 +68,8 @@ impl Opts {
 
     /// A mandatory string.
     pub fn req_str(&mut self, key: &str) -> Result<String> {
-        self.str(key)?.ok_or_else(|| self.error(key, "missing mandatory option"))
+        self.str(key)?
+            .ok_or_else(|| self.error(key, "missing mandatory option"))
     }
 
     /// An optional boolean (`true`/`false`, or the strings `on`/`off`/`true`/`false`).
@@ -75,7 +82,9 @@ impl Opts {
                 "off" | "false" | "no" => Ok(Some(false)),
                 _ => Err(self.error(key, format!("expected a boolean, got '{s}'"))),
             },
-            Some(other) => Err(self.error(key, format!("expected a boolean, got {}", kind(&other)))),
+            Some(other) => {
+                Err(self.error(key, format!("expected a boolean, got {}", kind(&other))))
+            }
         }
     }
 
@@ -84,14 +93,15 @@ impl Opts {
     pub fn u64(&mut self, key: &str) -> Result<Option<u64>> {
         match self.take(key) {
             None => Ok(None),
-            Some(Value::Number(n)) => n
-                .as_u64()
-                .map(Some)
-                .ok_or_else(|| self.error(key, format!("expected a non-negative integer, got {n}"))),
-            Some(Value::String(s)) => parse_size(&s)
-                .map(Some)
-                .ok_or_else(|| self.error(key, format!("expected a non-negative integer, got '{s}'"))),
-            Some(other) => Err(self.error(key, format!("expected an integer, got {}", kind(&other)))),
+            Some(Value::Number(n)) => n.as_u64().map(Some).ok_or_else(|| {
+                self.error(key, format!("expected a non-negative integer, got {n}"))
+            }),
+            Some(Value::String(s)) => parse_size(&s).map(Some).ok_or_else(|| {
+                self.error(key, format!("expected a non-negative integer, got '{s}'"))
+            }),
+            Some(other) => {
+                Err(self.error(key, format!("expected an integer, got {}", kind(&other))))
+            }
         }
     }
 
@@ -155,10 +165,21 @@ mod tests {
     #[test]
     fn wrong_types_name_the_key() {
         let mut o = opts(json!({"filename": 3, "size": -1, "read-only": "maybe"}));
-        assert_eq!(o.str("filename").unwrap_err().to_string(), "blockdevs[1].filename: expected a string, got a number");
-        assert!(o.u64("size").unwrap_err().to_string().starts_with("blockdevs[1].size:"));
+        assert_eq!(
+            o.str("filename").unwrap_err().to_string(),
+            "blockdevs[1].filename: expected a string, got a number"
+        );
+        assert!(o
+            .u64("size")
+            .unwrap_err()
+            .to_string()
+            .starts_with("blockdevs[1].size:"));
         assert!(o.bool("read-only").is_err());
-        assert!(o.req_str("missing").unwrap_err().to_string().contains("missing mandatory"));
+        assert!(o
+            .req_str("missing")
+            .unwrap_err()
+            .to_string()
+            .contains("missing mandatory"));
     }
 
     #[test]

@@ -23,7 +23,10 @@ impl RawNode {
         let size = match size {
             Some(s) => s,
             None => child_size.checked_sub(offset).ok_or_else(|| {
-                o.error("offset", format!("offset {offset} is beyond the end of the file ({child_size} bytes)"))
+                o.error(
+                    "offset",
+                    format!("offset {offset} is beyond the end of the file ({child_size} bytes)"),
+                )
             })?,
         };
         if offset.checked_add(size).is_none_or(|end| end > child_size) {
@@ -34,7 +37,12 @@ impl RawNode {
                 ),
             ));
         }
-        Ok(Self { child, offset, size, read_only })
+        Ok(Self {
+            child,
+            offset,
+            size,
+            read_only,
+        })
     }
 }
 
@@ -92,5 +100,4 @@ impl BlockNode for RawNode {
     fn children(&self) -> Vec<(&'static str, NodeRef)> {
         vec![("file", self.child.clone())]
     }
-
 }

@@ -80,11 +80,19 @@ impl SecretStore {
 
     /// Adds an object from `object-add` arguments (`qom-type`, `id`, ...);
     /// relative `file` paths resolve against `base_dir`. Returns the id.
-    pub fn add(&mut self, path: &str, args: Value, base_dir: Option<&std::path::Path>) -> Result<String> {
+    pub fn add(
+        &mut self,
+        path: &str,
+        args: Value,
+        base_dir: Option<&std::path::Path>,
+    ) -> Result<String> {
         let mut o = Opts::from_value(path, args)?;
         let qom_type = o.req_str("qom-type")?;
         if qom_type != "secret" {
-            return Err(o.error("qom-type", format!("object type '{qom_type}' is not supported (only 'secret')")));
+            return Err(o.error(
+                "qom-type",
+                format!("object type '{qom_type}' is not supported (only 'secret')"),
+            ));
         }
         let id = o.req_str("id")?;
         if self.secrets.contains_key(&id) {
@@ -96,7 +104,12 @@ impl SecretStore {
         let base64 = match format.as_str() {
             "raw" => false,
             "base64" => true,
-            _ => return Err(o.error("format", format!("invalid secret format '{format}' (raw or base64)"))),
+            _ => {
+                return Err(o.error(
+                    "format",
+                    format!("invalid secret format '{format}' (raw or base64)"),
+                ))
+            }
         };
         let keyid = o.str("keyid")?;
         let iv = o.str("iv")?;
@@ -109,8 +122,11 @@ impl SecretStore {
                     Some(dir) => dir.join(&f),
                     None => f.clone().into(),
                 };
-                let bytes = std::fs::read(&full)
-                    .map_err(|source| SecretError::File { id: id.clone(), path: f, source })?;
+                let bytes = std::fs::read(&full).map_err(|source| SecretError::File {
+                    id: id.clone(),
+                    path: f,
+                    source,
+                })?;
                 Zeroizing::new(bytes)
             }
             _ => return Err(SecretError::Source(id).into()),
@@ -125,8 +141,16 @@ impl SecretStore {
     }
 
     /// AES-256-CBC decryption with the key in secret `keyid`, as QEMU does.
-    fn decrypt(&self, id: &str, input: &[u8], base64: bool, keyid: &str, iv: Option<&str>) -> Result<Zeroizing<Vec<u8>>> {
-        let fail = |msg: &str| BlockError::from(SecretError::Decrypt(id.to_string(), msg.to_string()));
+    fn decrypt(
+        &self,
+        id: &str,
+        input: &[u8],
+        base64: bool,
+        keyid: &str,
+        iv: Option<&str>,
+    ) -> Result<Zeroizing<Vec<u8>>> {
+        let fail =
+            |msg: &str| BlockError::from(SecretError::Decrypt(id.to_string(), msg.to_string()));
         let key = self.get(keyid)?;
         if key.bytes().len() != 32 {
             return Err(fail("Key should be 32 bytes in length"));
@@ -136,9 +160,16 @@ impl SecretStore {
             .decode(iv.trim())
             .map_err(|_| SecretError::Base64(id.to_string(), "iv"))?;
         if iv.len() != 16 {
-            return Err(fail(&format!("IV should be 16 bytes in length not {}", iv.len())));
+            return Err(fail(&format!(
+                "IV should be 16 bytes in length not {}",
+                iv.len()
+            )));
         }
-        let mut buf = if base64 { decode_base64(id, input, "data")? } else { Zeroizing::new(input.to_vec()) };
+        let mut buf = if base64 {
+            decode_base64(id, input, "data")?
+        } else {
+            Zeroizing::new(input.to_vec())
+        };
         if buf.is_empty() || buf.len() % 16 != 0 {
             return Err(fail("encrypted data is not a whole number of AES blocks"));
         }
@@ -148,7 +179,9 @@ impl SecretStore {
             .map_err(|_| fail("decryption failed"))?;
         let pad = usize::from(buf[buf.len() - 1]);
         if pad == 0 || pad > 16 || pad > buf.len() {
-            return Err(fail("incorrect padding on decrypted data (wrong key or IV?)"));
+            return Err(fail(
+                "incorrect padding on decrypted data (wrong key or IV?)",
+            ));
         }
         let len = buf.len() - pad;
         buf.truncate(len);
@@ -157,7 +190,9 @@ impl SecretStore {
 
     /// The secret `id`.
     pub fn get(&self, id: &str) -> Result<&Secret, SecretError> {
-        self.secrets.get(id).ok_or_else(|| SecretError::NotFound(id.to_string()))
+        self.secrets
+            .get(id)
+            .ok_or_else(|| SecretError::NotFound(id.to_string()))
     }
 
     /// The secret `id` as a UTF-8 passphrase, cut at the first NUL as QEMU does.
@@ -172,7 +207,10 @@ impl SecretStore {
 
     /// Removes secret `id`.
     pub fn remove(&mut self, id: &str) -> Result<(), SecretError> {
-        self.secrets.remove(id).map(drop).ok_or_else(|| SecretError::NotFound(id.to_string()))
+        self.secrets
+            .remove(id)
+            .map(drop)
+            .ok_or_else(|| SecretError::NotFound(id.to_string()))
     }
 
     /// Ids of all secrets.
@@ -182,7 +220,11 @@ impl SecretStore {
 }
 
 fn decode_base64(id: &str, input: &[u8], what: &'static str) -> Result<Zeroizing<Vec<u8>>> {
-    let text: Vec<u8> = input.iter().copied().filter(|b| !b.is_ascii_whitespace()).collect();
+    let text: Vec<u8> = input
+        .iter()
+        .copied()
+        .filter(|b| !b.is_ascii_whitespace())
+        .collect();
     let text = Zeroizing::new(text);
     base64::engine::general_purpose::STANDARD
         .decode(&*text)
@@ -201,9 +243,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("pw"), b"from-file\n").unwrap();
         let mut s = SecretStore::new();
-        s.add("o[0]", json!({"qom-type":"secret","id":"a","data":"abc123"}), None).unwrap();
-        s.add("o[1]", json!({"qom-type":"secret","id":"b","file":"pw"}), Some(dir.path())).unwrap();
-        s.add("o[2]", json!({"qom-type":"secret","id":"c","data":"aGVsbG8=","format":"base64"}), None).unwrap();
+        s.add(
+            "o[0]",
+            json!({"qom-type":"secret","id":"a","data":"abc123"}),
+            None,
+        )
+        .unwrap();
+        s.add(
+            "o[1]",
+            json!({"qom-type":"secret","id":"b","file":"pw"}),
+            Some(dir.path()),
+        )
+        .unwrap();
+        s.add(
+            "o[2]",
+            json!({"qom-type":"secret","id":"c","data":"aGVsbG8=","format":"base64"}),
+            None,
+        )
+        .unwrap();
         assert_eq!(s.get("a").unwrap().bytes(), b"abc123");
         // QEMU keeps a file's trailing newline; so do we.
         assert_eq!(s.get("b").unwrap().bytes(), b"from-file\n");
@@ -215,12 +272,21 @@ mod tests {
         let key = [7u8; 32];
         let iv = [9u8; 16];
         let plain = b"my secret passphrase";
+        let mut ct = vec![0u8; 32];
+        ct[..plain.len()].copy_from_slice(plain);
         let ct = cbc::Encryptor::<aes::Aes256>::new_from_slices(&key, &iv)
             .unwrap()
-            .encrypt_padded_vec_mut::<Pkcs7>(plain);
+            .encrypt_padded_mut::<Pkcs7>(&mut ct, plain.len())
+            .unwrap()
+            .to_vec();
         let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
         let mut s = SecretStore::new();
-        s.add("o", json!({"qom-type":"secret","id":"master","data":b64(&key),"format":"base64"}), None).unwrap();
+        s.add(
+            "o",
+            json!({"qom-type":"secret","id":"master","data":b64(&key),"format":"base64"}),
+            None,
+        )
+        .unwrap();
         s.add(
             "o",
             json!({"qom-type":"secret","id":"sec","data":b64(&ct),"format":"base64","keyid":"master","iv":b64(&iv)}),
@@ -229,29 +295,62 @@ mod tests {
         .unwrap();
         assert_eq!(s.get("sec").unwrap().bytes(), plain);
         let wrong_iv = json!({"qom-type":"secret","id":"x","data":b64(&ct),"format":"base64","keyid":"master","iv":b64(&[1u8;8])});
-        assert!(s.add("o", wrong_iv, None).unwrap_err().to_string().contains("IV should be 16 bytes"));
+        assert!(s
+            .add("o", wrong_iv, None)
+            .unwrap_err()
+            .to_string()
+            .contains("IV should be 16 bytes"));
     }
 
     #[test]
     fn errors_never_show_data() {
         let mut s = SecretStore::new();
-        s.add("o", json!({"qom-type":"secret","id":"a","data":"topsecret"}), None).unwrap();
-        let dup = s.add("o", json!({"qom-type":"secret","id":"a","data":"topsecret"}), None).unwrap_err();
+        s.add(
+            "o",
+            json!({"qom-type":"secret","id":"a","data":"topsecret"}),
+            None,
+        )
+        .unwrap();
+        let dup = s
+            .add(
+                "o",
+                json!({"qom-type":"secret","id":"a","data":"topsecret"}),
+                None,
+            )
+            .unwrap_err();
         assert!(!dup.to_string().contains("topsecret"));
         assert!(!format!("{s:?}").contains("topsecret"));
-        let bad = s.add("o", json!({"qom-type":"secret","id":"b","data":"!!topsecret","format":"base64"}), None);
+        let bad = s.add(
+            "o",
+            json!({"qom-type":"secret","id":"b","data":"!!topsecret","format":"base64"}),
+            None,
+        );
         assert!(!bad.unwrap_err().to_string().contains("topsecret"));
-        assert!(s.add("o", json!({"qom-type":"secret","id":"c"}), None).is_err());
-        assert!(s.add("o", json!({"qom-type":"memory","id":"d"}), None).is_err());
+        assert!(s
+            .add("o", json!({"qom-type":"secret","id":"c"}), None)
+            .is_err());
+        assert!(s
+            .add("o", json!({"qom-type":"memory","id":"d"}), None)
+            .is_err());
         assert!(matches!(s.get("zz"), Err(SecretError::NotFound(_))));
     }
 
     #[test]
     fn passphrase_stops_at_nul_and_needs_utf8() {
         let mut s = SecretStore::new();
-        s.add("o", json!({"qom-type":"secret","id":"a","data":"YWIAY2Q=","format":"base64"}), None).unwrap();
+        s.add(
+            "o",
+            json!({"qom-type":"secret","id":"a","data":"YWIAY2Q=","format":"base64"}),
+            None,
+        )
+        .unwrap();
         assert_eq!(&*s.passphrase("a").unwrap(), b"ab");
-        s.add("o", json!({"qom-type":"secret","id":"b","data":"/w==","format":"base64"}), None).unwrap();
+        s.add(
+            "o",
+            json!({"qom-type":"secret","id":"b","data":"/w==","format":"base64"}),
+            None,
+        )
+        .unwrap();
         assert!(matches!(s.passphrase("b"), Err(SecretError::NotUtf8(_))));
     }
 }

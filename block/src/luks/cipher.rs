@@ -326,9 +326,9 @@ impl CipherSpec {
         if self.ivgen != IvGenAlg::Essiv {
             return Ok(None);
         }
-        let hash = self.ivgen_hash.ok_or_else(|| {
-            LuksError::unsupported("Missing IV generator hash specification")
-        })?;
+        let hash = self
+            .ivgen_hash
+            .ok_or_else(|| LuksError::unsupported("Missing IV generator hash specification"))?;
         self.alg.essiv_cipher(hash).map(Some)
     }
 }
@@ -418,21 +418,23 @@ fn new_ivgen(spec: &CipherSpec, key: &[u8]) -> Result<IvGen, LuksError> {
         IvGenAlg::Plain64 => IvGen::Plain64,
         IvGenAlg::Essiv => {
             let (Some(essiv_alg), Some(hash)) = (spec.essiv_alg()?, spec.ivgen_hash) else {
-                return Err(LuksError::unsupported("Missing IV generator hash specification"));
+                return Err(LuksError::unsupported(
+                    "Missing IV generator hash specification",
+                ));
             };
             let mut salt = Zeroizing::new([0u8; MAX_DIGEST_LEN]);
             hash.digest_parts_into(&[key], &mut salt[..]);
             // essiv_cipher() picked a key length equal to the digest length.
-            IvGen::Essiv(new_block_encryptor(essiv_alg, &salt[..essiv_alg.key_len()])?)
+            IvGen::Essiv(new_block_encryptor(
+                essiv_alg,
+                &salt[..essiv_alg.key_len()],
+            )?)
         }
     })
 }
 
 /// A single-block encryptor of `alg` (for ESSIV).
-fn new_block_encryptor(
-    alg: CipherAlg,
-    key: &[u8],
-) -> Result<Box<dyn BlockEncryptor>, LuksError> {
+fn new_block_encryptor(alg: CipherAlg, key: &[u8]) -> Result<Box<dyn BlockEncryptor>, LuksError> {
     Ok(match alg {
         CipherAlg::Aes128 => Box::new(init::<Aes128>(alg.name(), key)?),
         CipherAlg::Aes192 => Box::new(init::<Aes192>(alg.name(), key)?),
@@ -461,7 +463,11 @@ trait ModeCipher: KeyInit + BlockEncrypt + BlockDecrypt + Send + Sync + 'static 
 impl<C: KeyInit + BlockEncrypt + BlockDecrypt + Send + Sync + 'static> ModeCipher for C {}
 
 /// Builds any mode for a 16-byte block cipher.
-fn build16<C>(spec: &CipherSpec, key: &[u8], ivgen: IvGen) -> Result<Box<dyn SectorCipher>, LuksError>
+fn build16<C>(
+    spec: &CipherSpec,
+    key: &[u8],
+    ivgen: IvGen,
+) -> Result<Box<dyn SectorCipher>, LuksError>
 where
     C: ModeCipher + BlockSizeUser<BlockSize = U16>,
 {

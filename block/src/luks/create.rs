@@ -87,7 +87,8 @@ pub struct PbkdfIterations {
 /// The iteration counts come from [`benchmark_iterations`].
 pub fn create(opts: &CreateOptions, passphrase: &[u8]) -> Result<NewVolume, LuksError> {
     opts.spec.validate()?;
-    let iterations = benchmark_iterations(opts.spec.hash, opts.spec.key_bytes(), opts.iter_time_ms)?;
+    let iterations =
+        benchmark_iterations(opts.spec.hash, opts.spec.key_bytes(), opts.iter_time_ms)?;
     create_with_iterations(opts, passphrase, iterations)
 }
 
@@ -206,10 +207,7 @@ fn scale(per_second: u64, ms: u64, divisor: u64) -> Result<u32, LuksError> {
     })? / 1000
         / divisor;
     let iters = u32::try_from(iters).map_err(|_| {
-        LuksError::InvalidArgument(format!(
-            "PBKDF iterations {iters} larger than {}",
-            u32::MAX
-        ))
+        LuksError::InvalidArgument(format!("PBKDF iterations {iters} larger than {}", u32::MAX))
     })?;
     Ok(iters.max(MIN_ITERATIONS))
 }
@@ -241,9 +239,8 @@ fn measure_iterations_per_second(hash: HashAlg) -> Result<u64, LuksError> {
     let clock = CpuClock::new();
     let mut iterations: u64 = 1 << 15;
     loop {
-        let rounds = u32::try_from(iterations).map_err(|_| {
-            LuksError::InvalidArgument("PBKDF2 benchmark did not converge".into())
-        })?;
+        let rounds = u32::try_from(iterations)
+            .map_err(|_| LuksError::InvalidArgument("PBKDF2 benchmark did not converge".into()))?;
         let start = clock.now_ms();
         hash.pbkdf2(&password, &salt, rounds, &mut out);
         let delta = clock.now_ms().saturating_sub(start);
@@ -311,7 +308,13 @@ mod tests {
         slot: 1000,
     };
 
-    fn spec(alg: CipherAlg, mode: CipherMode, ivgen: IvGenAlg, ivgen_hash: Option<HashAlg>, hash: HashAlg) -> CipherSpec {
+    fn spec(
+        alg: CipherAlg,
+        mode: CipherMode,
+        ivgen: IvGenAlg,
+        ivgen_hash: Option<HashAlg>,
+        hash: HashAlg,
+    ) -> CipherSpec {
         CipherSpec {
             alg,
             mode,
@@ -341,8 +344,20 @@ mod tests {
             }
             v.push(spec(alg, Cbc, Plain, None, HashAlg::ALL[(i + 1) % 6]));
             if alg != Cast5_128 {
-                v.push(spec(alg, Xts, Essiv, Some(Sha256), HashAlg::ALL[(i + 2) % 6]));
-                v.push(spec(alg, Cbc, Essiv, Some(Sha256), HashAlg::ALL[(i + 3) % 6]));
+                v.push(spec(
+                    alg,
+                    Xts,
+                    Essiv,
+                    Some(Sha256),
+                    HashAlg::ALL[(i + 2) % 6],
+                ));
+                v.push(spec(
+                    alg,
+                    Cbc,
+                    Essiv,
+                    Some(Sha256),
+                    HashAlg::ALL[(i + 3) % 6],
+                ));
             }
         }
         v.push(spec(Aes128, Ctr, Essiv, Some(Sha256), Sha1));
@@ -383,7 +398,13 @@ mod tests {
     #[test]
     fn layout_is_qemus() {
         let opts = CreateOptions {
-            spec: spec(CipherAlg::Aes192, CipherMode::Cbc, IvGenAlg::Essiv, Some(HashAlg::Sha256), HashAlg::Sha1),
+            spec: spec(
+                CipherAlg::Aes192,
+                CipherMode::Cbc,
+                IvGenAlg::Essiv,
+                Some(HashAlg::Sha256),
+                HashAlg::Sha1,
+            ),
             iter_time_ms: 10,
             detached_header: false,
         };
@@ -417,7 +438,9 @@ mod tests {
         let u = &h.uuid;
         assert_eq!(u.len(), 36);
         assert_eq!(&u[14..15], "4");
-        assert!(u.chars().all(|c| c == '-' || c.is_ascii_digit() || c.is_ascii_lowercase()));
+        assert!(u
+            .chars()
+            .all(|c| c == '-' || c.is_ascii_digit() || c.is_ascii_lowercase()));
         assert_eq!(&vol.header_image[168 + 36..168 + 40], &[0; 4]);
         assert!(format!("{vol:?}").contains("<redacted>"));
 
@@ -440,19 +463,43 @@ mod tests {
     fn unusable_specs_are_errors() {
         let bad = [
             (
-                spec(CipherAlg::Cast5_128, CipherMode::Xts, IvGenAlg::Plain64, None, HashAlg::Sha1),
+                spec(
+                    CipherAlg::Cast5_128,
+                    CipherMode::Xts,
+                    IvGenAlg::Plain64,
+                    None,
+                    HashAlg::Sha1,
+                ),
                 "Cipher mode xts not supported with cast5-128: it needs a 16-byte block cipher",
             ),
             (
-                spec(CipherAlg::Cast5_128, CipherMode::Cbc, IvGenAlg::Essiv, Some(HashAlg::Sha256), HashAlg::Sha1),
+                spec(
+                    CipherAlg::Cast5_128,
+                    CipherMode::Cbc,
+                    IvGenAlg::Essiv,
+                    Some(HashAlg::Sha256),
+                    HashAlg::Sha1,
+                ),
                 "Cipher cast5-128 not supported with essiv",
             ),
             (
-                spec(CipherAlg::Aes128, CipherMode::Cbc, IvGenAlg::Essiv, Some(HashAlg::Sha1), HashAlg::Sha1),
+                spec(
+                    CipherAlg::Aes128,
+                    CipherMode::Cbc,
+                    IvGenAlg::Essiv,
+                    Some(HashAlg::Sha1),
+                    HashAlg::Sha1,
+                ),
                 "No AES cipher with key size 20 available",
             ),
             (
-                spec(CipherAlg::Aes128, CipherMode::Cbc, IvGenAlg::Essiv, None, HashAlg::Sha1),
+                spec(
+                    CipherAlg::Aes128,
+                    CipherMode::Cbc,
+                    IvGenAlg::Essiv,
+                    None,
+                    HashAlg::Sha1,
+                ),
                 "Missing IV generator hash specification",
             ),
         ];
@@ -477,7 +524,10 @@ mod tests {
         );
         assert_eq!(
             scale(u64::MAX / 4, 2, 1).unwrap_err().to_string(),
-            format!("PBKDF iterations {} larger than 4294967295", u64::MAX / 2 / 1000)
+            format!(
+                "PBKDF iterations {} larger than 4294967295",
+                u64::MAX / 2 / 1000
+            )
         );
     }
 
@@ -494,7 +544,10 @@ mod tests {
         assert!(h.mk_iterations >= MIN_ITERATIONS);
         let rate = iterations_per_second(HashAlg::Sha256).unwrap();
         // Slot: 64-byte output = 2 SHA-256 blocks.
-        assert_eq!(h.slots[0].iterations, (rate / 2 * 20 / 1000).max(1000) as u32);
+        assert_eq!(
+            h.slots[0].iterations,
+            (rate / 2 * 20 / 1000).max(1000) as u32
+        );
         assert_eq!(h.mk_iterations, (rate * 20 / 1000 / 8).max(1000) as u32);
         let key = unlock(h, b"pw", &mut mem_reader(&vol.header_image)).unwrap();
         assert_eq!(key, vol.master_key);
@@ -546,7 +599,10 @@ mod tests {
             let hdr = dir.path().join(format!("h{i}.img"));
             std::fs::write(&hdr, &vol.header_image).unwrap();
             let dump = run(Command::new("cryptsetup").arg("luksDump").arg(&hdr));
-            assert!(dump.contains(&format!("Cipher mode:   \t{}", s.luks_mode_string())), "{dump}");
+            assert!(
+                dump.contains(&format!("Cipher mode:   \t{}", s.luks_mode_string())),
+                "{dump}"
+            );
             assert!(dump.contains(&vol.header.uuid), "{dump}");
             assert!(dump.contains("Key Slot 0: ENABLED"), "{dump}");
             assert!(dump.contains("Key Slot 7: DISABLED"), "{dump}");
@@ -564,7 +620,11 @@ mod tests {
                     .unwrap()
             };
             let ok = test(&pass);
-            assert!(ok.status.success(), "{s}: {}", String::from_utf8_lossy(&ok.stderr));
+            assert!(
+                ok.status.success(),
+                "{s}: {}",
+                String::from_utf8_lossy(&ok.stderr)
+            );
             let wrong = dir.path().join("wrong.txt");
             std::fs::write(&wrong, "not it").unwrap();
             assert!(!test(&wrong).status.success(), "{s}");

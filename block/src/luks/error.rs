@@ -97,7 +97,10 @@ mod tests {
 
     #[test]
     fn messages() {
-        assert_eq!(LuksError::NotLuks.to_string(), "Volume is not in LUKS format");
+        assert_eq!(
+            LuksError::NotLuks.to_string(),
+            "Volume is not in LUKS format"
+        );
         assert_eq!(
             LuksError::Luks2Unsupported.to_string(),
             "LUKS2 is not supported yet"

@@ -176,7 +176,10 @@ mod tests {
                 "ddaf35a193617abacc417349ae20413112e6fa4e89a97ea20a9eeee64b55d39a\
                  2192992a274fc1a836ba3c23a3feebbd454d4423643ce80e2a9ac94fa54ca49f",
             ),
-            (HashAlg::Ripemd160, "8eb208f7e05d987a9b044a8e98c6b087f15a0bfc"),
+            (
+                HashAlg::Ripemd160,
+                "8eb208f7e05d987a9b044a8e98c6b087f15a0bfc",
+            ),
         ];
         for (h, want) in cases {
             let d = h.digest(b"abc");
@@ -192,16 +195,36 @@ mod tests {
     #[test]
     fn pbkdf2_sha1_rfc6070() {
         let cases: [(&[u8], &[u8], u32, &str); 5] = [
-            (b"password", b"salt", 1, "0c60c80f961f0e71f3a9b524af6012062fe037a6"),
-            (b"password", b"salt", 2, "ea6c014dc72d6f8ccd1ed92ace1d41f0d8de8957"),
-            (b"password", b"salt", 4096, "4b007901b765489abead49d926f721d065a429c1"),
+            (
+                b"password",
+                b"salt",
+                1,
+                "0c60c80f961f0e71f3a9b524af6012062fe037a6",
+            ),
+            (
+                b"password",
+                b"salt",
+                2,
+                "ea6c014dc72d6f8ccd1ed92ace1d41f0d8de8957",
+            ),
+            (
+                b"password",
+                b"salt",
+                4096,
+                "4b007901b765489abead49d926f721d065a429c1",
+            ),
             (
                 b"passwordPASSWORDpassword",
                 b"saltSALTsaltSALTsaltSALTsaltSALTsalt",
                 4096,
                 "3d2eec4fe41c849b80c8d83662c0e44a8b291a964cf2f07038",
             ),
-            (b"pass\0word", b"sa\0lt", 4096, "56fa6aa75548099dcc37d7f03425e0c3"),
+            (
+                b"pass\0word",
+                b"sa\0lt",
+                4096,
+                "56fa6aa75548099dcc37d7f03425e0c3",
+            ),
         ];
         for (p, s, c, want) in cases {
             let mut out = vec![0u8; want.len() / 2];

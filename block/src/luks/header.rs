@@ -412,7 +412,10 @@ pub(crate) mod tests {
         b[0] = b'X';
         assert_eq!(err(&b, false), "Volume is not in LUKS format");
         assert_eq!(err(&[0u8; 592], false), "Volume is not in LUKS format");
-        assert_eq!(err(b"XY", false), "LUKS header is truncated: need 592 bytes, have 2");
+        assert_eq!(
+            err(b"XY", false),
+            "LUKS header is truncated: need 592 bytes, have 2"
+        );
         let mut b = bytes;
         b[7] = 2;
         assert_eq!(err(&b, false), "LUKS2 is not supported yet");
@@ -424,7 +427,10 @@ pub(crate) mod tests {
             err(&bytes[..591], false),
             "LUKS header is truncated: need 592 bytes, have 591"
         );
-        assert_eq!(err(&[], false), "LUKS header is truncated: need 592 bytes, have 0");
+        assert_eq!(
+            err(&[], false),
+            "LUKS header is truncated: need 592 bytes, have 0"
+        );
     }
 
     #[test]
@@ -447,13 +453,48 @@ pub(crate) mod tests {
     #[test]
     fn cipher_string_errors() {
         let cases = [
-            ("aes", "xts-plain64", "md5", "Hash algorithm md5 not supported"),
-            ("des", "xts-plain64", "sha256", "Algorithm des with key size 32 bytes not supported"),
-            ("aes", "gcm-plain64", "sha256", "Cipher mode gcm not supported"),
-            ("aes", "xts-random", "sha256", "IV generator random not supported"),
-            ("aes", "xts", "sha256", "Unexpected cipher mode string format xts"),
-            ("aes", "xts-essiv", "sha256", "Missing IV generator hash specification"),
-            ("aes", "xts-essiv:md5", "sha256", "Hash algorithm md5 not supported"),
+            (
+                "aes",
+                "xts-plain64",
+                "md5",
+                "Hash algorithm md5 not supported",
+            ),
+            (
+                "des",
+                "xts-plain64",
+                "sha256",
+                "Algorithm des with key size 32 bytes not supported",
+            ),
+            (
+                "aes",
+                "gcm-plain64",
+                "sha256",
+                "Cipher mode gcm not supported",
+            ),
+            (
+                "aes",
+                "xts-random",
+                "sha256",
+                "IV generator random not supported",
+            ),
+            (
+                "aes",
+                "xts",
+                "sha256",
+                "Unexpected cipher mode string format xts",
+            ),
+            (
+                "aes",
+                "xts-essiv",
+                "sha256",
+                "Missing IV generator hash specification",
+            ),
+            (
+                "aes",
+                "xts-essiv:md5",
+                "sha256",
+                "Hash algorithm md5 not supported",
+            ),
         ];
         for (name, mode, hash, want) in cases {
             let mut h = sample();
@@ -464,7 +505,10 @@ pub(crate) mod tests {
         }
         let mut b = sample().to_bytes();
         b[8] = 0x01;
-        assert_eq!(err(&b, false), "LUKS header cipher name is not printable text");
+        assert_eq!(
+            err(&b, false),
+            "LUKS header cipher name is not printable text"
+        );
     }
 
     #[test]
@@ -563,7 +607,10 @@ pub(crate) mod tests {
         assert_eq!(slot_area_sectors(24, 4000), 192);
         assert_eq!(slot_area_sectors(64, 4000), 504);
         assert_eq!(slot_area_sectors(16, 4000), 128);
-        assert_eq!(slot_area_sectors(512, u32::MAX), (512u64 * u32::MAX as u64).div_ceil(512).next_multiple_of(8));
+        assert_eq!(
+            slot_area_sectors(512, u32::MAX),
+            (512u64 * u32::MAX as u64).div_ceil(512).next_multiple_of(8)
+        );
         let slot = &sample().slots[1];
         assert_eq!(slot.key_offset(), 512 * 512);
         assert_eq!(slot.key_material_len(24), 188 * 512);

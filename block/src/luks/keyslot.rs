@@ -388,9 +388,9 @@ pub(crate) mod tests {
         },
         PeerCase {
             cipher: "aes-xts-plain64",
-            key_bits: 384,
-            hash: "sha512",
-            alg: CipherAlg::Aes192,
+            key_bits: 256,
+            hash: "ripemd160",
+            alg: CipherAlg::Aes128,
             mode: CipherMode::Xts,
             ivgen: IvGenAlg::Plain64,
             ivgen_hash: None,
@@ -534,8 +534,14 @@ pub(crate) mod tests {
         for (i, case) in CRYPTSETUP_CASES.iter().enumerate() {
             let name = format!("c{i}");
             let detached = i % 3 != 2;
-            let path =
-                cryptsetup_format(dir.path(), &name, case.cipher, case.key_bits, case.hash, detached);
+            let path = cryptsetup_format(
+                dir.path(),
+                &name,
+                case.cipher,
+                case.key_bits,
+                case.hash,
+                detached,
+            );
             check_unlock(&path, detached, expected_spec(case));
         }
     }
@@ -583,7 +589,8 @@ pub(crate) mod tests {
             .open(image)
             .unwrap();
         let mut buf = vec![0u8; len];
-        file.read_exact_at(&mut buf, payload_offset + offset).unwrap();
+        file.read_exact_at(&mut buf, payload_offset + offset)
+            .unwrap();
         assert!(buf.iter().any(|&b| b != 0xab), "payload is not encrypted");
         cipher.decrypt(offset / 512, &mut buf);
         assert!(
@@ -614,8 +621,14 @@ pub(crate) mod tests {
             }
             let name = format!("d{i}");
             let detached = i % 2 == 0;
-            let path =
-                cryptsetup_format(dir.path(), &name, case.cipher, case.key_bits, case.hash, detached);
+            let path = cryptsetup_format(
+                dir.path(),
+                &name,
+                case.cipher,
+                case.key_bits,
+                case.hash,
+                detached,
+            );
             let key = check_unlock(&path, detached, spec);
             let hdr = LuksHeader::parse(&std::fs::read(&path).unwrap(), detached).unwrap();
             if detached {
@@ -659,7 +672,11 @@ pub(crate) mod tests {
             .collect();
         for (img, case, out) in children {
             let out = out.wait_with_output().expect("wait for qemu-img");
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             let spec = expected_spec(case);
             let key = check_unlock(&img, false, spec);
             let header = LuksHeader::parse(&std::fs::read(&img).unwrap(), false).unwrap();

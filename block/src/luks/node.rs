@@ -74,21 +74,39 @@ impl LuksNode {
         let cipher = if ctx.no_io && key_secret.is_none() {
             None
         } else {
-            let id = key_secret.ok_or_else(|| o.error("key-secret", "Parameter 'key-secret' is required for cipher"))?;
-            let passphrase = ctx.secrets.passphrase(&id).map_err(|e| o.error("key-secret", e.to_string()))?;
+            let id = key_secret.ok_or_else(|| {
+                o.error(
+                    "key-secret",
+                    "Parameter 'key-secret' is required for cipher",
+                )
+            })?;
+            let passphrase = ctx
+                .secrets
+                .passphrase(&id)
+                .map_err(|e| o.error("key-secret", e.to_string()))?;
             let mut read = |off: u64, out: &mut [u8]| {
-                header_src.read_at(off, out).map_err(|e| std::io::Error::other(e.to_string()))
+                header_src
+                    .read_at(off, out)
+                    .map_err(|e| std::io::Error::other(e.to_string()))
             };
             let master_key = unlock(&header, &passphrase, &mut read)?;
             Some(new_sector_cipher(&header.spec, &master_key)?)
         };
-        Ok(Self { payload, header_node, header, cipher, payload_offset, size, read_only })
+        Ok(Self {
+            payload,
+            header_node,
+            header,
+            cipher,
+            payload_offset,
+            size,
+            read_only,
+        })
     }
 
     fn cipher(&self) -> Result<&dyn SectorCipher> {
-        self.cipher
-            .as_deref()
-            .ok_or_else(|| BlockError::Graph("luks node was opened without a key: no I/O possible".into()))
+        self.cipher.as_deref().ok_or_else(|| {
+            BlockError::Graph("luks node was opened without a key: no I/O possible".into())
+        })
     }
 
     /// Decrypts whole sectors in place; `first_sector` is the payload sector of `buf[0]`.
@@ -242,5 +260,4 @@ impl BlockNode for LuksNode {
         c.push(("file", self.payload.clone()));
         c
     }
-
 }

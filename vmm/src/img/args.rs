@@ -56,17 +56,20 @@ impl Args {
                     None => (long, None),
                 };
                 let value = |q: &mut VecDeque<String>| {
-                    inline.clone().or_else(|| q.pop_front()).ok_or_else(|| ArgError(format!("option '--{name}' requires an argument")))
+                    inline
+                        .clone()
+                        .or_else(|| q.pop_front())
+                        .ok_or_else(|| ArgError(format!("option '--{name}' requires an argument")))
                 };
                 match name {
                     "object" => a.objects.push(value(&mut q)?),
-                    "output" => {
-                        a.json = match value(&mut q)?.as_str() {
-                            "json" => true,
-                            "human" => false,
-                            other => return Err(ArgError(format!("--output must be used with human or json as argument, not '{other}'"))),
-                        }
-                    }
+                    "output" => a.json = match value(&mut q)?.as_str() {
+                        "json" => true,
+                        "human" => false,
+                        other => return Err(ArgError(format!(
+                            "--output must be used with human or json as argument, not '{other}'"
+                        ))),
+                    },
                     "image-opts" => a.image_opts = true,
                     "target-image-opts" => a.target_image_opts = true,
                     "force-share" => {}
@@ -81,7 +84,9 @@ impl Args {
                     if valued.contains(c) {
                         let rest = &arg[1 + i + c.len_utf8()..];
                         let v = if rest.is_empty() {
-                            q.pop_front().ok_or_else(|| ArgError(format!("option requires an argument -- '{c}'")))?
+                            q.pop_front().ok_or_else(|| {
+                                ArgError(format!("option requires an argument -- '{c}'"))
+                            })?
                         } else {
                             rest.to_string()
                         };

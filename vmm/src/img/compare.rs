@@ -14,9 +14,20 @@ pub fn run(argv: &[String]) -> Result<u8> {
         return Err(ImgError::Msg("Expecting two image file names".into()));
     };
     let secrets = load_objects(&a.objects)?;
-    let mode = OpenMode { read_only: true, no_io: false };
-    let one = open(image_options(first, a.image_opts, a.format.as_deref())?, &secrets, mode)?;
-    let two = open(image_options(second, a.image_opts, a.format2.as_deref())?, &secrets, mode)?;
+    let mode = OpenMode {
+        read_only: true,
+        no_io: false,
+    };
+    let one = open(
+        image_options(first, a.image_opts, a.format.as_deref())?,
+        &secrets,
+        mode,
+    )?;
+    let two = open(
+        image_options(second, a.image_opts, a.format2.as_deref())?,
+        &secrets,
+        mode,
+    )?;
     let (s1, s2) = (one.node.size(), two.node.size());
     if s1 != s2 && a.strict {
         println!("Strict mode: Image size mismatch!");
@@ -31,6 +42,7 @@ pub fn run(argv: &[String]) -> Result<u8> {
         if !a.quiet {
             println!("Warning: Image size mismatch!");
         }
+        // As qemu-img: the longer image's tail must read as zeros.
         let longer = if s1 > s2 { &one.node } else { &two.node };
         if let Some(at) = first_nonzero(longer, common, s1.max(s2))? {
             println!("Content mismatch at offset {at}!");
@@ -57,7 +69,7 @@ fn first_difference(a: &NodeRef, b: &NodeRef, size: u64) -> Result<Option<u64>> 
     Ok(None)
 }
 
-/// Offset of the first sector in `[from, to)` that is not all zeros.
+/// Offset of the first non-zero byte in `[from, to)`.
 fn first_nonzero(node: &NodeRef, from: u64, to: u64) -> Result<Option<u64>> {
     let mut buf = vec![0u8; CHUNK];
     let mut off = from;
@@ -65,7 +77,7 @@ fn first_nonzero(node: &NodeRef, from: u64, to: u64) -> Result<Option<u64>> {
         let n = (to - off).min(CHUNK as u64) as usize;
         node.read_at(off, &mut buf[..n])?;
         if let Some(i) = buf[..n].iter().position(|&x| x != 0) {
-            return Ok(Some((off + i as u64) & !511));
+            return Ok(Some(off + i as u64));
         }
         off += n as u64;
     }

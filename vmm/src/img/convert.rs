@@ -21,16 +21,23 @@ const CHUNK: usize = 2 << 20;
 pub fn run(argv: &[String]) -> Result<u8> {
     let a = Args::parse(argv, "pqnUcC", "fOotTlSWmrB")?;
     let [src, dst] = a.positional.as_slice() else {
-        return Err(ImgError::Msg("Expecting a source and a target image name".into()));
+        return Err(ImgError::Msg(
+            "Expecting a source and a target image name".into(),
+        ));
     };
     if a.target_image_opts && !a.no_create {
-        return Err(ImgError::Msg("--target-image-opts requires use of -n flag".into()));
+        return Err(ImgError::Msg(
+            "--target-image-opts requires use of -n flag".into(),
+        ));
     }
     let secrets = load_objects(&a.objects)?;
     let source = open(
         image_options(src, a.image_opts, a.format.as_deref())?,
         &secrets,
-        OpenMode { read_only: true, no_io: false },
+        OpenMode {
+            read_only: true,
+            no_io: false,
+        },
     )?;
     let src_size = source.node.size();
     let out_fmt = a.output_format.clone().unwrap_or_else(|| "raw".into());
@@ -41,10 +48,21 @@ pub fn run(argv: &[String]) -> Result<u8> {
         } else {
             image_options(dst, false, Some(&out_fmt))?
         };
-        (open(opts, &secrets, OpenMode { read_only: false, no_io: false })?, false)
+        (
+            open(
+                opts,
+                &secrets,
+                OpenMode {
+                    read_only: false,
+                    no_io: false,
+                },
+            )?,
+            false,
+        )
     } else {
         let options_text = a.joined_options();
-        let map = keyval::parse(&options_text, None).map_err(|e| ImgError::Msg(format!("Invalid options: {e}")))?;
+        let map = keyval::parse(&options_text, None)
+            .map_err(|e| ImgError::Msg(format!("Invalid options: {e}")))?;
         let mut o = Opts::new("-o", map);
         let path = Path::new(dst);
         match out_fmt.as_str() {
@@ -52,7 +70,14 @@ pub fn run(argv: &[String]) -> Result<u8> {
                 o.finish()?;
                 block::file::create_file(path, src_size)?;
                 let opts = json!({"driver": "raw", "file": {"driver": "file", "filename": dst}});
-                let opened = open(opts.as_object().cloned().expect("object"), &secrets, OpenMode { read_only: false, no_io: false })?;
+                let opened = open(
+                    opts.as_object().cloned().expect("object"),
+                    &secrets,
+                    OpenMode {
+                        read_only: false,
+                        no_io: false,
+                    },
+                )?;
                 (opened, true)
             }
             "luks" => {
@@ -63,12 +88,34 @@ pub fn run(argv: &[String]) -> Result<u8> {
                         "convert cannot create a detached header; create it with 'img create', then use -n --target-image-opts".into(),
                     ));
                 }
-                create_luks(path, &opts, &key_secret, Some(src_size), &secrets, &Args { quiet: true, ..Args::default() }, "")?;
+                create_luks(
+                    path,
+                    &opts,
+                    &key_secret,
+                    Some(src_size),
+                    &secrets,
+                    &Args {
+                        quiet: true,
+                        ..Args::default()
+                    },
+                    "",
+                )?;
                 let target = json!({"driver": "luks", "key-secret": key_secret, "file": {"driver": "file", "filename": dst}});
-                let opened = open(target.as_object().cloned().expect("object"), &secrets, OpenMode { read_only: false, no_io: false })?;
+                let opened = open(
+                    target.as_object().cloned().expect("object"),
+                    &secrets,
+                    OpenMode {
+                        read_only: false,
+                        no_io: false,
+                    },
+                )?;
                 (opened, false)
             }
-            other => return Err(ImgError::Msg(format!("Unknown file format '{other}' (supported: raw, luks)"))),
+            other => {
+                return Err(ImgError::Msg(format!(
+                    "Unknown file format '{other}' (supported: raw, luks)"
+                )))
+            }
         }
     };
     if target.node.size() < src_size {
@@ -77,7 +124,13 @@ pub fn run(argv: &[String]) -> Result<u8> {
             target.node.size()
         )));
     }
-    copy(&source.node, &target.node, src_size, zero_init, a.progress && !a.quiet)?;
+    copy(
+        &source.node,
+        &target.node,
+        src_size,
+        zero_init,
+        a.progress && !a.quiet,
+    )?;
     Ok(0)
 }
 
@@ -105,7 +158,9 @@ fn copy(src: &NodeRef, dst: &NodeRef, size: u64, zero_init: bool, progress: bool
         });
         let mut shown = -1.0;
         for _ in 0..chunks {
-            let (offset, buf) = full_rx.recv().map_err(|_| ImgError::Msg("reader stopped".into()))??;
+            let (offset, buf) = full_rx
+                .recv()
+                .map_err(|_| ImgError::Msg("reader stopped".into()))??;
             let len = (size - offset).min(CHUNK as u64) as usize;
             let data = &buf[..len];
             if !(zero_init && data.iter().all(|&b| b == 0)) {

@@ -20,10 +20,15 @@ pub fn run(argv: &[String]) -> Result<u8> {
         [f] => (f.clone(), None),
         [f, s] => (f.clone(), Some(s.clone())),
         [] => return Err(ImgError::Msg("Expecting image file name".into())),
-        _ => return Err(ImgError::Msg("Unexpected argument: too many positional arguments".into())),
+        _ => {
+            return Err(ImgError::Msg(
+                "Unexpected argument: too many positional arguments".into(),
+            ))
+        }
     };
     let options_text = a.joined_options();
-    let map = keyval::parse(&options_text, None).map_err(|e| ImgError::Msg(format!("Invalid options: {e}")))?;
+    let map = keyval::parse(&options_text, None)
+        .map_err(|e| ImgError::Msg(format!("Invalid options: {e}")))?;
     let mut o = Opts::new("-o", map);
     let size = match (size_arg, o.u64("size")?) {
         (Some(s), _) => Some(parse_size(&s).ok_or_else(|| {
@@ -38,9 +43,11 @@ pub fn run(argv: &[String]) -> Result<u8> {
         "raw" => {
             check_preallocation(&mut o)?;
             o.finish()?;
-            let size = size.ok_or_else(|| ImgError::Msg("Image creation needs a size parameter".into()))?;
+            let size =
+                size.ok_or_else(|| ImgError::Msg("Image creation needs a size parameter".into()))?;
             announce(&a, &filename, &format, size, &options_text);
-            block::file::create_file(path, size)?;
+            // qemu-img rounds raw images up to whole sectors.
+            block::file::create_file(path, size.next_multiple_of(block::SECTOR_SIZE))?;
         }
         "luks" => {
             let (opts, key_secret) = luks_options(&mut o)?;
@@ -48,7 +55,11 @@ pub fn run(argv: &[String]) -> Result<u8> {
             o.finish()?;
             create_luks(path, &opts, &key_secret, size, &secrets, &a, &options_text)?;
         }
-        other => return Err(ImgError::Msg(format!("Unknown file format '{other}' (supported: raw, luks)"))),
+        other => {
+            return Err(ImgError::Msg(format!(
+                "Unknown file format '{other}' (supported: raw, luks)"
+            )))
+        }
     }
     Ok(0)
 }
@@ -56,7 +67,12 @@ pub fn run(argv: &[String]) -> Result<u8> {
 fn check_preallocation(o: &mut Opts) -> Result<()> {
     match o.str("preallocation")?.as_deref() {
         None | Some("off") => Ok(()),
-        Some(other) => Err(o.error("preallocation", format!("unsupported preallocation mode '{other}' (only 'off')")).into()),
+        Some(other) => Err(o
+            .error(
+                "preallocation",
+                format!("unsupported preallocation mode '{other}' (only 'off')"),
+            )
+            .into()),
     }
 }
 
@@ -66,16 +82,20 @@ pub fn luks_options(o: &mut Opts) -> Result<(CreateOptions, String)> {
     let key_secret = o.str("key-secret")?;
     let named = |o: &mut Opts, key: &str| -> Result<Option<String>> { Ok(o.str(key)?) };
     if let Some(v) = named(o, "cipher-alg")? {
-        opts.spec.alg = CipherAlg::from_name(&v).map_err(|e| o.error("cipher-alg", e.to_string()))?;
+        opts.spec.alg =
+            CipherAlg::from_name(&v).map_err(|e| o.error("cipher-alg", e.to_string()))?;
     }
     if let Some(v) = named(o, "cipher-mode")? {
-        opts.spec.mode = CipherMode::from_name(&v).map_err(|e| o.error("cipher-mode", e.to_string()))?;
+        opts.spec.mode =
+            CipherMode::from_name(&v).map_err(|e| o.error("cipher-mode", e.to_string()))?;
     }
     if let Some(v) = named(o, "ivgen-alg")? {
-        opts.spec.ivgen = IvGenAlg::from_name(&v).map_err(|e| o.error("ivgen-alg", e.to_string()))?;
+        opts.spec.ivgen =
+            IvGenAlg::from_name(&v).map_err(|e| o.error("ivgen-alg", e.to_string()))?;
     }
     if let Some(v) = named(o, "ivgen-hash-alg")? {
-        opts.spec.ivgen_hash = Some(HashAlg::from_name(&v).map_err(|e| o.error("ivgen-hash-alg", e.to_string()))?);
+        opts.spec.ivgen_hash =
+            Some(HashAlg::from_name(&v).map_err(|e| o.error("ivgen-hash-alg", e.to_string()))?);
     }
     if opts.spec.ivgen == IvGenAlg::Essiv && opts.spec.ivgen_hash.is_none() {
         opts.spec.ivgen_hash = Some(HashAlg::Sha256);
@@ -85,13 +105,15 @@ pub fn luks_options(o: &mut Opts) -> Result<(CreateOptions, String)> {
     }
     if let Some(ms) = o.u64("iter-time")? {
         if ms == 0 {
-            return Err(o.error("iter-time", "must be at least 1 millisecond").into());
+            return Err(o
+                .error("iter-time", "must be at least 1 millisecond")
+                .into());
         }
         opts.iter_time_ms = ms;
     }
     opts.detached_header = o.bool("detached-header")?.unwrap_or(false);
-    let key_secret =
-        key_secret.ok_or_else(|| ImgError::Msg("Parameter 'key-secret' is required for cipher".into()))?;
+    let key_secret = key_secret
+        .ok_or_else(|| ImgError::Msg("Parameter 'key-secret' is required for cipher".into()))?;
     Ok((opts, key_secret))
 }
 
@@ -119,7 +141,13 @@ pub fn create_luks(
     };
     validate_spec(&opts.spec)?;
     let volume = create(opts, &passphrase)?;
-    announce(a, &path.display().to_string(), "luks", payload, options_text);
+    announce(
+        a,
+        &path.display().to_string(),
+        "luks",
+        payload,
+        options_text,
+    );
     let file = OpenOptions::new()
         .write(true)
         .create(true)
@@ -146,7 +174,10 @@ fn announce(a: &Args, filename: &str, format: &str, size: u64, options_text: &st
         return;
     }
     let mut line = format!("Formatting '{filename}', fmt={format} size={size}");
-    for opt in options_text.split(',').filter(|s| !s.is_empty() && !s.starts_with("size=")) {
+    for opt in options_text
+        .split(',')
+        .filter(|s| !s.is_empty() && !s.starts_with("size="))
+    {
         line.push(' ');
         line.push_str(opt);
     }

@@ -20,7 +20,8 @@ pub fn load_objects(objects: &[String]) -> Result<SecretStore> {
     let mut secrets = SecretStore::new();
     for (i, text) in objects.iter().enumerate() {
         let path = format!("--object[{i}]");
-        let map = keyval::parse(text, Some("qom-type")).map_err(|e| BlockError::option(&path, e.to_string()))?;
+        let map = keyval::parse(text, Some("qom-type"))
+            .map_err(|e| BlockError::option(&path, e.to_string()))?;
         secrets.add(&path, Value::Object(map), None)?;
     }
     Ok(secrets)
@@ -36,19 +37,37 @@ pub struct OpenMode {
 }
 
 /// Turns an image name into `blockdev-add` options.
-pub fn image_options(spec: &str, image_opts: bool, format: Option<&str>) -> Result<Map<String, Value>> {
+pub fn image_options(
+    spec: &str,
+    image_opts: bool,
+    format: Option<&str>,
+) -> Result<Map<String, Value>> {
     let parsed = if image_opts {
         if format.is_some() {
-            return Err(ImgError::Msg("--image-opts and --format are mutually exclusive".into()));
+            return Err(ImgError::Msg(
+                "--image-opts and --format are mutually exclusive".into(),
+            ));
         }
-        Some(keyval::parse(spec, None).map_err(|e| ImgError::Msg(format!("invalid image options: {e}")))?)
+        Some(
+            keyval::parse(spec, None)
+                .map_err(|e| ImgError::Msg(format!("invalid image options: {e}")))?,
+        )
     } else if let Some(json_text) = spec.strip_prefix("json:") {
         match serde_json::from_str::<Value>(json_text) {
-            Ok(Value::Object(map)) => {
-                Some(keyval::unflatten(map).map_err(|e| ImgError::Msg(format!("Could not parse filename {spec}: {e}")))?)
+            Ok(Value::Object(map)) => Some(
+                keyval::unflatten(map)
+                    .map_err(|e| ImgError::Msg(format!("Could not parse filename {spec}: {e}")))?,
+            ),
+            Ok(_) => {
+                return Err(ImgError::Msg(
+                    "Could not parse the JSON options: expected an object".into(),
+                ))
             }
-            Ok(_) => return Err(ImgError::Msg("Could not parse the JSON options: expected an object".into())),
-            Err(e) => return Err(ImgError::Msg(format!("Could not parse the JSON options: {e}"))),
+            Err(e) => {
+                return Err(ImgError::Msg(format!(
+                    "Could not parse the JSON options: {e}"
+                )))
+            }
         }
     } else {
         None
@@ -74,10 +93,17 @@ pub fn image_options(spec: &str, image_opts: bool, format: Option<&str>) -> Resu
 /// Fills in what qemu-img infers: the `file` protocol under a format given a
 /// `filename`, and the format of an image named only by its file.
 fn normalize(map: &mut Map<String, Value>, top: bool) -> Result<()> {
-    let driver = map.get("driver").and_then(Value::as_str).map(str::to_string);
+    let driver = map
+        .get("driver")
+        .and_then(Value::as_str)
+        .map(str::to_string);
     match driver.as_deref() {
         None => {
-            let Some(filename) = map.get("filename").and_then(Value::as_str).map(str::to_string) else {
+            let Some(filename) = map
+                .get("filename")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+            else {
                 let key = if top { "driver" } else { "file.driver" };
                 return Err(ImgError::Msg(format!("Parameter '{key}' is missing")));
             };
@@ -102,7 +128,10 @@ fn normalize(map: &mut Map<String, Value>, top: bool) -> Result<()> {
 fn move_filename_to_file(map: &mut Map<String, Value>) {
     if !map.contains_key("file") {
         if let Some(filename) = map.remove("filename") {
-            map.insert("file".into(), json!({"driver": "file", "filename": filename}));
+            map.insert(
+                "file".into(),
+                json!({"driver": "file", "filename": filename}),
+            );
         }
     }
 }
@@ -113,15 +142,28 @@ fn probe(path: &Path) -> Result<&'static str> {
     let mut f = std::fs::File::open(path)
         .map_err(|e| ImgError::Msg(format!("Could not open '{}': {e}", path.display())))?;
     let mut magic = [0u8; 6];
-    let n = f.read(&mut magic).map_err(|e| ImgError::Msg(format!("Could not read '{}': {e}", path.display())))?;
-    Ok(if n == 6 && magic == *b"LUKS\xba\xbe" { "luks" } else { "raw" })
+    let n = f
+        .read(&mut magic)
+        .map_err(|e| ImgError::Msg(format!("Could not read '{}': {e}", path.display())))?;
+    Ok(if n == 6 && magic == *b"LUKS\xba\xbe" {
+        "luks"
+    } else {
+        "raw"
+    })
 }
 
 /// Opens an image given its options.
 pub fn open(opts: Map<String, Value>, secrets: &SecretStore, mode: OpenMode) -> Result<Image> {
-    let ctx = OpenContext { secrets, base_dir: None, no_io: mode.no_io, read_only: mode.read_only };
+    let ctx = OpenContext {
+        secrets,
+        base_dir: None,
+        no_io: mode.no_io,
+        read_only: mode.read_only,
+    };
     let mut graph = BlockGraph::new();
-    let name = graph.add("", Value::Object(opts), &ctx, true).map_err(strip_empty_path)?;
+    let name = graph
+        .add("", Value::Object(opts), &ctx, true)
+        .map_err(strip_empty_path)?;
     let node = graph.get(&name).expect("node just added");
     Ok(Image { node })
 }
@@ -130,7 +172,9 @@ pub fn open(opts: Map<String, Value>, secrets: &SecretStore, mode: OpenMode) -> 
 fn strip_empty_path(e: BlockError) -> ImgError {
     match e {
         BlockError::Option { key, msg } if key.is_empty() => ImgError::Msg(msg),
-        BlockError::Option { key, msg } => ImgError::Msg(format!("{}: {msg}", key.trim_start_matches('.'))),
+        BlockError::Option { key, msg } => {
+            ImgError::Msg(format!("{}: {msg}", key.trim_start_matches('.')))
+        }
         other => other.into(),
     }
 }
@@ -162,7 +206,10 @@ mod tests {
         let m = image_options("driver=luks,key-secret=s,file.filename=p", true, None).unwrap();
         assert_eq!(m["file"], json!({"filename":"p","driver":"file"}));
         let m = image_options("x.img", false, Some("raw")).unwrap();
-        assert_eq!(Value::Object(m), json!({"driver":"raw","file":{"driver":"file","filename":"x.img"}}));
+        assert_eq!(
+            Value::Object(m),
+            json!({"driver":"raw","file":{"driver":"file","filename":"x.img"}})
+        );
         assert!(image_options("json:{bad", false, None).is_err());
         assert!(image_options("json:[1]", false, None).is_err());
         assert!(image_options("a=b", true, Some("raw")).is_err());

@@ -15,10 +15,20 @@ pub fn run(argv: &[String]) -> Result<u8> {
     };
     let secrets = load_objects(&a.objects)?;
     let opts = image_options(spec, a.image_opts, a.format.as_deref())?;
-    let image = open(opts, &secrets, OpenMode { read_only: true, no_io: true })?;
+    let image = open(
+        opts,
+        &secrets,
+        OpenMode {
+            read_only: true,
+            no_io: true,
+        },
+    )?;
     let info = node_info(&image.node);
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&info).expect("JSON values serialize"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&info).expect("JSON values serialize")
+        );
     } else {
         print!("{}", human_info(&info, 0));
     }
@@ -63,13 +73,21 @@ fn human_info(info: &Value, level: usize) -> String {
     let format = info["format"].as_str().unwrap_or_default();
     if format == "file" {
         out += &format!("{pad}filename: {filename}\n{pad}protocol type: file\n");
-        out += &format!("{pad}file length: {} ({} bytes)\n", human(get_u64("virtual-size")), get_u64("virtual-size"));
+        out += &format!(
+            "{pad}file length: {} ({} bytes)\n",
+            human(get_u64("virtual-size")),
+            get_u64("virtual-size")
+        );
         if let Some(a) = info.get("actual-size").and_then(Value::as_u64) {
             out += &format!("{pad}disk size: {}\n", human(a));
         }
     } else {
         out += &format!("{pad}image: {filename}\n{pad}file format: {format}\n");
-        out += &format!("{pad}virtual size: {} ({} bytes)\n", human(get_u64("virtual-size")), get_u64("virtual-size"));
+        out += &format!(
+            "{pad}virtual size: {} ({} bytes)\n",
+            human(get_u64("virtual-size")),
+            get_u64("virtual-size")
+        );
         if let Some(a) = info.get("actual-size").and_then(Value::as_u64) {
             out += &format!("{pad}disk size: {}\n", human(a));
         }

@@ -46,7 +46,9 @@ pub fn main(argv: &[String]) -> u8 {
         "info" => info::run(rest),
         "convert" => convert::run(rest),
         "compare" => compare::run(rest),
-        "check" | "bench" => Err(ImgError::Msg(format!("'{cmd}' needs the qcow2 driver, which this build lacks"))),
+        "check" | "bench" => Err(ImgError::Msg(format!(
+            "'{cmd}' needs the qcow2 driver, which this build lacks"
+        ))),
         other => Err(ImgError::Msg(format!("Command not found: {other}"))),
     };
     match result {

@@ -56,7 +56,10 @@ mod tests {
     fn plain_truncates_to_32_bits() {
         let mut iv = [0xffu8; 16];
         IvGen::Plain.generate(0x1_2345_6789, &mut iv);
-        assert_eq!(iv, [0x89, 0x67, 0x45, 0x23, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            iv,
+            [0x89, 0x67, 0x45, 0x23, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        );
         let mut iv8 = [0xffu8; 8];
         IvGen::Plain.generate(5, &mut iv8);
         assert_eq!(iv8, [5, 0, 0, 0, 0, 0, 0, 0]);

@@ -94,7 +94,8 @@ impl<C: BlockEncrypt + BlockDecrypt + Send + Sync> SectorCipher for Cbc<C> {
             ciphertext.copy_from_slice(sector);
             // Blocks decrypt independently (and in parallel where the
             // cipher can); then each is XORed with the previous ciphertext.
-            self.cipher.decrypt_blocks(as_blocks::<C::BlockSize>(sector));
+            self.cipher
+                .decrypt_blocks(as_blocks::<C::BlockSize>(sector));
             let (first, rest) = sector.split_at_mut(bs);
             xor_in_place(first, &iv);
             xor_in_place(rest, &ciphertext[..SECTOR_SIZE - bs]);

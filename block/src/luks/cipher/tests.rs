@@ -4,7 +4,9 @@
 //! differential check of every algorithm and mode against the RustCrypto
 //! mode crates.
 
-use cipher::{BlockDecryptMut, BlockEncrypt, BlockEncryptMut, KeyInit, KeyIvInit, StreamCipher};
+use cipher::{
+    BlockDecryptMut, BlockEncrypt, BlockEncryptMut, InnerIvInit, KeyInit, KeyIvInit, StreamCipher,
+};
 
 use super::modes::as_blocks;
 use super::*;
@@ -20,7 +22,12 @@ fn unhex(s: &str) -> Vec<u8> {
         .collect()
 }
 
-fn spec(alg: CipherAlg, mode: CipherMode, ivgen: IvGenAlg, ivgen_hash: Option<HashAlg>) -> CipherSpec {
+fn spec(
+    alg: CipherAlg,
+    mode: CipherMode,
+    ivgen: IvGenAlg,
+    ivgen_hash: Option<HashAlg>,
+) -> CipherSpec {
     CipherSpec {
         alg,
         mode,
@@ -34,14 +41,22 @@ fn spec(alg: CipherAlg, mode: CipherMode, ivgen: IvGenAlg, ivgen_hash: Option<Ha
 fn names_round_trip() {
     for alg in CipherAlg::ALL {
         assert_eq!(CipherAlg::from_name(alg.name()).unwrap(), alg);
-        assert_eq!(CipherAlg::from_luks_name(alg.luks_name(), alg.key_len()), Some(alg));
+        assert_eq!(
+            CipherAlg::from_luks_name(alg.luks_name(), alg.key_len()),
+            Some(alg)
+        );
         assert!(alg.name().starts_with(alg.luks_name()));
     }
     assert_eq!(
         CipherAlg::from_name("aes-512").unwrap_err().to_string(),
         "Algorithm 'aes-512' not supported"
     );
-    for m in [CipherMode::Ecb, CipherMode::Cbc, CipherMode::Xts, CipherMode::Ctr] {
+    for m in [
+        CipherMode::Ecb,
+        CipherMode::Cbc,
+        CipherMode::Xts,
+        CipherMode::Ctr,
+    ] {
         assert_eq!(CipherMode::from_name(m.name()).unwrap(), m);
     }
     assert_eq!(
@@ -94,18 +109,42 @@ fn from_luks_parses_header_strings() {
     let err = |n: &str, m: &str, h: &str, k: u32| {
         CipherSpec::from_luks(n, m, h, k).unwrap_err().to_string()
     };
-    assert_eq!(err("aes", "cbc", "sha1", 16), "Unexpected cipher mode string format cbc");
-    assert_eq!(err("aes", "", "sha1", 16), "Unexpected cipher mode string format ");
-    assert_eq!(err("aes", "cbc-plain", "sha1", 20), "Algorithm aes with key size 20 bytes not supported");
-    assert_eq!(err("aes", "xts-plain", "sha1", 16), "Algorithm aes with key size 8 bytes not supported");
-    assert_eq!(err("cast5", "cbc-plain", "sha1", 32), "Algorithm cast5 with key size 32 bytes not supported");
+    assert_eq!(
+        err("aes", "cbc", "sha1", 16),
+        "Unexpected cipher mode string format cbc"
+    );
+    assert_eq!(
+        err("aes", "", "sha1", 16),
+        "Unexpected cipher mode string format "
+    );
+    assert_eq!(
+        err("aes", "cbc-plain", "sha1", 20),
+        "Algorithm aes with key size 20 bytes not supported"
+    );
+    assert_eq!(
+        err("aes", "xts-plain", "sha1", 16),
+        "Algorithm aes with key size 8 bytes not supported"
+    );
+    assert_eq!(
+        err("cast5", "cbc-plain", "sha1", 32),
+        "Algorithm cast5 with key size 32 bytes not supported"
+    );
     assert_eq!(
         err("cast5", "xts-plain64", "sha1", 32),
         "Cipher mode xts not supported with cast5-128: it needs a 16-byte block cipher"
     );
-    assert_eq!(err("aes", "cbc-plain", "whirlpool", 16), "Hash algorithm whirlpool not supported");
-    assert_eq!(err("aes", "cbc-essiv:", "sha1", 16), "Hash algorithm  not supported");
-    assert_eq!(err("aes", "cbc-essiv", "sha1", 16), "Missing IV generator hash specification");
+    assert_eq!(
+        err("aes", "cbc-plain", "whirlpool", 16),
+        "Hash algorithm whirlpool not supported"
+    );
+    assert_eq!(
+        err("aes", "cbc-essiv:", "sha1", 16),
+        "Hash algorithm  not supported"
+    );
+    assert_eq!(
+        err("aes", "cbc-essiv", "sha1", 16),
+        "Missing IV generator hash specification"
+    );
 }
 
 #[test]
@@ -158,7 +197,12 @@ fn key_length_is_checked() {
         e.to_string(),
         "Invalid key length 32 bytes for aes-256-xts-plain64, expected 64 bytes"
     );
-    let s = spec(CipherAlg::Cast5_128, CipherMode::Xts, IvGenAlg::Plain64, None);
+    let s = spec(
+        CipherAlg::Cast5_128,
+        CipherMode::Xts,
+        IvGenAlg::Plain64,
+        None,
+    );
     assert!(new_sector_cipher(&s, &[0u8; 32]).is_err());
 }
 
@@ -241,16 +285,46 @@ fn known_answers_from_openssl() {
     use IvGenAlg::*;
     let essiv = Some(HashAlg::Sha256);
     let cases = [
-        (spec(Aes128, Cbc, Plain, None), "a4f068e7bb6fbf522237bb81e5c3c4c86b61d0ac3d8e438365dd344a06152c89"),
-        (spec(Aes256, Cbc, Plain64, None), "96f78c887918f8eac819a55b6052d7dc445c80842d7076359df9b1450c53f260"),
-        (spec(Aes256, Cbc, Essiv, essiv), "a0ee7e5e993d642531c1f93a7511393f785157d2533a8ee0084182140c23fe07"),
-        (spec(Aes128, Cbc, Essiv, essiv), "ec37540dfbd6bdb6440af44a81e42e6aff122610b320dc8475f5b2c6fbc6485f"),
-        (spec(Aes192, Ctr, Plain64, None), "f385e9d8a53c2d76eb2589f8a2b7d53bca1658ed75a191b145ebc9ca57af9afc"),
-        (spec(Aes128, Ecb, Plain64, None), "c824bcf031717c27ead76176ee01a453e05c01f52a4280cf917bdde3e32ee01c"),
-        (spec(Aes256, Xts, Plain64, None), "e12f278d91137329ac4e6083c5e2ab00e48a8890911472850b3301307d12f793"),
-        (spec(Aes128, Xts, Plain, None), "a458052aaceb53eee8d5e72c3b3a5e0120b3341b0c304d528ccb004a84706555"),
-        (spec(Aes128, Xts, Essiv, essiv), "84541e0ca8876e3d48a03be8b902483ce25a7ac7453d56e5c34e288857063796"),
-        (spec(Cast5_128, Cbc, Plain64, None), "e0056d2a305ad0a4bff0b081da3285187ad69bf2184571a206decc1248dff63a"),
+        (
+            spec(Aes128, Cbc, Plain, None),
+            "a4f068e7bb6fbf522237bb81e5c3c4c86b61d0ac3d8e438365dd344a06152c89",
+        ),
+        (
+            spec(Aes256, Cbc, Plain64, None),
+            "96f78c887918f8eac819a55b6052d7dc445c80842d7076359df9b1450c53f260",
+        ),
+        (
+            spec(Aes256, Cbc, Essiv, essiv),
+            "a0ee7e5e993d642531c1f93a7511393f785157d2533a8ee0084182140c23fe07",
+        ),
+        (
+            spec(Aes128, Cbc, Essiv, essiv),
+            "ec37540dfbd6bdb6440af44a81e42e6aff122610b320dc8475f5b2c6fbc6485f",
+        ),
+        (
+            spec(Aes192, Ctr, Plain64, None),
+            "f385e9d8a53c2d76eb2589f8a2b7d53bca1658ed75a191b145ebc9ca57af9afc",
+        ),
+        (
+            spec(Aes128, Ecb, Plain64, None),
+            "c824bcf031717c27ead76176ee01a453e05c01f52a4280cf917bdde3e32ee01c",
+        ),
+        (
+            spec(Aes256, Xts, Plain64, None),
+            "e12f278d91137329ac4e6083c5e2ab00e48a8890911472850b3301307d12f793",
+        ),
+        (
+            spec(Aes128, Xts, Plain, None),
+            "a458052aaceb53eee8d5e72c3b3a5e0120b3341b0c304d528ccb004a84706555",
+        ),
+        (
+            spec(Aes128, Xts, Essiv, essiv),
+            "84541e0ca8876e3d48a03be8b902483ce25a7ac7453d56e5c34e288857063796",
+        ),
+        (
+            spec(Cast5_128, Cbc, Plain64, None),
+            "e0056d2a305ad0a4bff0b081da3285187ad69bf2184571a206decc1248dff63a",
+        ),
     ];
     let pt: Vec<u8> = (0..1024usize).map(|i| (i * 13 + 5) as u8).collect();
     for (s, want) in cases {
@@ -335,9 +409,14 @@ fn reference(s: &CipherSpec, key: &[u8], first: u64, buf: &mut [u8], encrypt: bo
                 CipherMode::Cbc => cbc::Decryptor::<C>::new_from_slices(key, &iv)
                     .unwrap()
                     .decrypt_blocks_mut(as_blocks(sector)),
-                CipherMode::Ctr => ctr::Ctr64BE::<C>::new_from_slices(key, &iv)
-                    .unwrap()
-                    .apply_keystream(sector),
+                CipherMode::Ctr => ctr::Ctr64BE::<C>::from_core(
+                    ctr::CtrCore::<C, ctr::flavors::Ctr64BE>::inner_iv_slice_init(
+                        C::new_from_slice(key).unwrap(),
+                        &iv,
+                    )
+                    .unwrap(),
+                )
+                .apply_keystream(sector),
                 CipherMode::Xts => unreachable!(),
             }
             continue;
@@ -355,8 +434,13 @@ fn reference(s: &CipherSpec, key: &[u8], first: u64, buf: &mut [u8], encrypt: bo
             CipherMode::Cbc => cbc::Decryptor::<C>::new_from_slices(key, &iv)
                 .unwrap()
                 .decrypt_blocks_mut(as_blocks(sector)),
-            CipherMode::Ctr => ctr::Ctr128BE::<C>::new_from_slices(key, &iv)
-                .unwrap()
+            CipherMode::Ctr => ctr::Ctr128BE::<C>::from_core(
+                ctr::CtrCore::<C, ctr::flavors::Ctr128BE>::inner_iv_slice_init(
+                    C::new_from_slice(key).unwrap(),
+                    &iv,
+                )
+                .unwrap(),
+            )
                 .apply_keystream(sector),
             CipherMode::Xts => {
                 let (k1, k2) = key.split_at(key.len() / 2);
@@ -380,7 +464,12 @@ fn reference(s: &CipherSpec, key: &[u8], first: u64, buf: &mut [u8], encrypt: bo
 fn all_specs() -> Vec<CipherSpec> {
     let mut v = Vec::new();
     for alg in CipherAlg::ALL {
-        for mode in [CipherMode::Ecb, CipherMode::Cbc, CipherMode::Xts, CipherMode::Ctr] {
+        for mode in [
+            CipherMode::Ecb,
+            CipherMode::Cbc,
+            CipherMode::Xts,
+            CipherMode::Ctr,
+        ] {
             for (ivgen, hash) in [
                 (IvGenAlg::Plain, None),
                 (IvGenAlg::Plain64, None),
@@ -467,7 +556,12 @@ fn xts_throughput() {
     );
     let t = Instant::now();
     for i in 0..rounds {
-        xts.encrypt_area(&mut buf, SECTOR_SIZE, u128::from(i) * 2048, xts_mode::get_tweak_default);
+        xts.encrypt_area(
+            &mut buf,
+            SECTOR_SIZE,
+            u128::from(i) * 2048,
+            xts_mode::get_tweak_default,
+        );
     }
     let crate_enc = mib_s(t.elapsed());
     println!(
