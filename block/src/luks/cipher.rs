@@ -252,14 +252,11 @@ impl CipherSpec {
         }
     }
 
-    /// LUKS header cipher_mode string, e.g. "xts-plain64", "cbc-essiv:sha256"
+    /// LUKS header cipher_mode string, e.g. "xts-plain64", "cbc-essiv:sha256".
     ///
-    /// ECB is written as cryptsetup writes it, `"ecb"`, without an IV
-    /// generator.
+    /// ECB is written as QEMU writes it (`"ecb-plain64"`), so that QEMU opens
+    /// the header; cryptsetup only accepts a bare `"ecb"` (which we read).
     pub fn luks_mode_string(&self) -> String {
-        if self.mode == CipherMode::Ecb {
-            return "ecb".to_string();
-        }
         match self.ivgen_hash {
             Some(h) => format!("{}-{}:{}", self.mode.name(), self.ivgen.name(), h.name()),
             None => format!("{}-{}", self.mode.name(), self.ivgen.name()),
@@ -344,7 +341,7 @@ impl fmt::Display for CipherSpec {
 /// header's cipher name with (for XTS, half of) `key_bytes`.
 fn lookup_alg(cipher_name: &str, mode: CipherMode, key_bytes: u32) -> Result<CipherAlg, LuksError> {
     let (per_key, exact) = match mode {
-        CipherMode::Xts if key_bytes % 2 != 0 => (key_bytes, false),
+        CipherMode::Xts if key_bytes & 1 != 0 => (key_bytes, false),
         CipherMode::Xts => (key_bytes / 2, true),
         _ => (key_bytes, true),
     };
@@ -512,7 +509,7 @@ fn sector_number(first: u64, index: usize) -> u64 {
 /// Asserts the [`SectorCipher`] buffer contract.
 fn check_len(buf: &[u8]) {
     assert!(
-        buf.len() % SECTOR_SIZE == 0,
+        buf.chunks_exact(SECTOR_SIZE).remainder().is_empty(),
         "sector cipher buffer of {} bytes is not a whole number of {SECTOR_SIZE}-byte sectors",
         buf.len()
     );

@@ -325,7 +325,8 @@ mod tests {
     }
 
     /// A spread of specifications over every algorithm, mode, IV generator
-    /// and hash.
+    /// and hash. (The serpent and twofish crates are slow, ~2 MiB/s: fewer
+    /// of those; every mode of them is checked in the cipher tests.)
     fn specs() -> Vec<CipherSpec> {
         use CipherAlg::*;
         use CipherMode::*;
@@ -333,31 +334,26 @@ mod tests {
         use IvGenAlg::*;
         let mut v = Vec::new();
         for (i, alg) in CipherAlg::ALL.into_iter().enumerate() {
-            let hash = HashAlg::ALL[i % HashAlg::ALL.len()];
-            let modes: &[CipherMode] = if alg == Cast5_128 {
-                &[Ecb, Cbc, Ctr]
-            } else {
-                &[Ecb, Cbc, Xts, Ctr]
-            };
-            for &mode in modes {
-                v.push(spec(alg, mode, Plain64, None, hash));
-            }
-            v.push(spec(alg, Cbc, Plain, None, HashAlg::ALL[(i + 1) % 6]));
-            if alg != Cast5_128 {
-                v.push(spec(
-                    alg,
-                    Xts,
-                    Essiv,
-                    Some(Sha256),
-                    HashAlg::ALL[(i + 2) % 6],
-                ));
-                v.push(spec(
-                    alg,
-                    Cbc,
-                    Essiv,
-                    Some(Sha256),
-                    HashAlg::ALL[(i + 3) % 6],
-                ));
+            let hash = |k: usize| HashAlg::ALL[(i + k) % HashAlg::ALL.len()];
+            match alg.luks_name() {
+                "aes" => {
+                    for mode in [Ecb, Cbc, Xts, Ctr] {
+                        v.push(spec(alg, mode, Plain64, None, hash(0)));
+                    }
+                    v.push(spec(alg, Cbc, Plain, None, hash(1)));
+                    v.push(spec(alg, Xts, Essiv, Some(Sha256), hash(2)));
+                    v.push(spec(alg, Cbc, Essiv, Some(Sha256), hash(3)));
+                }
+                "cast5" => {
+                    for mode in [Ecb, Cbc, Ctr] {
+                        v.push(spec(alg, mode, Plain64, None, hash(0)));
+                    }
+                    v.push(spec(alg, Cbc, Plain, None, hash(1)));
+                }
+                _ => {
+                    v.push(spec(alg, Xts, Plain64, None, hash(0)));
+                    v.push(spec(alg, Cbc, Essiv, Some(Sha256), hash(3)));
+                }
             }
         }
         v.push(spec(Aes128, Ctr, Essiv, Some(Sha256), Sha1));
@@ -606,7 +602,9 @@ mod tests {
             assert!(dump.contains(&vol.header.uuid), "{dump}");
             assert!(dump.contains("Key Slot 0: ENABLED"), "{dump}");
             assert!(dump.contains("Key Slot 7: DISABLED"), "{dump}");
-            if s.alg.luks_name() != "aes" {
+            // cryptsetup here has only AES, and wants a bare "ecb" where QEMU
+            // (and so cryptvm) writes "ecb-plain64".
+            if s.alg.luks_name() != "aes" || s.mode == Ecb {
                 continue;
             }
             let test = |key_file: &std::path::Path| {

@@ -400,16 +400,8 @@ pub(crate) mod tests {
     /// The kernel here may lack serpent/twofish/cast5 for cryptsetup, so
     /// these come from `qemu-img` (attached headers). Key sizes whose
     /// split key is not whole sectors make QEMU abort, so none here.
+    /// qemu-img spends ~3 s of CPU benchmarking PBKDF2 per image: few cases.
     const QEMU_CASES: &[PeerCase] = &[
-        PeerCase {
-            cipher: "serpent-256,cipher-mode=cbc,ivgen-alg=essiv,ivgen-hash-alg=sha256",
-            key_bits: 256,
-            hash: "sha1",
-            alg: CipherAlg::Serpent256,
-            mode: CipherMode::Cbc,
-            ivgen: IvGenAlg::Essiv,
-            ivgen_hash: Some(HashAlg::Sha256),
-        },
         PeerCase {
             cipher: "serpent-128,cipher-mode=xts,ivgen-alg=essiv,ivgen-hash-alg=sha256",
             key_bits: 256,
@@ -420,15 +412,6 @@ pub(crate) mod tests {
             ivgen_hash: Some(HashAlg::Sha256),
         },
         PeerCase {
-            cipher: "twofish-128,cipher-mode=xts,ivgen-alg=plain64",
-            key_bits: 256,
-            hash: "sha512",
-            alg: CipherAlg::Twofish128,
-            mode: CipherMode::Xts,
-            ivgen: IvGenAlg::Plain64,
-            ivgen_hash: None,
-        },
-        PeerCase {
             cipher: "twofish-256,cipher-mode=cbc,ivgen-alg=essiv,ivgen-hash-alg=sha256",
             key_bits: 256,
             hash: "ripemd160",
@@ -436,15 +419,6 @@ pub(crate) mod tests {
             mode: CipherMode::Cbc,
             ivgen: IvGenAlg::Essiv,
             ivgen_hash: Some(HashAlg::Sha256),
-        },
-        PeerCase {
-            cipher: "cast5-128,cipher-mode=cbc,ivgen-alg=plain64",
-            key_bits: 128,
-            hash: "sha384",
-            alg: CipherAlg::Cast5_128,
-            mode: CipherMode::Cbc,
-            ivgen: IvGenAlg::Plain64,
-            ivgen_hash: None,
         },
         PeerCase {
             cipher: "cast5-128,cipher-mode=ctr,ivgen-alg=plain",

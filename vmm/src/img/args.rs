@@ -63,13 +63,7 @@ impl Args {
                 };
                 match name {
                     "object" => a.objects.push(value(&mut q)?),
-                    "output" => a.json = match value(&mut q)?.as_str() {
-                        "json" => true,
-                        "human" => false,
-                        other => return Err(ArgError(format!(
-                            "--output must be used with human or json as argument, not '{other}'"
-                        ))),
-                    },
+                    "output" => a.json = output_is_json(&value(&mut q)?)?,
                     "image-opts" => a.image_opts = true,
                     "target-image-opts" => a.target_image_opts = true,
                     "force-share" => {}
@@ -79,8 +73,7 @@ impl Args {
                 continue;
             }
             if arg.len() > 1 && arg.starts_with('-') {
-                let mut chars = arg[1..].char_indices();
-                while let Some((i, c)) = chars.next() {
+                for (i, c) in arg[1..].char_indices() {
                     if valued.contains(c) {
                         let rest = &arg[1 + i + c.len_utf8()..];
                         let v = if rest.is_empty() {
@@ -122,6 +115,17 @@ impl Args {
     /// The `-o` options as one keyval string.
     pub fn joined_options(&self) -> String {
         self.options.join(",")
+    }
+}
+
+/// `--output=json|human`.
+fn output_is_json(value: &str) -> Result<bool, ArgError> {
+    match value {
+        "json" => Ok(true),
+        "human" => Ok(false),
+        other => Err(ArgError(format!(
+            "--output must be used with human or json as argument, not '{other}'"
+        ))),
     }
 }
 

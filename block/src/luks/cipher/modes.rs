@@ -4,6 +4,7 @@
 use cipher::generic_array::{ArrayLength, GenericArray};
 use cipher::inout::InOutBuf;
 use cipher::{Block, BlockDecrypt, BlockEncrypt, BlockSizeUser, Unsigned};
+use zeroize::Zeroize;
 
 use super::ivgen::IvGen;
 use super::{check_len, sector_number, SectorCipher, SECTOR_SIZE};
@@ -22,14 +23,21 @@ pub(super) fn xor_in_place(dst: &mut [u8], src: &[u8]) {
     }
 }
 
-/// Adds one to `block` read as a big-endian number, wrapping around.
-fn increment_be(block: &mut [u8]) {
-    for byte in block.iter_mut().rev() {
-        let (v, carry) = byte.overflowing_add(1);
-        *byte = v;
-        if !carry {
-            break;
+/// Fills `out` with the consecutive counter blocks `iv`, `iv + 1`, ...
+/// (`iv.len()`-byte big-endian numbers, wrapping around; 8 or 16 bytes).
+fn fill_counters(iv: &[u8], out: &mut [u8]) {
+    if let Ok(bytes) = <[u8; 16]>::try_from(iv) {
+        let start = u128::from_be_bytes(bytes);
+        for (i, chunk) in (0u128..).zip(out.chunks_exact_mut(16)) {
+            chunk.copy_from_slice(&start.wrapping_add(i).to_be_bytes());
         }
+    } else if let Ok(bytes) = <[u8; 8]>::try_from(iv) {
+        let start = u64::from_be_bytes(bytes);
+        for (i, chunk) in (0u64..).zip(out.chunks_exact_mut(8)) {
+            chunk.copy_from_slice(&start.wrapping_add(i).to_be_bytes());
+        }
+    } else {
+        unreachable!("block ciphers here have 8 or 16-byte blocks");
     }
 }
 
@@ -120,20 +128,19 @@ impl<C> Ctr<C> {
 impl<C: BlockEncrypt + BlockSizeUser + Send + Sync> Ctr<C> {
     fn apply(&self, first_sector: u64, buf: &mut [u8]) {
         check_len(buf);
-        let bs = C::BlockSize::USIZE;
         let mut counter = Block::<C>::default();
         let mut keystream = [0u8; SECTOR_SIZE];
         for (i, sector) in buf.chunks_exact_mut(SECTOR_SIZE).enumerate() {
             let n = sector_number(first_sector, i);
             self.ivgen.generate(n, &mut counter);
-            for chunk in keystream.chunks_exact_mut(bs) {
-                chunk.copy_from_slice(&counter);
-                increment_be(&mut counter);
-            }
+            fill_counters(&counter, &mut keystream);
             self.cipher
                 .encrypt_blocks(as_blocks::<C::BlockSize>(&mut keystream));
             xor_in_place(sector, &keystream);
         }
+        // The keystream would decrypt what was just processed (e.g. a key
+        // slot's key material): leave none of it on the stack.
+        keystream.zeroize();
     }
 }
 
@@ -152,13 +159,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn increment_wraps_and_carries() {
-        let mut b = [0, 0, 0xff, 0xff];
-        increment_be(&mut b);
-        assert_eq!(b, [0, 1, 0, 0]);
-        let mut b = [0xff; 4];
-        increment_be(&mut b);
-        assert_eq!(b, [0; 4]);
+    fn counters_carry_and_wrap() {
+        let mut out = [0u8; 48];
+        let mut iv = [0u8; 16];
+        iv[14..].copy_from_slice(&[0xff, 0xff]);
+        fill_counters(&iv, &mut out);
+        assert_eq!(&out[14..16], &[0xff, 0xff]);
+        assert_eq!(&out[29..32], &[1, 0, 0]);
+        assert_eq!(&out[45..48], &[1, 0, 1]);
+        let mut out = [0u8; 16];
+        fill_counters(&[0xff; 8], &mut out);
+        assert_eq!(out[..8], [0xff; 8]);
+        assert_eq!(out[8..], [0; 8]);
     }
 
     #[test]

@@ -102,7 +102,7 @@ fn from_luks_parses_header_strings() {
     // cryptsetup's bare "ecb", and QEMU's "ecb-<ivgen>".
     let s = CipherSpec::from_luks("aes", "ecb", "sha1", 16).unwrap();
     assert_eq!(s.mode, CipherMode::Ecb);
-    assert_eq!(s.luks_mode_string(), "ecb");
+    assert_eq!(s.luks_mode_string(), "ecb-plain64");
     let s = CipherSpec::from_luks("cast5", "ecb-plain64", "sha1", 16).unwrap();
     assert_eq!((s.alg, s.mode), (CipherAlg::Cast5_128, CipherMode::Ecb));
 
