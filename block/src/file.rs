@@ -96,6 +96,28 @@ impl FileNode {
                 && (ptr as usize).is_multiple_of(DIRECT_ALIGN))
     }
 
+    /// Reads the aligned blocks covering `len` bytes at `offset` into an
+    /// aligned bounce buffer (zeros past the end of the file).
+    fn read_direct_window(&self, offset: u64, len: usize) -> Result<DirectWindow> {
+        let start = offset - offset % DIRECT_ALIGN as u64;
+        let head = (offset - start) as usize;
+        let span = (head + len).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+        let mut buf = vec![0u8; span + DIRECT_ALIGN];
+        let at = buf.as_ptr().align_offset(DIRECT_ALIGN);
+        let window = &mut buf[at..at + span];
+        let valid =
+            read_up_to(&self.file, window, start).map_err(|e| self.io_err("reading", offset, e))?;
+        window[valid..].fill(0);
+        Ok(DirectWindow {
+            buf,
+            at,
+            start,
+            head,
+            span,
+            valid,
+        })
+    }
+
     fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> std::io::Result<()> {
         let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
             return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
@@ -123,11 +145,25 @@ fn device_size(file: &File) -> std::io::Result<u64> {
     f.seek(SeekFrom::End(0))
 }
 
-/// A heap buffer with an aligned window, for O_DIRECT bounce I/O.
-fn aligned_buffer(len: usize) -> (Vec<u8>, usize) {
-    let buf = vec![0u8; len + DIRECT_ALIGN];
-    let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
-    (buf, start)
+/// Aligned blocks read for an unaligned O_DIRECT request.
+struct DirectWindow {
+    buf: Vec<u8>,
+    /// Where the aligned window starts in `buf`.
+    at: usize,
+    /// File offset of the window.
+    start: u64,
+    /// Offset of the request within the window.
+    head: usize,
+    /// Window length (whole blocks).
+    span: usize,
+    /// Bytes that were in the file.
+    valid: usize,
+}
+
+impl DirectWindow {
+    fn window(&mut self) -> &mut [u8] {
+        &mut self.buf[self.at..self.at + self.span]
+    }
 }
 
 impl BlockNode for FileNode {
@@ -152,15 +188,9 @@ impl BlockNode for FileNode {
             buf[n..].fill(0);
             return Ok(());
         }
-        let start = offset - offset % DIRECT_ALIGN as u64;
-        let head = (offset - start) as usize;
-        let span = (head + buf.len()).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
-        let (mut bounce, at) = aligned_buffer(span);
-        let window = &mut bounce[at..at + span];
-        let n =
-            read_up_to(&self.file, window, start).map_err(|e| self.io_err("reading", offset, e))?;
-        window[n..].fill(0);
-        buf.copy_from_slice(&window[head..head + buf.len()]);
+        let mut b = self.read_direct_window(offset, buf.len())?;
+        let head = b.head;
+        buf.copy_from_slice(&b.window()[head..head + buf.len()]);
         Ok(())
     }
 
@@ -176,21 +206,18 @@ impl BlockNode for FileNode {
                 .map_err(|e| self.io_err("writing", offset, e));
         }
         // O_DIRECT with an unaligned request: read-modify-write whole blocks.
-        let start = offset - offset % DIRECT_ALIGN as u64;
-        let head = (offset - start) as usize;
-        let span = (head + buf.len()).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
-        let (mut bounce, at) = aligned_buffer(span);
-        let window = &mut bounce[at..at + span];
-        let n =
-            read_up_to(&self.file, window, start).map_err(|e| self.io_err("reading", offset, e))?;
+        let mut b = self.read_direct_window(offset, buf.len())?;
+        let (start, head, span) = (b.start, b.head, b.span);
+        let window = b.window();
         window[head..head + buf.len()].copy_from_slice(buf);
         // The file's tail may not be block aligned: write only what exists.
-        let valid = n.max(head + buf.len());
+        let valid = b.valid.max(head + buf.len());
         let write_len = if valid == span {
             span
         } else {
             valid.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN
         };
+        let window = b.window();
         self.file
             .write_all_at(&window[..write_len], start)
             .map_err(|e| self.io_err("writing", offset, e))?;

@@ -7,7 +7,7 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 use serde_json::{json, Value};
 
-use super::{new_sector_cipher, unlock, LuksError, LuksHeader, SectorCipher};
+use super::{new_sector_cipher, unlock, IvGenAlg, LuksError, LuksHeader, SectorCipher};
 use crate::blockdev::OpenContext;
 use crate::node::{check_range, write_zeroes_by_writing, BlockNode, NodeRef};
 use crate::options::Opts;
@@ -128,6 +128,16 @@ impl LuksNode {
         self.decrypt(offset / SECTOR_SIZE, buf)
     }
 
+    /// Reads and decrypts the whole sectors covering `len` bytes at
+    /// `offset`; returns them and where `offset` falls in them.
+    fn read_covering(&self, offset: u64, len: usize) -> Result<(Vec<u8>, usize)> {
+        let start = offset - offset % SECTOR_SIZE;
+        let end = (offset + len as u64).next_multiple_of(SECTOR_SIZE);
+        let mut covering = vec![0u8; (end - start) as usize];
+        self.read_sectors(start, &mut covering)?;
+        Ok((covering, (offset - start) as usize))
+    }
+
     /// Encrypts a copy of whole sectors and writes it at an aligned offset.
     fn write_sectors(&self, offset: u64, data: &[u8]) -> Result<()> {
         BOUNCE.with(|bounce| {
@@ -142,6 +152,11 @@ impl LuksNode {
             result
         })
     }
+}
+
+/// Whether a request covers whole sectors only (empty requests do).
+fn is_sector_aligned(offset: u64, len: usize) -> bool {
+    offset.is_multiple_of(SECTOR_SIZE) && (len as u64).is_multiple_of(SECTOR_SIZE)
 }
 
 /// Runs `f` over sector-aligned chunks of `buf`, on several threads when it is large.
@@ -171,18 +186,11 @@ impl BlockNode for LuksNode {
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         check_range("luks", self.size, offset, buf.len() as u64)?;
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let start = offset - offset % SECTOR_SIZE;
-        let end = (offset + buf.len() as u64).next_multiple_of(SECTOR_SIZE);
-        if start == offset && end == offset + buf.len() as u64 {
+        if is_sector_aligned(offset, buf.len()) {
             return self.read_sectors(offset, buf);
         }
-        let mut tmp = vec![0u8; (end - start) as usize];
-        self.read_sectors(start, &mut tmp)?;
-        let head = (offset - start) as usize;
-        buf.copy_from_slice(&tmp[head..head + buf.len()]);
+        let (covering, head) = self.read_covering(offset, buf.len())?;
+        buf.copy_from_slice(&covering[head..head + buf.len()]);
         Ok(())
     }
 
@@ -191,20 +199,13 @@ impl BlockNode for LuksNode {
             return Err(BlockError::ReadOnly("luks".into()));
         }
         check_range("luks", self.size, offset, buf.len() as u64)?;
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let start = offset - offset % SECTOR_SIZE;
-        let end = (offset + buf.len() as u64).next_multiple_of(SECTOR_SIZE);
-        if start == offset && end == offset + buf.len() as u64 {
+        if is_sector_aligned(offset, buf.len()) {
             return self.write_sectors(offset, buf);
         }
         // Partial sectors: read-modify-write the covering sectors.
-        let mut tmp = vec![0u8; (end - start) as usize];
-        self.read_sectors(start, &mut tmp)?;
-        let head = (offset - start) as usize;
-        tmp[head..head + buf.len()].copy_from_slice(buf);
-        self.write_sectors(start, &tmp)
+        let (mut covering, head) = self.read_covering(offset, buf.len())?;
+        covering[head..head + buf.len()].copy_from_slice(buf);
+        self.write_sectors(offset - head as u64, &covering)
     }
 
     fn flush(&self) -> Result<()> {
@@ -242,7 +243,8 @@ impl BlockNode for LuksNode {
         data.insert("hash-alg".into(), json!(h.spec.hash.name()));
         data.insert("cipher-alg".into(), json!(h.spec.alg.name()));
         data.insert("uuid".into(), json!(h.uuid));
-        if let Some(ivhash) = h.spec.ivgen_hash {
+        // As QEMU: the IV hash is shown for ESSIV only (dm-crypt ignores it otherwise).
+        if let (IvGenAlg::Essiv, Some(ivhash)) = (h.spec.ivgen, h.spec.ivgen_hash) {
             data.insert("ivgen-hash-alg".into(), json!(ivhash.name()));
         }
         data.insert("cipher-mode".into(), json!(h.spec.mode.name()));
