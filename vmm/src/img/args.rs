@@ -35,6 +35,13 @@ pub struct Args {
     pub no_create: bool,
     /// `-s`: strict compare.
     pub strict: bool,
+    /// Long options with a value that only one sub-command knows
+    /// (`--pattern`, `--flush-interval`), as given.
+    pub extra: Vec<(String, String)>,
+    /// Other valued short options (`-c 100`), as given.
+    pub short: Vec<(char, String)>,
+    /// Other flags (`-w`), as given.
+    pub short_flags: Vec<char>,
     /// Positional arguments.
     pub positional: Vec<String>,
 }
@@ -68,6 +75,11 @@ impl Args {
                     "target-image-opts" => a.target_image_opts = true,
                     "force-share" => {}
                     "format" => a.format = Some(value(&mut q)?),
+                    "pattern" | "flush-interval" => {
+                        let v = value(&mut q)?;
+                        a.extra.push((name.to_string(), v));
+                    }
+                    "no-drain" => a.short_flags.push('D'),
                     _ => return Err(ArgError(format!("unrecognized option '--{name}'"))),
                 }
                 continue;
@@ -90,7 +102,7 @@ impl Args {
                             'o' => a.options.push(v),
                             // Cache modes and similar tuning values are accepted and validated by name only.
                             't' | 'T' => check_cache_mode(&v)?,
-                            _ => {}
+                            other => a.short.push((other, v)),
                         }
                         break;
                     }
@@ -102,7 +114,7 @@ impl Args {
                         'q' => a.quiet = true,
                         'n' => a.no_create = true,
                         's' => a.strict = true,
-                        _ => {}
+                        other => a.short_flags.push(other),
                     }
                 }
                 continue;
