@@ -31,10 +31,8 @@ pub fn run(argv: &[String]) -> Result<u8> {
             's' => bufsize = num()?,
             'o' => offset = num()?,
             'S' => step = Some(num()?),
-            'i' => {
-                if !["threads", "native", "io_uring"].contains(&v.as_str()) {
-                    return Err(ImgError::Msg(format!("Invalid aio option: {v}")));
-                }
+            'i' if !["threads", "native", "io_uring"].contains(&v.as_str()) => {
+                return Err(ImgError::Msg(format!("Invalid aio option: {v}")));
             }
             _ => {}
         }
@@ -110,7 +108,7 @@ pub fn run(argv: &[String]) -> Result<u8> {
                         let at = offset.wrapping_add(i.wrapping_mul(step)) % span;
                         if write {
                             node.write_at(at, &buf)?;
-                            if flush_interval > 0 && (i + 1) % flush_interval == 0 {
+                            if flush_interval > 0 && (i + 1).is_multiple_of(flush_interval) {
                                 node.flush()?;
                             }
                         } else {
