@@ -7,6 +7,7 @@ use crate::file::FileNode;
 use crate::luks::node::LuksNode;
 use crate::node::NodeRef;
 use crate::options::Opts;
+use crate::qcow2::{Backing, Qcow2Node};
 use crate::raw::RawNode;
 use crate::secret::SecretStore;
 use crate::{BlockError, Result};
@@ -91,7 +92,7 @@ pub trait ChildResolver {
 }
 
 /// The drivers `blockdev-add` knows.
-pub const DRIVERS: &[&str] = &["file", "raw", "luks"];
+pub const DRIVERS: &[&str] = &["file", "raw", "luks", "qcow2"];
 
 /// Opens a node of `driver` from its (remaining) options.
 pub fn open_driver(
@@ -118,6 +119,29 @@ pub fn open_driver(
             check_writable(o, "file", &file, common)?;
             let header = children.child(o, "header", common)?;
             std::sync::Arc::new(LuksNode::open(o, file, header, common.read_only, ctx)?)
+        }
+        "qcow2" => {
+            let file = required_child(o, "file")?;
+            check_writable(o, "file", &file, common)?;
+            // Absent: the backing file the image names; null: none; else that node.
+            let backing = match o.take("backing") {
+                None => Backing::Auto,
+                Some(serde_json::Value::Null) => Backing::Disabled,
+                Some(v) => {
+                    let mut map = serde_json::Map::new();
+                    map.insert("backing".into(), v);
+                    let mut sub = Opts::new(o.path(), map);
+                    let ro = Common {
+                        read_only: true,
+                        ..common.clone()
+                    };
+                    match children.child(&mut sub, "backing", &ro)? {
+                        Some(node) => Backing::Node(node),
+                        None => Backing::Disabled,
+                    }
+                }
+            };
+            std::sync::Arc::new(Qcow2Node::open(o, file, backing, common, ctx)?)
         }
         other => {
             return Err(o.error(

@@ -10,6 +10,7 @@ pub mod keyval;
 pub mod luks;
 pub mod node;
 pub mod options;
+pub mod qcow2;
 pub mod raw;
 pub mod secret;
 

@@ -36,7 +36,12 @@ pub trait BlockNode: Send + Sync {
     fn info(&self) -> Value {
         Value::Null
     }
-    /// Children by role (`file`, `header`, ...).
+    /// Extra top-level `ImageInfo` fields as qemu-img shows them
+    /// (`cluster-size`, `backing-filename`, `backing-filename-format`, ...).
+    fn image_info(&self) -> serde_json::Map<String, Value> {
+        serde_json::Map::new()
+    }
+    /// Children by role (`file`, `header`, `backing`, ...).
     fn children(&self) -> Vec<(&'static str, NodeRef)> {
         Vec::new()
     }

@@ -806,3 +806,312 @@ pub fn openssl_sha256(data: &[u8]) -> Vec<u8> {
     .ok();
     read(&output)
 }
+
+// ---------------------------------------------------------------------------------------
+// qcow2
+// ---------------------------------------------------------------------------------------
+
+/// Reads a big-endian `u32` at `at` (qcow2 header fields are big-endian).
+pub fn get_be32(buf: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(buf[at..at + 4].try_into().expect("4 bytes"))
+}
+
+/// Reads a big-endian `u64` at `at`.
+pub fn get_be64(buf: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(buf[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Writes a big-endian `u16` at `at`.
+pub fn put_be16(buf: &mut [u8], at: usize, v: u16) {
+    buf[at..at + 2].copy_from_slice(&v.to_be_bytes());
+}
+
+/// Writes a big-endian `u32` at `at`.
+pub fn put_be32(buf: &mut [u8], at: usize, v: u32) {
+    buf[at..at + 4].copy_from_slice(&v.to_be_bytes());
+}
+
+/// Writes a big-endian `u64` at `at`.
+pub fn put_be64(buf: &mut [u8], at: usize, v: u64) {
+    buf[at..at + 8].copy_from_slice(&v.to_be_bytes());
+}
+
+/// Byte offsets of the qcow2 header fields, from QEMU's `docs/interop/qcow2.txt`.
+pub mod qcow2_header {
+    /// "QFI\xfb".
+    pub const MAGIC: usize = 0;
+    /// 2 or 3 (u32).
+    pub const VERSION: usize = 4;
+    /// Offset of the backing file name (u64).
+    pub const BACKING_FILE_OFFSET: usize = 8;
+    /// Length of the backing file name (u32).
+    pub const BACKING_FILE_SIZE: usize = 16;
+    /// log2 of the cluster size (u32).
+    pub const CLUSTER_BITS: usize = 20;
+    /// Virtual size (u64).
+    pub const SIZE: usize = 24;
+    /// Entries of the active L1 table (u32).
+    pub const L1_SIZE: usize = 36;
+    /// Offset of the active L1 table (u64).
+    pub const L1_TABLE_OFFSET: usize = 40;
+    /// Offset of the refcount table (u64).
+    pub const REFCOUNT_TABLE_OFFSET: usize = 48;
+    /// Clusters of the refcount table (u32).
+    pub const REFCOUNT_TABLE_CLUSTERS: usize = 56;
+    /// Internal snapshots (u32).
+    pub const NB_SNAPSHOTS: usize = 60;
+    /// Offset of the snapshot table (u64).
+    pub const SNAPSHOTS_OFFSET: usize = 64;
+    /// Incompatible feature bits (u64, v3).
+    pub const INCOMPATIBLE_FEATURES: usize = 72;
+    /// Compatible feature bits (u64, v3).
+    pub const COMPATIBLE_FEATURES: usize = 80;
+    /// Autoclear feature bits (u64, v3).
+    pub const AUTOCLEAR_FEATURES: usize = 88;
+    /// log2 of the refcount width (u32, v3).
+    pub const REFCOUNT_ORDER: usize = 96;
+    /// Length of the header structure (u32, v3).
+    pub const HEADER_LENGTH: usize = 100;
+    /// Incompatible feature bit 0: refcounts may be stale (lazy refcounts).
+    pub const INCOMPAT_DIRTY: u64 = 1;
+    /// Incompatible feature bit 1: the image is marked corrupt.
+    pub const INCOMPAT_CORRUPT: u64 = 2;
+    /// L1/L2 entry flag: the cluster's refcount is exactly 1.
+    pub const OFLAG_COPIED: u64 = 1 << 63;
+    /// L2 entry flag: the cluster is compressed.
+    pub const OFLAG_COMPRESSED: u64 = 1 << 62;
+    /// L2 entry flag (v3): the cluster reads as zeros.
+    pub const OFLAG_ZERO: u64 = 1;
+    /// Host offset bits of a standard L1 or L2 entry.
+    pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+}
+
+/// The metadata locations of a qcow2 file, read from its header and L1 table.
+#[derive(Clone, Debug)]
+pub struct Qcow2Layout {
+    /// log2 of the cluster size.
+    pub cluster_bits: u32,
+    /// Virtual size.
+    pub size: u64,
+    /// Offset of the L1 table.
+    pub l1_offset: u64,
+    /// Entries of the L1 table.
+    pub l1_size: u32,
+    /// Offset of the refcount table.
+    pub refcount_table_offset: u64,
+    /// log2 of the refcount width in bits.
+    pub refcount_order: u32,
+}
+
+impl Qcow2Layout {
+    /// Parses the header of a qcow2 image held in `img`.
+    #[track_caller]
+    pub fn parse(img: &[u8]) -> Self {
+        use qcow2_header as h;
+        assert_eq!(&img[..4], b"QFI\xfb", "not a qcow2 image");
+        let version = get_be32(img, h::VERSION);
+        Qcow2Layout {
+            cluster_bits: get_be32(img, h::CLUSTER_BITS),
+            size: get_be64(img, h::SIZE),
+            l1_offset: get_be64(img, h::L1_TABLE_OFFSET),
+            l1_size: get_be32(img, h::L1_SIZE),
+            refcount_table_offset: get_be64(img, h::REFCOUNT_TABLE_OFFSET),
+            refcount_order: if version >= 3 {
+                get_be32(img, h::REFCOUNT_ORDER)
+            } else {
+                4
+            },
+        }
+    }
+
+    /// The cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// The file offset of the L2 entry that maps guest offset `guest` (standard L2
+    /// entries of 8 bytes), or `None` when its L2 table is not allocated.
+    pub fn l2_entry_pos(&self, img: &[u8], guest: u64) -> Option<usize> {
+        use qcow2_header as h;
+        let per_l2 = self.cluster_size() / 8;
+        let cluster = guest >> self.cluster_bits;
+        let l1_index = cluster / per_l2;
+        let l1_entry = get_be64(img, (self.l1_offset + 8 * l1_index) as usize);
+        let l2 = l1_entry & h::OFFSET_MASK;
+        (l2 != 0).then(|| (l2 + 8 * (cluster % per_l2)) as usize)
+    }
+
+    /// The file offset of the refcount entry of host cluster `index`, for 16-bit
+    /// refcounts (QEMU's default).
+    #[track_caller]
+    pub fn refcount16_pos(&self, img: &[u8], index: u64) -> usize {
+        assert_eq!(self.refcount_order, 4, "16-bit refcounts expected");
+        let per_block = self.cluster_size() / 2;
+        let block = get_be64(
+            img,
+            (self.refcount_table_offset + 8 * (index / per_block)) as usize,
+        );
+        assert!(block != 0, "no refcount block for cluster {index}");
+        (block + 2 * (index % per_block)) as usize
+    }
+}
+
+/// One request as qemu-io runs it, which tests also apply to an in-memory model of the
+/// disk to know what it must read back.
+#[derive(Clone, Copy, Debug)]
+pub enum IoOp {
+    /// `write -P BYTE OFFSET LEN`.
+    Write(u8, u64, u64),
+    /// `write -z OFFSET LEN`: reads back as zeros.
+    Zero(u64, u64),
+    /// `discard OFFSET LEN`. Only whole clusters are discarded; the model treats them as
+    /// reading zeros, which holds for v3 images (zero flag over a backing file) and for
+    /// images without a backing file. Tests use cluster-aligned ranges.
+    Discard(u64, u64),
+}
+
+impl IoOp {
+    /// The qemu-io command.
+    pub fn command(&self) -> String {
+        match *self {
+            IoOp::Write(b, off, len) => format!("write -P {b:#04x} {off} {len}"),
+            IoOp::Zero(off, len) => format!("write -z {off} {len}"),
+            IoOp::Discard(off, len) => format!("discard {off} {len}"),
+        }
+    }
+
+    /// Applies the request to `model`.
+    pub fn apply(&self, model: &mut [u8]) {
+        match *self {
+            IoOp::Write(b, off, len) => model[off as usize..(off + len) as usize].fill(b),
+            IoOp::Zero(off, len) | IoOp::Discard(off, len) => {
+                model[off as usize..(off + len) as usize].fill(0)
+            }
+        }
+    }
+}
+
+/// `qemu-io -f FMT FILE -c CMD...` in `cwd`; asserts success and that no pattern check
+/// failed.
+#[track_caller]
+pub fn qemu_io_file(cwd: &Path, fmt: &str, file: &str, cmds: &[String]) -> Run {
+    let mut args = vec!["-f".to_string(), fmt.to_string(), file.to_string()];
+    for c in cmds {
+        args.push("-c".into());
+        args.push(c.clone());
+    }
+    let r = run("qemu-io", &args, Some(cwd)).ok();
+    assert!(
+        !r.stdout.contains("failed") && !r.stderr.contains("failed") && r.stderr.is_empty(),
+        "qemu-io reported a failure:\n{r}"
+    );
+    r
+}
+
+/// Runs `ops` through qemu-io on `file` and applies them to `model`.
+#[track_caller]
+pub fn qemu_io_ops(cwd: &Path, fmt: &str, file: &str, ops: &[IoOp], model: &mut [u8]) {
+    let cmds: Vec<String> = ops.iter().map(IoOp::command).collect();
+    qemu_io_file(cwd, fmt, file, &cmds);
+    for op in ops {
+        op.apply(model);
+    }
+}
+
+/// qemu-io `read -P` commands that check every run of equal bytes of at least
+/// `min_run` bytes in `model`.
+pub fn read_pattern_cmds(model: &[u8], min_run: usize) -> Vec<String> {
+    let mut cmds = Vec::new();
+    let mut start = 0;
+    while start < model.len() {
+        let b = model[start];
+        let end = model[start..]
+            .iter()
+            .position(|&x| x != b)
+            .map_or(model.len(), |n| start + n);
+        if end - start >= min_run {
+            cmds.push(format!("read -P {b:#04x} {start} {}", end - start));
+        }
+        start = end;
+    }
+    cmds
+}
+
+/// `qemu-img check --output=json [-f qcow2] FILE` in `cwd`: the exit status and the
+/// report.
+#[track_caller]
+pub fn qemu_img_check(cwd: &Path, file: &str) -> (Option<i32>, Value) {
+    let r = run(
+        "qemu-img",
+        ["check", "--output=json", "-f", "qcow2", file],
+        Some(cwd),
+    );
+    let v = r.json();
+    (r.status, v)
+}
+
+/// Asserts that `qemu-img check` finds no errors and no leaks in `file`.
+#[track_caller]
+pub fn assert_qemu_check_clean(cwd: &Path, file: &str) {
+    let r = run("qemu-img", ["check", "-f", "qcow2", file], Some(cwd));
+    assert!(
+        r.status == Some(0) && r.stdout.contains("No errors were found on the image."),
+        "qemu-img check finds problems in {file}:\n{r}"
+    );
+}
+
+/// `qemu-img compare` of two images in `cwd`; asserts they are identical.
+#[track_caller]
+pub fn assert_qemu_identical(cwd: &Path, fmt1: &str, file1: &str, fmt2: &str, file2: &str) {
+    let r = run(
+        "qemu-img",
+        ["compare", "-f", fmt1, "-F", fmt2, file1, file2],
+        Some(cwd),
+    );
+    assert_eq!(
+        r.status,
+        Some(0),
+        "qemu-img compare: {file1} and {file2} differ:\n{r}"
+    );
+}
+
+/// The QMP blockdev options of a qcow2 node over a file.
+pub fn qcow2_json(file: &Path) -> Value {
+    serde_json::json!({
+        "driver": "qcow2",
+        "file": { "driver": "file", "filename": file },
+    })
+}
+
+/// Runs `cryptvm ARGS...` in `cwd` killed after `limit`, with its address space capped
+/// at `max_address_space` bytes (`prlimit --as`) and no core file, so that a huge
+/// allocation or a loop shows as a failure rather than a stuck or swapping machine.
+/// Without `prlimit` only the time limit applies.
+#[track_caller]
+pub fn cryptvm_limited<I, S>(cwd: &Path, args: I, limit: Duration, max_address_space: u64) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut full: Vec<std::ffi::OsString> = vec![
+        "-s".into(),
+        "KILL".into(),
+        format!("{}", limit.as_secs().max(1)).into(),
+    ];
+    if have_tool("prlimit") {
+        full.extend([
+            "prlimit".into(),
+            format!("--as={max_address_space}").into(),
+            "--core=0".into(),
+            "--".into(),
+        ]);
+    }
+    full.push(CRYPTVM.into());
+    full.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+    let r = run("timeout", &full, Some(cwd));
+    assert!(
+        r.status != Some(137) && r.status != Some(124),
+        "cryptvm ran longer than {limit:?} and was killed:\n{r}"
+    );
+    r
+}

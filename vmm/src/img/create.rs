@@ -6,6 +6,7 @@ use std::path::Path;
 
 use block::luks::{create, CipherAlg, CipherMode, CipherSpec, CreateOptions, HashAlg, IvGenAlg};
 use block::options::{parse_size, Opts};
+use block::qcow2;
 use block::{keyval, BlockError, SecretStore};
 
 use super::image::load_objects;
@@ -55,9 +56,22 @@ pub fn run(argv: &[String]) -> Result<u8> {
             o.finish()?;
             create_luks(path, &opts, &key_secret, size, &secrets, &a, &options_text)?;
         }
+        "qcow2" => {
+            let mut opts = qcow2::CreateOptions::from_opts(&mut o)?;
+            o.finish()?;
+            // qemu-img's -b BACKING and -F BACKING_FMT.
+            if let Some((_, b)) = a.short.iter().find(|(c, _)| *c == 'b') {
+                opts.backing_file = Some(b.clone());
+            }
+            if let Some(f) = &a.format2 {
+                opts.backing_fmt = Some(f.clone());
+            }
+            announce(&a, &filename, &format, size.unwrap_or(0), &options_text);
+            qcow2::create(path, size, &opts)?;
+        }
         other => {
             return Err(ImgError::Msg(format!(
-                "Unknown file format '{other}' (supported: raw, luks)"
+                "Unknown file format '{other}' (supported: raw, luks, qcow2)"
             )))
         }
     }

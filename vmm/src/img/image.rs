@@ -147,6 +147,8 @@ fn probe(path: &Path) -> Result<&'static str> {
         .map_err(|e| ImgError::Msg(format!("Could not read '{}': {e}", path.display())))?;
     Ok(if n == 6 && magic == *b"LUKS\xba\xbe" {
         "luks"
+    } else if n >= 4 && magic[..4] == *b"QFI\xfb" {
+        "qcow2"
     } else {
         "raw"
     })

@@ -37,9 +37,11 @@ pub fn run(argv: &[String]) -> Result<u8> {
 
 /// `ImageInfo` of a node, shaped as qemu-img's JSON.
 fn node_info(node: &NodeRef) -> Value {
+    // As qemu-img info, which opens images without their backing chain.
     let children: Vec<Value> = node
         .children()
         .into_iter()
+        .filter(|(role, _)| *role != "backing")
         .map(|(role, child)| json!({"name": role, "info": node_info(&child)}))
         .collect();
     let mut m = Map::new();
@@ -61,6 +63,8 @@ fn node_info(node: &NodeRef) -> Value {
         m.insert("encrypted".into(), json!(true));
     }
     m.insert("dirty-flag".into(), json!(false));
+    // Driver fields (cluster-size, backing file, a set dirty flag) last, so they win.
+    m.extend(node.image_info());
     Value::Object(m)
 }
 
@@ -93,6 +97,23 @@ fn human_info(info: &Value, level: usize) -> String {
         }
         if info.get("encrypted") == Some(&json!(true)) {
             out += &format!("{pad}encrypted: yes\n");
+        }
+        if let Some(c) = info.get("cluster-size").and_then(Value::as_u64) {
+            out += &format!("{pad}cluster_size: {c}\n");
+        }
+        if let Some(b) = info.get("backing-filename").and_then(Value::as_str) {
+            let full = info
+                .get("full-backing-filename")
+                .and_then(Value::as_str)
+                .unwrap_or(b);
+            if full == b {
+                out += &format!("{pad}backing file: {b}\n");
+            } else {
+                out += &format!("{pad}backing file: {b} (actual path: {full})\n");
+            }
+        }
+        if let Some(f) = info.get("backing-filename-format").and_then(Value::as_str) {
+            out += &format!("{pad}backing file format: {f}\n");
         }
         if let Some(data) = info.get("format-specific").and_then(|s| s.get("data")) {
             out += &format!("{pad}Format specific information:\n");

@@ -2,6 +2,7 @@
 
 mod args;
 mod bench;
+mod check;
 mod compare;
 mod convert;
 mod create;
@@ -48,9 +49,7 @@ pub fn main(argv: &[String]) -> u8 {
         "convert" => convert::run(rest),
         "compare" => compare::run(rest),
         "bench" => bench::run(rest),
-        "check" => Err(ImgError::Msg(
-            "'check' needs the qcow2 driver, which this build lacks".into(),
-        )),
+        "check" => check::run(rest),
         other => Err(ImgError::Msg(format!("Command not found: {other}"))),
     };
     match result {

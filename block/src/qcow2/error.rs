@@ -1,0 +1,56 @@
+//! Errors of the qcow2 driver.
+
+use crate::BlockError;
+
+/// What is wrong with a qcow2 image or request.
+#[derive(Debug, thiserror::Error)]
+pub enum Qcow2Error {
+    /// The first bytes are not `QFI\xfb`.
+    #[error("Image is not in qcow2 format")]
+    BadMagic,
+    /// A feature or layout this driver does not handle.
+    #[error("{0}")]
+    Unsupported(String),
+    /// Metadata that contradicts itself or the file.
+    #[error("Image is corrupt: {0}")]
+    Corrupt(String),
+    /// A write to an image whose corrupt bit is set.
+    #[error(
+        "Image is corrupt (corrupt bit set): it was opened read-only; repair it with 'img check -r all'"
+    )]
+    CorruptReadOnly,
+    /// A compressed cluster that does not decompress.
+    #[error("compressed cluster at host offset {offset:#x} does not decompress: {msg}")]
+    Decompress {
+        /// Host offset of the compressed data.
+        offset: u64,
+        /// What went wrong.
+        msg: String,
+    },
+    /// An invalid creation option or size.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Qcow2Error {
+    /// A [`Qcow2Error::Corrupt`] with a formatted message.
+    pub fn corrupt(msg: impl Into<String>) -> Self {
+        Self::Corrupt(msg.into())
+    }
+}
+
+impl From<Qcow2Error> for BlockError {
+    fn from(e: Qcow2Error) -> Self {
+        let kind = match e {
+            Qcow2Error::Unsupported(_) => std::io::ErrorKind::Unsupported,
+            Qcow2Error::CorruptReadOnly => std::io::ErrorKind::PermissionDenied,
+            _ => std::io::ErrorKind::InvalidData,
+        };
+        BlockError::io("qcow2", std::io::Error::new(kind, e))
+    }
+}
+
+/// Shorthand for a corrupt-image [`BlockError`].
+pub(crate) fn corrupt(msg: impl Into<String>) -> BlockError {
+    Qcow2Error::corrupt(msg).into()
+}

@@ -1,0 +1,381 @@
+//! Guest I/O: mapping guest ranges to host clusters, reads (data, zeros,
+//! backing, compressed, subclusters), allocating writes with copy-on-write,
+//! and discard / write-zeroes by L2 entry changes.
+
+use super::compress::decompress;
+use super::error::{corrupt, Qcow2Error};
+use super::meta::{ClusterKind, Meta, OFLAG_COPIED, OFLAG_ZERO};
+use super::node::Qcow2Node;
+use crate::{BlockError, Result};
+
+/// Where a piece of a read comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Src {
+    Data(u64),
+    Zero,
+    Backing,
+    Compressed { offset: u64, size: u64, skip: u64 },
+}
+
+/// A piece of a request: `len` bytes at `pos` of the buffer.
+#[derive(Clone, Copy, Debug)]
+struct Extent {
+    pos: usize,
+    len: usize,
+    src: Src,
+}
+
+/// Largest run of clusters allocated by one step of a write.
+const MAX_RUN_BYTES: u64 = 32 << 20;
+
+impl Qcow2Node {
+    fn io_read_guard(&self) -> Result<std::sync::RwLockReadGuard<'_, ()>> {
+        self.io_lock
+            .read()
+            .map_err(|_| BlockError::Graph("qcow2: I/O lock poisoned".into()))
+    }
+
+    fn io_write_guard(&self) -> Result<std::sync::RwLockWriteGuard<'_, ()>> {
+        self.io_lock
+            .write()
+            .map_err(|_| BlockError::Graph("qcow2: I/O lock poisoned".into()))
+    }
+
+    /// Maps `[offset, offset+len)` to extents.
+    fn map_read(&self, m: &mut Meta, offset: u64, len: usize) -> Result<Vec<Extent>> {
+        let cs = self.cluster_size();
+        let mut out: Vec<Extent> = Vec::new();
+        let mut pos = 0usize;
+        while pos < len {
+            let g = offset + pos as u64;
+            let gc = g / cs;
+            let in_c = g % cs;
+            let (entry, bitmap) = m.l2_entry(gc)?;
+            let kind = m.classify(entry)?;
+            let (n, src) = if self.extl2 && !matches!(kind, ClusterKind::Compressed { .. }) {
+                let sc = cs / 32;
+                let i = in_c / sc;
+                let n = (sc - in_c % sc).min((len - pos) as u64);
+                let src = if bitmap & (1 << i) != 0 {
+                    match kind {
+                        ClusterKind::Normal(h) => Src::Data(h + in_c),
+                        _ => {
+                            return Err(corrupt(format!(
+                                "subcluster {i} of guest cluster {gc} is allocated but the cluster has no host offset"
+                            )))
+                        }
+                    }
+                } else if bitmap & (1 << (32 + i)) != 0 {
+                    Src::Zero
+                } else {
+                    Src::Backing
+                };
+                (n, src)
+            } else {
+                let n = (cs - in_c).min((len - pos) as u64);
+                let src = match kind {
+                    ClusterKind::Unallocated => Src::Backing,
+                    ClusterKind::ZeroPlain | ClusterKind::ZeroAlloc(_) => Src::Zero,
+                    ClusterKind::Normal(h) => Src::Data(h + in_c),
+                    ClusterKind::Compressed { offset, size } => Src::Compressed {
+                        offset,
+                        size,
+                        skip: in_c,
+                    },
+                };
+                (n, src)
+            };
+            let n = n as usize;
+            if let Some(last) = out.last_mut() {
+                let merge = match (last.src, src) {
+                    (Src::Data(a), Src::Data(b)) => a + last.len as u64 == b,
+                    (Src::Zero, Src::Zero) | (Src::Backing, Src::Backing) => true,
+                    _ => false,
+                };
+                if merge {
+                    last.len += n;
+                    pos += n;
+                    continue;
+                }
+            }
+            out.push(Extent { pos, len: n, src });
+            pos += n;
+        }
+        Ok(out)
+    }
+
+    /// Reads guest data from the backing node (zeros past its end).
+    fn read_backing(&self, guest: u64, buf: &mut [u8]) -> Result<()> {
+        let Some(b) = &self.backing else {
+            buf.fill(0);
+            return Ok(());
+        };
+        let bsize = b.size();
+        let avail = bsize.saturating_sub(guest).min(buf.len() as u64) as usize;
+        if avail > 0 {
+            b.read_at(guest, &mut buf[..avail])?;
+        }
+        buf[avail..].fill(0);
+        Ok(())
+    }
+
+    /// Decompresses the compressed cluster at host `offset`.
+    fn read_compressed(&self, offset: u64, size: u64) -> Result<Vec<u8>> {
+        let mut input = vec![0u8; size as usize];
+        self.storage.read_at(offset, &mut input)?;
+        let mut out = vec![0u8; self.cluster_size() as usize];
+        decompress(self.compression, &input, &mut out)
+            .map_err(|msg| BlockError::from(Qcow2Error::Decompress { offset, msg }))?;
+        Ok(out)
+    }
+
+    fn run_extents(&self, offset: u64, buf: &mut [u8], extents: &[Extent]) -> Result<()> {
+        for e in extents {
+            let part = &mut buf[e.pos..e.pos + e.len];
+            match e.src {
+                Src::Data(h) => self.storage.read_at(h, part)?,
+                Src::Zero => part.fill(0),
+                Src::Backing => self.read_backing(offset + e.pos as u64, part)?,
+                Src::Compressed { offset, size, skip } => {
+                    let c = self.read_compressed(offset, size)?;
+                    part.copy_from_slice(&c[skip as usize..skip as usize + e.len]);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads guest data.
+    pub(super) fn do_read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let _io = self.io_read_guard()?;
+        let extents = {
+            let mut m = self.lock_meta()?;
+            self.map_read(&mut m, offset, buf.len())?
+        };
+        self.run_extents(offset, buf, &extents)
+    }
+
+    /// Writes guest data: in place where clusters are allocated with
+    /// refcount one, else through allocation under the metadata lock.
+    pub(super) fn do_write(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let _io = self.io_read_guard()?;
+        let cs = self.cluster_size();
+        let mut direct: Vec<(u64, usize, usize)> = Vec::new();
+        {
+            let mut m = self.lock_meta()?;
+            let mut pos = 0usize;
+            while pos < buf.len() {
+                let g = offset + pos as u64;
+                let in_c = g % cs;
+                let n = ((cs - in_c) as usize).min(buf.len() - pos);
+                let (entry, _) = m.l2_entry(g / cs)?;
+                match m.classify(entry)? {
+                    ClusterKind::Normal(h) if entry & OFLAG_COPIED != 0 => {
+                        match direct.last_mut() {
+                            Some((dh, dp, dl))
+                                if *dh + *dl as u64 == h + in_c && *dp + *dl == pos =>
+                            {
+                                *dl += n
+                            }
+                            _ => direct.push((h + in_c, pos, n)),
+                        }
+                    }
+                    _ => return self.write_locked(&mut m, offset, buf),
+                }
+                pos += n;
+            }
+        }
+        for (h, p, n) in direct {
+            self.storage.write_at(h, &buf[p..p + n])?;
+        }
+        Ok(())
+    }
+
+    /// The current content of guest cluster `gc` (for copy-on-write).
+    fn old_cluster(&self, gc: u64, kind: ClusterKind) -> Result<Vec<u8>> {
+        let cs = self.cluster_size();
+        let mut c = vec![0u8; cs as usize];
+        match kind {
+            ClusterKind::Unallocated => self.read_backing(gc * cs, &mut c)?,
+            ClusterKind::ZeroPlain | ClusterKind::ZeroAlloc(_) => {}
+            ClusterKind::Normal(h) => self.storage.read_at(h, &mut c)?,
+            ClusterKind::Compressed { offset, size } => c = self.read_compressed(offset, size)?,
+        }
+        Ok(c)
+    }
+
+    /// Queues the refcount decrease of the host clusters an old L2 entry held.
+    fn release(&self, m: &mut Meta, kind: ClusterKind) {
+        match kind {
+            ClusterKind::Normal(h) | ClusterKind::ZeroAlloc(h) => m.queue_free(h, 1),
+            ClusterKind::Compressed { offset, size } => {
+                let cs = self.cluster_size();
+                let first = offset / cs;
+                let last = (offset + size - 1) / cs;
+                m.queue_free(first * cs, last - first + 1);
+            }
+            ClusterKind::Unallocated | ClusterKind::ZeroPlain => {}
+        }
+    }
+
+    /// Writes with the metadata lock held, allocating clusters as needed.
+    pub(super) fn write_locked(&self, m: &mut Meta, offset: u64, buf: &[u8]) -> Result<()> {
+        let cs = self.cluster_size();
+        let end = offset + buf.len() as u64;
+        let last_gc = (end - 1) / cs;
+        let max_run = (MAX_RUN_BYTES / cs).max(1);
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let g = offset + pos as u64;
+            let gc = g / cs;
+            let in_c = g % cs;
+            let (entry, _) = m.l2_entry(gc)?;
+            let kind = m.classify(entry)?;
+            if let ClusterKind::Normal(h) = kind {
+                if entry & OFLAG_COPIED != 0 {
+                    let n = ((cs - in_c) as usize).min(buf.len() - pos);
+                    self.storage.write_at(h + in_c, &buf[pos..pos + n])?;
+                    pos += n;
+                    continue;
+                }
+            }
+            // A run of clusters that all need new host clusters, in one L2 table.
+            let table_end = (gc / m.l2_entries + 1) * m.l2_entries;
+            let mut olds = vec![kind];
+            while gc + (olds.len() as u64) <= last_gc
+                && gc + (olds.len() as u64) < table_end
+                && (olds.len() as u64) < max_run
+            {
+                let (e, _) = m.l2_entry(gc + olds.len() as u64)?;
+                let k = m.classify(e)?;
+                if matches!(k, ClusterKind::Normal(_)) && e & OFLAG_COPIED != 0 {
+                    break;
+                }
+                olds.push(k);
+            }
+            let k = olds.len() as u64;
+            m.writable_l2((gc / m.l2_entries) as usize)?;
+            let host = m.alloc_clusters(k)?;
+            let run_start = gc * cs;
+            let run_end = (gc + k) * cs;
+            let wend = end.min(run_end);
+            let mut data = vec![0u8; (k * cs) as usize];
+            if g > run_start {
+                let old = self.old_cluster(gc, olds[0])?;
+                data[..in_c as usize].copy_from_slice(&old[..in_c as usize]);
+            }
+            if wend < run_end {
+                let lc = gc + k - 1;
+                let old = self.old_cluster(lc, olds[(k - 1) as usize])?;
+                let from = (wend - lc * cs) as usize;
+                let at = ((lc - gc) * cs) as usize;
+                data[at + from..at + cs as usize].copy_from_slice(&old[from..]);
+            }
+            let n = (wend - g) as usize;
+            data[(g - run_start) as usize..(wend - run_start) as usize]
+                .copy_from_slice(&buf[pos..pos + n]);
+            self.storage.write_at(host, &data)?;
+            m.data_written();
+            for (i, old) in olds.into_iter().enumerate() {
+                let i = i as u64;
+                m.set_l2_entry(gc + i, (host + i * cs) | OFLAG_COPIED)?;
+                self.release(m, old);
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Discard (`zeroes` false) or write-zeroes (`zeroes` true).
+    pub(super) fn do_discard(&self, offset: u64, len: u64, zeroes: bool) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let _io = self.io_write_guard()?;
+        let mut m = self.lock_meta()?;
+        let cs = self.cluster_size();
+        let end = offset + len;
+        // Whole clusters; the image's last cluster counts as whole when the
+        // range reaches the end of the image.
+        let first_full = offset.div_ceil(cs);
+        let end_full = if end == self.size {
+            end.div_ceil(cs)
+        } else {
+            end / cs
+        };
+        if first_full >= end_full {
+            if zeroes {
+                self.write_zero_bytes(&mut m, offset, len)?;
+            }
+            return Ok(());
+        }
+        if zeroes {
+            let head_end = (first_full * cs).min(end);
+            if head_end > offset {
+                self.write_zero_bytes(&mut m, offset, head_end - offset)?;
+            }
+            let tail_start = (end_full * cs).max(offset);
+            if end > tail_start {
+                self.write_zero_bytes(&mut m, tail_start, end - tail_start)?;
+            }
+        }
+        let v3 = self.version >= 3;
+        for gc in first_full..end_full {
+            let l1_idx = (gc / m.l2_entries) as usize;
+            let l1_empty =
+                m.l1.get(l1_idx)
+                    .is_none_or(|e| e & super::meta::OFFSET_MASK == 0);
+            if l1_empty && self.backing.is_none() {
+                continue;
+            }
+            let (entry, _) = m.l2_entry(gc)?;
+            let kind = m.classify(entry)?;
+            let allocated = !matches!(kind, ClusterKind::Unallocated | ClusterKind::ZeroPlain);
+            let new = if v3 {
+                if kind == ClusterKind::ZeroPlain
+                    || (kind == ClusterKind::Unallocated && self.backing.is_none())
+                {
+                    continue;
+                }
+                OFLAG_ZERO
+            } else if zeroes && self.backing.is_some() {
+                let n = cs.min(self.size - gc * cs);
+                self.write_zero_bytes(&mut m, gc * cs, n)?;
+                continue;
+            } else {
+                // Version 2 has no zero flag: unallocating would let the
+                // backing file show through, so discard keeps the data then.
+                if kind == ClusterKind::Unallocated || self.backing.is_some() {
+                    continue;
+                }
+                0
+            };
+            m.set_l2_entry(gc, new)?;
+            if allocated {
+                self.release(&mut m, kind);
+            }
+        }
+        if m.frees_due() {
+            m.apply_frees()?;
+        }
+        Ok(())
+    }
+
+    fn write_zero_bytes(&self, m: &mut Meta, offset: u64, len: u64) -> Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let zeros = vec![0u8; CHUNK.min(len) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = CHUNK.min(len - done);
+            self.write_locked(m, offset + done, &zeros[..n as usize])?;
+            done += n;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,27 @@
+//! The qcow2 format driver: versions 2 and 3, cluster sizes 512 B to 2 MiB,
+//! refcount widths 1 to 64 bits, backing files, compressed clusters (zlib
+//! and zstd, read), extended L2 entries (read), lazy refcounts, crash-safe
+//! allocation, image creation and `qemu-img check`-style checking.
+//!
+//! Follows QEMU's `docs/interop/qcow2.txt`.
+
+mod alloc;
+mod cache;
+pub mod check;
+mod compress;
+pub mod create;
+mod error;
+pub mod header;
+mod io;
+mod layout;
+mod meta;
+pub mod node;
+mod storage;
+#[cfg(test)]
+mod tests;
+
+pub use check::{check, CheckReport, Repair};
+pub use create::{create, CreateOptions, Preallocation};
+pub use error::Qcow2Error;
+pub use header::{CompressionType, Header};
+pub use node::{Backing, Qcow2Node, Qcow2Options};

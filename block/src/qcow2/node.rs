@@ -1,0 +1,604 @@
+//! The `qcow2` block driver node: opening (options, validation, backing
+//! file, dirty-image repair) and the `BlockNode` interface.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use serde_json::{json, Value};
+
+use super::check::{self, Repair};
+use super::error::Qcow2Error;
+use super::header::{CompressionType, Header, INCOMPAT_DIRTY, INCOMPAT_EXTL2};
+use super::layout::{check_features, check_layout, is_marked_corrupt};
+use super::meta::Meta;
+use super::storage::Storage;
+use crate::blockdev::{Common, OpenContext};
+use crate::node::{check_range, BlockNode, NodeRef};
+use crate::options::Opts;
+use crate::{BlockError, Result};
+
+/// QEMU's default upper bound of the L2 cache (32 MiB).
+pub const DEFAULT_L2_CACHE_MAX: u64 = 32 << 20;
+/// Least refcount cache, in clusters (QEMU's default).
+pub const MIN_REFCOUNT_CACHE_CLUSTERS: u64 = 4;
+/// Least L2 cache, in clusters.
+pub const MIN_L2_CACHE_CLUSTERS: u64 = 2;
+/// Longest backing chain opened automatically.
+const MAX_BACKING_DEPTH: u32 = 64;
+
+/// Which backing node a qcow2 node gets.
+pub enum Backing {
+    /// The one the image header names (opened read-only), or none.
+    Auto,
+    /// None, whatever the header says (`"backing": null`).
+    Disabled,
+    /// This node.
+    Node(NodeRef),
+}
+
+/// How to open an image (the driver options, typed).
+#[derive(Clone, Debug, Default)]
+pub struct Qcow2Options {
+    /// Refuse writes.
+    pub read_only: bool,
+    /// `lazy-refcounts`; default: the image's compatible bit.
+    pub lazy_refcounts: Option<bool>,
+    /// `cache-size` in bytes.
+    pub cache_size: Option<u64>,
+    /// `l2-cache-size` in bytes.
+    pub l2_cache_size: Option<u64>,
+    /// `refcount-cache-size` in bytes.
+    pub refcount_cache_size: Option<u64>,
+    /// Host path of the image file, so that it can grow and relative
+    /// backing names resolve against its folder.
+    pub host_path: Option<PathBuf>,
+    /// Folder for relative names when the host path is unknown.
+    pub base_dir: Option<PathBuf>,
+    /// Common options given to automatically opened backing files.
+    pub common: Common,
+}
+
+/// An open qcow2 image.
+pub struct Qcow2Node {
+    pub(super) meta: Mutex<Meta>,
+    /// Data I/O holds it shared; freeing clusters holds it exclusively.
+    pub(super) io_lock: RwLock<()>,
+    pub(super) storage: Arc<Storage>,
+    pub(super) backing: Option<NodeRef>,
+    pub(super) size: u64,
+    pub(super) cluster_bits: u32,
+    pub(super) read_only: bool,
+    pub(super) corrupt: bool,
+    pub(super) compression: CompressionType,
+    pub(super) extl2: bool,
+    pub(super) version: u32,
+    /// Autoclear bits cleared (first write done).
+    pub(super) prepared: AtomicBool,
+    info: Value,
+}
+
+/// Byte sizes of the L2 and refcount caches by QEMU's rules.
+fn cache_sizes(h: &Header, o: &Qcow2Options) -> std::result::Result<(u64, u64), Qcow2Error> {
+    let cs = h.cluster_size();
+    let entry = if h.incompatible & INCOMPAT_EXTL2 != 0 {
+        16
+    } else {
+        8
+    };
+    let max_l2 = (h.size.div_ceil(cs) * entry).next_multiple_of(cs);
+    let min_rc = MIN_REFCOUNT_CACHE_CLUSTERS * cs;
+    let (l2, rc) = match (o.cache_size, o.l2_cache_size, o.refcount_cache_size) {
+        (Some(_), Some(_), Some(_)) => return Err(Qcow2Error::Invalid(
+            "l2-cache-size, refcount-cache-size, and cache-size may not be set at the same time"
+                .into(),
+        )),
+        (Some(c), Some(l2), None) => {
+            if l2 > c {
+                return Err(Qcow2Error::Invalid(
+                    "l2-cache-size may not exceed cache-size".into(),
+                ));
+            }
+            (l2, c - l2)
+        }
+        (Some(c), None, Some(rc)) => {
+            if rc > c {
+                return Err(Qcow2Error::Invalid(
+                    "refcount-cache-size may not exceed cache-size".into(),
+                ));
+            }
+            (c - rc, rc)
+        }
+        (Some(c), None, None) => {
+            if c >= max_l2 + min_rc {
+                (max_l2, c - max_l2)
+            } else {
+                (c.saturating_sub(min_rc), min_rc)
+            }
+        }
+        (None, l2, rc) => (
+            l2.unwrap_or(max_l2.min(DEFAULT_L2_CACHE_MAX)),
+            rc.unwrap_or(min_rc),
+        ),
+    };
+    Ok((
+        (l2 / cs).max(MIN_L2_CACHE_CLUSTERS),
+        (rc / cs).max(MIN_REFCOUNT_CACHE_CLUSTERS),
+    ))
+}
+
+/// Reads and validates the header of the image in `storage`.
+pub(super) fn read_header(storage: &Storage) -> Result<Header> {
+    let len = storage.len();
+    let mut first = vec![0u8; len.min(512) as usize];
+    storage.read_at(0, &mut first)?;
+    let bits = Header::peek_cluster_bits(&first)?;
+    let mut buf = vec![0u8; len.min(1 << bits) as usize];
+    storage.read_at(0, &mut buf)?;
+    Ok(Header::parse(&buf)?)
+}
+
+impl Qcow2Node {
+    /// Opens a `qcow2` node from `blockdev-add` options.
+    pub fn open(
+        o: &mut Opts,
+        file: NodeRef,
+        backing: Backing,
+        common: &Common,
+        ctx: &OpenContext<'_>,
+    ) -> Result<Self> {
+        let lazy_refcounts = o.bool("lazy-refcounts")?;
+        let cache_size = o.u64("cache-size")?;
+        let l2_cache_size = o.u64("l2-cache-size")?;
+        let refcount_cache_size = o.u64("refcount-cache-size")?;
+        // Accepted for compatibility with QEMU; they tune nothing here.
+        o.u64("l2-cache-entry-size")?;
+        o.u64("cache-clean-interval")?;
+        for key in [
+            "pass-discard-request",
+            "pass-discard-snapshot",
+            "pass-discard-other",
+            "discard-no-unref",
+        ] {
+            o.bool(key)?;
+        }
+        o.take("overlap-check");
+        if o.take("data-file").is_some() {
+            return Err(o.error("data-file", "external data files are not supported"));
+        }
+        if o.take("encrypt").is_some() {
+            return Err(o.error(
+                "encrypt",
+                "qcow2 encryption is not supported; put a luks node over the qcow2 node",
+            ));
+        }
+        let host_path = host_path_of(&file, ctx.base_dir);
+        let opts = Qcow2Options {
+            read_only: common.read_only,
+            lazy_refcounts,
+            cache_size,
+            l2_cache_size,
+            refcount_cache_size,
+            host_path,
+            base_dir: ctx.base_dir.map(Path::to_path_buf),
+            common: common.clone(),
+        };
+        Self::open_image(file, backing, &opts).map_err(|e| match e {
+            BlockError::Io { what, source } if what == "qcow2" => {
+                BlockError::io(format!("{}: qcow2", o.path()), source)
+            }
+            other => other,
+        })
+    }
+
+    /// Opens the image in `file` with typed options.
+    pub fn open_image(file: NodeRef, backing: Backing, o: &Qcow2Options) -> Result<Self> {
+        Self::open_depth(file, backing, o, 0)
+    }
+
+    fn open_depth(file: NodeRef, backing: Backing, o: &Qcow2Options, depth: u32) -> Result<Self> {
+        let writable_req = !o.read_only;
+        let probe = Storage::new(file.clone(), None, false)?;
+        let header = read_header(&probe)?;
+        check_features(&header)?;
+        let storage = Arc::new(Storage::new(
+            file.clone(),
+            o.host_path.clone(),
+            writable_req && !file.read_only(),
+        )?);
+        check_layout(&header, storage.len())?;
+        let corrupt = is_marked_corrupt(&header);
+        let extl2 = header.incompatible & INCOMPAT_EXTL2 != 0;
+        if extl2 && writable_req {
+            return Err(Qcow2Error::Unsupported(
+                "writing images with extended L2 entries (subclusters) is not supported; open them read-only".into(),
+            )
+            .into());
+        }
+        let writable = writable_req && !corrupt && !file.read_only();
+        let compression = header.compression_type()?;
+        let (l2_entries, rc_entries) = cache_sizes(&header, o)?;
+        let lazy = o
+            .lazy_refcounts
+            .unwrap_or(header.compatible & super::header::COMPAT_LAZY_REFCOUNTS != 0);
+        if lazy && header.version < 3 {
+            return Err(Qcow2Error::Invalid(
+                "lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level"
+                    .into(),
+            )
+            .into());
+        }
+        let backing = match backing {
+            Backing::Disabled => None,
+            Backing::Node(n) => Some(n),
+            Backing::Auto => match &header.backing_file {
+                None => None,
+                Some(name) => Some(open_backing_file(
+                    name,
+                    header.backing_format().as_deref(),
+                    o,
+                    depth,
+                )?),
+            },
+        };
+        let version = header.version;
+        let size = header.size;
+        let cluster_bits = header.cluster_bits;
+        let dirty = header.incompatible & INCOMPAT_DIRTY != 0;
+        let mut meta = Meta::load(
+            storage.clone(),
+            header,
+            l2_entries as usize,
+            rc_entries as usize,
+            writable,
+            lazy,
+        )?;
+        if writable && dirty {
+            // Refcounts may be stale: rebuild them before any allocation.
+            let report = check::check_meta(&mut meta, Repair::All)?;
+            if report.corruptions > report.corruptions_fixed {
+                return Err(Qcow2Error::corrupt(format!(
+                    "repairing the refcounts of a dirty image left {} errors",
+                    report.corruptions - report.corruptions_fixed
+                ))
+                .into());
+            }
+            meta.flush_all()?;
+            let bits = meta.header.incompatible & !INCOMPAT_DIRTY;
+            meta.set_incompatible(bits)?;
+        }
+        let info = info_value(&meta.header, compression, corrupt);
+        let prepared = meta.prepared;
+        Ok(Self {
+            meta: Mutex::new(meta),
+            io_lock: RwLock::new(()),
+            storage,
+            backing,
+            size,
+            cluster_bits,
+            read_only: !writable,
+            corrupt,
+            compression,
+            extl2,
+            version,
+            prepared: AtomicBool::new(prepared),
+            info,
+        })
+    }
+
+    /// Opens the image at `path` (a `file` node under it, backing file from
+    /// the header), for tools and tests.
+    pub fn open_path(path: &Path, read_only: bool) -> Result<Self> {
+        let common = Common {
+            read_only,
+            ..Common::default()
+        };
+        let file = open_file_node(path, &common)?;
+        let o = Qcow2Options {
+            read_only,
+            host_path: Some(path.to_path_buf()),
+            common,
+            ..Qcow2Options::default()
+        };
+        Self::open_image(file, Backing::Auto, &o)
+    }
+
+    pub(super) fn lock_meta(&self) -> Result<MutexGuard<'_, Meta>> {
+        self.meta
+            .lock()
+            .map_err(|_| BlockError::Graph("qcow2: metadata lock poisoned by a panic".into()))
+    }
+
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// The backing node, if any.
+    pub fn backing(&self) -> Option<&NodeRef> {
+        self.backing.as_ref()
+    }
+
+    /// The header as currently on disk.
+    pub fn header(&self) -> Result<Header> {
+        Ok(self.lock_meta()?.header.clone())
+    }
+
+    /// Runs the consistency check on the open image (after writing back
+    /// cached metadata); repairs need a writable node.
+    pub fn check(&self, repair: Repair) -> Result<check::CheckReport> {
+        let _io = self
+            .io_lock
+            .write()
+            .map_err(|_| BlockError::Graph("qcow2: I/O lock poisoned".into()))?;
+        let mut m = self.lock_meta()?;
+        if m.writable {
+            m.flush_all()?;
+        } else if repair != Repair::None {
+            return Err(BlockError::ReadOnly("qcow2".into()));
+        }
+        let report = check::check_meta(&mut m, repair)?;
+        if m.writable {
+            m.flush_all()?;
+        }
+        Ok(report)
+    }
+
+    /// Writes back everything and clears the dirty bit (lazy refcounts).
+    pub fn close(&self) -> Result<()> {
+        let _io = self
+            .io_lock
+            .write()
+            .map_err(|_| BlockError::Graph("qcow2: I/O lock poisoned".into()))?;
+        let mut m = self.lock_meta()?;
+        m.flush_all()?;
+        m.mark_clean()
+    }
+}
+
+impl Drop for Qcow2Node {
+    fn drop(&mut self) {
+        if !self.read_only {
+            let _ = self.close();
+        }
+    }
+}
+
+/// The `format-specific` info `qemu-img info` shows for qcow2.
+fn info_value(h: &Header, compression: CompressionType, corrupt: bool) -> Value {
+    if h.version < 3 {
+        return json!({"type": "qcow2", "data": {
+            "compat": "0.10",
+            "compression-type": compression.name(),
+            "refcount-bits": h.refcount_bits(),
+        }});
+    }
+    json!({"type": "qcow2", "data": {
+        "compat": "1.1",
+        "compression-type": compression.name(),
+        "lazy-refcounts": h.compatible & super::header::COMPAT_LAZY_REFCOUNTS != 0,
+        "refcount-bits": h.refcount_bits(),
+        "corrupt": corrupt,
+        "extended-l2": h.incompatible & INCOMPAT_EXTL2 != 0,
+    }})
+}
+
+/// The host path of a `file` child.
+fn host_path_of(file: &NodeRef, base_dir: Option<&Path>) -> Option<PathBuf> {
+    if file.driver() != "file" {
+        return None;
+    }
+    let name = Path::new(file.filename()?);
+    Some(match base_dir {
+        Some(d) if name.is_relative() => d.join(name),
+        _ => name.to_path_buf(),
+    })
+}
+
+fn open_file_node(path: &Path, common: &Common) -> Result<NodeRef> {
+    let name = path.to_str().ok_or_else(|| {
+        BlockError::option("filename", format!("'{}' is not UTF-8", path.display()))
+    })?;
+    let mut fo = Opts::from_value("file", json!({ "filename": name }))?;
+    let node = crate::file::FileNode::open(&mut fo, common, None)?;
+    fo.finish()?;
+    Ok(Arc::new(node))
+}
+
+/// Opens the backing file named in a header, read-only, relative to the
+/// image's folder; the format comes from the header or is probed.
+fn open_backing_file(
+    name: &str,
+    format: Option<&str>,
+    parent: &Qcow2Options,
+    depth: u32,
+) -> Result<NodeRef> {
+    if depth >= MAX_BACKING_DEPTH {
+        return Err(Qcow2Error::Unsupported(format!(
+            "backing chain is deeper than {MAX_BACKING_DEPTH} images (a loop?)"
+        ))
+        .into());
+    }
+    if name.starts_with("json:") {
+        return Err(Qcow2Error::Unsupported(format!(
+            "backing file name '{name}' (json: names are not supported; give 'backing' explicitly)"
+        ))
+        .into());
+    }
+    let rel = Path::new(name);
+    let path = if rel.is_absolute() {
+        rel.to_path_buf()
+    } else {
+        match (&parent.host_path, &parent.base_dir) {
+            (Some(p), _) => p.parent().unwrap_or(Path::new(".")).join(rel),
+            (None, Some(d)) => d.join(rel),
+            (None, None) => rel.to_path_buf(),
+        }
+    };
+    let common = Common {
+        read_only: true,
+        auto_read_only: false,
+        ..parent.common.clone()
+    };
+    let file = open_file_node(&path, &common).map_err(|e| {
+        BlockError::Graph(format!(
+            "Could not open backing file '{}': {e}",
+            path.display()
+        ))
+    })?;
+    let format = match format {
+        Some(f) => f.to_string(),
+        None => probe_format(&file)?,
+    };
+    match format.as_str() {
+        "qcow2" => {
+            let o = Qcow2Options {
+                read_only: true,
+                lazy_refcounts: None,
+                host_path: Some(path.clone()),
+                common,
+                ..parent.clone()
+            };
+            let node = Qcow2Node::open_depth(file, Backing::Auto, &o, depth + 1).map_err(|e| {
+                BlockError::Graph(format!(
+                    "Could not open backing file '{}': {e}",
+                    path.display()
+                ))
+            })?;
+            Ok(Arc::new(node))
+        }
+        "raw" => {
+            let mut ro = Opts::from_value("backing", json!({}))?;
+            Ok(Arc::new(crate::raw::RawNode::open(&mut ro, file, true)?))
+        }
+        other => Err(Qcow2Error::Unsupported(format!(
+            "backing file '{}' has format '{other}', which cannot be opened automatically; give 'backing' explicitly",
+            path.display()
+        ))
+        .into()),
+    }
+}
+
+/// qcow2 if the magic says so, raw otherwise (luks is refused: it needs a key).
+fn probe_format(file: &NodeRef) -> Result<String> {
+    let mut magic = [0u8; 6];
+    let n = file.size().min(6) as usize;
+    file.read_at(0, &mut magic[..n])?;
+    Ok(if magic[..4] == super::header::MAGIC.to_be_bytes() {
+        "qcow2".into()
+    } else if magic == *b"LUKS\xba\xbe" {
+        "luks".into()
+    } else {
+        "raw".into()
+    })
+}
+
+impl BlockNode for Qcow2Node {
+    fn driver(&self) -> &'static str {
+        "qcow2"
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        check_range("qcow2", self.size, offset, buf.len() as u64)?;
+        self.do_read(offset, buf)
+    }
+
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.check_writable()?;
+        check_range("qcow2", self.size, offset, buf.len() as u64)?;
+        self.do_write(offset, buf)
+    }
+
+    fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let _io = self
+            .io_lock
+            .write()
+            .map_err(|_| BlockError::Graph("qcow2: I/O lock poisoned".into()))?;
+        self.lock_meta()?.flush_all()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        check_range("qcow2", self.size, offset, len)?;
+        self.do_discard(offset, len, false)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        check_range("qcow2", self.size, offset, len)?;
+        self.do_discard(offset, len, true)
+    }
+
+    fn info(&self) -> Value {
+        self.info.clone()
+    }
+
+    fn image_info(&self) -> serde_json::Map<String, Value> {
+        let mut m = serde_json::Map::new();
+        m.insert("cluster-size".into(), json!(self.cluster_size()));
+        if let Ok(meta) = self.lock_meta() {
+            let h = &meta.header;
+            if let Some(name) = &h.backing_file {
+                let full = if Path::new(name).is_absolute() {
+                    name.clone()
+                } else {
+                    let image = self.storage.child().filename().unwrap_or("");
+                    match Path::new(image).parent() {
+                        Some(d) if !d.as_os_str().is_empty() => {
+                            d.join(name).to_string_lossy().into_owned()
+                        }
+                        _ => name.clone(),
+                    }
+                };
+                if let Some(fmt) = h.backing_format() {
+                    m.insert("backing-filename-format".into(), json!(fmt));
+                }
+                m.insert("full-backing-filename".into(), json!(full));
+                m.insert("backing-filename".into(), json!(name));
+            }
+            if h.incompatible & INCOMPAT_DIRTY != 0 {
+                m.insert("dirty-flag".into(), json!(true));
+            }
+        }
+        m
+    }
+
+    fn children(&self) -> Vec<(&'static str, NodeRef)> {
+        let mut c = vec![("file", self.storage.child().clone())];
+        if let Some(b) = &self.backing {
+            c.push(("backing", b.clone()));
+        }
+        c
+    }
+
+    fn allocated_size(&self) -> Option<u64> {
+        self.storage.child().allocated_size()
+    }
+}
+
+impl Qcow2Node {
+    fn check_writable(&self) -> Result<()> {
+        if self.corrupt {
+            return Err(Qcow2Error::CorruptReadOnly.into());
+        }
+        if self.read_only {
+            return Err(BlockError::ReadOnly("qcow2".into()));
+        }
+        if !self.prepared.load(Ordering::Acquire) {
+            self.lock_meta()?.prepare_meta_change()?;
+            self.prepared.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+}

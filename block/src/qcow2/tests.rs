@@ -1,0 +1,848 @@
+//! Tests of the qcow2 driver, many against qemu-img / qemu-io (skipped with
+//! a note when those tools are missing).
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use super::*;
+use crate::node::BlockNode;
+
+fn have(tool: &str) -> bool {
+    let ok = Command::new(tool).arg("--version").output().is_ok();
+    if !ok {
+        eprintln!("{tool} not found: skipping the peer part of this test");
+    }
+    ok
+}
+
+fn run(tool: &str, args: &[&str]) -> std::process::Output {
+    let out = Command::new(tool).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{tool} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn qemu_img(args: &[&str]) -> String {
+    String::from_utf8_lossy(&run("qemu-img", args).stdout).into_owned()
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// The guest content of an image, as qemu-img converts it to raw.
+fn qemu_raw(image: &Path) -> Vec<u8> {
+    let out = image.with_extension("qemu.raw");
+    qemu_img(&["convert", "-O", "raw", p(image), p(&out)]);
+    let data = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    data
+}
+
+/// `qemu-img check` must pass without errors or leaks.
+fn assert_qemu_clean(image: &Path) {
+    let out = Command::new("qemu-img")
+        .args(["check", p(image)])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && text.contains("No errors were found"),
+        "qemu-img check {}: {text}",
+        image.display()
+    );
+}
+
+fn read_all(n: &dyn BlockNode) -> Vec<u8> {
+    let mut v = vec![0u8; n.size() as usize];
+    n.read_at(0, &mut v).unwrap();
+    v
+}
+
+/// Deterministic pseudo-random bytes.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn fill(&mut self, b: &mut [u8]) {
+        for x in b.iter_mut() {
+            *x = self.next() as u8;
+        }
+    }
+}
+
+fn opts(cluster: u64, v3: bool, refcount_bits: u32) -> CreateOptions {
+    CreateOptions {
+        cluster_size: cluster,
+        v3,
+        refcount_bits,
+        ..CreateOptions::default()
+    }
+}
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+/// Random writes, discards and write-zeroes against a reference, then
+/// read-back, `qemu-img check` and comparison with qemu's view.
+fn round_trip(dir: &Path, o: &CreateOptions, size: u64, ops: usize, seed: u64, backing: bool) {
+    let img = dir.join(format!(
+        "rt-{}-{}-{}.qcow2",
+        o.cluster_size, o.v3, o.refcount_bits
+    ));
+    let mut rng = Rng(seed);
+    let mut reference = vec![0u8; size as usize];
+    let mut o = o.clone();
+    if backing {
+        let b = dir.join("backing.raw");
+        rng.fill(&mut reference);
+        std::fs::write(&b, &reference).unwrap();
+        o.backing_file = Some("backing.raw".into());
+        o.backing_fmt = Some("raw".into());
+    }
+    create(&img, Some(size), &o).unwrap();
+    let cs = o.cluster_size;
+    {
+        let n = Qcow2Node::open_path(&img, false).unwrap();
+        for _ in 0..ops {
+            let off = rng.below(size);
+            let max = (size - off).min(4 * cs + 3000);
+            let len = 1 + rng.below(max);
+            let r = off as usize..(off + len) as usize;
+            match rng.below(8) {
+                0..=4 => {
+                    let mut d = vec![0u8; len as usize];
+                    rng.fill(&mut d);
+                    n.write_at(off, &d).unwrap();
+                    reference[r].copy_from_slice(&d);
+                }
+                5 => {
+                    n.write_zeroes(off, len).unwrap();
+                    reference[r].fill(0);
+                }
+                6 => {
+                    n.discard(off, len).unwrap();
+                    let mut got = vec![0u8; len as usize];
+                    n.read_at(off, &mut got).unwrap();
+                    for (i, (g, e)) in got.iter().zip(&reference[r.clone()]).enumerate() {
+                        assert!(
+                            g == e || *g == 0,
+                            "discarded byte {} changed",
+                            off as usize + i
+                        );
+                    }
+                    reference[r].copy_from_slice(&got);
+                }
+                _ => {
+                    let mut got = vec![0u8; len as usize];
+                    n.read_at(off, &mut got).unwrap();
+                    assert!(got == reference[r], "read at {off} len {len} differs");
+                }
+            }
+            if rng.below(40) == 0 {
+                n.flush().unwrap();
+            }
+        }
+        assert!(read_all(&n) == reference, "read-back differs");
+        n.flush().unwrap();
+        let report = n.check(Repair::None).unwrap();
+        assert!(report.is_clean(), "own check: {report:?}");
+    }
+    let n = Qcow2Node::open_path(&img, true).unwrap();
+    assert!(read_all(&n) == reference, "reopened image differs");
+    if have("qemu-img") {
+        assert_qemu_clean(&img);
+        assert!(qemu_raw(&img) == reference, "qemu reads differently");
+    }
+}
+
+#[test]
+fn round_trips_across_formats() {
+    let d = tmp();
+    round_trip(d.path(), &opts(65536, true, 16), 8 << 20, 150, 1, false);
+    round_trip(d.path(), &opts(65536, false, 16), 8 << 20, 150, 2, false);
+    round_trip(d.path(), &opts(512, true, 1), 1 << 20, 300, 3, false);
+    round_trip(d.path(), &opts(512, true, 64), 1 << 20, 300, 4, false);
+    round_trip(d.path(), &opts(512, false, 16), 1 << 20, 200, 5, false);
+    round_trip(d.path(), &opts(2 << 20, true, 16), 12 << 20, 40, 6, false);
+    round_trip(d.path(), &opts(2 << 20, false, 16), 12 << 20, 40, 7, false);
+}
+
+#[test]
+fn round_trips_over_backing_files() {
+    let d = tmp();
+    round_trip(d.path(), &opts(65536, true, 16), 4 << 20, 150, 11, true);
+    let d = tmp();
+    round_trip(d.path(), &opts(65536, false, 16), 4 << 20, 150, 12, true);
+    let d = tmp();
+    round_trip(d.path(), &opts(512, true, 64), 512 << 10, 200, 13, true);
+}
+
+/// Creates with qemu-img and with `create`, and compares the files byte for byte.
+fn same_as_qemu_create(dir: &Path, qemu_opts: &str, o: &CreateOptions, size: &str, bytes: u64) {
+    let theirs = dir.join("theirs.qcow2");
+    let ours = dir.join("ours.qcow2");
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if !qemu_opts.is_empty() {
+        args.extend(["-o", qemu_opts]);
+    }
+    args.extend([p(&theirs), size]);
+    qemu_img(&args);
+    create(&ours, Some(bytes), o).unwrap();
+    let (la, lb) = (
+        std::fs::metadata(&theirs).unwrap().len(),
+        std::fs::metadata(&ours).unwrap().len(),
+    );
+    assert_eq!(la, lb, "file sizes differ for '{qemu_opts}'");
+    let cmp = Command::new("cmp")
+        .args([p(&theirs), p(&ours)])
+        .output()
+        .unwrap();
+    assert!(
+        cmp.status.success(),
+        "'{qemu_opts}': {}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+    assert_qemu_clean(&ours);
+}
+
+#[test]
+fn create_matches_qemu_img() {
+    if !have("qemu-img") {
+        return;
+    }
+    let d = tmp();
+    let dir = d.path();
+    std::fs::write(dir.join("base.raw"), vec![0u8; 1 << 20]).unwrap();
+    let base = CreateOptions::default;
+    same_as_qemu_create(dir, "", &base(), "1G", 1 << 30);
+    same_as_qemu_create(dir, "compat=0.10", &opts(65536, false, 16), "1G", 1 << 30);
+    same_as_qemu_create(dir, "cluster_size=512", &opts(512, true, 16), "1G", 1 << 30);
+    same_as_qemu_create(
+        dir,
+        "cluster_size=2M",
+        &opts(2 << 20, true, 16),
+        "1G",
+        1 << 30,
+    );
+    same_as_qemu_create(dir, "refcount_bits=1", &opts(65536, true, 1), "1G", 1 << 30);
+    same_as_qemu_create(
+        dir,
+        "cluster_size=512,refcount_bits=64",
+        &opts(512, true, 64),
+        "1G",
+        1 << 30,
+    );
+    let lazy = CreateOptions {
+        lazy_refcounts: true,
+        ..base()
+    };
+    same_as_qemu_create(dir, "lazy_refcounts=on", &lazy, "1G", 1 << 30);
+    let zstd = CreateOptions {
+        compression_type: CompressionType::Zstd,
+        ..base()
+    };
+    same_as_qemu_create(dir, "compression_type=zstd", &zstd, "1G", 1 << 30);
+    let prealloc = CreateOptions {
+        preallocation: Preallocation::Metadata,
+        ..base()
+    };
+    same_as_qemu_create(dir, "preallocation=metadata", &prealloc, "600M", 600 << 20);
+    let prealloc512 = CreateOptions {
+        preallocation: Preallocation::Metadata,
+        ..opts(512, true, 16)
+    };
+    same_as_qemu_create(
+        dir,
+        "preallocation=metadata,cluster_size=512",
+        &prealloc512,
+        "20M",
+        20 << 20,
+    );
+    let backed = CreateOptions {
+        backing_file: Some("base.raw".into()),
+        backing_fmt: Some("raw".into()),
+        ..base()
+    };
+    same_as_qemu_create(
+        dir,
+        "backing_file=base.raw,backing_fmt=raw",
+        &backed,
+        "1M",
+        1 << 20,
+    );
+    let backed512 = CreateOptions {
+        backing_file: Some("base.raw".into()),
+        backing_fmt: Some("raw".into()),
+        ..opts(512, true, 16)
+    };
+    same_as_qemu_create(
+        dir,
+        "backing_file=base.raw,backing_fmt=raw,cluster_size=512",
+        &backed512,
+        "1M",
+        1 << 20,
+    );
+    let backed_v2 = CreateOptions {
+        backing_file: Some("base.raw".into()),
+        backing_fmt: Some("raw".into()),
+        ..opts(65536, false, 16)
+    };
+    same_as_qemu_create(
+        dir,
+        "backing_file=base.raw,backing_fmt=raw,compat=0.10",
+        &backed_v2,
+        "1M",
+        1 << 20,
+    );
+    // An odd size is rounded up to whole sectors, as qemu-img does.
+    same_as_qemu_create(dir, "", &base(), "1000", 1000);
+}
+
+fn qemu_io(image: &Path, fmt: &str, cmds: &[&str]) {
+    let mut args = vec!["-f", fmt];
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    args.push(p(image));
+    let out = run("qemu-io", &args);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("failed"), "qemu-io {cmds:?}: {text}");
+}
+
+#[test]
+fn reads_images_qemu_wrote() {
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let d = tmp();
+    let dir = d.path();
+    // Plain image with data, zero clusters and discards.
+    let img = dir.join("plain.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", p(&img), "8M"]);
+    qemu_io(
+        &img,
+        "qcow2",
+        &[
+            "write -P 0xab 1000 100k",
+            "write -P 0xcd 1M 192k",
+            "write -z 1088k 64k",
+            "discard 1152k 64k",
+            "write -P 0x11 8000k 192k",
+        ],
+    );
+    let n = Qcow2Node::open_path(&img, true).unwrap();
+    assert!(read_all(&n) == qemu_raw(&img));
+
+    // A chain of three over a qcow2 base, each layer writing part of the disk.
+    let base = dir.join("base.qcow2");
+    let mid = dir.join("mid.qcow2");
+    let top = dir.join("top.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", p(&base), "4M"]);
+    qemu_io(&base, "qcow2", &["write -P 1 0 4M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        p(&mid),
+    ]);
+    qemu_io(&mid, "qcow2", &["write -P 2 100k 1M", "write -z 2M 64k"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        p(&top),
+        "6M",
+    ]);
+    qemu_io(&top, "qcow2", &["write -P 3 900k 300k", "discard 3M 128k"]);
+    let expect = qemu_raw(&top);
+    {
+        let n = Qcow2Node::open_path(&top, false).unwrap();
+        assert_eq!(n.children().len(), 2);
+        assert!(read_all(&n) == expect, "chain of three reads differently");
+        // Writes over the chain: copy-on-write from the layers below.
+        n.write_at(65536 * 20 + 7, b"over the chain").unwrap();
+        n.write_zeroes(4 << 20, 70000).unwrap();
+    }
+    let mut expect = expect;
+    expect[65536 * 20 + 7..65536 * 20 + 21].copy_from_slice(b"over the chain");
+    expect[4 << 20..(4 << 20) + 70000].fill(0);
+    assert_qemu_clean(&top);
+    assert!(qemu_raw(&top) == expect);
+}
+
+#[test]
+fn reads_compressed_clusters() {
+    if !have("qemu-img") {
+        return;
+    }
+    let d = tmp();
+    let dir = d.path();
+    let src = dir.join("src.raw");
+    let mut data = vec![0u8; 3 << 20];
+    let mut rng = Rng(99);
+    for (i, chunk) in data.chunks_mut(4096).enumerate() {
+        match i % 4 {
+            0 => rng.fill(chunk),     // incompressible
+            1 => chunk.fill(i as u8), // compressible
+            2 => {}                   // zeros
+            _ => chunk.copy_from_slice(&[b"qcow2 compressed ".as_slice(); 241].concat()[..4096]),
+        }
+    }
+    std::fs::write(&src, &data).unwrap();
+    for (ctype, cluster) in [
+        ("zlib", "64k"),
+        ("zstd", "64k"),
+        ("zlib", "4k"),
+        ("zstd", "2M"),
+    ] {
+        let img = dir.join(format!("c-{ctype}-{cluster}.qcow2"));
+        let o = format!("compression_type={ctype},cluster_size={cluster}");
+        qemu_img(&["convert", "-c", "-O", "qcow2", "-o", &o, p(&src), p(&img)]);
+        {
+            let n = Qcow2Node::open_path(&img, false).unwrap();
+            assert_eq!(n.info()["data"]["compression-type"], ctype);
+            assert!(
+                read_all(&n) == data,
+                "{o}: compressed image reads differently"
+            );
+            // Partial writes into compressed clusters copy them first.
+            n.write_at(70000, b"partial").unwrap();
+            n.write_at(2 << 20, &[7u8; 5000]).unwrap();
+        }
+        let mut expect = data.clone();
+        expect[70000..70007].copy_from_slice(b"partial");
+        expect[2 << 20..(2 << 20) + 5000].fill(7);
+        assert_qemu_clean(&img);
+        assert!(qemu_raw(&img) == expect, "{o}: after writes");
+    }
+}
+
+/// Header bytes of a fresh default image, modified by `f`, must be refused
+/// with an error containing `want`, without changing the file.
+fn refused(dir: &Path, name: &str, want: &str, f: impl Fn(&mut Vec<u8>)) {
+    let img = dir.join(format!("{name}.qcow2"));
+    create(&img, Some(8 << 20), &CreateOptions::default()).unwrap();
+    let mut b = std::fs::read(&img).unwrap();
+    f(&mut b);
+    std::fs::write(&img, &b).unwrap();
+    for ro in [true, false] {
+        let err = match Qcow2Node::open_path(&img, ro) {
+            Ok(_) => panic!("{name}: hostile image was opened"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains(want), "{name}: '{err}' lacks '{want}'");
+        assert!(!err.contains('\n'), "{name}: multi-line error");
+    }
+    assert!(
+        std::fs::read(&img).unwrap() == b,
+        "{name}: file was written"
+    );
+}
+
+fn put32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+}
+
+fn put64(b: &mut [u8], at: usize, v: u64) {
+    b[at..at + 8].copy_from_slice(&v.to_be_bytes());
+}
+
+#[test]
+fn hostile_headers_are_refused() {
+    let d = tmp();
+    let dir = d.path();
+    refused(dir, "l1-billions", "L1 table too large", |b| {
+        put32(b, 36, 3_000_000_000)
+    });
+    refused(dir, "l1-past-eof", "beyond the end of the file", |b| {
+        put64(b, 40, 1 << 40)
+    });
+    refused(dir, "l1-in-header", "points into the header", |b| {
+        put64(b, 40, 0)
+    });
+    refused(dir, "l1-unaligned", "not aligned", |b| {
+        put64(b, 40, 0x30008)
+    });
+    refused(dir, "rt-overlaps-l1", "overlaps the L1 table", |b| {
+        put64(b, 48, 0x30000)
+    });
+    refused(dir, "rt-huge", "refcount table too large", |b| {
+        put32(b, 56, 0x7fff_ffff)
+    });
+    refused(dir, "cluster-bits-40", "cluster size", |b| put32(b, 20, 40));
+    refused(dir, "cluster-bits-8", "cluster size", |b| put32(b, 20, 8));
+    refused(dir, "snapshots", "too many snapshots", |b| {
+        put32(b, 60, 1 << 30)
+    });
+    refused(dir, "l1-too-small", "L1 table is too small", |b| {
+        put64(b, 24, 1 << 50)
+    });
+    refused(dir, "refcount-order", "refcount_order", |b| put32(b, 96, 7));
+    refused(dir, "header-length", "header length", |b| {
+        put32(b, 100, 100_000)
+    });
+    refused(dir, "version", "version", |b| put32(b, 4, 4));
+    refused(dir, "magic", "not in qcow2 format", |b| b[0] = b'X');
+    refused(dir, "encrypted", "encrypted", |b| put32(b, 32, 2));
+    refused(
+        dir,
+        "unknown-feature",
+        "Unknown incompatible feature: 20",
+        |b| put64(b, 72, 1 << 5),
+    );
+    // A feature name table that names the unknown bit: the name is shown.
+    refused(dir, "named-feature", "extended L2 entries", |b| {
+        // Entry 4 of the table (bit 4, "extended L2 entries") renamed to bit 9.
+        let entry = 0x70 + 8 + 4 * 48;
+        assert_eq!(&b[entry + 2..entry + 10], b"extended");
+        b[entry + 1] = 9;
+        put64(b, 72, 1 << 9);
+    });
+    refused(dir, "ext-too-long", "header extension", |b| {
+        put32(b, 0x74, 0x100000)
+    });
+    refused(dir, "backing-name", "backing file name", |b| {
+        put64(b, 8, 0x200);
+        put32(b, 16, 5000);
+    });
+}
+
+#[test]
+fn corrupt_compressed_cluster_is_an_io_error() {
+    if !have("qemu-img") {
+        return;
+    }
+    let d = tmp();
+    let src = d.path().join("src.raw");
+    std::fs::write(&src, vec![0x5au8; 1 << 20]).unwrap();
+    let img = d.path().join("c.qcow2");
+    qemu_img(&["convert", "-c", "-O", "qcow2", p(&src), p(&img)]);
+    let n = Qcow2Node::open_path(&img, true).unwrap();
+    let mut m = n.lock_meta().unwrap();
+    let (entry, _) = m.l2_entry(0).unwrap();
+    let ClusterKind::Compressed { offset, size } = m.classify(entry).unwrap() else {
+        panic!("not compressed");
+    };
+    drop(m);
+    drop(n);
+    let mut b = std::fs::read(&img).unwrap();
+    // Only the start: the last sector may hold the next cluster's data.
+    assert!(size > 16);
+    b[offset as usize..offset as usize + 16].fill(0xff);
+    std::fs::write(&img, &b).unwrap();
+    let n = Qcow2Node::open_path(&img, true).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let err = n.read_at(0, &mut buf).unwrap_err().to_string();
+    assert!(err.contains("does not decompress"), "{err}");
+    // Other clusters still read.
+    n.read_at(65536, &mut buf).unwrap();
+    assert!(buf.iter().all(|&x| x == 0x5a));
+}
+
+use super::meta::ClusterKind;
+
+#[test]
+fn corrupt_bit_means_read_only_and_autoclear_is_cleared() {
+    let d = tmp();
+    let img = d.path().join("x.qcow2");
+    create(&img, Some(1 << 20), &CreateOptions::default()).unwrap();
+    let mut b = std::fs::read(&img).unwrap();
+    put64(&mut b, 72, 1 << 1);
+    std::fs::write(&img, &b).unwrap();
+    let n = Qcow2Node::open_path(&img, false).unwrap();
+    assert!(n.read_only());
+    assert_eq!(n.info()["data"]["corrupt"], true);
+    let err = n.write_at(0, b"x").unwrap_err().to_string();
+    assert!(err.contains("corrupt"), "{err}");
+    drop(n);
+    assert!(std::fs::read(&img).unwrap() == b);
+
+    put64(&mut b, 72, 0);
+    put64(&mut b, 88, (1 << 0) | (1 << 7));
+    std::fs::write(&img, &b).unwrap();
+    let n = Qcow2Node::open_path(&img, false).unwrap();
+    assert_eq!(n.header().unwrap().autoclear, 1 | 1 << 7, "no write yet");
+    n.write_at(0, b"x").unwrap();
+    assert_eq!(n.header().unwrap().autoclear, 0);
+    drop(n);
+    assert_eq!(&std::fs::read(&img).unwrap()[88..96], &[0u8; 8]);
+}
+
+#[test]
+fn lazy_refcounts_dirty_image_is_repaired() {
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let d = tmp();
+    let img = d.path().join("lazy.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "lazy_refcounts=on",
+        p(&img),
+        "4M",
+    ]);
+    // qemu-io dies without closing the image: the dirty bit stays set.
+    let _ = Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x42 0 300k",
+            "-c",
+            "abort",
+            p(&img),
+        ])
+        .output()
+        .unwrap();
+    let h = std::fs::read(&img).unwrap();
+    assert_eq!(h[79] & 1, 1, "dirty bit not set by qemu-io");
+    let expect = {
+        let n = Qcow2Node::open_path(&img, true).unwrap();
+        let v = read_all(&n);
+        assert!(v[..300 << 10].iter().all(|&x| x == 0x42));
+        assert_eq!(n.image_info()["dirty-flag"], true);
+        v
+    };
+    {
+        let n = Qcow2Node::open_path(&img, false).unwrap();
+        assert!(read_all(&n) == expect);
+        n.write_at(1 << 20, b"after repair").unwrap();
+    }
+    assert_eq!(
+        std::fs::read(&img).unwrap()[79] & 1,
+        0,
+        "dirty bit left set"
+    );
+    assert_qemu_clean(&img);
+}
+
+#[test]
+fn extended_l2_images_read() {
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let d = tmp();
+    let dir = d.path();
+    let base = dir.join("b.qcow2");
+    let img = dir.join("e.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", p(&base), "2M"]);
+    qemu_io(&base, "qcow2", &["write -P 0x77 0 2M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on,cluster_size=64k",
+        "-b",
+        "b.qcow2",
+        "-F",
+        "qcow2",
+        p(&img),
+    ]);
+    qemu_io(
+        &img,
+        "qcow2",
+        &[
+            "write -P 0x12 2k 2k",
+            "write -z 6k 4k",
+            "write -P 0x34 100k 1k",
+            "discard 128k 64k",
+        ],
+    );
+    let n = Qcow2Node::open_path(&img, true).unwrap();
+    assert_eq!(n.info()["data"]["extended-l2"], true);
+    assert!(read_all(&n) == qemu_raw(&img));
+    drop(n);
+    let err = Qcow2Node::open_path(&img, false).err().unwrap().to_string();
+    assert!(err.contains("extended L2"), "{err}");
+}
+
+#[test]
+fn check_finds_and_repairs_leaks_and_corruptions() {
+    let d = tmp();
+    let img = d.path().join("k.qcow2");
+    create(&img, Some(4 << 20), &CreateOptions::default()).unwrap();
+    {
+        let n = Qcow2Node::open_path(&img, false).unwrap();
+        n.write_at(0, &[1u8; 200000]).unwrap();
+    }
+    let file = |rw: bool| -> crate::NodeRef {
+        let n = Qcow2Node::open_path(&img, !rw).unwrap();
+        let f = n.children()[0].1.clone();
+        drop(n);
+        f
+    };
+    let clean = check(file(false), Repair::None).unwrap();
+    assert!(clean.is_clean(), "{clean:?}");
+    assert_eq!(clean.allocated_clusters, 4);
+    assert_eq!(clean.total_clusters, 64);
+    // Refcount block at 0x20000 (16-bit entries): leak cluster 20, drop cluster 4 (an L2 table).
+    let mut b = std::fs::read(&img).unwrap();
+    b.resize(21 * 65536, 0);
+    b[0x20000 + 40..0x20000 + 42].copy_from_slice(&1u16.to_be_bytes());
+    b[0x20000 + 8..0x20000 + 10].copy_from_slice(&0u16.to_be_bytes());
+    std::fs::write(&img, &b).unwrap();
+    let r = check(file(false), Repair::None).unwrap();
+    assert_eq!((r.leaks, r.corruptions), (1, 2), "{r:?}"); // refcount 0 and its COPIED flag
+    assert!(r
+        .messages
+        .iter()
+        .any(|m| m == "Leaked cluster 20 refcount=1 reference=0"));
+    let r = check(file(true), Repair::Leaks).unwrap();
+    assert_eq!(r.leaks_fixed, 1);
+    let r = check(file(true), Repair::All).unwrap();
+    // The COPIED flag is checked against the repaired refcount (as QEMU does).
+    assert_eq!(
+        (r.leaks, r.corruptions, r.corruptions_fixed),
+        (0, 1, 1),
+        "{r:?}"
+    );
+    let r = check(file(false), Repair::None).unwrap();
+    assert!(r.is_clean(), "{r:?}");
+    if have("qemu-img") {
+        assert_qemu_clean(&img);
+    }
+}
+
+#[test]
+fn graph_options_and_backing_choices() {
+    use crate::blockdev::OpenContext;
+    use crate::{BlockGraph, SecretStore};
+    use serde_json::json;
+    let d = tmp();
+    let dir = d.path();
+    std::fs::write(dir.join("base.raw"), vec![9u8; 1 << 20]).unwrap();
+    let o = CreateOptions {
+        backing_file: Some("base.raw".into()),
+        backing_fmt: Some("raw".into()),
+        ..CreateOptions::default()
+    };
+    create(&dir.join("top.qcow2"), None, &o).unwrap();
+    let secrets = SecretStore::new();
+    let ctx = OpenContext {
+        secrets: &secrets,
+        base_dir: Some(dir),
+        no_io: false,
+        read_only: false,
+    };
+    let mut g = BlockGraph::new();
+    let file = json!({"driver": "file", "filename": "top.qcow2"});
+    g.add(
+        "b[0]",
+        json!({"node-name": "auto", "driver": "qcow2", "file": file, "read-only": true}),
+        &ctx,
+        false,
+    )
+    .unwrap();
+    let auto = g.get("auto").unwrap();
+    assert_eq!(auto.size(), 1 << 20);
+    let mut buf = [0u8; 4];
+    auto.read_at(100, &mut buf).unwrap();
+    assert_eq!(buf, [9; 4]);
+    assert_eq!(auto.image_info()["backing-filename-format"], "raw");
+    g.add(
+        "b[1]",
+        json!({"node-name": "none", "driver": "qcow2", "file": file, "backing": null,
+               "read-only": true, "l2-cache-size": "1M", "lazy-refcounts": false}),
+        &ctx,
+        false,
+    )
+    .unwrap();
+    g.get("none").unwrap().read_at(100, &mut buf).unwrap();
+    assert_eq!(buf, [0; 4]);
+    assert_eq!(g.get("none").unwrap().children().len(), 1);
+    g.add(
+        "b[2]",
+        json!({"node-name": "other", "driver": "qcow2", "file": file, "read-only": true,
+               "backing": {"driver": "raw", "file": {"driver": "file", "filename": "base.raw"}}}),
+        &ctx,
+        false,
+    )
+    .unwrap();
+    assert!(g.children_of("other").iter().any(|(r, _)| r == "backing"));
+    let err = g
+        .add(
+            "b[3]",
+            json!({"node-name": "bad", "driver": "qcow2", "file": file, "bogus": 1}),
+            &ctx,
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+    assert_eq!(err, "b[3].bogus: unknown option");
+    let info = auto.info();
+    assert_eq!(
+        info,
+        json!({"type":"qcow2","data":{"compat":"1.1","compression-type":"zlib",
+               "lazy-refcounts":false,"refcount-bits":16,"corrupt":false,"extended-l2":false}})
+    );
+}
+
+#[test]
+fn concurrent_writers_and_readers() {
+    let d = tmp();
+    let img = d.path().join("mt.qcow2");
+    create(&img, Some(16 << 20), &opts(4096, true, 16)).unwrap();
+    let n = Arc::new(Qcow2Node::open_path(&img, false).unwrap());
+    let threads: Vec<_> = (0..4u8)
+        .map(|t| {
+            let n = n.clone();
+            std::thread::spawn(move || {
+                let mut rng = Rng(t as u64 + 1);
+                for _ in 0..200 {
+                    // Each thread owns every fourth 64 KiB stripe.
+                    let stripe = rng.below(64) * 4 + t as u64;
+                    let off = stripe * 65536 + rng.below(60000);
+                    let len = 1 + rng.below(5000) as usize;
+                    n.write_at(off, &vec![t + 1; len]).unwrap();
+                    let mut back = vec![0u8; len];
+                    n.read_at(off, &mut back).unwrap();
+                    assert!(back.iter().all(|&x| x == t + 1));
+                    if rng.below(20) == 0 {
+                        n.discard(stripe * 65536, 65536).unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    n.flush().unwrap();
+    assert!(n.check(Repair::None).unwrap().is_clean());
+    drop(n);
+    if have("qemu-img") {
+        assert_qemu_clean(&img);
+    }
+}
