@@ -4,6 +4,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::blockdev::Common;
 use crate::node::{check_range, write_zeroes_by_writing, BlockNode};
@@ -18,7 +19,8 @@ const DIRECT_ALIGN: usize = 4096;
 pub struct FileNode {
     file: File,
     filename: String,
-    size: u64,
+    /// Current size; grows when a format driver writes past the end.
+    size: AtomicU64,
     read_only: bool,
     direct: bool,
     no_flush: bool,
@@ -77,7 +79,7 @@ impl FileNode {
         Ok(Self {
             file,
             filename,
-            size,
+            size: AtomicU64::new(size),
             read_only,
             direct: common.cache_direct,
             no_flush: common.cache_no_flush,
@@ -172,7 +174,7 @@ impl BlockNode for FileNode {
     }
 
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
     }
 
     fn read_only(&self) -> bool {
@@ -180,7 +182,7 @@ impl BlockNode for FileNode {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        check_range(&self.filename, self.size, offset, buf.len() as u64)?;
+        check_range(&self.filename, self.size(), offset, buf.len() as u64)?;
         if self.aligned(offset, buf.len(), buf.as_ptr()) {
             let n = read_up_to(&self.file, buf, offset)
                 .map_err(|e| self.io_err("reading", offset, e))?;
@@ -198,12 +200,23 @@ impl BlockNode for FileNode {
         if self.read_only {
             return Err(BlockError::ReadOnly(self.filename.clone()));
         }
-        check_range(&self.filename, self.size, offset, buf.len() as u64)?;
+        // Writing past the end grows the file, as QEMU's file protocol does
+        // for format drivers; nodes above check their own (fixed) sizes.
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&end| end <= i64::MAX as u64)
+            .ok_or_else(|| BlockError::OutOfRange {
+                node: self.filename.clone(),
+                offset,
+                len: buf.len() as u64,
+                size: self.size(),
+            })?;
         if self.aligned(offset, buf.len(), buf.as_ptr()) {
-            return self
-                .file
+            self.file
                 .write_all_at(buf, offset)
-                .map_err(|e| self.io_err("writing", offset, e));
+                .map_err(|e| self.io_err("writing", offset, e))?;
+            self.size.fetch_max(end, Ordering::AcqRel);
+            return Ok(());
         }
         // O_DIRECT with an unaligned request: read-modify-write whole blocks.
         let mut b = self.read_direct_window(offset, buf.len())?;
@@ -221,9 +234,11 @@ impl BlockNode for FileNode {
         self.file
             .write_all_at(&window[..write_len], start)
             .map_err(|e| self.io_err("writing", offset, e))?;
-        if start + write_len as u64 > self.size {
+        // Whole blocks may have gone past the requested end: cut back.
+        let size = self.size.fetch_max(end, Ordering::AcqRel).max(end);
+        if start + write_len as u64 > size {
             self.file
-                .set_len(self.size)
+                .set_len(size)
                 .map_err(|e| self.io_err("truncating", offset, e))?;
         }
         Ok(())
@@ -242,7 +257,7 @@ impl BlockNode for FileNode {
         if self.read_only {
             return Err(BlockError::ReadOnly(self.filename.clone()));
         }
-        check_range(&self.filename, self.size, offset, len)?;
+        check_range(&self.filename, self.size(), offset, len)?;
         if !self.unmap || len == 0 {
             return Ok(());
         }
@@ -259,7 +274,7 @@ impl BlockNode for FileNode {
         if self.read_only {
             return Err(BlockError::ReadOnly(self.filename.clone()));
         }
-        check_range(&self.filename, self.size, offset, len)?;
+        check_range(&self.filename, self.size(), offset, len)?;
         if len == 0 {
             return Ok(());
         }
@@ -281,6 +296,17 @@ impl BlockNode for FileNode {
             return Ok(());
         }
         write_zeroes_by_writing(self, offset, len)
+    }
+
+    fn resize(&self, size: u64) -> Result<()> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly(self.filename.clone()));
+        }
+        self.file.set_len(size).map_err(|e| {
+            BlockError::io(format!("resizing '{}' to {size} bytes", self.filename), e)
+        })?;
+        self.size.store(size, Ordering::Release);
+        Ok(())
     }
 
     fn filename(&self) -> Option<&str> {
@@ -378,6 +404,29 @@ mod tests {
         let raw = std::fs::read(&p).unwrap();
         assert_eq!(&raw[1000..10000], &data[..]);
         assert_eq!(&raw[3 * 4096 + 100..3 * 4096 + 104], b"tail");
+    }
+
+    #[test]
+    fn writes_past_the_end_grow_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        create_file(&p, 4096).unwrap();
+        let n = open(&p, json!({}), Common::default()).unwrap();
+        n.write_at(8192, b"grown").unwrap();
+        assert_eq!(n.size(), 8197);
+        let mut b = [1u8; 5];
+        n.read_at(4096, &mut b).unwrap();
+        assert_eq!(b, [0; 5]);
+        n.resize(16384).unwrap();
+        assert_eq!(
+            (n.size(), std::fs::metadata(&p).unwrap().len()),
+            (16384, 16384)
+        );
+        assert!(matches!(
+            n.read_at(16380, &mut b),
+            Err(BlockError::OutOfRange { .. })
+        ));
+        assert!(n.write_at(u64::MAX - 2, b"xx").is_err());
     }
 
     #[test]

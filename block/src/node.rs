@@ -31,6 +31,15 @@ pub trait BlockNode: Send + Sync {
     fn discard(&self, offset: u64, len: u64) -> Result<()>;
     /// Make a range read back as zeros.
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()>;
+    /// Change the size (new bytes read as zeros). Only protocol nodes can;
+    /// format drivers grow their image file this way or by writing past its end.
+    fn resize(&self, size: u64) -> Result<()> {
+        let _ = size;
+        Err(BlockError::Graph(format!(
+            "'{}' nodes cannot be resized",
+            self.driver()
+        )))
+    }
     /// Driver-specific information, shaped as QEMU's `format-specific` data
     /// (`null` when there is none).
     fn info(&self) -> Value {

@@ -489,11 +489,7 @@ pub(super) fn check_meta(m: &mut Meta, repair: Repair) -> Result<CheckReport> {
 /// repairing). Dirty images are checked as they are, not repaired first.
 pub fn check(file: NodeRef, repair: Repair) -> Result<CheckReport> {
     let writable = repair != Repair::None;
-    let host_path = file
-        .filename()
-        .filter(|_| file.driver() == "file")
-        .map(std::path::PathBuf::from);
-    let storage = Arc::new(Storage::new(file, host_path, writable)?);
+    let storage = Arc::new(Storage::new(file)?);
     let header = read_header(&storage)?;
     super::layout::check_features(&header)?;
     super::layout::check_layout(&header, storage.len())?;

@@ -208,7 +208,7 @@ pub fn create(path: &Path, size: Option<u64>, opts: &CreateOptions) -> Result<()
         serde_json::json!({ "filename": path.to_str().ok_or_else(|| Qcow2Error::Invalid("the path is not UTF-8".into()))? }),
     )?;
     let node: crate::NodeRef = Arc::new(crate::file::FileNode::open(&mut fo, &common, None)?);
-    let storage = Arc::new(Storage::new(node, Some(path.to_path_buf()), true)?);
+    let storage = Arc::new(Storage::new(node)?);
     let header = super::node::read_header(&storage)?;
     let l2_entries = cs / 8;
     let l1_entries = size.div_ceil(cs * l2_entries);

@@ -198,14 +198,10 @@ impl Qcow2Node {
 
     fn open_depth(file: NodeRef, backing: Backing, o: &Qcow2Options, depth: u32) -> Result<Self> {
         let writable_req = !o.read_only;
-        let probe = Storage::new(file.clone(), None, false)?;
+        let probe = Storage::new(file.clone())?;
         let header = read_header(&probe)?;
         check_features(&header)?;
-        let storage = Arc::new(Storage::new(
-            file.clone(),
-            o.host_path.clone(),
-            writable_req && !file.read_only(),
-        )?);
+        let storage = Arc::new(Storage::new(file.clone())?);
         check_layout(&header, storage.len())?;
         let corrupt = is_marked_corrupt(&header);
         let extl2 = header.incompatible & INCOMPAT_EXTL2 != 0;
