@@ -172,6 +172,12 @@ impl Qcow2Node {
                 "qcow2 encryption is not supported; put a luks node over the qcow2 node",
             ));
         }
+        // Metadata-only opens (img info) leave the backing chain closed, as
+        // qemu-img info does: a missing backing file is no error there.
+        let backing = match backing {
+            Backing::Auto if ctx.no_io => Backing::Disabled,
+            other => other,
+        };
         let host_path = host_path_of(&file, ctx.base_dir);
         let opts = Qcow2Options {
             read_only: common.read_only,
