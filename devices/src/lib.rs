@@ -1,4 +1,10 @@
 //! Device emulation for cryptvm: PCI, virtio, serial and ACPI devices.
 //!
-//! Devices see guest memory and an interrupt line only; the `vmm` crate wires
-//! them to KVM. The devices themselves arrive with the boot and virtio-blk work.
+//! Devices see guest memory and interrupt lines only; the `vmm` crate wires
+//! them to KVM (ioeventfds, irqfds), so tests can drive them without KVM.
+
+pub mod bus;
+pub mod interrupt;
+
+pub use bus::{Bus, BusDevice, SharedDevice};
+pub use interrupt::Interrupt;

@@ -1,0 +1,10 @@
+//! The interrupt lines devices raise, without knowing how the VMM delivers
+//! them (an irqfd on KVM, a counter in tests).
+
+use std::io;
+
+/// An edge-triggered interrupt line (or one MSI vector).
+pub trait Interrupt: Send + Sync {
+    /// Raises the interrupt.
+    fn trigger(&self) -> io::Result<()>;
+}
