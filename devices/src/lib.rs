@@ -3,8 +3,12 @@
 //! Devices see guest memory and interrupt lines only; the `vmm` crate wires
 //! them to KVM (ioeventfds, irqfds), so tests can drive them without KVM.
 
+pub mod acpi;
 pub mod bus;
+pub mod i8042;
 pub mod interrupt;
+pub mod pci;
+pub mod serial;
 
 pub use bus::{Bus, BusDevice, SharedDevice};
 pub use interrupt::Interrupt;

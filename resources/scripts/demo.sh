@@ -6,10 +6,11 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 cargo build --release --quiet --manifest-path "$root/Cargo.toml" -p vmm
 cryptvm="$root/target/release/cryptvm"
 work=${1:-$(mktemp -d)}
+mkdir -p "$work"
 cd "$work"
 "$cryptvm" img create --object secret,id=sec0,data=abc123 -f luks \
     -o cipher-alg=aes-256,cipher-mode=xts -o key-secret=sec0 \
     -o detached-header=true test-header.img
-"$cryptvm" img create -f raw test-payload.img 1G
-"$cryptvm" img info 'json:{"driver":"luks","file":{"filename":"test-payload.img"},"header":{"filename":"test-header.img"}}'
+"$cryptvm" img create -f qcow2 test-payload.qcow2 1G
+"$cryptvm" img info 'json:{"driver":"luks","file":{"driver":"qcow2","file":{"filename":"test-payload.qcow2"}},"header":{"filename":"test-header.img"}}'
 echo "files are in $work"

@@ -1115,3 +1115,32 @@ where
     );
     r
 }
+
+/// The header extensions of a v3 image: (type, data), up to the end marker.
+pub fn qcow2_extensions(b: &[u8]) -> Vec<(u32, Vec<u8>)> {
+    let mut at = get_be32(b, qcow2_header::HEADER_LENGTH) as usize;
+    let mut out = Vec::new();
+    loop {
+        let (kind, len) = (get_be32(b, at), get_be32(b, at + 4) as usize);
+        if kind == 0 {
+            return out;
+        }
+        out.push((kind, b[at + 8..at + 8 + len].to_vec()));
+        at += 8 + len.div_ceil(8) * 8;
+    }
+}
+
+/// Rewrites the header extensions of an image with no backing file name (which would
+/// follow them); qemu-img images have room up to the end of the first cluster.
+pub fn set_qcow2_extensions(b: &mut [u8], exts: &[(u32, Vec<u8>)]) {
+    let mut at = get_be32(b, qcow2_header::HEADER_LENGTH) as usize;
+    for (kind, data) in exts {
+        put_be32(b, at, *kind);
+        put_be32(b, at + 4, data.len() as u32);
+        let padded = data.len().div_ceil(8) * 8;
+        b[at + 8..at + 8 + padded].fill(0);
+        b[at + 8..at + 8 + data.len()].copy_from_slice(data);
+        at += 8 + padded;
+    }
+    b[at..at + 8].fill(0);
+}

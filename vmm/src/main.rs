@@ -6,7 +6,8 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let code = match args.first().map(String::as_str) {
         Some("img") => vmm::img::main(&args[1..]),
-        Some("run") | Some("ctl") => {
+        Some("run") => vmm::run::main(&args[1..]),
+        Some("ctl") => {
             eprintln!("cryptvm: '{}' is not available in this build yet", args[0]);
             1
         }
@@ -26,6 +27,6 @@ fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
-const USAGE: &str = "usage: cryptvm run  [--config vm.json] [options]   boot a guest (coming)
+const USAGE: &str = "usage: cryptvm run  [--config vm.json] [options]   boot a guest
        cryptvm img  create|info|convert|compare ...  qemu-img compatible image tool
        cryptvm ctl  --socket PATH [COMMAND [ARGS]]   QMP client (coming)";

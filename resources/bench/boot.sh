@@ -1,0 +1,180 @@
+#!/usr/bin/env bash
+# Benchmark (not a test): boot time and VMM memory overhead of cryptvm against QEMU 10,
+# booting the same test guest (resources/guest/build.sh: Debian's cloud kernel and the
+# busybox initramfs) the same way, in the same L1 test host (resources/testhost/), in
+# one run, alternating.
+#
+#   resources/bench/boot.sh                 # builds cryptvm in release mode first
+#   CRYPTVM=path/to/cryptvm REPS=5 CPUS=2 MEM_MIB=256 QEMU_MACHINE=microvm resources/bench/boot.sh
+#   KEEP=1 resources/bench/boot.sh          # keeps the work folder (consoles, bench.txt)
+#
+# boot time: from just before the VMM process starts to the guest's init marker line
+#   (CRYPTVM-GUEST-UP) on its serial console, both taken inside L1 (/proc/uptime, 10 ms).
+# memory overhead: VmRSS of the VMM process when the marker appears, minus the resident
+#   part of guest RAM (the Rss of its mappings of at least MEM_MIB in /proc/PID/smaps).
+# Each VMM boots WARMUP times (1, not counted), then REPS times (3); the best boot time and the median overhead are printed,
+# with the ratio cryptvm/QEMU. Timings inside the TCG test host are emulation timings:
+# only the ratio between the two VMMs of one run means something.
+# QEMU: -enable-kvm -M $QEMU_MACHINE (pc) -cpu host -nodefaults, its firmware from the
+# machine's QEMU package.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+REPS="${REPS:-3}"
+WARMUP="${WARMUP:-1}"
+CPUS="${CPUS:-2}"
+MEM_MIB="${MEM_MIB:-256}"
+QEMU_MACHINE="${QEMU_MACHINE:-pc}"
+
+for tool in qemu-system-x86_64 cpio; do
+    command -v "$tool" >/dev/null || { echo "boot.sh: $tool is not installed" >&2; exit 1; }
+done
+
+cryptvm_note=
+if [[ -z "${CRYPTVM:-}" ]]; then
+    if (cd "$ROOT" && cargo build --release --quiet -p vmm --bin cryptvm); then
+        target_dir="$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps |
+            sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
+        CRYPTVM="$target_dir/release/cryptvm"
+    else
+        cryptvm_note="cryptvm: does not build"
+        CRYPTVM=
+    fi
+fi
+
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/cryptvm-bench-boot.XXXXXX")"
+if [[ "${KEEP:-0}" == 1 ]]; then
+    echo "boot.sh: keeping $WORK" >&2
+else
+    trap 'rm -rf "$WORK"' EXIT
+fi
+
+cmdline="console=ttyS0 quiet panic=-1"
+qemu_cmd="qemu-system-x86_64 -enable-kvm -M $QEMU_MACHINE -cpu host -smp $CPUS -m ${MEM_MIB}M \
+-nodefaults -no-user-config -display none -serial stdio -no-reboot \
+-kernel /work/guest/vmlinuz -initrd /work/guest/initramfs.cpio.gz -append '$cmdline'"
+cryptvm_cmd="cryptvm run --kernel /work/guest/vmlinuz --initrd /work/guest/initramfs.cpio.gz \
+--cmdline '$cmdline' --cpus $CPUS --memory ${MEM_MIB}M --serial stdio"
+
+# The script L1 runs: each VMM REPS times, alternating; one BENCH line per boot.
+cat >"$WORK/run.sh" <<EOF
+mem_kb=$((MEM_MIB * 1024))
+reps=$REPS
+warmup=$WARMUP
+have_cryptvm=$([[ -n "$CRYPTVM" ]] && echo 1 || echo 0)
+EOF
+cat >>"$WORK/run.sh" <<'EOF'
+# guest_kb PID: resident KiB of the mappings at least as large as guest RAM.
+guest_kb() {
+    awk -v min="$mem_kb" '
+        /^[0-9a-f]+-[0-9a-f]+ / { size = 0; next }
+        /^Size:/ { size = $2; next }
+        /^Rss:/ { if (size >= min) sum += $2 }
+        END { print sum + 0 }' "/proc/$1/smaps"
+}
+# measure NAME REP COMMAND: boots once, prints a BENCH line.
+measure() {
+    name=$1 rep=$2 cmd=$3
+    fifo=/tmp/console.$name.$rep
+    mkfifo "$fifo"
+    read -r t0 _ </proc/uptime
+    timeout -s KILL 60 sh -c "exec $cmd" </dev/null >"$fifo" 2>"/out/$name.$rep.stderr" &
+    pid=$!
+    t1= rss= gkb=
+    while IFS= read -r line; do
+        case "$line" in
+            *CRYPTVM-GUEST-UP*)
+                read -r t1 _ </proc/uptime
+                rss=$(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status" 2>/dev/null)
+                gkb=$(guest_kb "$pid" 2>/dev/null)
+                ;;
+        esac
+        echo "$line" >>"/out/$name.$rep.console"
+    done <"$fifo"
+    wait "$pid"
+    rc=$?
+    rm -f "$fifo"
+    if [ -n "$t1" ] && [ -n "$rss" ]; then
+        echo "BENCH vmm=$name rep=$rep rc=$rc boot_s=$(awk "BEGIN { print $t1 - $t0 }") rss_kb=$rss guest_kb=$gkb overhead_kb=$((rss - gkb))"
+    else
+        echo "BENCH vmm=$name rep=$rep rc=$rc boot_s=none error=$(head -1 "/out/$name.$rep.stderr" | tr ' ' '_')"
+    fi
+}
+# Warm-up boots, not counted: the first boot in a fresh L1 also pays for TCG translating
+# L1's KVM code paths.
+i=1
+while [ $i -le $warmup ]; do
+    measure qemu warmup$i "$QEMU_CMD" >/dev/null
+    [ $have_cryptvm = 1 ] && measure cryptvm warmup$i "$CRYPTVM_CMD" >/dev/null
+    i=$((i + 1))
+done
+i=1
+while [ $i -le $reps ]; do
+    measure qemu $i "$QEMU_CMD"
+    [ $have_cryptvm = 1 ] && measure cryptvm $i "$CRYPTVM_CMD"
+    i=$((i + 1))
+done 2>&1 | tee /out/bench.txt
+EOF
+# The commands go in single-quoted (they hold quotes themselves).
+{
+    echo "QEMU_CMD='${qemu_cmd//\'/\'\\\'\'}'"
+    echo "CRYPTVM_CMD='${cryptvm_cmd//\'/\'\\\'\'}'"
+    cat "$WORK/run.sh"
+} >"$WORK/run2.sh"
+
+pack=(--out "$WORK/l1.img" --qemu --guest --guest-kernel bzimage --run "$WORK/run2.sh")
+[[ -n "$CRYPTVM" ]] && pack+=(--bin "$CRYPTVM")
+packed=$("$ROOT/resources/testhost/pack.sh" "${pack[@]}")
+eval "$packed"
+echo "boot.sh: $REPS boots per VMM, $CPUS vCPUs, $MEM_MIB MiB, inside the L1 test host" >&2
+"$ROOT/resources/testhost/launch.sh" --kernel "$L1_KERNEL" --initrd "$L1_INITRD" \
+    --console "$WORK/console.txt" --out-dir "$WORK/out" \
+    --timeout $((60 + (REPS + WARMUP) * 2 * 45)) || {
+    echo "boot.sh: the test host failed:" >&2
+    grep -v "TCG doesn't support" "$WORK/console.txt" | tail -20 >&2
+    exit 1
+}
+[[ -f "$WORK/out/bench.txt" ]] || { echo "boot.sh: no results from the test host" >&2; exit 1; }
+
+# Best boot time and median overhead per VMM.
+summary() {
+    awk -v vmm="$1" '
+        $1 == "BENCH" {
+            delete f
+            for (i = 2; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
+            if (f["vmm"] != vmm) next
+            if (f["boot_s"] == "none") { err = f["error"]; next }
+            n++
+            if (best == "" || f["boot_s"] + 0 < best) best = f["boot_s"] + 0
+            ov[n] = f["overhead_kb"] + 0; rss[n] = f["rss_kb"] + 0; g[n] = f["guest_kb"] + 0
+        }
+        END {
+            if (n == 0) { gsub("_", " ", err); print "none", err; exit }
+            # median by insertion sort (n is small)
+            for (i = 2; i <= n; i++) for (j = i; j > 1 && ov[j-1] > ov[j]; j--) {
+                t = ov[j]; ov[j] = ov[j-1]; ov[j-1] = t
+            }
+            printf "%.2f %d %d %d\n", best, ov[int((n + 1) / 2)], rss[1], g[1]
+        }' "$WORK/out/bench.txt"
+}
+read -r q_boot q_ov q_rss q_guest < <(summary qemu)
+read -r c_boot c_ov c_rss c_guest < <(summary cryptvm) || true
+
+echo
+echo "Boot time (VMM start to guest init marker) and VMM memory overhead (RSS beyond guest RAM),"
+echo "best of $REPS boots / median, $CPUS vCPUs, $MEM_MIB MiB, in the L1 test host (emulation timings)."
+printf '%-34s %10s %14s\n' VMM "boot (s)" "overhead (MiB)"
+if [[ "$q_boot" == none ]]; then
+    echo "qemu: did not boot: $q_ov $q_rss $q_guest"
+    exit 1
+fi
+printf '%-34s %10s %14.1f\n' "QEMU $(qemu-system-x86_64 --version | sed -n '1s/.*version \([^ ]*\).*/\1/p') -M $QEMU_MACHINE" \
+    "$q_boot" "$(awk "BEGIN { print $q_ov / 1024 }")"
+if [[ -n "$cryptvm_note" ]]; then
+    echo "$cryptvm_note"
+elif [[ -z "${c_boot:-}" || "$c_boot" == none ]]; then
+    echo "cryptvm: not yet able to boot (${c_ov:+$c_ov }${c_rss:-}${c_guest:+ $c_guest})"
+else
+    printf '%-34s %10s %14.1f\n' "cryptvm" "$c_boot" "$(awk "BEGIN { print $c_ov / 1024 }")"
+    awk "BEGIN { printf \"ratio cryptvm/QEMU: boot %.2f, memory overhead %.2f\n\", $c_boot / $q_boot, ($q_ov > 0 ? $c_ov / $q_ov : 0) }"
+fi

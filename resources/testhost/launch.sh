@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Boots the L1 test host: QEMU TCG with nested SVM, so that kvm-amd works inside it.
+#
+#   resources/testhost/launch.sh --kernel VMLINUZ --initrd L1.img --console FILE
+#       [--out-dir DIR] [--out-size MIB] [--disk FILE]... [--timeout SECONDS]
+#
+#   --console FILE    L1's serial console (L1's kernel, its /init, and what run.sh prints)
+#   --out-dir DIR     a fresh raw disk is L1's /dev/vda; L1's /init writes /out onto it as
+#                     a tar archive, extracted here into DIR afterwards
+#   --out-size MIB    size of that disk (64)
+#   --disk FILE       more raw disks for L1 (/dev/vdb, ...)
+#   --timeout SECONDS QEMU is killed after this long (120); exit status 124 then
+#   --retries N       boot L1 again when QEMU itself crashed before L1's /init ended (2)
+#
+# Exit status: QEMU's (0 when L1 powered off), or 124 on timeout.
+set -euo pipefail
+
+log() { echo "testhost/launch.sh: $*" >&2; }
+kernel='' initrd='' console='' outdir='' outsize=64 timeout=120 retries=2
+disks=()
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --kernel) kernel=$2; shift 2 ;;
+        --initrd) initrd=$2; shift 2 ;;
+        --console) console=$2; shift 2 ;;
+        --out-dir) outdir=$2; shift 2 ;;
+        --out-size) outsize=$2; shift 2 ;;
+        --disk) disks+=("$2"); shift 2 ;;
+        --timeout) timeout=$2; shift 2 ;;
+        --retries) retries=$2; shift 2 ;;
+        *) log "unknown argument $1"; exit 2 ;;
+    esac
+done
+[[ -n "$kernel" && -n "$initrd" && -n "$console" ]] || {
+    sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2
+    exit 2
+}
+command -v qemu-system-x86_64 >/dev/null || { log "qemu-system-x86_64 is not installed"; exit 1; }
+
+drives=()
+if [[ -n "$outdir" ]]; then
+    mkdir -p "$outdir"
+    outimg="$outdir/.l1-out.img"
+    rm -f "$outimg"
+    truncate -s "${outsize}M" "$outimg"
+    drives+=(-drive "file=$outimg,if=virtio,format=raw")
+fi
+for d in "${disks[@]}"; do
+    drives+=(-drive "file=$d,if=virtio,format=raw")
+done
+
+# QEMU 10.0.2's multi-threaded TCG now and then aborts early in L1's boot
+# ("iotlb_to_section: Assertion `section_index < d->map.sections_nb' failed"): an L1 that
+# died (or powered off) before its /init finished is booted again, up to --retries times (2).
+attempt=0
+while :; do
+    set +e
+    timeout --kill-after=5 "$timeout" qemu-system-x86_64 \
+        -accel tcg,thread=multi -cpu EPYC,+svm,+npt -smp 2 -m 2048 \
+        -nographic -no-reboot -nic none -no-user-config \
+        -kernel "$kernel" -initrd "$initrd" \
+        -append "console=ttyS0 panic=-1 quiet" \
+        "${drives[@]}" </dev/null >"$console" 2>&1
+    status=$?
+    set -e
+    [[ $status -eq 137 ]] && status=124
+    if [[ $status -eq 124 ]] || grep -q CRYPTVM-L1-END "$console" ||
+        [[ $attempt -ge $retries ]]; then
+        break
+    fi
+    attempt=$((attempt + 1))
+    log "L1 died (status $status: $(grep -v 'TCG doesn' "$console" | tail -1 | tr -d '\r')); booting it again ($attempt/$retries)"
+    [[ -n "$outdir" ]] && truncate -s 0 "$outimg" && truncate -s "${outsize}M" "$outimg"
+done
+
+if [[ -n "$outdir" ]]; then
+    # An L1 that died before writing its archive leaves zeros: tar then finds nothing.
+    tar -xf "$outimg" -C "$outdir" 2>/dev/null || log "no result archive on L1's disk"
+    rm -f "$outimg"
+fi
+exit $status

@@ -1,0 +1,133 @@
+//! `cryptvm run` failures: one line on stderr naming the problem, exit status 1, no panic.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+use std::path::Path;
+
+/// A minimal ELF64 "kernel" (the guest never runs: every test here fails before).
+fn tiny_elf() -> Vec<u8> {
+    let load: u64 = 0x100_0000;
+    let mut f = Vec::new();
+    f.extend(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+    f.extend(2u16.to_le_bytes());
+    f.extend(62u16.to_le_bytes());
+    f.extend(1u32.to_le_bytes());
+    f.extend(load.to_le_bytes());
+    f.extend(64u64.to_le_bytes());
+    f.extend(0u64.to_le_bytes());
+    f.extend(0u32.to_le_bytes());
+    f.extend(64u16.to_le_bytes());
+    f.extend(56u16.to_le_bytes());
+    f.extend(1u16.to_le_bytes());
+    f.extend([0u8; 6]);
+    f.extend(1u32.to_le_bytes());
+    f.extend(5u32.to_le_bytes());
+    for v in [120u64, load, load, 4, 4, 8] {
+        f.extend(v.to_le_bytes());
+    }
+    f.extend([0xf4u8; 4]);
+    f
+}
+
+fn setup() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("vmlinux"), tiny_elf()).unwrap();
+    dir
+}
+
+fn run(dir: &Path, args: &[&str]) -> common::Run {
+    let mut all = vec!["run"];
+    all.extend(args);
+    common::cryptvm(dir, all)
+}
+
+#[test]
+fn missing_kernel_file() {
+    let dir = setup();
+    run(dir.path(), &["--kernel", "nonexistent-vmlinuz"]).clean_error(1, &["nonexistent-vmlinuz"]);
+    run(dir.path(), &[]).clean_error(1, &["no kernel"]);
+}
+
+#[test]
+fn random_bytes_are_not_a_kernel() {
+    let dir = setup();
+    let noise: Vec<u8> = (0..100_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(dir.path().join("noise"), noise).unwrap();
+    run(dir.path(), &["--kernel", "noise"]).clean_error(1, &["not a kernel"]);
+}
+
+#[test]
+fn initramfs_larger_than_memory() {
+    let dir = setup();
+    let f = std::fs::File::create(dir.path().join("big.cpio")).unwrap();
+    f.set_len(40 << 20).unwrap();
+    run(
+        dir.path(),
+        &[
+            "--kernel", "vmlinux", "--initrd", "big.cpio", "--memory", "32M",
+        ],
+    )
+    .clean_error(1, &["memory too small for the initramfs"]);
+    run(
+        dir.path(),
+        &["--kernel", "vmlinux", "--initrd", "missing.cpio"],
+    )
+    .clean_error(1, &["missing.cpio"]);
+}
+
+#[test]
+fn vcpu_count_out_of_range() {
+    let dir = setup();
+    run(dir.path(), &["--kernel", "vmlinux", "--cpus", "0"]).clean_error(1, &["--cpus", "vCPU"]);
+    run(dir.path(), &["--kernel", "vmlinux", "--cpus", "33"]).clean_error(1, &["1 to 32"]);
+    std::fs::write(dir.path().join("vm.json"), r#"{"machine": {"cpus": 0}}"#).unwrap();
+    run(dir.path(), &["--config", "vm.json", "--kernel", "vmlinux"])
+        .clean_error(1, &["machine.cpus"]);
+}
+
+#[test]
+fn no_kvm_device() {
+    let dir = setup();
+    let mut cmd = std::process::Command::new(common::CRYPTVM);
+    cmd.current_dir(dir.path())
+        .args(["run", "--kernel", "vmlinux"])
+        .env("CRYPTVM_KVM_DEVICE", dir.path().join("no-such-kvm"))
+        .stdin(std::process::Stdio::null());
+    let out = cmd.output().unwrap();
+    let r = common::Run {
+        cmd: "CRYPTVM_KVM_DEVICE=... cryptvm run --kernel vmlinux".into(),
+        status: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    r.clean_error(1, &["no KVM"]);
+}
+
+#[test]
+fn bad_config_json() {
+    let dir = setup();
+    let cases = [
+        ("{\"machine\": ", "invalid JSON"),
+        (
+            r#"{"machine": {"cpus": "two"}}"#,
+            "machine.cpus: expected an integer",
+        ),
+        (r#"{"machine": {"memory": "lots"}}"#, "machine.memory"),
+        (
+            r#"{"boot": {"kernel": "vmlinux", "initramfs": "x"}}"#,
+            "boot.initramfs: unknown key",
+        ),
+        (r#"{"devices": [42]}"#, "devices[0]: expected an object"),
+        (r#"{"serial": "pty"}"#, "serial"),
+        (r#"[1, 2]"#, "expected a JSON object"),
+    ];
+    for (text, mention) in cases {
+        std::fs::write(dir.path().join("vm.json"), text).unwrap();
+        run(dir.path(), &["--config", "vm.json"]).clean_error(1, &[mention]);
+    }
+    run(dir.path(), &["--config", "missing.json"]).clean_error(1, &["missing.json"]);
+    run(dir.path(), &["--kernel", "vmlinux", "--bogus", "1"]).clean_error(1, &["--bogus"]);
+}
