@@ -37,15 +37,20 @@ pub fn run(argv: &[String]) -> Result<u8> {
             _ => {}
         }
     }
+    // -o is the start offset here (Args files it with the creation options).
+    if let Some(v) = a.options.last() {
+        offset = parse_size(v)
+            .ok_or_else(|| ImgError::Msg(format!("Invalid offset specified: '{v}'")))?;
+    }
     let write = a.short_flags.contains(&'w');
     let mut pattern = 0u8;
     let mut flush_interval = 0u64;
     for (k, v) in &a.extra {
         match k.as_str() {
             "pattern" => {
-                pattern = v
-                    .parse()
-                    .map_err(|_| ImgError::Msg(format!("Invalid pattern byte specified: '{v}'")))?;
+                pattern = parse_byte(v).ok_or_else(|| {
+                    ImgError::Msg(format!("Invalid pattern byte specified: '{v}'"))
+                })?;
             }
             _ => {
                 flush_interval = parse_size(v).ok_or_else(|| {
@@ -83,7 +88,8 @@ pub fn run(argv: &[String]) -> Result<u8> {
             "buffer size {bufsize} is larger than the image ({size} bytes)"
         )));
     }
-    if !a.quiet {
+    // qemu-img 10 prints these two lines even with -q.
+    {
         println!(
             "Sending {count} {} requests, {bufsize} bytes each, {depth} in parallel (starting at offset {offset}, step size {step})",
             if write { "write" } else { "read" }
@@ -127,11 +133,37 @@ pub fn run(argv: &[String]) -> Result<u8> {
     if write && flush_interval > 0 {
         node.flush()?;
     }
-    if !a.quiet {
+    {
         println!(
             "Run completed in {:.3} seconds.",
             started.elapsed().as_secs_f64()
         );
     }
     Ok(0)
+}
+
+/// A byte as qemu-img reads it (strtol base 0: decimal, 0x hex or 0 octal).
+fn parse_byte(v: &str) -> Option<u8> {
+    let n = if let Some(hex) = v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+        u64::from_str_radix(hex, 16).ok()?
+    } else if v.len() > 1 && v.starts_with('0') {
+        u64::from_str_radix(&v[1..], 8).ok()?
+    } else {
+        v.parse().ok()?
+    };
+    u8::try_from(n).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_byte;
+
+    #[test]
+    fn pattern_bytes() {
+        assert_eq!(parse_byte("0x5a"), Some(0x5a));
+        assert_eq!(parse_byte("90"), Some(90));
+        assert_eq!(parse_byte("010"), Some(8));
+        assert_eq!(parse_byte("256"), None);
+        assert_eq!(parse_byte("zz"), None);
+    }
 }

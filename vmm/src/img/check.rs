@@ -36,9 +36,9 @@ pub fn run(argv: &[String]) -> Result<u8> {
         .unwrap_or_default()
         .to_string();
     if format != "qcow2" {
-        return Err(ImgError::Msg(format!(
-            "This image format ({format}) does not support checks"
-        )));
+        // qemu-img: this message, exit status 63 (ENOTSUP).
+        eprintln!("cryptvm img: This image format does not support checks");
+        return Ok(63);
     }
     // Check the qcow2 file itself, not the opened node: the checker reads
     // (and repairs) metadata that opening would refuse or change.

@@ -80,6 +80,23 @@ pub fn run(argv: &[String]) -> Result<u8> {
                 )?;
                 (opened, true)
             }
+            "qcow2" => {
+                let opts = block::qcow2::CreateOptions::from_opts(&mut o)?;
+                o.finish()?;
+                block::qcow2::create(path, Some(src_size), &opts)?;
+                let target =
+                    json!({"driver": "qcow2", "file": {"driver": "file", "filename": dst}});
+                let opened = open(
+                    target.as_object().cloned().expect("object"),
+                    &secrets,
+                    OpenMode {
+                        read_only: false,
+                        no_io: false,
+                    },
+                )?;
+                // A new qcow2 image reads as zeros unless it has a backing file.
+                (opened, opts.backing_file.is_none())
+            }
             "luks" => {
                 let (opts, key_secret) = luks_options(&mut o)?;
                 o.finish()?;
@@ -113,7 +130,7 @@ pub fn run(argv: &[String]) -> Result<u8> {
             }
             other => {
                 return Err(ImgError::Msg(format!(
-                    "Unknown file format '{other}' (supported: raw, luks)"
+                    "Unknown file format '{other}' (supported: raw, luks, qcow2)"
                 )))
             }
         }

@@ -57,6 +57,15 @@ pub fn run(argv: &[String]) -> Result<u8> {
             create_luks(path, &opts, &key_secret, size, &secrets, &a, &options_text)?;
         }
         "qcow2" => {
+            // Options given with -o, as given (qemu-img echoes some verbatim).
+            let given = |key: &str| {
+                options_text
+                    .split(',')
+                    .filter_map(|kv| kv.split_once('='))
+                    .filter(|(k, _)| *k == key)
+                    .map(|(_, v)| v.to_string())
+                    .last()
+            };
             let mut opts = qcow2::CreateOptions::from_opts(&mut o)?;
             o.finish()?;
             // qemu-img's -b BACKING and -F BACKING_FMT.
@@ -66,8 +75,28 @@ pub fn run(argv: &[String]) -> Result<u8> {
             if let Some(f) = &a.format2 {
                 opts.backing_fmt = Some(f.clone());
             }
-            announce(&a, &filename, &format, size.unwrap_or(0), &options_text);
-            qcow2::create(path, size, &opts)?;
+            let size = match size {
+                Some(s) => s,
+                None => backing_size(path, &opts, &secrets)?,
+            };
+            let unsafe_backing = a.short_flags.contains(&'u');
+            if let Some(backing) = opts.backing_file.as_ref().filter(|_| !unsafe_backing) {
+                if opts.backing_fmt.is_none() {
+                    return Err(ImgError::Msg(format!(
+                        "{filename}: Backing file specified without backing format"
+                    )));
+                }
+                // As qemu-img (without -u): the backing file must open.
+                backing_size(path, &opts, &secrets).map_err(|e| {
+                    ImgError::Msg(format!(
+                        "{filename}: could not open backing image '{backing}': {e}"
+                    ))
+                })?;
+            }
+            if !a.quiet {
+                println!("{}", qcow2_formatting_line(&filename, size, &opts, &given));
+            }
+            qcow2::create(path, Some(size), &opts)?;
         }
         other => {
             return Err(ImgError::Msg(format!(
@@ -174,6 +203,70 @@ pub fn create_luks(
     file.write_all_at(&volume.header_image, 0).map_err(io)?;
     file.sync_all().map_err(io)?;
     Ok(())
+}
+
+/// The size of the backing image named in `opts`, resolved next to `path`.
+fn backing_size(path: &Path, opts: &qcow2::CreateOptions, secrets: &SecretStore) -> Result<u64> {
+    let Some(backing) = &opts.backing_file else {
+        return Err(ImgError::Msg(
+            "Image creation needs a size parameter".into(),
+        ));
+    };
+    let full = match path.parent() {
+        Some(dir) if !Path::new(backing).is_absolute() => dir.join(backing),
+        _ => Path::new(backing).to_path_buf(),
+    };
+    let name = full.to_string_lossy().into_owned();
+    let opts_map = super::image::image_options(&name, false, opts.backing_fmt.as_deref())?;
+    let image = super::image::open(
+        opts_map,
+        secrets,
+        super::image::OpenMode {
+            read_only: true,
+            no_io: true,
+        },
+    )?;
+    Ok(image.node.size())
+}
+
+/// The `Formatting ...` line qemu-img prints for a new qcow2 image.
+fn qcow2_formatting_line(
+    filename: &str,
+    size: u64,
+    o: &qcow2::CreateOptions,
+    given: &dyn Fn(&str) -> Option<String>,
+) -> String {
+    let on_off = |b: bool| if b { "on" } else { "off" };
+    let mut line = format!(
+        "Formatting '{filename}', fmt=qcow2 cluster_size={} extended_l2=off",
+        o.cluster_size
+    );
+    if given("preallocation").is_some() {
+        let p = match o.preallocation {
+            qcow2::Preallocation::Off => "off",
+            qcow2::Preallocation::Metadata => "metadata",
+        };
+        line += &format!(" preallocation={p}");
+    }
+    line += &format!(
+        " compression_type={} size={size}",
+        o.compression_type.name()
+    );
+    if let Some(compat) = given("compat") {
+        line += &format!(" compat={compat}");
+    }
+    if let Some(b) = &o.backing_file {
+        line += &format!(" backing_file={b}");
+    }
+    if let Some(f) = &o.backing_fmt {
+        line += &format!(" backing_fmt={f}");
+    }
+    line += &format!(
+        " lazy_refcounts={} refcount_bits={}",
+        on_off(o.lazy_refcounts),
+        o.refcount_bits
+    );
+    line
 }
 
 /// Builds a throwaway cipher to reject impossible combinations before any file is touched.

@@ -115,6 +115,9 @@ fn human_info(info: &Value, level: usize) -> String {
         if let Some(f) = info.get("backing-filename-format").and_then(Value::as_str) {
             out += &format!("{pad}backing file format: {f}\n");
         }
+        if info.get("dirty-flag") == Some(&json!(true)) {
+            out += &format!("{pad}cleanly shut down: no\n");
+        }
         if let Some(data) = info.get("format-specific").and_then(|s| s.get("data")) {
             out += &format!("{pad}Format specific information:\n");
             dump(data, level + 1, &mut out);
