@@ -37,6 +37,8 @@ fi
 if [[ "${BENCH:-1}" != 0 ]]; then
     echo "== resources/bench/convert.sh"
     resources/bench/convert.sh
+    echo "== resources/bench/qcow2.sh"
+    resources/bench/qcow2.sh
     echo "== resources/bench/boot.sh"
     CRYPTVM="$(pwd)/target/release/cryptvm" resources/bench/boot.sh
 fi

@@ -10,7 +10,9 @@
 //!   `qemu-img compare` does. Reading never changes a file (not even a dirty one).
 //! - Images cryptvm writes read identically in qemu-io and pass `qemu-img check`:
 //!   `convert -n` into qemu-made images (several cluster sizes, v2, refcount widths 1
-//!   and 64), into a dirty lazy-refcounts image, over raw and qcow2 backing files
+//!   and 64), into a dirty lazy-refcounts image, into an image with an internal
+//!   snapshot (which stays intact), keeping unknown header extensions and clearing
+//!   unknown autoclear bits as qemu-io does, over raw and qcow2 backing files
 //!   (partial clusters must be copied from the backing file, zeros must hide it), into
 //!   images `cryptvm img create -f qcow2` made, and random windows written through a
 //!   `raw` node with `offset`/`size` over the qcow2 node, read back with `qemu-io read
@@ -108,20 +110,21 @@ fn cryptvm_reads_as_qemu(
 
     // compare: identical, then one flipped byte in the middle and at the very end.
     let mut others = vec![qemu_raw.clone()];
-    for (i, at) in [theirs.len() / 3 + 1001, theirs.len() - 1].into_iter().enumerate() {
+    for (i, at) in [theirs.len() / 3 + 1001, theirs.len() - 1]
+        .into_iter()
+        .enumerate()
+    {
         let mut b = theirs.clone();
         b[at] ^= 0x40;
         others.push(s.write(&format!("differs-{i}.raw"), &b));
     }
     for other in &others {
-        let args = |head: &[&str]| {
-            with(
-                head,
-                &["-F", "raw", image, other.to_str().expect("utf-8")],
-            )
-        };
+        let args =
+            |head: &[&str]| with(head, &["-F", "raw", image, other.to_str().expect("utf-8")]);
         let before = Snapshot::take(s.path());
         let q = run("qemu-img", args(&["compare"]), Some(cwd));
+        let want = if *other == qemu_raw { 0 } else { 1 };
+        assert_eq!(q.status, Some(want), "{what}: qemu-img compare\n{q}");
         let ours = cryptvm(cwd, args(&["img", "compare"]));
         assert_eq!(
             ours.status, q.status,
@@ -170,7 +173,14 @@ fn qemu_image_reads_identically(tag: &str, opts: &str, cluster: u64) {
     );
     cryptvm_reads_as_qemu(&s, s.path(), "disk.qcow2", &[], Some(&model), tag);
     let abs = s.join("disk.qcow2").display().to_string();
-    cryptvm_reads_as_qemu(&s, Path::new("/"), &abs, &["-f", "qcow2"], Some(&model), tag);
+    cryptvm_reads_as_qemu(
+        &s,
+        Path::new("/"),
+        &abs,
+        &["-f", "qcow2"],
+        Some(&model),
+        tag,
+    );
 }
 
 #[test]
@@ -206,8 +216,7 @@ fn compressible_source() -> Vec<u8> {
     let mut line = 0u64;
     while src.len() < 4 * MIB as usize {
         src.extend_from_slice(
-            format!("{line:08} the quick brown fox jumps over the lazy dog {line:x}\n")
-                .as_bytes(),
+            format!("{line:08} the quick brown fox jumps over the lazy dog {line:x}\n").as_bytes(),
         );
         line += 1;
     }
@@ -450,7 +459,11 @@ fn dirty_lazy_image(s: &Scratch, name: &str, model: &mut [u8]) {
         "qemu-io abort should leave the image dirty: {info:#}"
     );
     let (status, _) = qemu_img_check(s.path(), name);
-    assert_ne!(status, Some(0), "the dirty image's refcounts should be stale");
+    assert_ne!(
+        status,
+        Some(0),
+        "the dirty image's refcounts should be stale"
+    );
 }
 
 /// Extended L2 (subclusters), written by qemu-io with sub-cluster writes, alone and
@@ -501,7 +514,10 @@ fn qemu_extended_l2_reads_identically_or_is_refused() {
             "extended L2 over raw",
         );
     } else {
-        eprintln!("NOTE: cryptvm refuses extended L2 images: {}", probe.stderr.trim());
+        eprintln!(
+            "NOTE: cryptvm refuses extended L2 images: {}",
+            probe.stderr.trim()
+        );
         probe.clean_error(1, &["extended l2", "extended_l2", "subcluster"]);
         before.assert_unchanged(&probe);
     }
@@ -573,8 +589,8 @@ fn cryptvm_writes_qemu_reads(tag: &str, opts: &str) {
     qemu_sees(&s, "t.qcow2", &model, &format!("{tag}: windows"));
 }
 
-/// Writes a few windows at pseudo-random offsets and lengths (unaligned, crossing
-/// clusters) through a `raw` node with `offset` and `size` over the qcow2 node
+/// Writes a few windows at pseudo-random offsets (unaligned) and lengths (whole
+/// sectors), crossing clusters, through a `raw` node with `offset` and `size` over the qcow2 node
 /// (`convert -n --target-image-opts`), each from a constant, zero or random source,
 /// and applies them to `model`.
 fn cryptvm_writes_windows(s: &Scratch, target: &str, model: &mut [u8], seed: u64) {
@@ -582,7 +598,9 @@ fn cryptvm_writes_windows(s: &Scratch, target: &str, model: &mut [u8], seed: u64
     let target = s.join(target).display().to_string();
     for i in 0..6 {
         let at = |k: usize| u64::from_le_bytes(r[8 * k..8 * k + 8].try_into().expect("8"));
-        let len = 1 + (at(i) >> 8) % (300 << 10) + if i == 5 { MIB } else { 0 };
+        // Whole sectors: a raw source file's size rounds up to 512 bytes (as in QEMU).
+        let len =
+            (1 + (at(i) >> 8) % (300 << 10) + if i == 5 { MIB } else { 0 }).next_multiple_of(512);
         let offset = at(i + 1) % (SIZE - len);
         let data = match i % 3 {
             0 => vec![0xc0 + i as u8; len as usize],
@@ -660,6 +678,118 @@ fn cryptvm_writes_into_dirty_image() {
     assert_eq!(info["dirty-flag"], false, "{info:#}");
 }
 
+/// Header extensions survive cryptvm's writes, as they survive QEMU's: an unknown
+/// extension added by hand is still there afterwards. An unknown autoclear feature bit
+/// is cleared before the first write, as qemu-io clears it. Checked against qemu-io
+/// writing the same bytes into a copy; reading alone changes nothing.
+#[test]
+fn cryptvm_write_keeps_header_extensions_and_clears_unknown_autoclear() {
+    if !require(&["qemu-img", "qemu-io"]) {
+        return;
+    }
+    use qcow2_header as h;
+    let s = Scratch::new("w-header");
+    qemu_create_qcow2(&s, "ours.qcow2", "", None, Some(SIZE));
+    let path = s.join("ours.qcow2");
+    let mut b = read(&path);
+    let mut exts = qcow2_extensions(&b);
+    exts.push((0x7e57_0001, b"kept by every writer".to_vec()));
+    set_qcow2_extensions(&mut b, &exts);
+    let autoclear = get_be64(&b, h::AUTOCLEAR_FEATURES) | 1 << 7;
+    put_be64(&mut b, h::AUTOCLEAR_FEATURES, autoclear);
+    std::fs::write(&path, &b).expect("writing the image");
+    std::fs::copy(&path, s.join("theirs.qcow2")).expect("copy");
+
+    let model = vec![0u8; SIZE as usize];
+    cryptvm_reads_as_qemu(&s, s.path(), "ours.qcow2", &[], Some(&model), "header");
+    assert_eq!(read(&path), b, "reading changed the image");
+
+    qemu_io_file(
+        s.path(),
+        "qcow2",
+        "theirs.qcow2",
+        &["write -P 0x42 1000 69632".to_string()],
+    );
+    s.write("window.raw", &[0x42; 69_632]);
+    let opts = format!(
+        "driver=raw,offset=1000,size=69632,file.driver=qcow2,file.file.filename={}",
+        path.display()
+    );
+    cryptvm(
+        s.path(),
+        [
+            "img",
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "--target-image-opts",
+            "window.raw",
+            &opts,
+        ],
+    )
+    .ok();
+    let (ours, theirs) = (read(&path), read(&s.join("theirs.qcow2")));
+    assert!(
+        qcow2_extensions(&ours).contains(&(0x7e57_0001, b"kept by every writer".to_vec())),
+        "the unknown header extension is gone: {:x?}",
+        qcow2_extensions(&ours)
+    );
+    assert_eq!(
+        qcow2_extensions(&ours),
+        qcow2_extensions(&theirs),
+        "header extensions differ from QEMU's after the same write"
+    );
+    assert_eq!(
+        get_be64(&ours, h::AUTOCLEAR_FEATURES),
+        get_be64(&theirs, h::AUTOCLEAR_FEATURES),
+        "autoclear bits after a write (qemu-io's result is the reference)"
+    );
+    assert_qemu_check_clean(s.path(), "ours.qcow2");
+    assert_qemu_identical(s.path(), "qcow2", "ours.qcow2", "qcow2", "theirs.qcow2");
+}
+
+/// An image with an internal snapshot (made by `qemu-img snapshot -c`): its clusters
+/// have refcount 2 and no COPIED flag, so every cryptvm write must copy them. Afterwards
+/// `qemu-img check` is clean, the active layer holds what cryptvm wrote, and the
+/// snapshot, applied to a copy with `qemu-img snapshot -a`, still holds qemu-io's data.
+#[test]
+fn cryptvm_writes_image_with_internal_snapshot() {
+    if !require(&["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let s = Scratch::new("w-snapshot");
+    qemu_create_qcow2(&s, "t.qcow2", "", None, Some(SIZE));
+    let mut snap = vec![0u8; SIZE as usize];
+    qemu_io_ops(
+        s.path(),
+        "qcow2",
+        "t.qcow2",
+        &mixed_writes(64 << 10),
+        &mut snap,
+    );
+    run(
+        "qemu-img",
+        ["snapshot", "-c", "snap1", "t.qcow2"],
+        Some(s.path()),
+    )
+    .ok();
+    let mut model = snap.clone();
+    cryptvm_writes_windows(&s, "t.qcow2", &mut model, 23);
+    qemu_sees(&s, "t.qcow2", &model, "active layer after cryptvm wrote");
+    std::fs::copy(s.join("t.qcow2"), s.join("applied.qcow2")).expect("copy");
+    run(
+        "qemu-img",
+        ["snapshot", "-a", "snap1", "applied.qcow2"],
+        Some(s.path()),
+    )
+    .ok();
+    qemu_sees(&s, "applied.qcow2", &snap, "snapshot after cryptvm wrote");
+    let whole = source_disk(4);
+    cryptvm_convert_into(&s, &whole, "t.qcow2");
+    qemu_sees(&s, "t.qcow2", &whole, "active layer, whole disk");
+}
+
 /// Over a raw backing file (v3 and v2, 4 KiB clusters): windows with unaligned ends
 /// make cryptvm copy the rest of each cluster from the backing file; zero windows must
 /// hide the backing data. qemu sees cryptvm's bytes where it wrote and the backing
@@ -733,32 +863,16 @@ fn cryptvm_writes_over_qcow2_chain() {
     );
 }
 
-/// Images made by `cryptvm img create -f qcow2` with each creation option take a whole
-/// disk from `convert -n` and read back identically in qemu, with `qemu-img check`
-/// clean.
-#[test]
-fn cryptvm_created_images_round_trip() {
+/// Images made by `cryptvm img create -f qcow2` with the given creation options take
+/// random windows and a whole disk from `convert -n` and read back identically in qemu,
+/// with `qemu-img check` clean. Tags starting with "backing" name `base.raw`.
+fn cryptvm_created_images_round_trip(tag: &str, cases: Vec<(&str, Vec<&str>)>) {
     if !require(&["qemu-img", "qemu-io"]) {
         return;
     }
-    let s = Scratch::new("created");
+    let s = Scratch::new(tag);
     let base = source_disk(5);
     s.write("base.raw", &base);
-    let cases: Vec<(&str, Vec<&str>)> = vec![
-        ("default", vec![]),
-        ("c512", vec!["-o", "cluster_size=512"]),
-        ("c2m", vec!["-o", "cluster_size=2M"]),
-        ("v2", vec!["-o", "compat=0.10"]),
-        ("lazy", vec!["-o", "lazy_refcounts=on"]),
-        ("rc1", vec!["-o", "refcount_bits=1"]),
-        ("rc64", vec!["-o", "refcount_bits=64"]),
-        ("prealloc", vec!["-o", "preallocation=metadata"]),
-        ("backing", vec!["-b", "base.raw", "-F", "raw"]),
-        (
-            "backing-opts",
-            vec!["-o", "backing_file=base.raw,backing_fmt=raw,cluster_size=4096"],
-        ),
-    ];
     for (tag, opts) in cases {
         let name = format!("{tag}.qcow2");
         let mut args = vec!["img", "create", "-q", "-f", "qcow2"];
@@ -784,6 +898,49 @@ fn cryptvm_created_images_round_trip() {
         qemu_sees(&s, &name, &whole, &format!("created {tag}: whole disk"));
         std::fs::remove_file(s.join(&name)).expect("cleanup");
     }
+}
+
+#[test]
+fn cryptvm_created_images_round_trip_cluster_sizes() {
+    cryptvm_created_images_round_trip(
+        "created-clusters",
+        vec![
+            ("default", vec![]),
+            ("c512", vec!["-o", "cluster_size=512"]),
+            ("c2m", vec!["-o", "cluster_size=2M"]),
+            ("prealloc", vec!["-o", "preallocation=metadata"]),
+        ],
+    );
+}
+
+#[test]
+fn cryptvm_created_images_round_trip_versions_and_refcounts() {
+    cryptvm_created_images_round_trip(
+        "created-versions",
+        vec![
+            ("v2", vec!["-o", "compat=0.10"]),
+            ("lazy", vec!["-o", "lazy_refcounts=on"]),
+            ("rc1", vec!["-o", "refcount_bits=1"]),
+            ("rc64", vec!["-o", "refcount_bits=64"]),
+        ],
+    );
+}
+
+#[test]
+fn cryptvm_created_images_round_trip_backing() {
+    cryptvm_created_images_round_trip(
+        "created-backing",
+        vec![
+            ("backing", vec!["-b", "base.raw", "-F", "raw"]),
+            (
+                "backing-opts",
+                vec![
+                    "-o",
+                    "backing_file=base.raw,backing_fmt=raw,cluster_size=4096",
+                ],
+            ),
+        ],
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -920,7 +1077,11 @@ fn mission_stack_round_trip(s: &Scratch, stack: &Stack) {
         ],
         None,
     );
-    assert_eq!(r.status, Some(0), "qemu sees other data than cryptvm wrote:\n{r}");
+    assert_eq!(
+        r.status,
+        Some(0),
+        "qemu sees other data than cryptvm wrote:\n{r}"
+    );
     assert_qemu_check_clean(s.path(), stack.payload.to_str().expect("utf-8"));
     // The payload is encrypted: the 256 KiB run of 0x77 appears nowhere in it.
     let payload = read(&stack.payload);

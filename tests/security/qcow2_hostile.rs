@@ -3,10 +3,13 @@
 //! overlapping the L1 table, cluster_bits 40 and 8, a compressed cluster that does not
 //! decompress (zlib and zstd), an unknown incompatible feature (named by bit, and by
 //! name when the feature name table has it), a v3 header_length that is too small or
-//! too large, a backing file name past the end of the file or too long. Each gives
+//! too large, a backing file name past the end of the file or too long, a snapshot
+//! table of billions of entries, an L2 table past the end of the file. Each gives
 //! exit status 1 (`compare`: 2), one clear line on stderr, no panic, no write (every
 //! file stays byte-identical, even when cryptvm is asked to write into the image), and
-//! finishes quickly under an address-space limit, so no huge allocation happens.
+//! finishes quickly under an address-space limit, so no huge allocation happens. A
+//! data cluster pointing at the L1 table or a refcount block is never written, and an
+//! image marked corrupt opens read-only.
 //!
 //! Every image starts as a valid one made by qemu-img and qemu-io, edited at the
 //! header offsets of QEMU's `docs/interop/qcow2.txt`. Where QEMU refuses the same
@@ -100,11 +103,15 @@ fn expect_failure(s: &Scratch, cmds: Cmds, qemu: Qemu, mentions: &[&str]) {
     let mut must_fail: Vec<(Vec<&str>, i32)> = vec![
         (vec!["img", "convert", "-O", "raw", "h.qcow2", "out.raw"], 1),
         (
-            vec!["img", "convert", "-f", "qcow2", "-O", "raw", "h.qcow2", "out.raw"],
+            vec![
+                "img", "convert", "-f", "qcow2", "-O", "raw", "h.qcow2", "out.raw",
+            ],
             1,
         ),
         (
-            vec!["img", "compare", "-f", "qcow2", "-F", "raw", "h.qcow2", "zero.raw"],
+            vec![
+                "img", "compare", "-f", "qcow2", "-F", "raw", "h.qcow2", "zero.raw",
+            ],
             2,
         ),
     ];
@@ -133,6 +140,11 @@ fn expect_failure(s: &Scratch, cmds: Cmds, qemu: Qemu, mentions: &[&str]) {
         let before = Snapshot::take(s.path());
         let r = run_limited(s, &args);
         r.clean_error(code, mentions);
+        if cmds == Cmds::Io {
+            // The bad table is found while copying, after the target was created (as
+            // qemu-img convert leaves it too); nothing else may change.
+            let _ = std::fs::remove_file(s.join("out.raw"));
+        }
         before.assert_unchanged(&r);
     }
     for args in may_fail {
@@ -189,7 +201,12 @@ fn hostile(
 const L1: &[&str] = &["L1"];
 const REFCOUNT: &[&str] = &["refcount"];
 const OVERLAP: &[&str] = &["overlap", "intersect", "collide"];
-const CLUSTER: &[&str] = &["cluster size", "cluster_bits", "cluster bits", "cluster_size"];
+const CLUSTER: &[&str] = &[
+    "cluster size",
+    "cluster_bits",
+    "cluster bits",
+    "cluster_size",
+];
 const BACKING: &[&str] = &["backing"];
 const HEADER_LENGTH: &[&str] = &["header_length", "header length", "header too short"];
 
@@ -208,11 +225,23 @@ fn l1_size_larger_than_qemu_allows() {
     });
 }
 
+/// Just past the end of the file (the first cluster after it), and far past it.
+fn past_eof(b: &[u8], l: &Qcow2Layout, far: bool) -> u64 {
+    if far {
+        1 << 40
+    } else {
+        (b.len() as u64).next_multiple_of(l.cluster_size())
+    }
+}
+
 #[test]
 fn l1_table_past_end_of_file() {
-    hostile("l1-eof", Cmds::All, Qemu::CheckFails, L1, |b, _| {
-        put_be64(b, h::L1_TABLE_OFFSET, 1 << 40);
-    });
+    for far in [false, true] {
+        hostile("l1-eof", Cmds::All, Qemu::CheckFails, L1, |b, l| {
+            let at = past_eof(b, l, far);
+            put_be64(b, h::L1_TABLE_OFFSET, at);
+        });
+    }
 }
 
 #[test]
@@ -231,16 +260,25 @@ fn l1_table_unaligned() {
 
 #[test]
 fn refcount_table_past_end_of_file() {
-    hostile("rt-eof", Cmds::All, Qemu::CheckFails, REFCOUNT, |b, _| {
-        put_be64(b, h::REFCOUNT_TABLE_OFFSET, 1 << 40);
-    });
+    for far in [false, true] {
+        hostile("rt-eof", Cmds::All, Qemu::CheckFails, REFCOUNT, |b, l| {
+            let at = past_eof(b, l, far);
+            put_be64(b, h::REFCOUNT_TABLE_OFFSET, at);
+        });
+    }
 }
 
 #[test]
 fn refcount_table_in_the_header() {
-    hostile("rt-header", Cmds::All, Qemu::CheckFails, REFCOUNT, |b, _| {
-        put_be64(b, h::REFCOUNT_TABLE_OFFSET, 0);
-    });
+    hostile(
+        "rt-header",
+        Cmds::All,
+        Qemu::CheckFails,
+        REFCOUNT,
+        |b, _| {
+            put_be64(b, h::REFCOUNT_TABLE_OFFSET, 0);
+        },
+    );
 }
 
 #[test]
@@ -286,34 +324,6 @@ fn unknown_incompatible_feature_is_named_by_bit() {
     );
 }
 
-/// The header extensions of a v3 image: (type, data), up to the end marker.
-fn extensions(b: &[u8]) -> Vec<(u32, Vec<u8>)> {
-    let mut at = get_be32(b, h::HEADER_LENGTH) as usize;
-    let mut out = Vec::new();
-    loop {
-        let (kind, len) = (get_be32(b, at), get_be32(b, at + 4) as usize);
-        if kind == 0 {
-            return out;
-        }
-        out.push((kind, b[at + 8..at + 8 + len].to_vec()));
-        at += 8 + len.div_ceil(8) * 8;
-    }
-}
-
-/// Rewrites the header extensions (qemu-img images have room up to the first table).
-fn set_extensions(b: &mut [u8], exts: &[(u32, Vec<u8>)]) {
-    let mut at = get_be32(b, h::HEADER_LENGTH) as usize;
-    for (kind, data) in exts {
-        put_be32(b, at, *kind);
-        put_be32(b, at + 4, data.len() as u32);
-        let padded = data.len().div_ceil(8) * 8;
-        b[at + 8..at + 8 + padded].fill(0);
-        b[at + 8..at + 8 + data.len()].copy_from_slice(data);
-        at += 8 + padded;
-    }
-    b[at..at + 8].fill(0);
-}
-
 #[test]
 fn unknown_incompatible_feature_is_named_by_the_feature_name_table() {
     hostile(
@@ -323,7 +333,7 @@ fn unknown_incompatible_feature_is_named_by_the_feature_name_table() {
         &["hostile-feature-x"],
         |b, _| {
             const FEATURE_NAME_TABLE: u32 = 0x6803_f857;
-            let mut exts = extensions(b);
+            let mut exts = qcow2_extensions(b);
             let table = exts
                 .iter_mut()
                 .find(|(k, _)| *k == FEATURE_NAME_TABLE)
@@ -333,7 +343,7 @@ fn unknown_incompatible_feature_is_named_by_the_feature_name_table() {
             entry.extend_from_slice(b"hostile-feature-x");
             entry.resize(48, 0);
             table.1.extend_from_slice(&entry);
-            set_extensions(b, &exts);
+            set_qcow2_extensions(b, &exts);
             let f = get_be64(b, h::INCOMPATIBLE_FEATURES);
             put_be64(b, h::INCOMPATIBLE_FEATURES, f | 1 << 20);
         },
@@ -400,7 +410,8 @@ fn l2_table_past_end_of_file() {
         Qemu::CheckFails,
         &["L2", "past", "beyond", "end of file", "eof", "outside"],
         |b, l| {
-            put_be64(b, l.l1_offset as usize, h::OFLAG_COPIED | 1 << 40);
+            let eof = past_eof(b, l, false);
+            put_be64(b, l.l1_offset as usize, h::OFLAG_COPIED | eof);
         },
     );
 }
@@ -444,8 +455,14 @@ fn bad_compressed_cluster(tag: &str, ctype: &str) {
     let mut b = read(&path);
     let l = Qcow2Layout::parse(&b);
     // Guest cluster 2: its entry is compressed, its data starts at the host offset.
-    let entry = get_be64(b.as_slice(), l.l2_entry_pos(&b, 2 * l.cluster_size()).expect("L2"));
-    assert!(entry & h::OFLAG_COMPRESSED != 0, "cluster 2 is not compressed");
+    let entry = get_be64(
+        b.as_slice(),
+        l.l2_entry_pos(&b, 2 * l.cluster_size()).expect("L2"),
+    );
+    assert!(
+        entry & h::OFLAG_COMPRESSED != 0,
+        "cluster 2 is not compressed"
+    );
     let offset_bits = 62 - (l.cluster_bits - 8);
     let host = (entry & ((1u64 << offset_bits) - 1)) as usize;
     b[host..host + 256].fill(0xff);
@@ -460,10 +477,7 @@ fn bad_compressed_cluster(tag: &str, ctype: &str) {
 
     let mentions = &["decompress", "compress", "input/output", "i/o error"];
     for (args, code) in [
-        (
-            vec!["img", "convert", "-O", "raw", "h.qcow2", "out.raw"],
-            1,
-        ),
+        (vec!["img", "convert", "-O", "raw", "h.qcow2", "out.raw"], 1),
         (
             vec!["img", "compare", "-F", "raw", "h.qcow2", "zero.raw"],
             2,
@@ -557,7 +571,9 @@ fn data_cluster_on_metadata_is_never_written() {
         );
         r.clean_error(
             1,
-            &["overlap", "metadata", "L1", "refcount", "corrupt", "invalid"],
+            &[
+                "overlap", "metadata", "L1", "refcount", "corrupt", "invalid",
+            ],
         );
         let after = read(&path);
         let mut masked = after.clone();
@@ -568,10 +584,58 @@ fn data_cluster_on_metadata_is_never_written() {
             get_be64(&b, h::INCOMPATIBLE_FEATURES),
             "feature bits changed:\n{r}"
         );
-        put_be64(&mut masked, h::INCOMPATIBLE_FEATURES, get_be64(&b, h::INCOMPATIBLE_FEATURES));
+        put_be64(
+            &mut masked,
+            h::INCOMPATIBLE_FEATURES,
+            get_be64(&b, h::INCOMPATIBLE_FEATURES),
+        );
         assert!(
             masked == b,
             "the image changed beyond the corrupt bit (the {which} was overwritten?):\n{r}"
         );
     }
+}
+
+/// An image marked corrupt (incompatible bit 1) opens read-only, as in QEMU: reading
+/// works and gives qemu-img's bytes, writing fails with one line and changes nothing.
+#[test]
+fn corrupt_bit_means_read_only() {
+    if !require(&["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let s = fixture("corrupt-bit");
+    let path = s.join("h.qcow2");
+    let mut b = read(&path);
+    let f = get_be64(&b, h::INCOMPATIBLE_FEATURES);
+    put_be64(&mut b, h::INCOMPATIBLE_FEATURES, f | h::INCOMPAT_CORRUPT);
+    std::fs::write(&path, &b).expect("writing the image");
+    let q = run(
+        "qemu-io",
+        ["-f", "qcow2", "h.qcow2", "-c", "write 0 4k"],
+        Some(s.path()),
+    );
+    assert_ne!(q.status, Some(0), "qemu-io writes a corrupt image:\n{q}");
+    run(
+        "qemu-img",
+        ["convert", "-O", "raw", "h.qcow2", "qemu.raw"],
+        Some(s.path()),
+    )
+    .ok();
+    let before = Snapshot::take(s.path());
+    let r = run_limited(&s, &["img", "convert", "-O", "raw", "h.qcow2", "ours.raw"]).ok();
+    assert_same_bytes(
+        &read(&s.join("ours.raw")),
+        &read(&s.join("qemu.raw")),
+        "reading a corrupt-marked image",
+    );
+    std::fs::remove_file(s.join("ours.raw")).expect("cleanup");
+    before.assert_unchanged(&r);
+    let r = run_limited(
+        &s,
+        &[
+            "img", "convert", "-n", "-f", "raw", "-O", "qcow2", "zero.raw", "h.qcow2",
+        ],
+    );
+    r.clean_error(1, &["corrupt"]);
+    before.assert_unchanged(&r);
 }

@@ -6,6 +6,7 @@ use super::cache::set_u64;
 use super::error::corrupt;
 use super::header::field;
 use super::meta::{Meta, MAX_HOST_OFFSET, MAX_REFTABLE_BYTES, OFFSET_MASK};
+use super::overlap::MetaKind;
 use crate::Result;
 
 impl Meta {
@@ -14,7 +15,8 @@ impl Meta {
         let mut start = from.max(self.alloc_floor);
         let mut c = start;
         while c < start + n {
-            if self.refcount(c)? != 0 {
+            // Metadata is never free, even where a damaged refcount says so.
+            if self.refcount(c)? != 0 || self.overlap.find(c).is_some() {
                 start = c + 1;
             }
             c += 1;
@@ -93,6 +95,7 @@ impl Meta {
             self.write_refblocks()?;
         }
         let nb_off = nb * self.cs;
+        self.overlap.insert(nb, MetaKind::RefcountBlock);
         self.insert_refblock(nb_off, block)?;
         self.write_refblocks()?;
         self.storage.flush()?;
@@ -170,6 +173,18 @@ impl Meta {
         self.header.refcount_table_offset = table_off;
         self.header.refcount_table_clusters = table_clusters as u32;
         self.reftable = table;
+        let bits = self.header.cluster_bits;
+        self.overlap.set_range(
+            MetaKind::RefcountTable,
+            table_off,
+            table_clusters * self.cs,
+            bits,
+        );
+        for k in 0..new_blocks {
+            self.overlap.insert(start + k, MetaKind::RefcountBlock);
+        }
+        self.overlap
+            .insert(new_block >> bits, MetaKind::RefcountBlock);
         for k in 0..new_blocks {
             let off = (start + k) * self.cs;
             let b = blocks[(k * self.cs) as usize..((k + 1) * self.cs) as usize].to_vec();

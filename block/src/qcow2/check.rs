@@ -126,7 +126,6 @@ impl Counter<'_> {
         let Some(l1) = self.read(l1_off, l1_size * 8) else {
             return;
         };
-        let mut next_contiguous = 0u64;
         for i in 0..l1_size as usize {
             let l2_off = get_u64(&l1, i) & OFFSET_MASK;
             if l2_off == 0 {
@@ -146,12 +145,18 @@ impl Counter<'_> {
             let Some(l2) = self.read(l2_off, cs) else {
                 continue;
             };
-            self.walk_l2(&l2, active, &mut next_contiguous);
+            self.walk_l2(&l2, active);
         }
     }
 
-    fn walk_l2(&mut self, l2: &[u8], active: bool, next_contiguous: &mut u64) {
+    /// Counts the clusters of one L2 table. As in QEMU's
+    /// `check_refcounts_l2`, fragmentation is counted within each table: the
+    /// first allocated cluster of a table is never fragmented, each later one
+    /// is when it does not follow the previous one; compressed clusters are
+    /// always fragmented (and do not move the expected next offset).
+    fn walk_l2(&mut self, l2: &[u8], active: bool) {
         let cs = self.m.cs;
+        let mut next_contiguous = 0u64;
         let step = (self.m.l2_entry_bytes / 8) as usize;
         for i in 0..self.m.l2_entries as usize {
             let e = get_u64(l2, i * step);
@@ -176,10 +181,10 @@ impl Counter<'_> {
                 Ok(ClusterKind::Normal(h)) | Ok(ClusterKind::ZeroAlloc(h)) => {
                     if active {
                         self.r.allocated_clusters += 1;
-                        if *next_contiguous != 0 && h != *next_contiguous {
+                        if next_contiguous != 0 && h != next_contiguous {
                             self.r.fragmented_clusters += 1;
                         }
-                        *next_contiguous = h + cs;
+                        next_contiguous = h + cs;
                     }
                     self.inc(h, cs);
                 }

@@ -27,6 +27,22 @@ pub enum Qcow2Error {
         /// What went wrong.
         msg: String,
     },
+    /// Guest data would be written over metadata (QEMU's overlap check).
+    #[error("guest data at host offset {offset:#x} would overwrite metadata ({what}); the image is corrupt")]
+    Overlap {
+        /// Host offset of the refused write.
+        offset: u64,
+        /// Which metadata it hits.
+        what: &'static str,
+    },
+    /// A guest cluster to be freed is metadata: freeing it would destroy it.
+    #[error("guest cluster at host offset {offset:#x} is metadata ({what}) and cannot be freed; the image is corrupt")]
+    OverlapFree {
+        /// Host offset of the guest cluster.
+        offset: u64,
+        /// Which metadata it is.
+        what: &'static str,
+    },
     /// An invalid creation option or size.
     #[error("{0}")]
     Invalid(String),

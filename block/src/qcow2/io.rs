@@ -2,6 +2,8 @@
 //! backing, compressed, subclusters), allocating writes with copy-on-write,
 //! and discard / write-zeroes by L2 entry changes.
 
+use std::sync::atomic::Ordering;
+
 use super::compress::decompress;
 use super::error::{corrupt, Qcow2Error};
 use super::meta::{ClusterKind, Meta, OFLAG_COPIED, OFLAG_ZERO};
@@ -39,6 +41,61 @@ impl Qcow2Node {
         self.io_lock
             .write()
             .map_err(|_| BlockError::Graph("qcow2: I/O lock poisoned".into()))
+    }
+
+    /// Before the first change of the image: clears the autoclear bits and,
+    /// with lazy refcounts, sets the dirty bit. Called only once a request
+    /// has passed its checks, so that a refused request changes nothing.
+    fn prepare(&self, m: &mut Meta) -> Result<()> {
+        if !self.prepared.load(Ordering::Acquire) {
+            m.prepare_meta_change()?;
+            self.prepared.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// The overlap check of a whole write request, before any of it is
+    /// done: guest data written in place must not land on metadata, and the
+    /// clusters a copy-on-write releases must not be metadata either.
+    fn check_write_overlap(&self, m: &mut Meta, offset: u64, len: u64) -> Result<()> {
+        let cs = self.cluster_size();
+        let end = offset + len;
+        let mut g = offset;
+        while g < end {
+            let in_c = g % cs;
+            let n = (cs - in_c).min(end - g);
+            let (entry, _) = m.l2_entry(g / cs)?;
+            match m.classify(entry)? {
+                ClusterKind::Normal(h) if entry & OFLAG_COPIED != 0 => {
+                    m.check_data_write(h + in_c, n)?
+                }
+                kind => m.check_data_free(kind)?,
+            }
+            g += n;
+        }
+        Ok(())
+    }
+
+    /// The overlap check of a discard of guest clusters `[first, end)`
+    /// before any of it is done: none of the host clusters it would free
+    /// may be metadata.
+    fn check_free_overlap(&self, m: &mut Meta, first: u64, end: u64) -> Result<()> {
+        let mut gc = first;
+        while gc < end {
+            let l1_idx = (gc / m.l2_entries) as usize;
+            let l1_empty =
+                m.l1.get(l1_idx)
+                    .is_none_or(|e| e & super::meta::OFFSET_MASK == 0);
+            if l1_empty {
+                gc = (l1_idx as u64 + 1) * m.l2_entries;
+                continue;
+            }
+            let (entry, _) = m.l2_entry(gc)?;
+            let kind = m.classify(entry)?;
+            m.check_data_free(kind)?;
+            gc += 1;
+        }
+        Ok(())
     }
 
     /// Maps `[offset, offset+len)` to extents.
@@ -177,6 +234,7 @@ impl Qcow2Node {
                 let (entry, _) = m.l2_entry(g / cs)?;
                 match m.classify(entry)? {
                     ClusterKind::Normal(h) if entry & OFLAG_COPIED != 0 => {
+                        m.check_data_write(h + in_c, n as u64)?;
                         match direct.last_mut() {
                             Some((dh, dp, dl))
                                 if *dh + *dl as u64 == h + in_c && *dp + *dl == pos =>
@@ -190,6 +248,7 @@ impl Qcow2Node {
                 }
                 pos += n;
             }
+            self.prepare(&mut m)?;
         }
         for (h, p, n) in direct {
             self.storage.write_at(h, &buf[p..p + n])?;
@@ -225,7 +284,10 @@ impl Qcow2Node {
     }
 
     /// Writes with the metadata lock held, allocating clusters as needed.
+    /// Nothing is written if any part of the request fails the overlap check.
     pub(super) fn write_locked(&self, m: &mut Meta, offset: u64, buf: &[u8]) -> Result<()> {
+        self.check_write_overlap(m, offset, buf.len() as u64)?;
+        self.prepare(m)?;
         let cs = self.cluster_size();
         let end = offset + buf.len() as u64;
         let last_gc = (end - 1) / cs;
@@ -315,6 +377,14 @@ impl Qcow2Node {
             }
             return Ok(());
         }
+        // Nothing is changed if any part of the request fails the overlap check.
+        if zeroes {
+            let head_end = (first_full * cs).min(end);
+            self.check_write_overlap(&mut m, offset, head_end.saturating_sub(offset))?;
+            let tail_start = (end_full * cs).max(offset);
+            self.check_write_overlap(&mut m, tail_start, end.saturating_sub(tail_start))?;
+        }
+        self.check_free_overlap(&mut m, first_full, end_full)?;
         if zeroes {
             let head_end = (first_full * cs).min(end);
             if head_end > offset {
@@ -356,6 +426,7 @@ impl Qcow2Node {
                 }
                 0
             };
+            self.prepare(&mut m)?;
             m.set_l2_entry(gc, new)?;
             if allocated {
                 self.release(&mut m, kind);

@@ -15,7 +15,9 @@ use std::sync::Arc;
 
 use super::cache::{get_refcount, get_u64, set_refcount, set_u64, TableCache};
 use super::error::corrupt;
+use super::error::Qcow2Error;
 use super::header::{field, Header, INCOMPAT_DIRTY, INCOMPAT_EXTL2};
+use super::overlap::{MetaKind, Overlap};
 use super::storage::Storage;
 use crate::{BlockError, Result};
 
@@ -94,6 +96,9 @@ pub struct Meta {
     /// Where new refcount blocks may be allocated from (check repair keeps
     /// them past every used cluster).
     pub alloc_floor: u64,
+    /// The host clusters holding metadata (writable images), kept up to
+    /// date as metadata is allocated, moved and freed.
+    pub overlap: Overlap,
 }
 
 impl Meta {
@@ -115,17 +120,22 @@ impl Meta {
         };
         let mut l1_raw = vec![0u8; header.l1_size as usize * 8];
         storage.read_at(header.l1_table_offset, &mut l1_raw)?;
-        let l1 = (0..header.l1_size as usize)
+        let l1: Vec<u64> = (0..header.l1_size as usize)
             .map(|i| get_u64(&l1_raw, i))
             .collect();
         let rt_len = u64::from(header.refcount_table_clusters) * cs;
         let mut rt_raw = vec![0u8; rt_len as usize];
         storage.read_at(header.refcount_table_offset, &mut rt_raw)?;
-        let reftable = (0..rt_len as usize / 8)
+        let reftable: Vec<u64> = (0..rt_len as usize / 8)
             .map(|i| get_u64(&rt_raw, i))
             .collect();
         let prepared = header.autoclear == 0;
         let lazy = lazy && header.version >= 3;
+        let overlap = if writable {
+            Overlap::build(&storage, &header, &l1, &reftable)
+        } else {
+            Overlap::disabled()
+        };
         Ok(Self {
             storage,
             cs,
@@ -144,8 +154,46 @@ impl Meta {
             writable,
             prepared,
             alloc_floor: 0,
+            overlap,
             header,
         })
+    }
+
+    /// The overlap check: refuses guest data (`len` bytes at host `off`,
+    /// within one cluster or a run of clusters) that would land on metadata.
+    #[inline]
+    pub fn check_data_write(&self, off: u64, len: u64) -> Result<()> {
+        let bits = self.header.cluster_bits;
+        let first = off >> bits;
+        let end = (off + len.max(1) - 1) >> bits;
+        if let Some((c, kind)) = self.overlap.find_range(first, end + 1) {
+            return Err(Qcow2Error::Overlap {
+                offset: (c << bits).max(off),
+                what: kind.name(),
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Refuses to drop the reference of an L2 entry to host clusters that
+    /// hold metadata (freeing them would destroy the metadata).
+    pub fn check_data_free(&self, kind: ClusterKind) -> Result<()> {
+        let (off, len) = match kind {
+            ClusterKind::Normal(h) | ClusterKind::ZeroAlloc(h) => (h, self.cs),
+            ClusterKind::Compressed { offset, size } => (offset, size),
+            ClusterKind::Unallocated | ClusterKind::ZeroPlain => return Ok(()),
+        };
+        let bits = self.header.cluster_bits;
+        let end = off.saturating_add(len.max(1) - 1) >> bits;
+        if let Some((c, kind)) = self.overlap.find_range(off >> bits, end + 1) {
+            return Err(Qcow2Error::OverlapFree {
+                offset: (c << bits).max(off),
+                what: kind.name(),
+            }
+            .into());
+        }
+        Ok(())
     }
 
     /// Cluster index of a host offset.
@@ -289,6 +337,7 @@ impl Meta {
             vec![0u8; self.cs as usize]
         };
         let new = self.alloc_clusters(1)?;
+        self.overlap.insert(self.cluster_of(new), MetaKind::L2);
         self.insert_l2(new, data)?;
         self.l1[l1_idx] = new | OFLAG_COPIED;
         self.l1_dirty.insert(l1_idx);
@@ -413,8 +462,12 @@ impl Meta {
         let order = self.header.refcount_order;
         let b = self.rb_cache.get_mut(off).expect("loaded");
         set_refcount(b, order, (c % self.rb_entries) as usize, v);
-        if v == 0 && c < self.free_hint {
-            self.free_hint = c;
+        if v == 0 {
+            // Freed: whatever metadata it held is gone.
+            self.overlap.remove(c);
+            if c < self.free_hint {
+                self.free_hint = c;
+            }
         }
         self.need_barrier = true;
         Ok(())
@@ -573,6 +626,9 @@ impl Meta {
         self.write_header_field(field::L1_SIZE, &b)?;
         self.header.l1_size = l1.len() as u32;
         self.header.l1_table_offset = offset;
+        let bits = self.header.cluster_bits;
+        self.overlap
+            .set_range(MetaKind::L1, offset, l1.len() as u64 * 8, bits);
         self.l1 = l1;
         self.l1_dirty.clear();
         Ok(())

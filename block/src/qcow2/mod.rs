@@ -16,6 +16,8 @@ mod io;
 mod layout;
 mod meta;
 pub mod node;
+mod overlap;
+mod snapshot;
 mod storage;
 #[cfg(test)]
 mod tests;

@@ -2,7 +2,7 @@
 //! file, dirty-image repair) and the `BlockNode` interface.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use serde_json::{json, Value};
@@ -572,6 +572,13 @@ impl BlockNode for Qcow2Node {
             if h.incompatible & INCOMPAT_DIRTY != 0 {
                 m.insert("dirty-flag".into(), json!(true));
             }
+            // Internal snapshots, listed as qemu-img info lists them.
+            if let Ok(list) = super::snapshot::read_snapshots(&self.storage, h) {
+                if !list.is_empty() {
+                    let list: Vec<Value> = list.iter().map(|sn| sn.to_json()).collect();
+                    m.insert("snapshots".into(), Value::Array(list));
+                }
+            }
         }
         m
     }
@@ -597,10 +604,8 @@ impl Qcow2Node {
         if self.read_only {
             return Err(BlockError::ReadOnly("qcow2".into()));
         }
-        if !self.prepared.load(Ordering::Acquire) {
-            self.lock_meta()?.prepare_meta_change()?;
-            self.prepared.store(true, Ordering::Release);
-        }
+        // The header is prepared for changes (autoclear bits, dirty bit) by
+        // the I/O paths once a request has passed its checks.
         Ok(())
     }
 }

@@ -846,3 +846,335 @@ fn concurrent_writers_and_readers() {
         assert_qemu_clean(&img);
     }
 }
+
+fn get64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+/// The byte position of the L2 entry of guest cluster `gc` (64 KiB
+/// clusters, standard entries) in the image bytes `b`.
+fn l2_entry_pos(b: &[u8], gc: u64) -> usize {
+    let l1 = get64(b, 40) as usize;
+    let l2 = get64(b, l1 + (gc / 8192) as usize * 8) & super::meta::OFFSET_MASK;
+    assert_ne!(l2, 0, "guest cluster {gc} has no L2 table");
+    l2 as usize + (gc % 8192) as usize * 8
+}
+
+/// An image with guest clusters 0..3 allocated (0x11, 0x22, 0x33), 64 KiB clusters.
+fn three_cluster_image(img: &Path) {
+    create(img, Some(8 << 20), &CreateOptions::default()).unwrap();
+    let n = Qcow2Node::open_path(img, false).unwrap();
+    for (i, v) in [0x11u8, 0x22, 0x33].into_iter().enumerate() {
+        n.write_at(i as u64 * 65536, &[v; 65536]).unwrap();
+    }
+}
+
+/// A named request against a node.
+type Attempt<'a> = (&'a str, Box<dyn Fn() -> crate::Result<()> + 'a>);
+
+/// A data cluster pointed at metadata (hostile image) is never written
+/// over, by in-place writes, copy-on-write or discards: the request fails
+/// with one clear line and the file is left byte for byte as it was (not
+/// even the autoclear bits are cleared). Reading such a cluster works.
+#[test]
+fn data_cluster_on_metadata_is_never_written() {
+    let d = tmp();
+    let pristine = d.path().join("pristine.qcow2");
+    three_cluster_image(&pristine);
+    let base = std::fs::read(&pristine).unwrap();
+    let l1_off = get64(&base, 40);
+    let rt_off = get64(&base, 48);
+    let rb_off = get64(&base, rt_off as usize) & super::meta::OFFSET_MASK;
+    let l2_off = get64(&base, l1_off as usize) & super::meta::OFFSET_MASK;
+    let targets = [
+        ("L1 table", l1_off),
+        ("refcount table", rt_off),
+        ("refcount block", rb_off),
+        ("L2 table", l2_off),
+    ];
+    for (what, target) in targets {
+        for copied in [true, false] {
+            let case = format!("{what}, copied {copied}");
+            let img = d.path().join("h.qcow2");
+            let mut b = base.clone();
+            // Guest cluster 1 points at the metadata; autoclear bit 7 set.
+            let flag = if copied { super::meta::OFLAG_COPIED } else { 0 };
+            let at = l2_entry_pos(&b, 1);
+            put64(&mut b, at, flag | target);
+            put64(&mut b, 88, 1 << 7);
+            std::fs::write(&img, &b).unwrap();
+            let n = Qcow2Node::open_path(&img, false).unwrap();
+            // Reading is fine: the metadata's bytes.
+            let mut c = vec![0u8; 65536];
+            n.read_at(65536, &mut c).unwrap();
+            assert!(c == b[target as usize..target as usize + 65536], "{case}");
+            let attempts: [Attempt<'_>; 5] = [
+                ("write", Box::new(|| n.write_at(65536 + 512, &[0xee; 4096]))),
+                // Starts in a good cluster: nothing of it may be written either.
+                (
+                    "spanning write",
+                    Box::new(|| n.write_at(0, &[0xee; 3 << 16])),
+                ),
+                (
+                    "partial write",
+                    Box::new(|| n.write_at(65536 - 4, &[0xee; 8])),
+                ),
+                ("discard", Box::new(|| n.discard(0, 3 << 16))),
+                ("write zeroes", Box::new(|| n.write_zeroes(65536, 65536))),
+            ];
+            for (op, f) in attempts {
+                let err = f().expect_err(&format!("{case}: {op} succeeded"));
+                let msg = err.to_string();
+                assert!(
+                    msg.contains(&format!("metadata ({what})"))
+                        && msg.contains("the image is corrupt")
+                        && !msg.contains('\n'),
+                    "{case}: {op}: {msg}"
+                );
+                if copied && op != "discard" && op != "write zeroes" {
+                    assert!(
+                        msg.starts_with("qcow2: guest data at host offset 0x")
+                            && msg.contains("would overwrite metadata"),
+                        "{case}: {op}: {msg}"
+                    );
+                }
+            }
+            // The good clusters are still writable in place.
+            n.write_at(2 << 16, &[0x44; 100]).unwrap();
+            drop(n);
+            let after = std::fs::read(&img).unwrap();
+            let mut expect = b.clone();
+            let c2 = get64(&b, l2_entry_pos(&b, 2)) & super::meta::OFFSET_MASK;
+            expect[c2 as usize..c2 as usize + 100].fill(0x44);
+            // The good write cleared the autoclear bits.
+            put64(&mut expect, 88, 0);
+            assert!(after == expect, "{case}: the image changed");
+        }
+    }
+}
+
+/// A refused write changes nothing at all, not even the header.
+#[test]
+fn refused_write_leaves_header_alone() {
+    let d = tmp();
+    let img = d.path().join("h.qcow2");
+    three_cluster_image(&img);
+    let mut b = std::fs::read(&img).unwrap();
+    let l1_off = get64(&b, 40);
+    let at = l2_entry_pos(&b, 0);
+    put64(&mut b, at, super::meta::OFLAG_COPIED | l1_off);
+    put64(&mut b, 88, 1 << 7);
+    std::fs::write(&img, &b).unwrap();
+    {
+        let n = Qcow2Node::open_path(&img, false).unwrap();
+        let err = n.write_at(0, &[1; 4096]).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "qcow2: guest data at host offset {l1_off:#x} would overwrite metadata (L1 table)"
+            )),
+            "{err}"
+        );
+    }
+    assert!(std::fs::read(&img).unwrap() == b, "the image changed");
+}
+
+/// Metadata allocated while the image is open (L2 tables, refcount blocks,
+/// a grown refcount table) is protected too; freed metadata is not, so the
+/// clusters can be reused for data and written in place.
+#[test]
+fn overlap_set_follows_metadata_changes() {
+    let d = tmp();
+    let img = d.path().join("g.qcow2");
+    // 512-byte clusters: many L2 tables, refcount blocks and a refcount
+    // table that must grow.
+    create(&img, Some(8 << 20), &opts(512, true, 16)).unwrap();
+    let n = Qcow2Node::open_path(&img, false).unwrap();
+    let mut rng = Rng(7);
+    let mut reference = vec![0u8; 8 << 20];
+    for _ in 0..300 {
+        let off = rng.below((8 << 20) - 5000);
+        let len = 1 + rng.below(5000) as usize;
+        let mut data = vec![0u8; len];
+        rng.fill(&mut data);
+        n.write_at(off, &data).unwrap();
+        reference[off as usize..off as usize + len].copy_from_slice(&data);
+    }
+    {
+        let m = n.lock_meta().unwrap();
+        for (i, &e) in m.l1.iter().enumerate() {
+            let off = e & super::meta::OFFSET_MASK;
+            if off != 0 {
+                let k = m.overlap.find(off >> 9);
+                assert_eq!(k, Some(super::overlap::MetaKind::L2), "L1 entry {i}");
+            }
+        }
+        for &e in &m.reftable {
+            let off = e & super::meta::OFFSET_MASK;
+            if off != 0 {
+                assert!(m.overlap.find(off >> 9).is_some());
+            }
+        }
+        let rt = m.header.refcount_table_offset >> 9;
+        assert_eq!(
+            m.overlap.find(rt),
+            Some(super::overlap::MetaKind::RefcountTable)
+        );
+        assert_eq!(
+            m.overlap.find(m.header.l1_table_offset >> 9),
+            Some(super::overlap::MetaKind::L1)
+        );
+    }
+    // Every data cluster is still written in place (no false positives).
+    let mut all = vec![0u8; 8 << 20];
+    rng.fill(&mut all);
+    n.write_at(0, &all).unwrap();
+    assert!(read_all(&n) == all);
+    // A data entry pointed at an L2 table allocated in this session is refused.
+    let (gc, l2) = {
+        let mut m = n.lock_meta().unwrap();
+        let l2 = *m.l1.last().unwrap() & super::meta::OFFSET_MASK;
+        let gc = 5;
+        let (e, _) = m.l2_entry(gc).unwrap();
+        m.set_l2_entry(gc, super::meta::OFLAG_COPIED | l2).unwrap();
+        (gc, (l2, e))
+    };
+    let err = n.write_at(gc * 512, &[1; 512]).unwrap_err().to_string();
+    assert!(err.contains("metadata (L2 table)"), "{err}");
+    n.lock_meta().unwrap().set_l2_entry(gc, l2.1).unwrap();
+    // Discarding frees clusters; the freed L2 tables of a v3 image stay
+    // (zero flags), freed data clusters are reused and written in place.
+    n.discard(0, 4 << 20).unwrap();
+    n.flush().unwrap();
+    n.write_at(0, &all[..4 << 20]).unwrap();
+    n.write_at(100, &all[..4 << 20]).unwrap();
+    let mut expect = all.clone();
+    expect.copy_within(0..4 << 20, 100);
+    assert!(read_all(&n) == expect);
+    n.flush().unwrap();
+    assert!(n.check(Repair::None).unwrap().is_clean());
+    drop(n);
+    if have("qemu-img") {
+        assert_qemu_clean(&img);
+    }
+}
+
+#[test]
+fn overlap_lookup() {
+    use super::overlap::{MetaKind, Overlap};
+    let d = tmp();
+    let img = d.path().join("o.qcow2");
+    create(&img, Some(1 << 20), &CreateOptions::default()).unwrap();
+    let n = Qcow2Node::open_path(&img, false).unwrap();
+    let m = n.lock_meta().unwrap();
+    let mut h = m.header.clone();
+    h.l1_table_offset = 10 << 16;
+    h.l1_size = 8192 * 3; // three clusters: 10..13
+    h.refcount_table_offset = 12 << 16; // overlaps the L1 (hostile)
+    h.refcount_table_clusters = 1;
+    let l1 = vec![0, 20 << 16, 0x8000_0000_0000_0000 | (21 << 16)];
+    let rt = vec![30 << 16];
+    let mut o = Overlap::build(&m.storage, &h, &l1, &rt);
+    assert_eq!(o.find(0), Some(MetaKind::Header));
+    assert_eq!(o.find(1), None);
+    assert_eq!(o.find(9), None);
+    assert_eq!(o.find(10), Some(MetaKind::L1));
+    assert_eq!(o.find(11), Some(MetaKind::L1));
+    assert!(o.find(12).is_some());
+    assert_eq!(o.find(13), None);
+    assert_eq!(o.find(20), Some(MetaKind::L2));
+    assert_eq!(o.find(21), Some(MetaKind::L2));
+    assert_eq!(o.find(30), Some(MetaKind::RefcountBlock));
+    assert_eq!(o.find_range(13, 20), None);
+    assert_eq!(o.find_range(13, 21), Some((20, MetaKind::L2)));
+    o.remove(20);
+    assert_eq!(o.find(20), None);
+    o.insert(40, MetaKind::L2);
+    assert_eq!(o.find(40), Some(MetaKind::L2));
+    o.set_range(MetaKind::L1, 50 << 16, 8, 16);
+    assert_eq!(o.find(10), None);
+    assert_eq!(o.find(12), Some(MetaKind::RefcountTable));
+    assert_eq!(o.find(50), Some(MetaKind::L1));
+    assert_eq!(Overlap::disabled().find(0), None);
+}
+
+/// Internal snapshots: their table and L1 tables are protected as well.
+#[test]
+fn data_cluster_on_snapshot_metadata_is_refused() {
+    if !have("qemu-img") {
+        return;
+    }
+    let d = tmp();
+    let img = d.path().join("s.qcow2");
+    three_cluster_image(&img);
+    qemu_img(&["snapshot", "-c", "s1", p(&img)]);
+    // The snapshot made the clusters shared; write a fresh cluster 1.
+    {
+        let n = Qcow2Node::open_path(&img, false).unwrap();
+        n.write_at(65536, &[0x55; 65536]).unwrap();
+    }
+    let base = std::fs::read(&img).unwrap();
+    let sn_off = get64(&base, 64);
+    let sn_l1 = get64(&base, sn_off as usize);
+    for (what, target) in [("snapshot table", sn_off), ("snapshot L1 table", sn_l1)] {
+        let mut b = base.clone();
+        let at = l2_entry_pos(&b, 1);
+        put64(&mut b, at, super::meta::OFLAG_COPIED | target);
+        std::fs::write(&img, &b).unwrap();
+        {
+            let n = Qcow2Node::open_path(&img, false).unwrap();
+            let err = n.write_at(65536, &[1; 4096]).unwrap_err().to_string();
+            assert!(err.contains(&format!("metadata ({what})")), "{err}");
+        }
+        assert!(
+            std::fs::read(&img).unwrap() == b,
+            "{what}: the image changed"
+        );
+    }
+}
+
+/// Fragmentation is counted within each L2 table, as qemu-img does: the
+/// first cluster of a table is never fragmented.
+#[test]
+fn check_counts_fragmentation_per_l2_table() {
+    let d = tmp();
+    let img = d.path().join("f.qcow2");
+    // 512-byte clusters: 64 guest clusters per L2 table.
+    create(&img, Some(1 << 20), &opts(512, true, 16)).unwrap();
+    {
+        let n = Qcow2Node::open_path(&img, false).unwrap();
+        // Table A, then its data at X; table B at X+1, its data at X+2: the
+        // data of the two tables is not contiguous, but that is no
+        // fragmentation.
+        n.write_at(0, &[1; 512]).unwrap();
+        n.write_at(64 * 512, &[2; 512]).unwrap();
+        n.write_at(65 * 512, &[3; 512]).unwrap();
+    }
+    let file = || -> crate::NodeRef {
+        let n = Qcow2Node::open_path(&img, true).unwrap();
+        n.children()[0].1.clone()
+    };
+    let r = check(file(), Repair::None).unwrap();
+    assert!(r.is_clean(), "{r:?}");
+    assert_eq!(
+        (r.allocated_clusters, r.fragmented_clusters),
+        (3, 0),
+        "{r:?}"
+    );
+    {
+        // Guest cluster 1 (table A) lands after everything: fragmented.
+        let n = Qcow2Node::open_path(&img, false).unwrap();
+        n.write_at(512, &[4; 512]).unwrap();
+    }
+    let r = check(file(), Repair::None).unwrap();
+    assert_eq!(
+        (r.allocated_clusters, r.fragmented_clusters),
+        (4, 1),
+        "{r:?}"
+    );
+    if have("qemu-img") {
+        let out = qemu_img(&["check", "--output=json", p(&img)]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["allocated-clusters"], r.allocated_clusters);
+        assert_eq!(v["fragmented-clusters"], r.fragmented_clusters);
+    }
+}

@@ -60,11 +60,10 @@ pub fn run(argv: &[String]) -> Result<u8> {
             // Options given with -o, as given (qemu-img echoes some verbatim).
             let given = |key: &str| {
                 options_text
-                    .split(',')
+                    .rsplit(',')
                     .filter_map(|kv| kv.split_once('='))
-                    .filter(|(k, _)| *k == key)
+                    .find(|(k, _)| *k == key)
                     .map(|(_, v)| v.to_string())
-                    .last()
             };
             let mut opts = qcow2::CreateOptions::from_opts(&mut o)?;
             o.finish()?;

@@ -118,6 +118,16 @@ fn human_info(info: &Value, level: usize) -> String {
         if info.get("dirty-flag") == Some(&json!(true)) {
             out += &format!("{pad}cleanly shut down: no\n");
         }
+        if let Some(snaps) = info.get("snapshots").and_then(Value::as_array) {
+            out += &format!("{pad}Snapshot list:\n");
+            out += &format!(
+                "{pad}{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
+                "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+            );
+            for sn in snaps {
+                out += &format!("{pad}{}\n", snapshot_line(sn));
+            }
+        }
         if let Some(data) = info.get("format-specific").and_then(|s| s.get("data")) {
             out += &format!("{pad}Format specific information:\n");
             dump(data, level + 1, &mut out);
@@ -129,6 +139,55 @@ fn human_info(info: &Value, level: usize) -> String {
         out += &human_info(&child["info"], level + 1);
     }
     out
+}
+
+/// One row of qemu-img's snapshot table (dates in UTC).
+fn snapshot_line(sn: &Value) -> String {
+    let n = |k: &str| sn.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let secs = n("vm-clock-sec");
+    let clock = format!(
+        "{:04}:{:02}:{:02}.{:03}",
+        secs / 3600,
+        (secs / 60) % 60,
+        secs % 60,
+        n("vm-clock-nsec") / 1_000_000
+    );
+    let icount = sn
+        .get("icount")
+        .and_then(Value::as_u64)
+        .map(|i| i.to_string())
+        .unwrap_or_default();
+    format!(
+        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
+        sn.get("id").and_then(Value::as_str).unwrap_or_default(),
+        sn.get("name").and_then(Value::as_str).unwrap_or_default(),
+        human(n("vm-state-size")),
+        utc_date(n("date-sec")),
+        clock,
+        icount
+    )
+}
+
+/// `YYYY-MM-DD HH:MM:SS` in UTC for seconds since the epoch.
+fn utc_date(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    )
 }
 
 /// QEMU's `dump_qobject`: keys with spaces for dashes, lists as `[i]:`.
@@ -160,5 +219,17 @@ fn scalar(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::utc_date;
+
+    #[test]
+    fn dates() {
+        assert_eq!(utc_date(0), "1970-01-01 00:00:00");
+        assert_eq!(utc_date(1_795_648_297), "2026-11-25 23:11:37");
+        assert_eq!(utc_date(951_782_400), "2000-02-29 00:00:00");
     }
 }
