@@ -191,7 +191,12 @@ impl Qcow2Node {
         };
         Self::open_image(file, backing, &opts).map_err(|e| match e {
             BlockError::Io { what, source } if what == "qcow2" => {
-                BlockError::io(format!("{}: qcow2", o.path()), source)
+                // Name the node's key path, if it has one (not for a top-level image).
+                let what = match o.path() {
+                    "" => "qcow2".to_string(),
+                    path => format!("{path}: qcow2"),
+                };
+                BlockError::io(what, source)
             }
             other => other,
         })
