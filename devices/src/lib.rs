@@ -9,6 +9,7 @@ pub mod i8042;
 pub mod interrupt;
 pub mod pci;
 pub mod serial;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, SharedDevice};
 pub use interrupt::Interrupt;

@@ -1,0 +1,461 @@
+//! virtio-blk serving a block graph node.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use block::NodeRef;
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+
+use super::{Chain, ChainError, VirtioDevice, VirtioError};
+
+/// Virtio device ID of block devices.
+pub const VIRTIO_ID_BLOCK: u16 = 2;
+
+/// Feature bit: `seg_max` is valid.
+pub const VIRTIO_BLK_F_SEG_MAX: u32 = 2;
+/// Feature bit: the device is read-only.
+pub const VIRTIO_BLK_F_RO: u32 = 5;
+/// Feature bit: `blk_size` is valid.
+pub const VIRTIO_BLK_F_BLK_SIZE: u32 = 6;
+/// Feature bit: FLUSH requests are supported.
+pub const VIRTIO_BLK_F_FLUSH: u32 = 9;
+/// Feature bit: `topology` is valid.
+pub const VIRTIO_BLK_F_TOPOLOGY: u32 = 10;
+/// Feature bit: `writeback` is valid and writable.
+pub const VIRTIO_BLK_F_CONFIG_WCE: u32 = 11;
+/// Feature bit: `num_queues` is valid.
+pub const VIRTIO_BLK_F_MQ: u32 = 12;
+/// Feature bit: DISCARD requests are supported.
+pub const VIRTIO_BLK_F_DISCARD: u32 = 13;
+/// Feature bit: WRITE_ZEROES requests are supported.
+pub const VIRTIO_BLK_F_WRITE_ZEROES: u32 = 14;
+
+/// Request type: read.
+pub const VIRTIO_BLK_T_IN: u32 = 0;
+/// Request type: write.
+pub const VIRTIO_BLK_T_OUT: u32 = 1;
+/// Request type: flush.
+pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
+/// Request type: get the serial number.
+pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
+/// Request type: discard.
+pub const VIRTIO_BLK_T_DISCARD: u32 = 11;
+/// Request type: write zeroes.
+pub const VIRTIO_BLK_T_WRITE_ZEROES: u32 = 13;
+
+/// Status: success.
+pub const VIRTIO_BLK_S_OK: u8 = 0;
+/// Status: I/O error.
+pub const VIRTIO_BLK_S_IOERR: u8 = 1;
+/// Status: unsupported request.
+pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+
+/// Bytes in the serial number returned by GET_ID.
+pub const VIRTIO_BLK_ID_BYTES: usize = 20;
+/// Sectors the guest may discard or zero in one segment.
+pub const MAX_DISCARD_SECTORS: u32 = 1 << 22;
+
+const SECTOR: u64 = 512;
+const HEADER_LEN: usize = 16;
+const SEGMENT_LEN: usize = 16;
+const CONFIG_LEN: usize = 0x3c;
+const WRITEBACK_OFFSET: u64 = 0x20;
+
+/// Properties of a virtio-blk device (QEMU's names in brackets).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockConfig {
+    /// Number of request queues (`num-queues`).
+    pub num_queues: u16,
+    /// Size of each queue (`queue-size`), a power of two.
+    pub queue_size: u16,
+    /// Logical block size in bytes (`logical_block_size`).
+    pub logical_block_size: u32,
+    /// Physical block size in bytes (`physical_block_size`).
+    pub physical_block_size: u32,
+    /// Serial number (`serial`), at most 20 bytes.
+    pub serial: String,
+}
+
+impl Default for BlockConfig {
+    fn default() -> Self {
+        Self {
+            num_queues: 1,
+            queue_size: 256,
+            logical_block_size: 512,
+            physical_block_size: 512,
+            serial: String::new(),
+        }
+    }
+}
+
+/// A virtio-blk device over a block node.
+pub struct VirtioBlock {
+    node: NodeRef,
+    cfg: BlockConfig,
+    writeback: AtomicU8,
+}
+
+type Segments = Vec<(GuestAddress, usize)>;
+
+/// How a request ended short of success.
+enum Fail {
+    IoErr,
+    Unsupp,
+}
+
+impl VirtioBlock {
+    /// A device serving `node` with properties `cfg`.
+    pub fn new(node: NodeRef, cfg: BlockConfig) -> Result<Self, VirtioError> {
+        let bad = |m: String| Err(VirtioError::InvalidConfig(m));
+        if cfg.num_queues == 0 {
+            return bad("num-queues must be at least 1".into());
+        }
+        if !cfg.queue_size.is_power_of_two() || cfg.queue_size < 4 {
+            return bad(format!(
+                "queue-size {} is not a power of two >= 4",
+                cfg.queue_size
+            ));
+        }
+        let lbs = cfg.logical_block_size;
+        let pbs = cfg.physical_block_size;
+        if !lbs.is_power_of_two() || !(512..=32768).contains(&lbs) {
+            return bad(format!(
+                "logical_block_size {lbs} is not a power of two in 512..=32768"
+            ));
+        }
+        if !pbs.is_power_of_two() || pbs < lbs || pbs > 32768 {
+            return bad(format!(
+                "physical_block_size {pbs} must be a power of two in {lbs}..=32768"
+            ));
+        }
+        if cfg.serial.len() > VIRTIO_BLK_ID_BYTES {
+            return bad(format!("serial is longer than {VIRTIO_BLK_ID_BYTES} bytes"));
+        }
+        Ok(Self {
+            node,
+            cfg,
+            writeback: AtomicU8::new(1),
+        })
+    }
+
+    fn seg_max(&self) -> u32 {
+        u32::from(self.cfg.queue_size) - 2
+    }
+
+    fn config_bytes(&self) -> [u8; CONFIG_LEN] {
+        let mut b = [0u8; CONFIG_LEN];
+        let mut put = |at: usize, v: &[u8]| b[at..at + v.len()].copy_from_slice(v);
+        let lbs = self.cfg.logical_block_size;
+        let ratio = self.cfg.physical_block_size / lbs;
+        put(0x00, &(self.node.size() / SECTOR).to_le_bytes());
+        put(0x0c, &self.seg_max().to_le_bytes());
+        put(0x14, &lbs.to_le_bytes());
+        put(0x18, &[ratio.trailing_zeros() as u8, 0]);
+        put(0x1a, &(ratio as u16).to_le_bytes());
+        put(0x20, &[self.writeback.load(Ordering::Relaxed), 0]);
+        put(0x22, &self.cfg.num_queues.to_le_bytes());
+        put(0x24, &MAX_DISCARD_SECTORS.to_le_bytes());
+        put(0x28, &1u32.to_le_bytes());
+        put(0x2c, &(lbs / SECTOR as u32).to_le_bytes());
+        put(0x30, &MAX_DISCARD_SECTORS.to_le_bytes());
+        put(0x34, &1u32.to_le_bytes());
+        b
+    }
+
+    /// Executes a request; returns the bytes written into data buffers.
+    fn execute(
+        &self,
+        mem: &GuestMemoryMmap,
+        readable: &Segments,
+        writable: &Segments,
+    ) -> Result<u32, Fail> {
+        let mut header = [0u8; HEADER_LEN];
+        let rest = gather(mem, readable, &mut header)?;
+        let req_type = u32::from_le_bytes(header[0..4].try_into().unwrap_or_default());
+        let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
+        let node = &*self.node;
+        match req_type {
+            VIRTIO_BLK_T_IN => {
+                let offset = self.check_io(sector, writable)?;
+                check_mem(mem, writable, Permissions::Write)?;
+                let mut pos = offset;
+                for &(addr, len) in writable {
+                    for_each_slice_mut(mem, addr, len, |buf| {
+                        node.read_at(pos, buf).map_err(|_| Fail::IoErr)?;
+                        pos += buf.len() as u64;
+                        Ok(())
+                    })?;
+                }
+                Ok((pos - offset) as u32)
+            }
+            VIRTIO_BLK_T_OUT => {
+                if node.read_only() {
+                    return Err(Fail::IoErr);
+                }
+                let offset = self.check_io(sector, &rest)?;
+                check_mem(mem, &rest, Permissions::Read)?;
+                let mut pos = offset;
+                for &(addr, len) in &rest {
+                    for_each_slice(mem, addr, len, |buf| {
+                        node.write_at(pos, buf).map_err(|_| Fail::IoErr)?;
+                        pos += buf.len() as u64;
+                        Ok(())
+                    })?;
+                }
+                if self.writeback.load(Ordering::Relaxed) == 0 {
+                    node.flush().map_err(|_| Fail::IoErr)?;
+                }
+                Ok(0)
+            }
+            VIRTIO_BLK_T_FLUSH => node.flush().map(|_| 0).map_err(|_| Fail::IoErr),
+            VIRTIO_BLK_T_GET_ID => {
+                let mut id = [0u8; VIRTIO_BLK_ID_BYTES];
+                id[..self.cfg.serial.len()].copy_from_slice(self.cfg.serial.as_bytes());
+                scatter(mem, writable, &id)
+            }
+            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+                if node.read_only() {
+                    return Err(Fail::IoErr);
+                }
+                let total: usize = rest.iter().map(|s| s.1).sum();
+                if total == 0 || !total.is_multiple_of(SEGMENT_LEN) || total / SEGMENT_LEN > 1 {
+                    return Err(Fail::Unsupp);
+                }
+                let mut seg = [0u8; SEGMENT_LEN];
+                gather(mem, &rest, &mut seg)?;
+                let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap_or_default());
+                let num = u32::from_le_bytes(seg[8..12].try_into().unwrap_or_default());
+                let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap_or_default());
+                let unmap_ok = req_type == VIRTIO_BLK_T_WRITE_ZEROES;
+                if flags & !1 != 0 || (flags & 1 != 0 && !unmap_ok) || num > MAX_DISCARD_SECTORS {
+                    return Err(Fail::Unsupp);
+                }
+                let len = u64::from(num) * SECTOR;
+                let offset = self.check_range(sector, len)?;
+                let r = if req_type == VIRTIO_BLK_T_DISCARD {
+                    node.discard(offset, len)
+                } else {
+                    node.write_zeroes(offset, len)
+                };
+                r.map(|_| 0).map_err(|_| Fail::IoErr)
+            }
+            _ => Err(Fail::Unsupp),
+        }
+    }
+
+    /// Checks a read or write of `segs` at `sector`; returns its byte offset.
+    fn check_io(&self, sector: u64, segs: &Segments) -> Result<u64, Fail> {
+        let len: u64 = segs.iter().map(|s| s.1 as u64).sum();
+        if !len.is_multiple_of(SECTOR) {
+            return Err(Fail::IoErr);
+        }
+        self.check_range(sector, len)
+    }
+
+    fn check_range(&self, sector: u64, len: u64) -> Result<u64, Fail> {
+        let capacity = self.node.size() / SECTOR * SECTOR;
+        let offset = sector.checked_mul(SECTOR).ok_or(Fail::IoErr)?;
+        match offset.checked_add(len) {
+            Some(end) if end <= capacity => Ok(offset),
+            _ => Err(Fail::IoErr),
+        }
+    }
+}
+
+/// Collects the chain's descriptors, refusing truncated chains (loops,
+/// chains longer than the queue or indirect table, unreadable descriptors).
+fn collect(chain: Chain<'_>) -> Result<Vec<Descriptor>, ChainError> {
+    let descs: Vec<Descriptor> = chain.collect();
+    match descs.last() {
+        None => Err(ChainError::Malformed("empty or unreadable chain")),
+        Some(d) if d.has_next() => Err(ChainError::Malformed(
+            "chain loops, exceeds the queue or leaves guest memory",
+        )),
+        Some(_) => Ok(descs),
+    }
+}
+
+fn check_mem(mem: &GuestMemoryMmap, segs: &Segments, perm: Permissions) -> Result<(), Fail> {
+    if segs.iter().all(|&(a, l)| mem.check_range(a, l, perm)) {
+        Ok(())
+    } else {
+        Err(Fail::IoErr)
+    }
+}
+
+/// Reads `out.len()` bytes from the start of `segs`; returns the segments
+/// after them.
+fn gather(mem: &GuestMemoryMmap, segs: &Segments, out: &mut [u8]) -> Result<Segments, Fail> {
+    let mut done = 0;
+    let mut rest = Vec::new();
+    for &(addr, len) in segs {
+        let n = len.min(out.len() - done);
+        if n > 0 {
+            mem.read_slice(&mut out[done..done + n], addr)
+                .map_err(|_| Fail::IoErr)?;
+            done += n;
+        }
+        if n < len {
+            let a = addr.checked_add(n as u64).ok_or(Fail::IoErr)?;
+            rest.push((a, len - n));
+        }
+    }
+    if done < out.len() {
+        return Err(Fail::IoErr);
+    }
+    Ok(rest)
+}
+
+/// Writes as much of `data` as fits into `segs`; returns the bytes written.
+fn scatter(mem: &GuestMemoryMmap, segs: &Segments, data: &[u8]) -> Result<u32, Fail> {
+    let mut done = 0;
+    for &(addr, len) in segs {
+        let n = len.min(data.len() - done);
+        mem.write_slice(&data[done..done + n], addr)
+            .map_err(|_| Fail::IoErr)?;
+        done += n;
+    }
+    Ok(done as u32)
+}
+
+/// Calls `f` on each host-contiguous piece of guest memory
+/// `[addr, addr+len)`, in place.
+fn for_each_slice_mut(
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    len: usize,
+    mut f: impl FnMut(&mut [u8]) -> Result<(), Fail>,
+) -> Result<(), Fail> {
+    let slices = mem
+        .get_slices(addr, len, Permissions::Write)
+        .map_err(|_| Fail::IoErr)?;
+    for s in slices {
+        let s = s.map_err(|_| Fail::IoErr)?;
+        let guard = s.ptr_guard_mut();
+        // SAFETY: `get_slices` checked that the range lies within one mapped
+        // region, which stays mapped while `mem` is borrowed. The guest may
+        // write the same bytes concurrently; any byte value is a valid `u8`,
+        // so a racing guest only corrupts its own buffer, as on hardware.
+        let buf = unsafe { std::slice::from_raw_parts_mut(guard.as_ptr(), guard.len()) };
+        f(buf)?;
+    }
+    Ok(())
+}
+
+/// Like [`for_each_slice_mut`], read-only.
+fn for_each_slice(
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    len: usize,
+    mut f: impl FnMut(&[u8]) -> Result<(), Fail>,
+) -> Result<(), Fail> {
+    let slices = mem
+        .get_slices(addr, len, Permissions::Read)
+        .map_err(|_| Fail::IoErr)?;
+    for s in slices {
+        let s = s.map_err(|_| Fail::IoErr)?;
+        let guard = s.ptr_guard();
+        // SAFETY: as in `for_each_slice_mut`: the range is mapped for the
+        // borrow of `mem`, and racing guest writes cannot make a `u8` invalid.
+        let buf = unsafe { std::slice::from_raw_parts(guard.as_ptr(), guard.len()) };
+        f(buf)?;
+    }
+    Ok(())
+}
+
+impl VirtioDevice for VirtioBlock {
+    fn device_type(&self) -> u16 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = [
+            VIRTIO_BLK_F_SEG_MAX,
+            VIRTIO_BLK_F_BLK_SIZE,
+            VIRTIO_BLK_F_FLUSH,
+            VIRTIO_BLK_F_TOPOLOGY,
+            VIRTIO_BLK_F_CONFIG_WCE,
+            VIRTIO_BLK_F_MQ,
+            VIRTIO_BLK_F_DISCARD,
+            VIRTIO_BLK_F_WRITE_ZEROES,
+        ]
+        .iter()
+        .fold(0u64, |f, &b| f | 1 << b);
+        if self.node.read_only() {
+            f |= 1 << VIRTIO_BLK_F_RO;
+        }
+        f
+    }
+
+    fn num_queues(&self) -> u16 {
+        self.cfg.num_queues
+    }
+
+    fn queue_max_size(&self) -> u16 {
+        self.cfg.queue_size
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let b = self.config_bytes();
+        for (i, d) in data.iter_mut().enumerate() {
+            *d = usize::try_from(offset)
+                .ok()
+                .and_then(|o| b.get(o + i))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&self, offset: u64, data: &[u8]) {
+        if offset == WRITEBACK_OFFSET && data.len() == 1 {
+            self.writeback
+                .store(u8::from(data[0] != 0), Ordering::Relaxed);
+        }
+    }
+
+    fn reset(&self) {
+        self.writeback.store(1, Ordering::Relaxed);
+    }
+
+    fn process_chain(
+        &self,
+        mem: &GuestMemoryMmap,
+        chain: Chain<'_>,
+        _features: u64,
+    ) -> Result<u32, ChainError> {
+        let descs = collect(chain)?;
+        let last = descs[descs.len() - 1];
+        if !last.is_write_only() || last.len() == 0 {
+            return Err(ChainError::NoStatus);
+        }
+        let status_addr = last
+            .addr()
+            .checked_add(u64::from(last.len()) - 1)
+            .ok_or(ChainError::NoStatus)?;
+        let mut readable = Segments::new();
+        let mut writable = Segments::new();
+        for (i, d) in descs.iter().enumerate() {
+            let len = if i == descs.len() - 1 {
+                d.len() - 1
+            } else {
+                d.len()
+            } as usize;
+            if len == 0 {
+                continue;
+            }
+            if d.is_write_only() {
+                writable.push((d.addr(), len));
+            } else {
+                readable.push((d.addr(), len));
+            }
+        }
+        let (status, written) = match self.execute(mem, &readable, &writable) {
+            Ok(n) => (VIRTIO_BLK_S_OK, n),
+            Err(Fail::IoErr) => (VIRTIO_BLK_S_IOERR, 0),
+            Err(Fail::Unsupp) => (VIRTIO_BLK_S_UNSUPP, 0),
+        };
+        mem.write_obj(status, status_addr)
+            .map_err(|_| ChainError::NoStatus)?;
+        Ok(written.saturating_add(1))
+    }
+}
