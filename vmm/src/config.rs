@@ -160,34 +160,36 @@ fn check_cpus(n: u64) -> Result<u8, String> {
     Ok(n as u8)
 }
 
-fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
 fn expect_str<'a>(v: &'a Value, path: &str) -> Result<&'a str, ConfigError> {
     v.as_str().map_or_else(
-        || err(format!("{path}: expected a string, got {}", type_name(v))),
+        || {
+            err(format!(
+                "{path}: expected a string, got {}",
+                block::options::kind(v)
+            ))
+        },
         Ok,
     )
 }
 
 fn expect_object<'a>(v: &'a Value, path: &str) -> Result<&'a Map<String, Value>, ConfigError> {
     v.as_object().map_or_else(
-        || err(format!("{path}: expected an object, got {}", type_name(v))),
+        || {
+            err(format!(
+                "{path}: expected an object, got {}",
+                block::options::kind(v)
+            ))
+        },
         Ok,
     )
 }
 
 fn entries(v: &Value, path: &str, base: Option<&Path>) -> Result<Vec<Entry>, ConfigError> {
     let Value::Array(items) = v else {
-        return err(format!("{path}: expected an array, got {}", type_name(v)));
+        return err(format!(
+            "{path}: expected an array, got {}",
+            block::options::kind(v)
+        ));
     };
     items
         .iter()
@@ -220,7 +222,12 @@ impl VmConfig {
     /// Applies a parsed config document; relative paths resolve against `base`.
     pub fn apply_json(&mut self, value: &Value, base: Option<&Path>) -> Result<(), ConfigError> {
         let top = value.as_object().map_or_else(
-            || err(format!("expected a JSON object, got {}", type_name(value))),
+            || {
+                err(format!(
+                    "expected a JSON object, got {}",
+                    block::options::kind(value)
+                ))
+            },
             Ok,
         )?;
         for (key, v) in top {
@@ -258,7 +265,10 @@ impl VmConfig {
             match k.as_str() {
                 "cpus" => {
                     let n = v.as_u64().ok_or_else(|| {
-                        key_err(format!("expected an integer, got {}", type_name(v)))
+                        key_err(format!(
+                            "expected an integer, got {}",
+                            block::options::kind(v)
+                        ))
                     })?;
                     self.cpus = check_cpus(n).map_err(key_err)?;
                 }
@@ -269,7 +279,7 @@ impl VmConfig {
                         _ => {
                             return Err(key_err(format!(
                                 "expected a size such as \"512M\", got {}",
-                                type_name(v)
+                                block::options::kind(v)
                             )))
                         }
                     };

@@ -70,14 +70,7 @@ pub fn run(argv: &[String]) -> Result<u8> {
                 o.finish()?;
                 block::file::create_file(path, src_size)?;
                 let opts = json!({"driver": "raw", "file": {"driver": "file", "filename": dst}});
-                let opened = open(
-                    opts.as_object().cloned().expect("object"),
-                    &secrets,
-                    OpenMode {
-                        read_only: false,
-                        no_io: false,
-                    },
-                )?;
+                let opened = open_new(opts, &secrets)?;
                 (opened, true)
             }
             "qcow2" => {
@@ -86,14 +79,7 @@ pub fn run(argv: &[String]) -> Result<u8> {
                 block::qcow2::create(path, Some(src_size), &opts)?;
                 let target =
                     json!({"driver": "qcow2", "file": {"driver": "file", "filename": dst}});
-                let opened = open(
-                    target.as_object().cloned().expect("object"),
-                    &secrets,
-                    OpenMode {
-                        read_only: false,
-                        no_io: false,
-                    },
-                )?;
+                let opened = open_new(target, &secrets)?;
                 // A new qcow2 image reads as zeros unless it has a backing file.
                 (opened, opts.backing_file.is_none())
             }
@@ -118,14 +104,7 @@ pub fn run(argv: &[String]) -> Result<u8> {
                     "",
                 )?;
                 let target = json!({"driver": "luks", "key-secret": key_secret, "file": {"driver": "file", "filename": dst}});
-                let opened = open(
-                    target.as_object().cloned().expect("object"),
-                    &secrets,
-                    OpenMode {
-                        read_only: false,
-                        no_io: false,
-                    },
-                )?;
+                let opened = open_new(target, &secrets)?;
                 (opened, false)
             }
             other => {
@@ -204,4 +183,22 @@ fn copy(src: &NodeRef, dst: &NodeRef, size: u64, zero_init: bool, progress: bool
     }
     dst.flush()?;
     Ok(())
+}
+
+/// Opens a target image just created, for writing.
+fn open_new(
+    options: serde_json::Value,
+    secrets: &block::SecretStore,
+) -> Result<super::image::Image> {
+    let serde_json::Value::Object(map) = options else {
+        return Err(ImgError::Msg("target options must be an object".into()));
+    };
+    open(
+        map,
+        secrets,
+        OpenMode {
+            read_only: false,
+            no_io: false,
+        },
+    )
 }
