@@ -1,6 +1,7 @@
 //! ACPI tables for a hardware-reduced x86_64 machine: RSDP, XSDT, FADT,
-//! MADT, MCFG and a DSDT with the PCI host bridge, COM1, the power button
-//! and the Generic Event Device (see `devices::acpi` for its registers).
+//! MADT, MCFG and a DSDT with the PCI host bridge and its ACPI hotplug slots,
+//! COM1, the power button and the Generic Event Device (see `devices::acpi`
+//! for the GED and PCI hotplug registers).
 //!
 //! ```no_run
 //! # use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -13,6 +14,7 @@
 //!     mmio32: 0xc000_0000..0xe000_0000,
 //!     mmio64: 0x1_0000_0000..0x11_0000_0000,
 //!     ged_base: 0xfeb0_0000,
+//!     pcihp_base: 0xfeb0_0100,
 //!     ged_irq: 5,
 //!     serial_irq: 4,
 //!     tables_base: 0xe_0000,
@@ -42,7 +44,8 @@ use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
 use devices::acpi::{
-    GED_LEN, GED_RESET, GED_RESET_VALUE, GED_SLEEP_CONTROL, GED_SLEEP_STATUS, SLEEP_TYPE_S5,
+    GED_LEN, GED_RESET, GED_RESET_VALUE, GED_SLEEP_CONTROL, GED_SLEEP_STATUS, PCIHP_LEN,
+    SLEEP_TYPE_S5,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
@@ -61,6 +64,9 @@ pub struct AcpiLayout {
     pub mmio64: Range<u64>,
     /// MMIO base of the GED register block (`devices::acpi::GED_LEN` bytes, below 4 GiB).
     pub ged_base: u64,
+    /// MMIO base of the PCI hotplug register block (`devices::acpi::PCIHP_LEN`
+    /// bytes, below 4 GiB, not overlapping the GED).
+    pub pcihp_base: u64,
     /// GSI of the GED interrupt (edge triggered, active high).
     pub ged_irq: u32,
     /// GSI of COM1.
@@ -109,6 +115,19 @@ impl AcpiLayout {
         }
         if self.ged_base.saturating_add(GED_LEN) > FOUR_GIB {
             return bad(&format!("GED base {:#x} is above 4 GiB", self.ged_base));
+        }
+        if self.pcihp_base.saturating_add(PCIHP_LEN) > FOUR_GIB {
+            return bad(&format!(
+                "PCI hotplug base {:#x} is above 4 GiB",
+                self.pcihp_base
+            ));
+        }
+        if self.pcihp_base < self.ged_base + GED_LEN && self.ged_base < self.pcihp_base + PCIHP_LEN
+        {
+            return bad(&format!(
+                "PCI hotplug registers at {:#x} overlap the GED at {:#x}",
+                self.pcihp_base, self.ged_base
+            ));
         }
         Ok(())
     }

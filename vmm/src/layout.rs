@@ -10,7 +10,8 @@
 //! 0x0010_0000  RAM                 kernel, initramfs (top of low RAM)
 //! 0xc000_0000  MMIO32 window       PCI BARs (32-bit)                 } 32-bit
 //! 0xe000_0000  PCI ECAM            256 buses x 1 MiB                  } PCI hole
-//! 0xfeb0_0000  ACPI GED                                               }
+//! 0xfeb0_0000  ACPI GED            16 bytes                           }
+//! 0xfeb0_0100  ACPI PCI hotplug    16 bytes (PCIU, PCID, B0EJ, PSEG)  }
 //! 0xfec0_0000  IOAPIC                                                 }
 //! 0xfee0_0000  LAPIC                                                  }
 //! 0xfffb_c000  KVM identity map page, TSS (3 pages)                  }
@@ -19,6 +20,8 @@
 //! ```
 
 use std::ops::Range;
+
+use devices::acpi::{GED_LEN, PCIHP_LEN};
 
 /// 1 MiB: start of RAM for the kernel.
 pub const HIGH_RAM_START: u64 = 0x10_0000;
@@ -74,6 +77,8 @@ pub const PCI_ECAM_START: u64 = 0xe000_0000;
 pub const PCI_ECAM_SIZE: u64 = 0x1000_0000;
 /// ACPI Generic Event Device registers.
 pub const GED_START: u64 = 0xfeb0_0000;
+/// ACPI PCI hotplug registers (`devices::acpi::PciHotplug`, [`PCIHP_LEN`] bytes).
+pub const PCIHP_START: u64 = GED_START + 0x100;
 /// IOAPIC registers (KVM's in-kernel IOAPIC).
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// Local APIC registers.
@@ -195,7 +200,8 @@ pub fn e820_map(memory: u64) -> Vec<E820Entry> {
 const _: () = {
     assert!(MMIO32_START + MMIO32_SIZE <= PCI_ECAM_START);
     assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= GED_START);
-    assert!(GED_START < IOAPIC_START && IOAPIC_START < APIC_START);
+    assert!(GED_START + GED_LEN <= PCIHP_START);
+    assert!(PCIHP_START + PCIHP_LEN <= IOAPIC_START && IOAPIC_START < APIC_START);
     assert!(APIC_START + 0x10_0000 <= KVM_IDENTITY_MAP_START);
     assert!(PDE_START + BOOT_PD_COUNT * 0x1000 <= CMDLINE_START);
     assert!(ZERO_PAGE_START + 0x1000 <= BOOT_STACK_POINTER + 0x10);

@@ -115,6 +115,7 @@ pub fn acpi_layout(vm: &Vm) -> AcpiLayout {
         mmio32: layout::mmio32_window(),
         mmio64: layout::mmio64_window(vm.memory_size()),
         ged_base: layout::GED_START,
+        pcihp_base: layout::PCIHP_START,
         ged_irq: layout::GED_IRQ,
         serial_irq: layout::SERIAL_IRQ,
         tables_base: layout::ACPI_TABLES_START,

@@ -1,5 +1,6 @@
-//! The DSDT's AML: the PCI host bridge, motherboard resources, COM1, the
-//! power button, the GED and the `\_S5_` sleep package.
+//! The DSDT's AML: the PCI host bridge with its ACPI hotplug slots,
+//! motherboard resources, COM1, the power button, the GED and the `\_S5_`
+//! sleep package.
 //!
 //! Namespace (ASL):
 //!
@@ -7,9 +8,34 @@
 //! Name (\_S5, Package () { 5, 0 })        // SLP_TYP for the GED's sleep control register
 //! Device (\_SB.PCI0)                      // PNP0A08 / PNP0A03, _SEG 0, _BBN 0, _UID 0
 //!     _CRS: buses 0..n, IO 0xCF8/8, IO 0-0xCF7 and 0xD00-0xFFFF windows, MMIO32, MMIO64
-//!     _OSC: grants SHPC hotplug, PME, AER, PCIe capability; never native PCIe hotplug
-//!     Method (PCNT) {}                    // PCI hotplug hook, filled by the hotplug issue
-//! Device (\_SB.MBRD)                      // PNP0C02: ECAM and GED registers are taken
+//!     _OSC: grants SHPC hotplug, PME, AER, PCIe capability; never native PCIe hotplug,
+//!           so Linux uses ACPI hotplug (acpiphp) for the slots below
+//!     Mutex (BLCK, 0)                     // serialises PCNT and PCEJ on the registers
+//!     OperationRegion (PCST, SystemMemory, pcihp_base, PCIHP_LEN)
+//!     Field (PCST, DWordAcc, NoLock, WriteAsZeros) { PCIU, 32, PCID, 32, B0EJ, 32, PSEG, 32 }
+//!     Method (PCEJ, 1, Serialized) {      // eject slot Arg0
+//!         Acquire (BLCK, 0xFFFF)
+//!         PSEG = 0                        // segment 0
+//!         B0EJ = 1 << Arg0                // the VMM's acknowledgement of an unplug
+//!         Release (BLCK)
+//!         Return (0)
+//!     }
+//!     Device (S01) .. Device (S1F)        // one per hotpluggable slot n = 1..31 (hex names)
+//!         Name (_SUN, n)
+//!         Name (_ADR, n << 16)            // device n, function 0
+//!         Method (_EJ0, 1, Serialized) { \_SB.PCI0.PCEJ (_SUN) }
+//!     Method (DVNT, 2, Serialized) {      // notify Arg1 to every slot whose bit is in Arg0
+//!         Local0 = Arg0 & 0x02  If (Local0 == 0x02) { Notify (S01, Arg1) }
+//!         ...                             // up to S1F, bit 31
+//!     }
+//!     Method (PCNT, 0, Serialized) {      // called by the GED for GED_EVENT_PCI_HOTPLUG
+//!         Acquire (BLCK, 0xFFFF)
+//!         PSEG = 0
+//!         DVNT (PCIU, 1)                  // device check: acpiphp scans the slot
+//!         DVNT (PCID, 3)                  // eject request: acpiphp unbinds, calls _EJ0
+//!         Release (BLCK)
+//!     }
+//! Device (\_SB.MBRD)                      // PNP0C02: ECAM, GED and PCI hotplug registers are taken
 //! Device (\_SB.COM1)                      // PNP0501 at 0x3F8, IRQ serial_irq
 //! Device (\_SB.PWRB)                      // PNP0C0C power button
 //! Device (\_SB.GED)                       // ACPI0013, Interrupt (ged_irq)
@@ -22,17 +48,23 @@
 //! ```
 
 use acpi_tables::aml::{
-    self, AddressSpace, AddressSpaceCacheable, Arg, CreateDWordField, Device, EISAName, Else,
-    Equal, Field, FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule, If, Interrupt,
+    self, Acquire, AddressSpace, AddressSpaceCacheable, Arg, CreateDWordField, Device, EISAName,
+    Else, Equal, Field, FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule, If, Interrupt,
     Local, Memory32Fixed, Method, MethodCall, Name, NotEqual, Notify, OpRegion, OpRegionSpace,
-    Package, Path, ResourceTemplate, Return, Store, Uuid, IO,
+    Package, Path, Release, ResourceTemplate, Return, ShiftLeft, Store, Uuid, IO,
 };
 use acpi_tables::Aml;
-use devices::acpi::{GED_EVENT_PCI_HOTPLUG, GED_EVENT_POWER_BUTTON, GED_LEN};
+use devices::acpi::{
+    GED_EVENT_PCI_HOTPLUG, GED_EVENT_POWER_BUTTON, GED_LEN, PCIHP_LEN, PCIHP_SLOTS,
+};
 use devices::pci::{PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN};
 
 use super::{AcpiLayout, SLEEP_TYPE_S5};
 
+/// Notify value: device check (re-enumerate the slot).
+const NOTIFY_DEVICE_CHECK: u8 = 1;
+/// Notify value: eject request.
+const NOTIFY_EJECT_REQUEST: u8 = 3;
 /// The PCI Express/PCI host bridge _OSC UUID.
 const PCI_OSC_UUID: &str = "33DB4D5B-1FF7-401C-9657-7441C03DD766";
 /// _OSC control bits granted: SHPC hotplug, PME, AER, PCIe capability
@@ -97,9 +129,7 @@ fn pci_host_bridge(layout: &AcpiLayout, sink: &mut Vec<u8>) {
     let crs = ResourceTemplate::new(resources);
     let osc_body = osc_body();
     let osc = Method::new("_OSC".into(), 4, false, vec![&osc_body]);
-    // Hook for PCI hotplug: the hotplug issue replaces this empty method with
-    // one that notifies the slots whose state changed (acpiphp rescans).
-    let pcnt = Method::new("PCNT".into(), 0, true, vec![]);
+    let hotplug = pci_hotplug(layout);
     Device::new(
         "_SB_.PCI0".into(),
         vec![
@@ -111,7 +141,7 @@ fn pci_host_bridge(layout: &AcpiLayout, sink: &mut Vec<u8>) {
             &Name::new("_BBN".into(), &aml::ZERO),
             &Name::new("_CRS".into(), &crs),
             &osc,
-            &pcnt,
+            &hotplug,
         ],
     )
     .to_aml_bytes(sink);
@@ -159,6 +189,101 @@ fn osc_body() -> RawAml {
     RawAml(body)
 }
 
+/// The AML name of the device for `slot`: `S01_` .. `S1F_` (iasl prints `S01`).
+fn slot_name(slot: u8) -> String {
+    format!("S{slot:02X}_")
+}
+
+/// The PCI hotplug objects inside `\_SB_.PCI0` (see the module docs): the
+/// register block, `PCEJ`, one device per slot in [`PCIHP_SLOTS`], `DVNT`
+/// and `PCNT`, as Cloud Hypervisor and QEMU's PIIX4 describe them. Linux's
+/// acpiphp takes every child of the host bridge with `_ADR` and `_EJ0` for
+/// a hotplug slot.
+fn pci_hotplug(layout: &AcpiLayout) -> RawAml {
+    let mut aml = Vec::new();
+    aml::Mutex::new("BLCK".into(), 0).to_aml_bytes(&mut aml);
+    let base = layout.pcihp_base;
+    OpRegion::new(
+        "PCST".into(),
+        OpRegionSpace::SystemMemory,
+        &base,
+        &PCIHP_LEN,
+    )
+    .to_aml_bytes(&mut aml);
+    Field::new(
+        "PCST".into(),
+        FieldAccessType::DWord,
+        FieldLockRule::NoLock,
+        FieldUpdateRule::WriteAsZeroes,
+        vec![
+            FieldEntry::Named(*b"PCIU", 32),
+            FieldEntry::Named(*b"PCID", 32),
+            FieldEntry::Named(*b"B0EJ", 32),
+            FieldEntry::Named(*b"PSEG", 32),
+        ],
+    )
+    .to_aml_bytes(&mut aml);
+
+    let pseg = Path::new("PSEG");
+    let segment_0 = Store::new(&pseg, &aml::ZERO);
+    let acquire = Acquire::new("BLCK".into(), 0xffff);
+    let release = Release::new("BLCK".into());
+    let b0ej = Path::new("B0EJ");
+    let eject = ShiftLeft::new(&b0ej, &aml::ONE, &Arg(0));
+    let ret = Return::new(&aml::ZERO);
+    Method::new(
+        "PCEJ".into(),
+        1,
+        true,
+        vec![&acquire, &segment_0, &eject, &release, &ret],
+    )
+    .to_aml_bytes(&mut aml);
+
+    let sun = Path::new("_SUN");
+    let pcej = MethodCall::new("\\_SB_.PCI0.PCEJ".into(), vec![&sun]);
+    let ej0 = Method::new("_EJ0".into(), 1, true, vec![&pcej]);
+    let mut dvnt = Vec::new();
+    for slot in PCIHP_SLOTS {
+        let name = slot_name(slot);
+        let adr = u32::from(slot) << 16;
+        Device::new(
+            name.as_str().into(),
+            vec![
+                &Name::new("_SUN".into(), &slot),
+                &Name::new("_ADR".into(), &adr),
+                &ej0,
+            ],
+        )
+        .to_aml_bytes(&mut aml);
+        // Local0 = Arg0 & (1 << slot); If (Local0 == (1 << slot)) { Notify (Sxx, Arg1) }
+        let mask = 1u32 << slot;
+        aml::And::new(&Local(0), &Arg(0), &mask).to_aml_bytes(&mut dvnt);
+        let device = Path::new(&name);
+        let notify = Notify::new(&device, &Arg(1));
+        If::new(&Equal::new(&Local(0), &mask), vec![&notify]).to_aml_bytes(&mut dvnt);
+    }
+    Method::new("DVNT".into(), 2, true, vec![&RawAml(dvnt)]).to_aml_bytes(&mut aml);
+
+    let pciu = Path::new("PCIU");
+    let pcid = Path::new("PCID");
+    let device_check = MethodCall::new("DVNT".into(), vec![&pciu, &NOTIFY_DEVICE_CHECK]);
+    let eject_request = MethodCall::new("DVNT".into(), vec![&pcid, &NOTIFY_EJECT_REQUEST]);
+    Method::new(
+        "PCNT".into(),
+        0,
+        true,
+        vec![
+            &acquire,
+            &segment_0,
+            &device_check,
+            &eject_request,
+            &release,
+        ],
+    )
+    .to_aml_bytes(&mut aml);
+    RawAml(aml)
+}
+
 /// Pre-encoded AML bytes (for bodies whose parts borrow each other).
 struct RawAml(Vec<u8>);
 
@@ -168,8 +293,9 @@ impl Aml for RawAml {
     }
 }
 
-/// `PNP0C02` claims the ECAM and GED register ranges so that the guest
-/// neither allocates over them nor rejects the MCFG area as unreserved.
+/// `PNP0C02` claims the ECAM, GED and PCI hotplug register ranges so that
+/// the guest neither allocates over them nor rejects the MCFG area as
+/// unreserved.
 fn motherboard_resources(layout: &AcpiLayout, sink: &mut Vec<u8>) {
     let ecam = AddressSpace::new_memory(
         AddressSpaceCacheable::NotCacheable,
@@ -178,8 +304,10 @@ fn motherboard_resources(layout: &AcpiLayout, sink: &mut Vec<u8>) {
         layout.ecam_base + layout.ecam_size - 1,
         None,
     );
+    // Both blocks are checked to lie below 4 GiB by AcpiLayout::check.
     let ged = Memory32Fixed::new(true, layout.ged_base as u32, GED_LEN as u32);
-    let crs = ResourceTemplate::new(vec![&ecam, &ged]);
+    let pcihp = Memory32Fixed::new(true, layout.pcihp_base as u32, PCIHP_LEN as u32);
+    let crs = ResourceTemplate::new(vec![&ecam, &ged, &pcihp]);
     Device::new(
         "_SB_.MBRD".into(),
         vec![

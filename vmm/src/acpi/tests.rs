@@ -14,6 +14,7 @@ fn layout(cpus: u8) -> AcpiLayout {
         mmio32: 0xc000_0000..0xe000_0000,
         mmio64: 0x1_0000_0000..0x11_0000_0000,
         ged_base: 0xfeb0_0000,
+        pcihp_base: 0xfeb0_0100,
         ged_irq: 5,
         serial_irq: 4,
         tables_base: 0xe_0000,
@@ -239,24 +240,78 @@ fn dsdt_names_the_devices() {
         b"ACPI0013",
         b"_EVT",
         b"GEVT",
+        b"BLCK",
+        b"PCST",
+        b"PCIU",
+        b"PCID",
+        b"B0EJ",
+        b"PSEG",
+        b"PCEJ",
+        b"DVNT",
+        b"_SUN",
+        b"_EJ0",
+        b"S01_",
+        b"S1F_",
     ] {
         assert!(has(name), "{}", String::from_utf8_lossy(name));
     }
+    // No slot device for the host bridge (slot 0) or past slot 31.
+    assert!(!has(b"S00_") && !has(b"S20_"));
     // EISA IDs are encoded as dwords: PNP0A08 = 0x080ad041.
     assert!(has(&0x080a_d041u32.to_le_bytes()));
+}
+
+/// `OperationRegion (name, SystemMemory, base, len)` as AML bytes, with the
+/// DWordConst base and ByteConst length these tables use.
+fn system_memory_region(name: &[u8; 4], base: u32, len: u8) -> Vec<u8> {
+    let mut v = vec![0x5b, 0x80];
+    v.extend_from_slice(name);
+    v.extend_from_slice(&[0x00, 0x0c]);
+    v.extend_from_slice(&base.to_le_bytes());
+    v.extend_from_slice(&[0x0a, len]);
+    v
+}
+
+#[test]
+fn pci_hotplug_region_follows_the_layout() {
+    let mem = memory();
+    let mut l = layout(1);
+    l.pcihp_base = 0xfeb0_0200;
+    create_acpi_tables(&mem, &l).unwrap();
+    let xsdt = table(&mem, u64_at(&bytes(&mem, l.tables_base, 36), 24), b"XSDT");
+    let fadt = table(&mem, u64_at(&xsdt, 36), b"FACP");
+    let d = table(&mem, u64_at(&fadt, 140), b"DSDT");
+    let has = |needle: &[u8]| d.windows(needle.len()).any(|w| w == needle);
+    let len = devices::acpi::PCIHP_LEN as u8;
+    assert!(has(&system_memory_region(b"PCST", 0xfeb0_0200, len)));
+    assert!(!has(&system_memory_region(b"PCST", 0xfeb0_0100, len)));
+    // Memory32Fixed (ReadWrite, base, PCIHP_LEN) in the motherboard resources.
+    let mut fixed = vec![0x86, 0x09, 0x00, 0x01];
+    fixed.extend_from_slice(&0xfeb0_0200u32.to_le_bytes());
+    fixed.extend_from_slice(&u32::from(len).to_le_bytes());
+    assert!(has(&fixed));
+    // The GED's region is still where it was.
+    assert!(has(&system_memory_region(
+        b"GDST",
+        0xfeb0_0000,
+        devices::acpi::GED_LEN as u8
+    )));
 }
 
 #[test]
 fn bad_layouts_are_refused() {
     let mem = memory();
     type Spoil = fn(&mut AcpiLayout);
-    let cases: [(&str, Spoil); 6] = [
+    let cases: [(&str, Spoil); 9] = [
         ("vCPUs", |l| l.cpus = 0),
         ("aligned", |l| l.tables_base += 8),
         ("ECAM", |l| l.ecam_size = 0x1234),
         ("ECAM", |l| l.ecam_size = 512 << 20),
         ("MMIO32", |l| l.mmio32 = 0xc000_0000..0x1_2000_0000),
         ("GED", |l| l.ged_base = 1 << 32),
+        ("PCI hotplug", |l| l.pcihp_base = (1 << 32) - 8),
+        ("overlap the GED", |l| l.pcihp_base = l.ged_base + 8),
+        ("overlap the GED", |l| l.pcihp_base = l.ged_base - 8),
     ];
     for (why, f) in cases {
         let mut l = layout(1);
@@ -328,13 +383,65 @@ fn dsdt_disassembles_and_recompiles_with_iasl() {
         "EisaId (\"PNP0501\")",
         "EisaId (\"PNP0C0C\")",
         "Name (_S5, Package",
+        // PCI hotplug (Cloud Hypervisor / QEMU PIIX4 style).
+        "Mutex (BLCK, 0x00)",
+        "OperationRegion (PCST, SystemMemory, 0xFEB00100, 0x10)",
+        "Field (PCST, DWordAcc, NoLock, WriteAsZeros)",
+        "PCIU,   32, \n            PCID,   32, \n            B0EJ,   32, \n            PSEG,   32\n",
+        "Method (PCEJ, 1, Serialized)",
+        "Acquire (BLCK, 0xFFFF)",
+        "B0EJ = (One << Arg0)",
+        "Release (BLCK)",
+        "Method (DVNT, 2, Serialized)",
+        "Method (PCNT, 0, Serialized)",
+        "PSEG = Zero\n            DVNT (PCIU, One)\n            DVNT (PCID, 0x03)\n",
+        "0xFEB00100,         // Address Base",
     ] {
         assert!(dsl.contains(needle), "{needle} missing from:\n{dsl}");
     }
-    // Recompile the disassembly: errors here mean malformed AML.
+    assert!(!dsl.contains("External ("), "unresolved references:\n{dsl}");
+    // One slot device per hotpluggable slot, each notified by DVNT.
+    for slot in devices::acpi::PCIHP_SLOTS {
+        let start = dsl
+            .find(&format!("Device (S{slot:02X})\n"))
+            .unwrap_or_else(|| panic!("no device for slot {slot}:\n{dsl}"));
+        let end = start + dsl[start..].find("\n        }\n").unwrap();
+        let device = &dsl[start..end];
+        let sun = match slot {
+            1 => "One".to_string(),
+            n => format!("0x{n:02X}"),
+        };
+        for needle in [
+            format!("Name (_SUN, {sun})"),
+            format!("Name (_ADR, 0x{:08X})", u32::from(slot) << 16),
+            "Method (_EJ0, 1, Serialized)".to_string(),
+            "\\_SB.PCI0.PCEJ (_SUN)".to_string(),
+        ] {
+            assert!(device.contains(&needle), "{needle} missing from:\n{device}");
+        }
+        // iasl prints constants as byte, word or dword.
+        let width = match slot {
+            0..=7 => 2,
+            8..=15 => 4,
+            _ => 8,
+        };
+        let mask = format!("0x{:0width$X}", 1u32 << slot);
+        let notify = format!(
+            "Local0 = (Arg0 & {mask})\n            If ((Local0 == {mask}))\n            {{\n                Notify (S{slot:02X}, Arg1)"
+        );
+        assert!(dsl.contains(&notify), "{notify} missing from:\n{dsl}");
+    }
+    assert!(!dsl.contains("Device (S00)") && !dsl.contains("Device (S20)"));
+    assert_eq!(dsl.matches("Method (_EJ0, 1, Serialized)").count(), 31);
+    // Recompile the disassembly: errors here mean malformed AML, and the
+    // only warning is the host bridge having both _HID and _ADR (as Cloud
+    // Hypervisor's does).
     std::fs::write(dir.path().join("re.dsl"), &dsl).unwrap();
     let text = run(&["-p", "re", "re.dsl"]);
     assert!(text.contains("0 Errors"), "{text}");
+    for line in text.lines().filter(|l| l.starts_with("Warning")) {
+        assert!(line.starts_with("Warning  3073"), "{text}");
+    }
 
     // iasl's decoding of the static tables agrees with what we meant.
     for (name, table, needles) in [
