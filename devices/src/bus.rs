@@ -56,6 +56,17 @@ impl Bus {
         Ok(())
     }
 
+    /// Whether `[base, base+len)` is unused (and does not wrap).
+    pub fn is_free(&self, base: u64, len: u64) -> bool {
+        let Some(end) = base.checked_add(len).filter(|_| len > 0) else {
+            return false;
+        };
+        match self.ranges.range(..end).next_back() {
+            Some((&b, &(l, _))) => b.saturating_add(l) <= base,
+            None => true,
+        }
+    }
+
     /// Removes the range starting at `base`.
     pub fn remove(&mut self, base: u64) -> Option<SharedDevice> {
         self.ranges.remove(&base).map(|(_, d)| d)
@@ -66,11 +77,18 @@ impl Bus {
         (addr - base < *len).then_some((addr - base, dev))
     }
 
+    /// The device mapped at `addr` and the offset into its range. Callers
+    /// drop the bus lock before calling into the device, so a device may
+    /// change the bus (a guest moving a PCI BAR) without deadlocking.
+    pub fn resolve(&self, addr: u64) -> Option<(u64, SharedDevice)> {
+        self.find(addr).map(|(offset, dev)| (offset, dev.clone()))
+    }
+
     /// Routes a read; false (and all-ones data) when nothing is mapped there.
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr) {
             Some((offset, dev)) => {
-                lock(dev).read(offset, data);
+                lock_device(dev).read(offset, data);
                 true
             }
             None => {
@@ -84,7 +102,7 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr) {
             Some((offset, dev)) => {
-                lock(dev).write(offset, data);
+                lock_device(dev).write(offset, data);
                 true
             }
             None => false,
@@ -94,7 +112,7 @@ impl Bus {
 
 /// Locks a device, recovering from a poisoned lock: a device that panicked
 /// once must not take the whole VMM down with it.
-fn lock(dev: &SharedDevice) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
+pub fn lock_device(dev: &SharedDevice) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
     dev.lock().unwrap_or_else(|e| e.into_inner())
 }
 

@@ -7,4 +7,10 @@ use std::io;
 pub trait Interrupt: Send + Sync {
     /// Raises the interrupt.
     fn trigger(&self) -> io::Result<()>;
+
+    /// For an MSI vector: the guest programmed message `address`/`data`
+    /// (the VMM updates its interrupt route). Lines ignore it.
+    fn update_msi(&self, _address: u64, _data: u32) -> io::Result<()> {
+        Ok(())
+    }
 }

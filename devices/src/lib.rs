@@ -11,5 +11,5 @@ pub mod pci;
 pub mod serial;
 pub mod virtio;
 
-pub use bus::{Bus, BusDevice, SharedDevice};
+pub use bus::{lock_device, Bus, BusDevice, SharedDevice};
 pub use interrupt::Interrupt;

@@ -7,11 +7,16 @@ pub mod config;
 pub mod cpuid;
 pub mod event_loop;
 pub mod img;
+pub mod io_thread;
 pub mod layout;
+pub mod machine;
 pub mod memory;
+pub mod msi;
+pub mod pci_bars;
 pub mod run;
 pub mod terminal;
 pub mod vcpu;
+pub mod virtio_blk_pci;
 pub mod vm;
 
 pub use calibrate::kvm_speed;

@@ -5,6 +5,7 @@ use std::fs::{File, OpenOptions};
 use std::io::IsTerminal;
 use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
 
 use vm_memory::GuestAddress;
 
@@ -12,6 +13,7 @@ use crate::acpi::AcpiLayout;
 use crate::boot::{self, BootSpec};
 use crate::config::{SerialConfig, VmConfig};
 use crate::layout;
+use crate::machine::{Machine, MachineParams};
 use crate::terminal::RawMode;
 use crate::vm::{ExitReason, Vm, VmParams};
 
@@ -56,18 +58,6 @@ pub fn run_config(config: &VmConfig) -> Result<ExitReason, String> {
     if let Some(initrd) = &config.initrd {
         check_readable("initramfs", initrd)?;
     }
-    if !config.objects.is_empty()
-        || !config.blockdevs.is_empty()
-        || !config.devices.is_empty()
-        || config.qmp.is_some()
-    {
-        // INTEGRATION POINT (later issues): objects, blockdevs, devices and the QMP socket
-        // are validated as JSON but not built yet.
-        return Err(
-            "objects, blockdevs, devices and qmp are not supported by this build yet".into(),
-        );
-    }
-
     let (serial_out, serial_input): (Box<dyn Write + Send>, bool) = match &config.serial {
         SerialConfig::Stdio => (Box::new(std::io::stdout()), std::io::stdin().is_terminal()),
         SerialConfig::File(path) => {
@@ -87,6 +77,8 @@ pub fn run_config(config: &VmConfig) -> Result<ExitReason, String> {
     })
     .map_err(|e| e.to_string())?;
 
+    let machine = build_machine(&vm, config)?;
+
     let rsdp = create_acpi_tables(&vm)?;
     let spec = BootSpec {
         kernel: kernel.clone(),
@@ -103,7 +95,44 @@ pub fn run_config(config: &VmConfig) -> Result<ExitReason, String> {
     };
     let result = vm.run(entry).map_err(|e| e.to_string());
     drop(raw);
+    machine.shutdown();
     result
+}
+
+/// The machine with the config's secrets, block nodes and disks (cold plug),
+/// hot plug enabled for what comes later.
+fn build_machine(vm: &Vm, config: &VmConfig) -> Result<Arc<Machine>, String> {
+    let machine = Machine::new(MachineParams {
+        cpus: vm.cpus(),
+        memory: vm.memory().clone(),
+        router: vm.msi_router().clone(),
+        bars: vm.pci_bars().clone(),
+        pci_root: vm.pci_root().clone(),
+        window: layout::mmio64_window(vm.memory_size()),
+    });
+    for (i, e) in config.objects.iter().enumerate() {
+        machine
+            .object_add(&format!("objects[{i}]"), &e.args, e.base_dir.as_deref())
+            .map_err(|e| e.to_string())?;
+    }
+    for (i, e) in config.blockdevs.iter().enumerate() {
+        machine
+            .blockdev_add(&format!("blockdevs[{i}]"), &e.args, e.base_dir.as_deref())
+            .map_err(|e| e.to_string())?;
+    }
+    for (i, e) in config.devices.iter().enumerate() {
+        machine
+            .device_add(&e.args)
+            .map_err(|e| format!("devices[{i}]: {e}"))?;
+    }
+    let weak = Arc::downgrade(&machine);
+    let notifier = vm.acpi_hotplug(Box::new(move |slot| {
+        if let Some(machine) = weak.upgrade() {
+            machine.eject(slot);
+        }
+    }));
+    machine.set_hotplug(notifier);
+    Ok(machine)
 }
 
 /// Where the ACPI tables describe the machine's devices and windows for `vm`.

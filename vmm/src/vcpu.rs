@@ -14,7 +14,7 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::layout;
 use crate::memory::GuestMemoryMmap;
 use crate::vm::{ExitReason, ExitState};
-use devices::Bus;
+use devices::{lock_device, Bus};
 
 /// Where and how the boot vCPU starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -307,6 +307,24 @@ fn read_bus(bus: &RwLock<Bus>) -> std::sync::RwLockReadGuard<'_, Bus> {
     bus.read().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A guest read at `addr`: the bus lock is released before the device runs, so a
+/// device may remap itself (a PCI BAR move) from inside the access.
+fn bus_read(bus: &RwLock<Bus>, addr: u64, data: &mut [u8]) {
+    let target = read_bus(bus).resolve(addr);
+    match target {
+        Some((offset, dev)) => lock_device(&dev).read(offset, data),
+        None => data.fill(0xff),
+    }
+}
+
+/// A guest write at `addr`; see [`bus_read`].
+fn bus_write(bus: &RwLock<Bus>, addr: u64, data: &[u8]) {
+    let target = read_bus(bus).resolve(addr);
+    if let Some((offset, dev)) = target {
+        lock_device(&dev).write(offset, data);
+    }
+}
+
 /// A configured vCPU ready to run on its own thread.
 pub struct Vcpu {
     /// Index (and APIC id).
@@ -329,19 +347,19 @@ impl Vcpu {
         while !self.exit.stopping() {
             let outcome = match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
-                    read_bus(&self.pio).read(u64::from(port), data);
+                    bus_read(&self.pio, u64::from(port), data);
                     None
                 }
                 Ok(VcpuExit::IoOut(port, data)) => {
-                    read_bus(&self.pio).write(u64::from(port), data);
+                    bus_write(&self.pio, u64::from(port), data);
                     None
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
-                    read_bus(&self.mmio).read(addr, data);
+                    bus_read(&self.mmio, addr, data);
                     None
                 }
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
-                    read_bus(&self.mmio).write(addr, data);
+                    bus_write(&self.mmio, addr, data);
                     None
                 }
                 // A triple fault or a reset KVM could not handle: as Firecracker, the VM ends.

@@ -14,7 +14,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use devices::acpi::{Ged, PowerEvent, GED_LEN};
+use devices::acpi::{Ged, PciHotplug, PowerEvent, GED_EVENT_PCI_HOTPLUG, GED_LEN, PCIHP_LEN};
 use devices::i8042::I8042;
 use devices::pci::{PciConfigIo, PciConfigMmio, PciRoot};
 use devices::serial::Serial;
@@ -22,7 +22,10 @@ use devices::{Bus, Interrupt};
 
 use crate::event_loop::{EventLoop, StdinInput, Subscriber};
 use crate::layout;
+use crate::machine::HotplugNotifier;
 use crate::memory::{self, GuestMemoryMmap};
+use crate::msi::MsiRouter;
+use crate::pci_bars::PciBars;
 use crate::vcpu::{self, EntryPoint, Vcpu};
 
 /// Environment variable naming the KVM device (default `/dev/kvm`); tests point it at a
@@ -146,6 +149,39 @@ impl Interrupt for IrqFd {
     }
 }
 
+/// ACPI PCI hotplug: slot bits in the hotplug registers plus the GED interrupt.
+struct AcpiHotplug {
+    pcihp: Arc<Mutex<PciHotplug>>,
+    ged: Arc<Mutex<Ged>>,
+}
+
+impl AcpiHotplug {
+    fn notify(&self) {
+        let mut ged = self.ged.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = ged.notify(GED_EVENT_PCI_HOTPLUG) {
+            eprintln!("cryptvm: raising the PCI hotplug interrupt: {e}");
+        }
+    }
+}
+
+impl HotplugNotifier for AcpiHotplug {
+    fn plugged(&self, slot: u8) {
+        self.pcihp
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .plug(slot);
+        self.notify();
+    }
+
+    fn unplug_requested(&self, slot: u8) {
+        self.pcihp
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .request_unplug(slot);
+        self.notify();
+    }
+}
+
 /// What a VM is made of.
 pub struct VmParams {
     /// vCPUs (1 to 32).
@@ -160,8 +196,7 @@ pub struct VmParams {
 
 /// A KVM VM with its memory and platform devices, ready to boot.
 pub struct Vm {
-    // Field order matters: the VM fd goes before the memory it maps.
-    fd: VmFd,
+    fd: Arc<VmFd>,
     kvm: Kvm,
     memory: GuestMemoryMmap,
     memory_size: u64,
@@ -172,8 +207,15 @@ pub struct Vm {
     serial: Arc<Mutex<Serial>>,
     serial_input: bool,
     ged: Arc<Mutex<Ged>>,
+    pcihp: Arc<Mutex<PciHotplug>>,
+    eject: EjectHandler,
     pci_root: Arc<Mutex<PciRoot>>,
+    router: Arc<MsiRouter>,
+    bars: Arc<PciBars>,
 }
+
+/// Who is told when the guest ejects a PCI slot (set once the machine exists).
+type EjectHandler = Arc<Mutex<Option<Box<dyn Fn(u8) + Send>>>>;
 
 /// Opens the KVM device named by [`KVM_DEVICE_ENV`] (default `/dev/kvm`).
 pub fn open_kvm() -> Result<Kvm, VmError> {
@@ -238,6 +280,16 @@ impl Vm {
         mmio.insert(layout::GED_START, GED_LEN, ged.clone())
             .map_err(bus_err)?;
 
+        let eject: EjectHandler = Arc::new(Mutex::new(None));
+        let eject_handler = eject.clone();
+        let pcihp = Arc::new(Mutex::new(PciHotplug::new(Box::new(move |slot| {
+            if let Some(handler) = &*eject_handler.lock().unwrap_or_else(|e| e.into_inner()) {
+                handler(slot);
+            }
+        }))));
+        mmio.insert(layout::PCIHP_START, PCIHP_LEN, pcihp.clone())
+            .map_err(bus_err)?;
+
         let pci_root = Arc::new(Mutex::new(PciRoot::new()));
         pio.insert(
             layout::PCI_CONFIG_IO_PORT,
@@ -252,6 +304,18 @@ impl Vm {
         )
         .map_err(bus_err)?;
 
+        let fd = Arc::new(fd);
+        let mmio_bus = Arc::new(RwLock::new(mmio));
+        let router = MsiRouter::new(fd.clone());
+        let bars = PciBars::new(fd.clone(), mmio_bus.clone());
+        let observer_bars = bars.clone();
+        pci_root
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_bar_observer(Box::new(move |slot, old, new| {
+                observer_bars.moved(slot, old, new)
+            }));
+
         Ok(Vm {
             fd,
             kvm,
@@ -259,12 +323,36 @@ impl Vm {
             memory_size: params.memory,
             cpus: params.cpus,
             pio_bus: Arc::new(RwLock::new(pio)),
-            mmio_bus: Arc::new(RwLock::new(mmio)),
+            mmio_bus,
             exit,
             serial,
             serial_input: params.serial_input,
             ged,
+            pcihp,
+            eject,
             pci_root,
+            router,
+            bars,
+        })
+    }
+
+    /// MSI routing for device interrupts.
+    pub fn msi_router(&self) -> &Arc<MsiRouter> {
+        &self.router
+    }
+
+    /// BAR mappings of PCI devices.
+    pub fn pci_bars(&self) -> &Arc<PciBars> {
+        &self.bars
+    }
+
+    /// ACPI PCI hotplug towards the guest; `on_eject` runs (on a vCPU
+    /// thread) when the guest ejects a slot it was asked to release.
+    pub fn acpi_hotplug(&self, on_eject: Box<dyn Fn(u8) + Send>) -> Arc<dyn HotplugNotifier> {
+        *self.eject.lock().unwrap_or_else(|e| e.into_inner()) = Some(on_eject);
+        Arc::new(AcpiHotplug {
+            pcihp: self.pcihp.clone(),
+            ged: self.ged.clone(),
         })
     }
 
@@ -284,7 +372,7 @@ impl Vm {
     }
 
     /// The KVM VM (for irqfds, ioeventfds and memory slots of devices).
-    pub fn fd(&self) -> &VmFd {
+    pub fn fd(&self) -> &Arc<VmFd> {
         &self.fd
     }
 

@@ -28,7 +28,7 @@ mod root;
 pub use access::{PciConfigIo, PciConfigMmio, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN};
 pub use config::{PciConfiguration, PciIds};
 pub use host_bridge::{PciHostBridge, HOST_BRIDGE_DEVICE_ID, HOST_BRIDGE_VENDOR_ID};
-pub use root::{BarObserver, PciRoot, NUM_SLOTS};
+pub use root::{BarObserver, PciRoot, SharedPciDevice, NUM_SLOTS};
 
 /// Kind of a base address register.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -74,6 +74,10 @@ pub struct BlockConfig {
     pub physical_block_size: u32,
     /// Serial number (`serial`), at most 20 bytes.
     pub serial: String,
+    /// Offer DISCARD (`discard`).
+    pub discard: bool,
+    /// Offer WRITE_ZEROES (`write-zeroes`).
+    pub write_zeroes: bool,
 }
 
 impl Default for BlockConfig {
@@ -84,6 +88,8 @@ impl Default for BlockConfig {
             logical_block_size: 512,
             physical_block_size: 512,
             serial: String::new(),
+            discard: true,
+            write_zeroes: true,
         }
     }
 }
@@ -214,6 +220,14 @@ impl VirtioBlock {
                 scatter(mem, writable, &id)
             }
             VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+                let offered = if req_type == VIRTIO_BLK_T_DISCARD {
+                    self.cfg.discard
+                } else {
+                    self.cfg.write_zeroes
+                };
+                if !offered {
+                    return Err(Fail::Unsupp);
+                }
                 if node.read_only() {
                     return Err(Fail::IoErr);
                 }
@@ -376,13 +390,18 @@ impl VirtioDevice for VirtioBlock {
             VIRTIO_BLK_F_TOPOLOGY,
             VIRTIO_BLK_F_CONFIG_WCE,
             VIRTIO_BLK_F_MQ,
-            VIRTIO_BLK_F_DISCARD,
-            VIRTIO_BLK_F_WRITE_ZEROES,
         ]
         .iter()
         .fold(0u64, |f, &b| f | 1 << b);
         if self.node.read_only() {
             f |= 1 << VIRTIO_BLK_F_RO;
+        } else {
+            if self.cfg.discard {
+                f |= 1 << VIRTIO_BLK_F_DISCARD;
+            }
+            if self.cfg.write_zeroes {
+                f |= 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+            }
         }
         f
     }

@@ -145,7 +145,13 @@ impl Msix {
             data: word(8..12) as u32,
             control: word(12..16) as u32 & VECTOR_CTRL_MASKED,
         };
-        if e.masked() && !self.entries[i].masked() {
+        let new = self.entries[i];
+        if (new.addr, new.data) != (e.addr, e.data) {
+            // A route that cannot be updated loses interrupts for this
+            // vector; the guest sees a stuck queue, the VMM carries on.
+            let _ = self.interrupts[i].update_msi(new.addr, new.data);
+        }
+        if e.masked() && !new.masked() {
             self.deliver_unmasked();
         }
     }

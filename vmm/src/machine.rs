@@ -1,0 +1,365 @@
+//! The VM's configurable half: secrets, the block graph and the PCI disks
+//! over it. The config file (cold plug, before boot) and QMP (hot plug while
+//! the guest runs) go through the same methods.
+//!
+//! Lock order: the hotplug register block (a vCPU ejecting a slot) before
+//! [`Machine`]'s state, before the PCI root, before a PCI device. So the
+//! state lock is never held while notifying the guest.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde_json::{json, Map, Value};
+
+use block::blockdev::OpenContext;
+use block::{BlockGraph, SecretStore};
+use devices::pci::{PciRoot, SharedPciDevice};
+
+use crate::memory::GuestMemoryMmap;
+use crate::msi::MsiRouter;
+use crate::pci_bars::PciBars;
+use crate::virtio_blk_pci::{BlkProps, DeviceEnv, VirtioBlkPci};
+
+/// How a control request failed (QMP maps these to its error classes).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    /// Anything but a missing device (`GenericError`).
+    #[error("{0}")]
+    Generic(String),
+    /// No device with that id (`DeviceNotFound`).
+    #[error("{0}")]
+    DeviceNotFound(String),
+}
+
+fn generic(msg: impl Into<String>) -> ControlError {
+    ControlError::Generic(msg.into())
+}
+
+/// Tells the guest about slots that change (ACPI PCI hotplug).
+pub trait HotplugNotifier: Send + Sync {
+    /// A device was added at `slot`: the guest should scan it.
+    fn plugged(&self, slot: u8);
+    /// The operator asked to remove `slot`'s device: the guest should let
+    /// go of it and eject it.
+    fn unplug_requested(&self, slot: u8);
+}
+
+/// Receives the machine's QMP events (`DEVICE_DELETED`, ...).
+pub type EventSink = Arc<dyn Fn(&str, Value) + Send + Sync>;
+
+/// What the machine's devices are built from.
+pub struct MachineParams {
+    /// vCPUs (default `num-queues`).
+    pub cpus: u8,
+    /// Guest RAM.
+    pub memory: GuestMemoryMmap,
+    /// MSI routing.
+    pub router: Arc<MsiRouter>,
+    /// BAR mappings.
+    pub bars: Arc<PciBars>,
+    /// PCI bus 0.
+    pub pci_root: Arc<Mutex<PciRoot>>,
+    /// Where device BARs are placed.
+    pub window: std::ops::Range<u64>,
+}
+
+struct Disk {
+    device: VirtioBlkPci,
+    /// The guest was asked to eject it.
+    unplugging: bool,
+}
+
+impl Disk {
+    fn id(&self) -> Option<&str> {
+        self.device.props.id.as_deref()
+    }
+
+    /// The name the block graph knows the device's use of its node by.
+    fn user(&self) -> String {
+        user_name(&self.device.props, self.device.slot)
+    }
+}
+
+fn user_name(props: &BlkProps, slot: u8) -> String {
+    props
+        .id
+        .clone()
+        .unwrap_or_else(|| format!("/machine/peripheral-anon/device[{slot}]"))
+}
+
+#[derive(Default)]
+struct State {
+    secrets: SecretStore,
+    graph: BlockGraph,
+    disks: Vec<Disk>,
+}
+
+/// Secrets, block nodes and disks of a running (or booting) VM.
+pub struct Machine {
+    params: MachineParams,
+    state: Mutex<State>,
+    hotplug: Mutex<Option<Arc<dyn HotplugNotifier>>>,
+    events: Mutex<Option<EventSink>>,
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Machine {
+    /// A machine with no secrets, nodes or disks.
+    pub fn new(params: MachineParams) -> Arc<Machine> {
+        Arc::new(Machine {
+            params,
+            state: Mutex::new(State::default()),
+            hotplug: Mutex::new(None),
+            events: Mutex::new(None),
+        })
+    }
+
+    /// Enables hot plug: from now on added disks are announced to the guest
+    /// and `device_del` asks the guest to eject.
+    pub fn set_hotplug(&self, notifier: Arc<dyn HotplugNotifier>) {
+        *lock(&self.hotplug) = Some(notifier);
+    }
+
+    /// Where events go (the QMP server).
+    pub fn set_event_sink(&self, sink: EventSink) {
+        *lock(&self.events) = Some(sink);
+    }
+
+    fn emit(&self, event: &str, data: Value) {
+        let sink = lock(&self.events).clone();
+        if let Some(sink) = sink {
+            sink(event, data);
+        }
+    }
+
+    /// `object-add`: a secret. `path` prefixes errors (`objects[0]`);
+    /// relative file names resolve against `base_dir`.
+    pub fn object_add(
+        &self,
+        path: &str,
+        args: &Map<String, Value>,
+        base_dir: Option<&Path>,
+    ) -> Result<(), ControlError> {
+        lock(&self.state)
+            .secrets
+            .add(path, Value::Object(args.clone()), base_dir)
+            .map(drop)
+            .map_err(|e| generic(e.to_string()))
+    }
+
+    /// `object-del`.
+    pub fn object_del(&self, id: &str) -> Result<(), ControlError> {
+        lock(&self.state)
+            .secrets
+            .remove(id)
+            .map_err(|_| generic(format!("object '{id}' not found")))
+    }
+
+    /// `blockdev-add`; see [`Machine::object_add`] for `path` and `base_dir`.
+    pub fn blockdev_add(
+        &self,
+        path: &str,
+        args: &Map<String, Value>,
+        base_dir: Option<&Path>,
+    ) -> Result<(), ControlError> {
+        let mut state = lock(&self.state);
+        let State { secrets, graph, .. } = &mut *state;
+        let ctx = OpenContext {
+            secrets,
+            base_dir,
+            no_io: false,
+            read_only: false,
+        };
+        graph
+            .add(path, Value::Object(args.clone()), &ctx, false)
+            .map(drop)
+            .map_err(|e| generic(e.to_string()))
+    }
+
+    /// `blockdev-del`: refused while a device or another node uses the node.
+    pub fn blockdev_del(&self, node_name: &str) -> Result<(), ControlError> {
+        let mut state = lock(&self.state);
+        let node = state.graph.get(node_name);
+        state
+            .graph
+            .remove(node_name)
+            .map_err(|e| generic(e.to_string()))?;
+        if let Some(node) = node {
+            // Write back caches (qcow2 metadata) before the files close.
+            if let Err(e) = node.flush() {
+                eprintln!("cryptvm: flushing node '{node_name}' on blockdev-del: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// `device_add` (a `virtio-blk-pci` disk). Before boot the guest finds
+    /// it while enumerating; afterwards it is hot-plugged and announced.
+    pub fn device_add(&self, args: &Map<String, Value>) -> Result<(), ControlError> {
+        let props = BlkProps::parse(args, self.params.cpus).map_err(|e| generic(e.to_string()))?;
+        let slot = {
+            let mut state = lock(&self.state);
+            self.create_disk(&mut state, props)?
+        };
+        let notifier = lock(&self.hotplug).clone();
+        if let Some(n) = notifier {
+            n.plugged(slot);
+        }
+        Ok(())
+    }
+
+    fn create_disk(&self, state: &mut State, props: BlkProps) -> Result<u8, ControlError> {
+        if let Some(id) = &props.id {
+            if state.disks.iter().any(|d| d.id() == Some(id)) {
+                return Err(generic(format!("Duplicate device ID '{id}'")));
+            }
+        }
+        let root = &self.params.pci_root;
+        let slot = match props.slot {
+            Some(slot) => {
+                if lock(root).device(slot).is_some() {
+                    return Err(generic(format!(
+                        "PCI: slot {slot} function 0 not available for virtio-blk-pci, in use"
+                    )));
+                }
+                slot
+            }
+            None => lock(root).free_slot().map_err(|_| {
+                generic("PCI: no slot/function available for virtio-blk-pci, all in use")
+            })?,
+        };
+        let user = user_name(&props, slot);
+        let drive = props.drive.clone();
+        if state.graph.get(&drive).is_none() {
+            return Err(generic(format!(
+                "Property 'virtio-blk-pci.drive' can't find value '{drive}'"
+            )));
+        }
+        let node = state
+            .graph
+            .attach(&drive, &user)
+            .map_err(|e| generic(e.to_string()))?;
+        let env = DeviceEnv {
+            memory: &self.params.memory,
+            router: &self.params.router,
+            bars: &self.params.bars,
+            window: self.params.window.clone(),
+        };
+        let device = match VirtioBlkPci::create(props, slot, node, &env) {
+            Ok(d) => d,
+            Err(e) => {
+                state.graph.detach(&drive, &user);
+                return Err(generic(e.to_string()));
+            }
+        };
+        let pci: SharedPciDevice = device.pci.clone();
+        if let Err(e) = lock(root).add_device(slot, pci) {
+            state.graph.detach(&drive, &user);
+            return Err(generic(e.to_string()));
+        }
+        state.disks.push(Disk {
+            device,
+            unplugging: false,
+        });
+        Ok(slot)
+    }
+
+    /// `device_del`: asks the guest to eject the device; it is removed (and
+    /// `DEVICE_DELETED` sent) when the guest does.
+    pub fn device_del(&self, id: &str) -> Result<(), ControlError> {
+        let notifier = lock(&self.hotplug)
+            .clone()
+            .ok_or_else(|| generic("Bus 'pci.0' does not support hotplugging"))?;
+        let slot = {
+            let mut state = lock(&self.state);
+            let disk = state
+                .disks
+                .iter_mut()
+                .find(|d| d.id() == Some(id))
+                .ok_or_else(|| ControlError::DeviceNotFound(format!("Device '{id}' not found")))?;
+            if disk.unplugging {
+                return Err(generic(format!(
+                    "Device {id} is already in the process of unplug"
+                )));
+            }
+            disk.unplugging = true;
+            disk.device.slot
+        };
+        notifier.unplug_requested(slot);
+        Ok(())
+    }
+
+    /// The guest ejected `slot`: release the device and its node, and tell
+    /// the QMP clients. Called from the vCPU that wrote the eject register.
+    pub fn eject(&self, slot: u8) {
+        let removed = {
+            let mut state = lock(&self.state);
+            let Some(i) = state
+                .disks
+                .iter()
+                .position(|d| d.device.slot == slot && d.unplugging)
+            else {
+                return;
+            };
+            let disk = state.disks.remove(i);
+            lock(&self.params.pci_root).remove_device(slot);
+            let user = disk.user();
+            let id = disk.id().map(str::to_string);
+            let drive = disk.device.props.drive.clone();
+            drop(disk); // unmaps the BAR, stops the I/O threads
+            state.graph.detach(&drive, &user);
+            if let Some(node) = state.graph.get(&drive) {
+                if let Err(e) = node.flush() {
+                    eprintln!("cryptvm: flushing '{drive}' after unplug: {e}");
+                }
+            }
+            id.map(|id| (id, user))
+        };
+        if let Some((id, _)) = removed {
+            let path = format!("/machine/peripheral/{id}");
+            self.emit(
+                "DEVICE_DELETED",
+                json!({"path": format!("{path}/virtio-backend")}),
+            );
+            self.emit("DEVICE_DELETED", json!({"device": id, "path": path}));
+        }
+    }
+
+    /// Stops every disk and writes back every node (the VM is ending).
+    pub fn shutdown(&self) {
+        let mut state = lock(&self.state);
+        let disks = std::mem::take(&mut state.disks);
+        drop(disks);
+        let names: Vec<String> = state.graph.names().map(str::to_string).collect();
+        for name in names {
+            if let Some(node) = state.graph.get(&name) {
+                if let Err(e) = node.flush() {
+                    eprintln!("cryptvm: flushing node '{name}': {e}");
+                }
+            }
+        }
+    }
+
+    /// Runs `f` on the block graph (queries).
+    pub fn with_graph<T>(&self, f: impl FnOnce(&BlockGraph) -> T) -> T {
+        f(&lock(&self.state).graph)
+    }
+
+    /// `(id, drive, slot)` of every disk.
+    pub fn disks(&self) -> Vec<(Option<String>, String, u8)> {
+        lock(&self.state)
+            .disks
+            .iter()
+            .map(|d| {
+                (
+                    d.device.props.id.clone(),
+                    d.device.props.drive.clone(),
+                    d.device.slot,
+                )
+            })
+            .collect()
+    }
+}

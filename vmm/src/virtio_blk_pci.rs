@@ -1,0 +1,440 @@
+//! `virtio-blk-pci`: QEMU's device properties, and a live device — the
+//! virtio PCI function on bus 0, its BAR and doorbells, one MSI vector per
+//! queue plus one for configuration changes, and one I/O thread per queue.
+
+use std::sync::{Arc, Mutex};
+
+use serde_json::{Map, Value};
+use vmm_sys_util::eventfd::EventFd;
+
+use block::NodeRef;
+use devices::virtio::block::{BlockConfig, VirtioBlock};
+use devices::virtio::{VirtioPciDevice, VirtioQueues, BAR_SIZE};
+use devices::{Interrupt, SharedDevice};
+
+use crate::io_thread::IoThread;
+use crate::memory::GuestMemoryMmap;
+use crate::msi::{MsiRouter, MsiVector};
+use crate::pci_bars::{Doorbell, PciBars};
+
+/// The one device model `device_add` knows.
+pub const DRIVER: &str = "virtio-blk-pci";
+/// The most queues a device may have (MSI-X table room in the BAR).
+pub const MAX_QUEUES: u16 = 64;
+
+/// A device property error, worded as QEMU words it.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct PropertyError(pub String);
+
+fn err<T>(msg: impl Into<String>) -> Result<T, PropertyError> {
+    Err(PropertyError(msg.into()))
+}
+
+/// The properties of a `virtio-blk-pci` device (`device_add` arguments).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlkProps {
+    /// `id` (QEMU allows none; such a device cannot be `device_del`ed).
+    pub id: Option<String>,
+    /// `drive`: the node-name of the block node.
+    pub drive: String,
+    /// `addr`: the PCI slot, or the lowest free one.
+    pub slot: Option<u8>,
+    /// The virtio-blk configuration.
+    pub config: BlockConfig,
+}
+
+impl BlkProps {
+    /// Parses `device_add` arguments; `cpus` sets the default `num-queues`
+    /// (one per vCPU, as QEMU does).
+    pub fn parse(args: &Map<String, Value>, cpus: u8) -> Result<BlkProps, PropertyError> {
+        let driver = match args.get("driver") {
+            Some(Value::String(d)) => d.as_str(),
+            Some(_) => return err("Invalid parameter type for 'driver', expected: string"),
+            None => return err("Parameter 'driver' is missing"),
+        };
+        if driver != DRIVER {
+            return err(format!("'{driver}' is not a valid device model name"));
+        }
+        let mut props = BlkProps {
+            id: None,
+            drive: String::new(),
+            slot: None,
+            config: BlockConfig {
+                num_queues: u16::from(cpus.max(1)).min(MAX_QUEUES),
+                ..BlockConfig::default()
+            },
+        };
+        let mut drive = None;
+        for (key, value) in args {
+            let c = &mut props.config;
+            match key.as_str() {
+                "driver" => {}
+                "id" => {
+                    let id = string(key, value)?;
+                    check_id(&id)?;
+                    props.id = Some(id);
+                }
+                "drive" => drive = Some(string(key, value)?),
+                "serial" => c.serial = string(key, value)?,
+                "num-queues" => c.num_queues = number(key, value, 1, u64::from(MAX_QUEUES))? as u16,
+                "queue-size" => c.queue_size = number(key, value, 4, 1024)? as u16,
+                "logical_block_size" => {
+                    c.logical_block_size = number(key, value, 512, 32768)? as u32
+                }
+                "physical_block_size" => {
+                    c.physical_block_size = number(key, value, 512, 32768)? as u32
+                }
+                "discard" => c.discard = boolean(key, value)?,
+                "write-zeroes" => c.write_zeroes = boolean(key, value)?,
+                "addr" => props.slot = Some(pci_addr(value)?),
+                "bus" => {
+                    let bus = string(key, value)?;
+                    if bus != "pci.0" && bus != "pcie.0" {
+                        return err(format!("Bus '{bus}' not found"));
+                    }
+                }
+                // Accepted for libvirt compatibility; no firmware boots from disks here.
+                "bootindex" => {
+                    number(key, value, 0, i32::MAX as u64)?;
+                }
+                _ => return err(format!("Property '{DRIVER}.{key}' not found")),
+            }
+        }
+        props.drive = match drive {
+            Some(d) if !d.is_empty() => d,
+            _ => return err("drive property not set"),
+        };
+        let c = &props.config;
+        if !c.queue_size.is_power_of_two() {
+            return err(format!(
+                "invalid queue-size property ({}), must be a power of 2",
+                c.queue_size
+            ));
+        }
+        if c.physical_block_size < c.logical_block_size {
+            return err(format!(
+                "physical_block_size ({}) must be at least logical_block_size ({})",
+                c.physical_block_size, c.logical_block_size
+            ));
+        }
+        for (name, v) in [
+            ("logical_block_size", c.logical_block_size),
+            ("physical_block_size", c.physical_block_size),
+        ] {
+            if !v.is_power_of_two() {
+                return err(format!(
+                    "Property {DRIVER}.{name} doesn't take value '{v}', it's not a power of 2"
+                ));
+            }
+        }
+        if c.serial.len() > devices::virtio::block::VIRTIO_BLK_ID_BYTES {
+            return err("serial is longer than 20 bytes");
+        }
+        Ok(props)
+    }
+}
+
+/// QEMU's rule for device ids: a letter, then letters, digits, '-', '.', '_'.
+fn check_id(id: &str) -> Result<(), PropertyError> {
+    let mut chars = id.chars();
+    let ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || "-._".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        err("Parameter 'id' expects an identifier")
+    }
+}
+
+fn string(key: &str, value: &Value) -> Result<String, PropertyError> {
+    match value {
+        Value::String(s) => Ok(s.clone()),
+        _ => err(format!(
+            "Invalid parameter type for '{key}', expected: string"
+        )),
+    }
+}
+
+fn number(key: &str, value: &Value, min: u64, max: u64) -> Result<u64, PropertyError> {
+    let n = match value {
+        Value::Number(n) => n.as_u64(),
+        // The dotted key=value form gives every value as a string.
+        Value::String(s) => parse_int(s),
+        _ => {
+            return err(format!(
+                "Invalid parameter type for '{key}', expected: integer"
+            ))
+        }
+    };
+    match n {
+        Some(n) if (min..=max).contains(&n) => Ok(n),
+        Some(n) => err(format!(
+            "Property {DRIVER}.{key} doesn't take value {n} (minimum: {min}, maximum: {max})"
+        )),
+        None => err(format!("Parameter '{key}' expects an integer")),
+    }
+}
+
+fn parse_int(s: &str) -> Option<u64> {
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+fn boolean(key: &str, value: &Value) -> Result<bool, PropertyError> {
+    match value {
+        Value::Bool(b) => Ok(*b),
+        Value::String(s) => match s.as_str() {
+            "on" | "yes" | "true" => Ok(true),
+            "off" | "no" | "false" => Ok(false),
+            _ => err(format!("Parameter '{key}' expects 'on' or 'off'")),
+        },
+        _ => err(format!(
+            "Invalid parameter type for '{key}', expected: boolean"
+        )),
+    }
+}
+
+/// `addr`: QEMU's `slot[.function]` in hex (`"0x5"`, `"05.0"`), or an integer.
+fn pci_addr(value: &Value) -> Result<u8, PropertyError> {
+    let bad = || err("Property 'virtio-blk-pci.addr' doesn't take value; expected slot[.function]");
+    let (slot, func) = match value {
+        Value::Number(n) => (n.as_u64(), Some(0)),
+        Value::String(s) => {
+            let (slot, func) = match s.split_once('.') {
+                Some((slot, func)) => (slot, u64::from_str_radix(func, 16).ok()),
+                None => (s.as_str(), Some(0)),
+            };
+            let slot = slot
+                .strip_prefix("0x")
+                .or_else(|| slot.strip_prefix("0X"))
+                .unwrap_or(slot);
+            (u64::from_str_radix(slot, 16).ok(), func)
+        }
+        _ => return bad(),
+    };
+    match (slot, func) {
+        (Some(slot), Some(0)) if (1..32).contains(&slot) => Ok(slot as u8),
+        (Some(_), Some(0)) => err("PCI slot must be in 1..=31 (slot 0 is the host bridge)"),
+        (Some(_), Some(_)) => err("multifunction devices are not supported (function must be 0)"),
+        _ => bad(),
+    }
+}
+
+/// What a live device needs from the VM.
+pub struct DeviceEnv<'a> {
+    /// Guest RAM.
+    pub memory: &'a GuestMemoryMmap,
+    /// MSI routing.
+    pub router: &'a Arc<MsiRouter>,
+    /// BAR mappings.
+    pub bars: &'a Arc<PciBars>,
+    /// Where BARs are placed.
+    pub window: std::ops::Range<u64>,
+}
+
+/// A `virtio-blk-pci` device attached to a slot, serving its node.
+pub struct VirtioBlkPci {
+    /// Properties it was created with.
+    pub props: BlkProps,
+    /// Its PCI slot.
+    pub slot: u8,
+    /// The PCI function (for the bus).
+    pub pci: Arc<Mutex<VirtioPciDevice>>,
+    queues: Arc<VirtioQueues>,
+    bars: Arc<PciBars>,
+    threads: Vec<IoThread>,
+    _vectors: Vec<Arc<MsiVector>>,
+}
+
+/// Why a device could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// A property is wrong.
+    #[error(transparent)]
+    Property(#[from] PropertyError),
+    /// The virtio device refused its configuration.
+    #[error(transparent)]
+    Virtio(#[from] devices::virtio::VirtioError),
+    /// MSI set-up.
+    #[error(transparent)]
+    Msi(#[from] crate::msi::MsiError),
+    /// BAR placement.
+    #[error(transparent)]
+    Bar(#[from] crate::pci_bars::BarError),
+    /// Threads or eventfds.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl VirtioBlkPci {
+    /// Creates the device over `node` at `slot` and maps its BAR; the caller
+    /// puts [`VirtioBlkPci::pci`] on the PCI bus.
+    pub fn create(
+        props: BlkProps,
+        slot: u8,
+        node: NodeRef,
+        env: &DeviceEnv<'_>,
+    ) -> Result<VirtioBlkPci, DeviceError> {
+        let device = Arc::new(VirtioBlock::new(node, props.config.clone())?);
+        let nq = props.config.num_queues;
+        let vectors = (0..=nq)
+            .map(|_| env.router.allocate())
+            .collect::<Result<Vec<_>, _>>()?;
+        let interrupts: Vec<Arc<dyn Interrupt>> = vectors
+            .iter()
+            .map(|v| v.clone() as Arc<dyn Interrupt>)
+            .collect();
+        let bar = env.bars.allocate(env.window.clone(), BAR_SIZE)?;
+        let pci = VirtioPciDevice::new(device, env.memory.clone(), interrupts, bar)?;
+        let queues = pci.queues();
+        let pci = Arc::new(Mutex::new(pci));
+        let doorbells = (0..nq)
+            .map(|q| {
+                EventFd::new(libc::EFD_NONBLOCK)
+                    .map(|evt| Doorbell {
+                        offset: VirtioPciDevice::notify_offset(q),
+                        evt: Arc::new(evt),
+                    })
+                    .map_err(|source| DeviceError::Io {
+                        what: "creating a queue eventfd",
+                        source,
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let label = props.id.clone().unwrap_or_else(|| format!("slot{slot}"));
+        let mut threads = Vec::with_capacity(doorbells.len());
+        for (q, d) in doorbells.iter().enumerate() {
+            let queues = queues.clone();
+            let t = IoThread::spawn(format!("io-{label}-q{q}"), d.evt.clone(), move || {
+                queues.process_queue(q);
+            })
+            .map_err(|source| DeviceError::Io {
+                what: "starting an I/O thread",
+                source,
+            })?;
+            threads.push(t);
+        }
+        let shared: SharedDevice = pci.clone();
+        env.bars.map(slot, bar, BAR_SIZE, shared, doorbells)?;
+        Ok(VirtioBlkPci {
+            props,
+            slot,
+            pci,
+            queues,
+            bars: env.bars.clone(),
+            threads,
+            _vectors: vectors,
+        })
+    }
+
+    /// The queues (for tests and statistics).
+    pub fn queues(&self) -> &Arc<VirtioQueues> {
+        &self.queues
+    }
+}
+
+impl Drop for VirtioBlkPci {
+    fn drop(&mut self) {
+        // Doorbells first, so no new work arrives; then the I/O threads
+        // finish what they are doing and stop; the vectors go last.
+        self.bars.unmap(self.slot);
+        self.threads.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(v: Value) -> Result<BlkProps, PropertyError> {
+        BlkProps::parse(v.as_object().expect("object"), 2)
+    }
+
+    #[test]
+    fn libvirt_arguments() {
+        let p = parse(
+            json!({"driver": "virtio-blk-pci", "drive": "libvirt-3-format",
+            "id": "virtio-disk2", "bus": "pci.0", "addr": "0x5", "bootindex": 1}),
+        )
+        .expect("parse");
+        assert_eq!(p.drive, "libvirt-3-format");
+        assert_eq!(p.id.as_deref(), Some("virtio-disk2"));
+        assert_eq!(p.slot, Some(5));
+        assert_eq!(p.config.num_queues, 2, "one queue per vCPU by default");
+        assert!(p.config.discard && p.config.write_zeroes);
+    }
+
+    #[test]
+    fn properties_as_strings_from_the_dotted_form() {
+        let p = parse(
+            json!({"driver": "virtio-blk-pci", "drive": "d", "num-queues": "4",
+            "queue-size": "128", "logical_block_size": "4096", "physical_block_size": "4096",
+            "discard": "off", "write-zeroes": "on", "serial": "SN1", "addr": "07.0"}),
+        )
+        .expect("parse");
+        assert_eq!(p.config.num_queues, 4);
+        assert_eq!(p.config.queue_size, 128);
+        assert_eq!(p.config.logical_block_size, 4096);
+        assert!(!p.config.discard && p.config.write_zeroes);
+        assert_eq!(p.config.serial, "SN1");
+        assert_eq!(p.slot, Some(7));
+    }
+
+    #[test]
+    fn errors_in_qemu_words() {
+        let e = |v| parse(v).expect_err("must fail").0;
+        assert_eq!(
+            e(json!({"driver": "virtio-blk-pci", "drive": "d", "bogus": 1})),
+            "Property 'virtio-blk-pci.bogus' not found"
+        );
+        assert_eq!(
+            e(json!({"driver": "e1000", "drive": "d"})),
+            "'e1000' is not a valid device model name"
+        );
+        assert_eq!(e(json!({"drive": "d"})), "Parameter 'driver' is missing");
+        assert_eq!(
+            e(json!({"driver": "virtio-blk-pci"})),
+            "drive property not set"
+        );
+        assert!(
+            e(json!({"driver": "virtio-blk-pci", "drive": "d", "queue-size": 100}))
+                .contains("power of 2")
+        );
+        assert!(
+            e(json!({"driver": "virtio-blk-pci", "drive": "d", "num-queues": 0}))
+                .contains("minimum: 1")
+        );
+        assert!(
+            e(json!({"driver": "virtio-blk-pci", "drive": "d", "addr": "0x0"})).contains("slot 0")
+        );
+        assert!(
+            e(json!({"driver": "virtio-blk-pci", "drive": "d", "addr": "0x20"})).contains("1..=31")
+        );
+        assert!(
+            e(json!({"driver": "virtio-blk-pci", "drive": "d", "addr": "3.1"}))
+                .contains("multifunction")
+        );
+        assert!(
+            e(json!({"driver": "virtio-blk-pci", "drive": "d", "id": "1x"})).contains("identifier")
+        );
+        assert!(
+            e(json!({"driver": "virtio-blk-pci", "drive": "d", "serial": "x".repeat(21)}))
+                .contains("20 bytes")
+        );
+        assert!(
+            e(json!({"driver": "virtio-blk-pci", "drive": "d", "bus": "pci.1"}))
+                .contains("not found")
+        );
+        assert!(e(json!({"driver": "virtio-blk-pci", "drive": 3})).contains("expected: string"));
+    }
+}
