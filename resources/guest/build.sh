@@ -10,12 +10,13 @@
 #   kernel-<package>_<version>/vmlinux     ELF kernel extracted from it (PVH entry note)
 #   kernel-<package>_<version>/modules/    virtio, virtio_blk, irqbypass, kvm, kvm-amd .ko
 #   initramfs-<hash>.cpio.gz               busybox-static + virtio modules + init + scenarios
+#                                          + /bin/blkio (blkio.c, built with cc -static)
 #   vmlinuz, vmlinux, initramfs.cpio.gz,   links to the newest of the above
 #   modules, guest.env                     (guest.env holds the KEY=VALUE lines printed)
 #
 # The guest's /init is resources/guest/init; resources/guest/scenarios/NAME.sh is baked in
 # as /scenarios/NAME.sh and runs when the kernel command line says cryptvm.scenario=NAME.
-# Host tools: apt-get, dpkg-deb, cpio, gzip, lz4 (the kernel's compressor), flock.
+# Host tools: apt-get, dpkg-deb, cpio, gzip, lz4 (the kernel's compressor), flock, cc.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -140,7 +141,7 @@ fi
 # Keyed by everything that goes in: init, scenarios, busybox, kernel, this script.
 key=$({
     echo "$kernel_pkg $kernel_version $busybox_version $GUEST_MODULES"
-    cat "$HERE/init" "$HERE/build.sh"
+    cat "$HERE/init" "$HERE/build.sh" "$HERE/blkio.c"
     for f in "$HERE"/scenarios/*.sh; do echo "$f"; cat "$f"; done
 } | sha256sum | cut -c1-16)
 initramfs="$CACHE/initramfs-$key.cpio.gz"
@@ -155,6 +156,14 @@ if [[ ! -f "$initramfs" ]]; then
     done <"$bbdir/applets"
     for m in $GUEST_MODULES; do cp "$kdir/modules/$m.ko" "$stage/lib/modules/"; done
     install -m 0755 "$HERE/init" "$stage/init"
+    # /bin/blkio (blkio.c): BLKZEROOUT, BLKDISCARD and timed O_DIRECT I/O, which busybox
+    # lacks; static, so that it needs nothing else in the guest.
+    if ${CC:-cc} -static -O2 -s -pthread -o "$stage/bin/blkio" "$HERE/blkio.c" 2>"$stage/cc.err"; then
+        rm -f "$stage/cc.err"
+    else
+        log "cannot build blkio.c (a C compiler with static libc: gcc, libc6-dev): $(head -3 "$stage/cc.err")"
+        rm -f "$stage/cc.err" "$stage/bin/blkio"
+    fi
     for f in "$HERE"/scenarios/*.sh; do install -m 0644 "$f" "$stage/scenarios/"; done
     (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort |
         cpio --quiet -o -H newc -R 0:0 | gzip -9n >"$initramfs.tmp")

@@ -95,6 +95,7 @@ pub struct Scenario {
     cmdline_extra: String,
     timeout: Duration,
     mode: Option<Mode>,
+    return_files: bool,
 }
 
 /// What a scenario produced.
@@ -149,6 +150,7 @@ impl Scenario {
             cmdline_extra: String::new(),
             timeout: Duration::from_secs(150),
             mode: None,
+            return_files: false,
         }
     }
 
@@ -222,6 +224,15 @@ impl Scenario {
     /// Time limit of the whole run.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// Brings the files folder back after the run (disk images the guest wrote): they
+    /// appear in [`Outcome::out_files`] as `files/NAME` in both modes (in nested mode
+    /// L1 copies them into its `/out`; keep them small: that disk is 64 MiB and files
+    /// over 16 MiB are not read back).
+    pub fn return_files(mut self) -> Self {
+        self.return_files = true;
         self
     }
 
@@ -430,9 +441,15 @@ impl Scenario {
              read -r t1 _ </proc/uptime\n\
              echo \"$rc\" >/out/vmm-exit-code\n\
              echo \"$t0 $t1\" >/out/vmm-times\n\
+             {collect}\
              echo \"CRYPTVM-RUN-END rc=$rc uptime=$t1\"\n\
              exit 0\n",
             name = self.name,
+            collect = if self.return_files {
+                "cp -r /work/files /out/files\n"
+            } else {
+                ""
+            },
         );
         fs::write(root.join("run.sh"), run_sh).expect("writing run.sh");
 
