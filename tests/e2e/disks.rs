@@ -584,7 +584,6 @@ mod cryptvm {
     use super::*;
 
     #[test]
-    #[ignore = "needs virtio-blk wiring"]
     fn two_disks_from_config() {
         two_disks_and_a_read_only_one(Vmm::from_env_or(Vmm::Cryptvm));
     }
