@@ -131,3 +131,108 @@ fn bad_config_json() {
     run(dir.path(), &["--config", "missing.json"]).clean_error(1, &["missing.json"]);
     run(dir.path(), &["--kernel", "vmlinux", "--bogus", "1"]).clean_error(1, &["--bogus"]);
 }
+
+/// Disks from the config that cannot be built stop `run` before the guest starts, with
+/// the entry's key path, the secret never printed and the images untouched.
+#[test]
+fn bad_disk_config() {
+    let dir = setup();
+    let d = dir.path();
+    let secret = "correct-horse-battery";
+    let create = common::cryptvm(
+        d,
+        [
+            "img",
+            "create",
+            "--object",
+            &format!("secret,id=s0,data={secret}"),
+            "-f",
+            "luks",
+            "-o",
+            "key-secret=s0,iter-time=10",
+            "disk.luks",
+            "4M",
+        ],
+    );
+    assert_eq!(create.status, Some(0), "{create}");
+    std::fs::write(d.join("disk.raw"), vec![0x5au8; 1 << 20]).unwrap();
+    let before = (
+        std::fs::read(d.join("disk.luks")).unwrap(),
+        std::fs::read(d.join("disk.raw")).unwrap(),
+    );
+    let raw = r#"{"node-name": "r", "driver": "file", "filename": "disk.raw"}"#;
+    let luks = r#"{"node-name": "l", "driver": "luks", "key-secret": "s0",
+                   "file": {"driver": "file", "filename": "disk.luks"}}"#;
+    let disk = |drive: &str, id: &str| {
+        format!(r#"{{"driver": "virtio-blk-pci", "drive": "{drive}", "id": "{id}"}}"#)
+    };
+    let cases = [
+        (
+            format!(
+                r#"{{"blockdevs": [{raw}], "devices": [{}]}}"#,
+                disk("nope", "d0")
+            ),
+            "devices[0]: Property 'virtio-blk-pci.drive' can't find value 'nope'",
+        ),
+        (
+            format!(
+                r#"{{"objects": [{{"qom-type": "secret", "id": "s0", "data": "wrong-{secret}"}}],
+                    "blockdevs": [{luks}]}}"#
+            ),
+            "blockdevs[0]",
+        ),
+        (
+            format!(r#"{{"blockdevs": [{luks}]}}"#),
+            "blockdevs[0].key-secret",
+        ),
+        (
+            format!(
+                r#"{{"blockdevs": [{raw}], "devices": [{}, {}]}}"#,
+                disk("r", "d0"),
+                disk("r", "d1")
+            ),
+            "devices[1]: Node 'r' is already in use by 'd0'",
+        ),
+        (
+            format!(
+                r#"{{"blockdevs": [{raw}, {{"node-name": "r2", "driver": "raw", "file": "r"}}],
+                    "devices": [{}, {}]}}"#,
+                disk("r", "d0"),
+                disk("r2", "d0")
+            ),
+            "devices[1]: Duplicate device ID 'd0'",
+        ),
+        (
+            format!(
+                r#"{{"blockdevs": [{raw}], "devices": [{{"driver": "virtio-blk-pci",
+                    "drive": "r", "queue-size": 100}}]}}"#
+            ),
+            "devices[0]: invalid queue-size property (100), must be a power of 2",
+        ),
+        (
+            format!(
+                r#"{{"blockdevs": [{raw}], "devices": [{{"driver": "virtio-blk-pci",
+                    "drive": "r", "colour": "blue"}}]}}"#
+            ),
+            "devices[0]: Property 'virtio-blk-pci.colour' not found",
+        ),
+        (
+            format!(
+                r#"{{"blockdevs": [{raw}], "devices": [{{"driver": "virtio-blk-pci",
+                    "drive": "r", "addr": "0x0"}}]}}"#
+            ),
+            "devices[0]: PCI slot must be in 1..=31",
+        ),
+    ];
+    for (text, mention) in &cases {
+        std::fs::write(d.join("vm.json"), text).unwrap();
+        let r = run(d, &["--kernel", "vmlinux", "--config", "vm.json"]);
+        r.clean_error(1, &[mention]);
+        r.never_shows(secret);
+    }
+    let after = (
+        std::fs::read(d.join("disk.luks")).unwrap(),
+        std::fs::read(d.join("disk.raw")).unwrap(),
+    );
+    assert!(before == after, "a failed run changed an image");
+}

@@ -18,6 +18,7 @@ use devices::pci::{PciRoot, SharedPciDevice};
 use crate::memory::GuestMemoryMmap;
 use crate::msi::MsiRouter;
 use crate::pci_bars::PciBars;
+use crate::queries;
 use crate::virtio_blk_pci::{BlkProps, DeviceEnv, VirtioBlkPci};
 
 /// How a control request failed (QMP maps these to its error classes).
@@ -343,14 +344,10 @@ impl Machine {
         }
     }
 
-    /// Runs `f` on the block graph (queries).
-    pub fn with_graph<T>(&self, f: impl FnOnce(&BlockGraph) -> T) -> T {
-        f(&lock(&self.state).graph)
-    }
-
-    /// `(id, drive, slot)` of every disk.
-    pub fn disks(&self) -> Vec<(Option<String>, String, u8)> {
-        lock(&self.state)
+    /// `query-block`.
+    pub fn query_block(&self) -> Value {
+        let state = lock(&self.state);
+        let disks: Vec<_> = state
             .disks
             .iter()
             .map(|d| {
@@ -360,6 +357,27 @@ impl Machine {
                     d.device.slot,
                 )
             })
-            .collect()
+            .collect();
+        queries::block(&state.graph, &disks)
+    }
+
+    /// `query-named-block-nodes`.
+    pub fn query_named_block_nodes(&self, flat: bool) -> Value {
+        queries::named_block_nodes(&lock(&self.state).graph, flat)
+    }
+
+    /// `query-pci`.
+    pub fn query_pci(&self) -> Value {
+        let ids: Vec<(u8, Option<String>)> = lock(&self.state)
+            .disks
+            .iter()
+            .map(|d| (d.device.slot, d.device.props.id.clone()))
+            .collect();
+        let root = lock(&self.params.pci_root);
+        queries::pci(&root, |slot| {
+            ids.iter()
+                .find(|(s, _)| *s == slot)
+                .and_then(|(_, id)| id.clone())
+        })
     }
 }

@@ -111,14 +111,16 @@ fn build_machine(vm: &Vm, config: &VmConfig) -> Result<Arc<Machine>, String> {
         window: layout::mmio64_window(vm.memory_size()),
     });
     for (i, e) in config.objects.iter().enumerate() {
+        let path = format!("objects[{i}]");
         machine
-            .object_add(&format!("objects[{i}]"), &e.args, e.base_dir.as_deref())
-            .map_err(|e| e.to_string())?;
+            .object_add(&path, &e.args, e.base_dir.as_deref())
+            .map_err(|e| with_path(&path, e))?;
     }
     for (i, e) in config.blockdevs.iter().enumerate() {
+        let path = format!("blockdevs[{i}]");
         machine
-            .blockdev_add(&format!("blockdevs[{i}]"), &e.args, e.base_dir.as_deref())
-            .map_err(|e| e.to_string())?;
+            .blockdev_add(&path, &e.args, e.base_dir.as_deref())
+            .map_err(|e| with_path(&path, e))?;
     }
     for (i, e) in config.devices.iter().enumerate() {
         machine
@@ -133,6 +135,16 @@ fn build_machine(vm: &Vm, config: &VmConfig) -> Result<Arc<Machine>, String> {
     }));
     machine.set_hotplug(notifier);
     Ok(machine)
+}
+
+/// `error` naming the config entry `path` it came from (once).
+fn with_path(path: &str, error: impl std::fmt::Display) -> String {
+    let msg = error.to_string();
+    if msg.starts_with(path) {
+        msg
+    } else {
+        format!("{path}: {msg}")
+    }
 }
 
 /// Where the ACPI tables describe the machine's devices and windows for `vm`.

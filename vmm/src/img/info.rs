@@ -36,7 +36,7 @@ pub fn run(argv: &[String]) -> Result<u8> {
 }
 
 /// `ImageInfo` of a node, shaped as qemu-img's JSON.
-fn node_info(node: &NodeRef) -> Value {
+pub(crate) fn node_info(node: &NodeRef) -> Value {
     // As qemu-img info, which opens images without their backing chain.
     let children: Vec<Value> = node
         .children()
