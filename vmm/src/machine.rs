@@ -14,6 +14,7 @@ use serde_json::{json, Map, Value};
 use block::blockdev::OpenContext;
 use block::{BlockGraph, SecretStore};
 use devices::pci::{PciRoot, SharedPciDevice};
+use devices::virtio::block::IoOperation;
 
 use crate::memory::GuestMemoryMmap;
 use crate::msi::MsiRouter;
@@ -100,7 +101,7 @@ pub struct Machine {
     params: MachineParams,
     state: Mutex<State>,
     hotplug: Mutex<Option<Arc<dyn HotplugNotifier>>>,
-    events: Mutex<Option<EventSink>>,
+    events: Arc<Mutex<Option<EventSink>>>,
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -114,7 +115,7 @@ impl Machine {
             params,
             state: Mutex::new(State::default()),
             hotplug: Mutex::new(None),
-            events: Mutex::new(None),
+            events: Arc::default(),
         })
     }
 
@@ -243,13 +244,29 @@ impl Machine {
             .graph
             .attach(&drive, &user)
             .map_err(|e| generic(e.to_string()))?;
+        let events = self.events.clone();
+        let node_name = drive.clone();
         let env = DeviceEnv {
             memory: &self.params.memory,
             router: &self.params.router,
             bars: &self.params.bars,
             window: self.params.window.clone(),
+            on_error: Some(Box::new(move |op, reason| {
+                let sink = lock(&events).clone();
+                if let Some(sink) = sink {
+                    let operation = match op {
+                        IoOperation::Read => "read",
+                        IoOperation::Write => "write",
+                    };
+                    sink(
+                        "BLOCK_IO_ERROR",
+                        json!({"device": "", "node-name": node_name, "operation": operation,
+                               "action": "report", "nospace": false, "reason": reason}),
+                    );
+                }
+            })),
         };
-        let device = match VirtioBlkPci::create(props, slot, node, &env) {
+        let device = match VirtioBlkPci::create(props, slot, node, env) {
             Ok(d) => d,
             Err(e) => {
                 state.graph.detach(&drive, &user);

@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 use vmm_sys_util::eventfd::EventFd;
 
 use block::NodeRef;
-use devices::virtio::block::{BlockConfig, VirtioBlock};
+use devices::virtio::block::{BlockConfig, IoErrorReporter, VirtioBlock};
 use devices::virtio::{VirtioPciDevice, VirtioQueues, BAR_SIZE};
 use devices::{Interrupt, SharedDevice};
 
@@ -233,6 +233,8 @@ pub struct DeviceEnv<'a> {
     pub bars: &'a Arc<PciBars>,
     /// Where BARs are placed.
     pub window: std::ops::Range<u64>,
+    /// Told about requests the node failed.
+    pub on_error: Option<IoErrorReporter>,
 }
 
 /// A `virtio-blk-pci` device attached to a slot, serving its node.
@@ -282,9 +284,13 @@ impl VirtioBlkPci {
         props: BlkProps,
         slot: u8,
         node: NodeRef,
-        env: &DeviceEnv<'_>,
+        mut env: DeviceEnv<'_>,
     ) -> Result<VirtioBlkPci, DeviceError> {
-        let device = Arc::new(VirtioBlock::new(node, props.config.clone())?);
+        let mut device = VirtioBlock::new(node, props.config.clone())?;
+        if let Some(report) = env.on_error.take() {
+            device = device.with_error_reporter(report);
+        }
+        let device = Arc::new(device);
         let nq = props.config.num_queues;
         let vectors = (0..=nq)
             .map(|_| env.router.allocate())

@@ -94,11 +94,25 @@ impl Default for BlockConfig {
     }
 }
 
+/// Which way a failed request went (QEMU's `IoOperationType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoOperation {
+    /// A read.
+    Read,
+    /// A write, flush, discard or write-zeroes.
+    Write,
+}
+
+/// Told about each request the block node failed (for QMP `BLOCK_IO_ERROR`):
+/// the operation and the error's text.
+pub type IoErrorReporter = Box<dyn Fn(IoOperation, &str) + Send + Sync>;
+
 /// A virtio-blk device over a block node.
 pub struct VirtioBlock {
     node: NodeRef,
     cfg: BlockConfig,
     writeback: AtomicU8,
+    on_error: Option<IoErrorReporter>,
 }
 
 type Segments = Vec<(GuestAddress, usize)>;
@@ -141,7 +155,21 @@ impl VirtioBlock {
             node,
             cfg,
             writeback: AtomicU8::new(1),
+            on_error: None,
         })
+    }
+
+    /// Reports node errors to `reporter`; the guest still gets IOERR.
+    pub fn with_error_reporter(mut self, reporter: IoErrorReporter) -> Self {
+        self.on_error = Some(reporter);
+        self
+    }
+
+    fn io_failed(&self, op: IoOperation, error: &block::BlockError) -> Fail {
+        if let Some(report) = &self.on_error {
+            report(op, &error.to_string());
+        }
+        Fail::IoErr
     }
 
     fn seg_max(&self) -> u32 {
@@ -187,7 +215,8 @@ impl VirtioBlock {
                 let mut pos = offset;
                 for &(addr, len) in writable {
                     for_each_slice_mut(mem, addr, len, |buf| {
-                        node.read_at(pos, buf).map_err(|_| Fail::IoErr)?;
+                        node.read_at(pos, buf)
+                            .map_err(|e| self.io_failed(IoOperation::Read, &e))?;
                         pos += buf.len() as u64;
                         Ok(())
                     })?;
@@ -203,17 +232,22 @@ impl VirtioBlock {
                 let mut pos = offset;
                 for &(addr, len) in &rest {
                     for_each_slice(mem, addr, len, |buf| {
-                        node.write_at(pos, buf).map_err(|_| Fail::IoErr)?;
+                        node.write_at(pos, buf)
+                            .map_err(|e| self.io_failed(IoOperation::Write, &e))?;
                         pos += buf.len() as u64;
                         Ok(())
                     })?;
                 }
                 if self.writeback.load(Ordering::Relaxed) == 0 {
-                    node.flush().map_err(|_| Fail::IoErr)?;
+                    node.flush()
+                        .map_err(|e| self.io_failed(IoOperation::Write, &e))?;
                 }
                 Ok(0)
             }
-            VIRTIO_BLK_T_FLUSH => node.flush().map(|_| 0).map_err(|_| Fail::IoErr),
+            VIRTIO_BLK_T_FLUSH => node
+                .flush()
+                .map(|_| 0)
+                .map_err(|e| self.io_failed(IoOperation::Write, &e)),
             VIRTIO_BLK_T_GET_ID => {
                 let mut id = [0u8; VIRTIO_BLK_ID_BYTES];
                 id[..self.cfg.serial.len()].copy_from_slice(self.cfg.serial.as_bytes());
@@ -251,7 +285,8 @@ impl VirtioBlock {
                 } else {
                     node.write_zeroes(offset, len)
                 };
-                r.map(|_| 0).map_err(|_| Fail::IoErr)
+                r.map(|_| 0)
+                    .map_err(|e| self.io_failed(IoOperation::Write, &e))
             }
             _ => Err(Fail::Unsupp),
         }

@@ -107,6 +107,8 @@ struct Guest {
     irqs: Vec<Arc<Counter>>,
     node: Arc<MemNode>,
     qs: Vec<Q>,
+    /// Node errors the device reported (for QMP `BLOCK_IO_ERROR`).
+    errors: Arc<Mutex<Vec<IoOperation>>>,
 }
 
 impl Guest {
@@ -123,7 +125,13 @@ impl Guest {
             serial: "cryptvm-disk-0".into(),
             ..Default::default()
         };
-        let blk = Arc::new(VirtioBlock::new(node.clone(), cfg).unwrap());
+        let errors: Arc<Mutex<Vec<IoOperation>>> = Arc::default();
+        let seen = errors.clone();
+        let blk = Arc::new(
+            VirtioBlock::new(node.clone(), cfg)
+                .unwrap()
+                .with_error_reporter(Box::new(move |op, _| seen.lock().unwrap().push(op))),
+        );
         let irqs: Vec<Arc<Counter>> = (0..=num_queues).map(|_| Arc::default()).collect();
         let ints = irqs
             .iter()
@@ -149,6 +157,7 @@ impl Guest {
             irqs,
             node,
             qs,
+            errors,
         }
     }
 
@@ -505,6 +514,11 @@ fn each_request_type() {
         VIRTIO_BLK_S_IOERR
     );
     assert_eq!(g.req(0, VIRTIO_BLK_T_FLUSH, 0, 0, 0).0, VIRTIO_BLK_S_IOERR);
+    assert_eq!(
+        *g.errors.lock().unwrap(),
+        [IoOperation::Read, IoOperation::Write],
+        "each node error is reported once, with its direction"
+    );
     g.node.fail.store(false, Ordering::SeqCst);
     assert_eq!(g.req(0, VIRTIO_BLK_T_IN, 0, other, 512).0, VIRTIO_BLK_S_OK);
 
