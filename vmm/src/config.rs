@@ -79,7 +79,7 @@ pub struct VmConfig {
     /// `device_add` arguments.
     pub devices: Vec<Entry>,
     /// QMP control socket path.
-    pub qmp: Option<PathBuf>,
+    pub qmp: Option<String>,
     /// Serial console destination.
     pub serial: SerialConfig,
 }
@@ -247,7 +247,15 @@ impl VmConfig {
                 "objects" => self.objects.extend(entries(v, key, base)?),
                 "blockdevs" => self.blockdevs.extend(entries(v, key, base)?),
                 "devices" => self.devices.extend(entries(v, key, base)?),
-                "qmp" => self.qmp = Some(resolve(base, expect_str(v, key)?)),
+                "qmp" => {
+                    let addr = expect_str(v, key)?;
+                    // `tcp:HOST:PORT` stays as is; a socket path is relative to the file.
+                    self.qmp = Some(if addr.starts_with("tcp:") {
+                        addr.to_string()
+                    } else {
+                        resolve(base, addr).to_string_lossy().into_owned()
+                    });
+                }
                 "serial" => {
                     self.serial = parse_serial(expect_str(v, key)?, base)
                         .map_err(|e| ConfigError(format!("serial: {e}")))?
@@ -376,7 +384,7 @@ impl VmConfig {
                     _ => self.devices.push(entry),
                 }
             }
-            "qmp" => self.qmp = Some(PathBuf::from(value)),
+            "qmp" => self.qmp = Some(value.to_string()),
             "serial" => self.serial = parse_serial(value, None).map_err(opt_err)?,
             _ => return err(format!("unknown option '--{name}'")),
         }
@@ -459,7 +467,10 @@ mod tests {
         assert_eq!(c.initrd, Some(PathBuf::from("/abs/initrd")));
         assert_eq!(c.cmdline(), "quiet");
         assert_eq!(c.serial, SerialConfig::File(dir.path().join("console.log")));
-        assert_eq!(c.qmp, Some(dir.path().join("vm.sock")));
+        assert_eq!(
+            c.qmp.as_deref(),
+            Some(dir.path().join("vm.sock").to_str().unwrap())
+        );
         assert_eq!(c.blockdevs.len(), 2);
         assert_eq!(
             c.blockdevs[0].resolve("disk.raw"),
