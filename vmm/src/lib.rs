@@ -13,6 +13,7 @@ pub mod machine;
 pub mod memory;
 pub mod msi;
 pub mod pci_bars;
+pub mod qmp;
 pub mod queries;
 pub mod run;
 pub mod terminal;
