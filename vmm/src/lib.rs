@@ -5,6 +5,7 @@ pub mod boot;
 pub mod calibrate;
 pub mod config;
 pub mod cpuid;
+pub mod ctl;
 pub mod event_loop;
 pub mod img;
 pub mod io_thread;

@@ -7,10 +7,7 @@ fn main() -> ExitCode {
     let code = match args.first().map(String::as_str) {
         Some("img") => vmm::img::main(&args[1..]),
         Some("run") => vmm::run::main(&args[1..]),
-        Some("ctl") => {
-            eprintln!("cryptvm: '{}' is not available in this build yet", args[0]);
-            1
-        }
+        Some("ctl") => vmm::ctl::main(&args[1..]),
         Some("--version") | Some("-V") => {
             println!("cryptvm {}", env!("CARGO_PKG_VERSION"));
             0
@@ -29,4 +26,4 @@ fn main() -> ExitCode {
 
 const USAGE: &str = "usage: cryptvm run  [--config vm.json] [options]   boot a guest
        cryptvm img  create|info|convert|compare ...  qemu-img compatible image tool
-       cryptvm ctl  --socket PATH [COMMAND [ARGS]]   QMP client (coming)";
+       cryptvm ctl  --socket PATH [COMMAND [ARGS]]   QMP client (cryptvm or QEMU)";

@@ -30,6 +30,7 @@ mod tests;
 
 pub use events::EventBus;
 pub use server::{QmpServer, QmpServerError};
+pub(crate) use transport::{Address, Stream};
 
 /// QEMU's error classes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -62,7 +62,6 @@ impl Address {
     }
 
     /// Connects to the address, waiting at most `timeout` for a TCP connection.
-    #[cfg_attr(not(test), allow(dead_code))] // for `cryptvm ctl`
     pub(crate) fn connect(&self, timeout: Duration) -> io::Result<Stream> {
         match self {
             Address::Unix(path) => UnixStream::connect(path).map(Stream::Unix),
@@ -111,7 +110,6 @@ impl Stream {
     }
 
     /// Sets the read timeout (`None`: block).
-    #[cfg_attr(not(test), allow(dead_code))] // for `cryptvm ctl`
     pub(crate) fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         match self {
             Stream::Unix(s) => s.set_read_timeout(timeout),
@@ -120,7 +118,6 @@ impl Stream {
     }
 
     /// Sets the write timeout (`None`: block).
-    #[allow(dead_code)] // for `cryptvm ctl`
     pub(crate) fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         match self {
             Stream::Unix(s) => s.set_write_timeout(timeout),
