@@ -1,0 +1,840 @@
+//! The QMP protocol end to end: cryptvm's server against QEMU's (the same bytes in, the
+//! same bytes out), `cryptvm ctl` against both, the PyPI `qemu.qmp` library against
+//! cryptvm, and the control socket of a real `cryptvm run` (a tiny guest that halts)
+//! under abuse: commands before negotiation, malformed JSON, a 10 MiB line, 50 clients
+//! at once, clients vanishing mid-command; then `quit`.
+//!
+//! Expected protocol bytes come from QEMU 10's QMP monitor (`qemu-system-x86_64
+//! -machine none`), run side by side; deliberate differences are listed in
+//! `docs/qmp.md`.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Map, Value};
+use vmm::qmp::{EventBus, QmpBackend, QmpError, QmpServer};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------------------------------
+// A raw QMP connection.
+// ---------------------------------------------------------------------------------------
+
+trait Conn: Read + Write + Send {}
+impl<T: Read + Write + Send> Conn for T {}
+
+/// A QMP client that sends raw bytes and reads `\r\n`-terminated lines.
+struct Qmp {
+    conn: Box<dyn Conn>,
+    pending: Vec<u8>,
+}
+
+impl Qmp {
+    /// Connects to a Unix socket path or `tcp:HOST:PORT` and reads the greeting.
+    fn connect(address: &str) -> (Qmp, String) {
+        let conn: Box<dyn Conn> = match address.strip_prefix("tcp:") {
+            Some(hostport) => {
+                let s = TcpStream::connect(hostport).unwrap_or_else(|e| panic!("{address}: {e}"));
+                s.set_read_timeout(Some(TIMEOUT)).unwrap();
+                Box::new(s)
+            }
+            None => {
+                let s = UnixStream::connect(address).unwrap_or_else(|e| panic!("{address}: {e}"));
+                s.set_read_timeout(Some(TIMEOUT)).unwrap();
+                Box::new(s)
+            }
+        };
+        let mut q = Qmp {
+            conn,
+            pending: Vec::new(),
+        };
+        let greeting = q.line();
+        (q, greeting)
+    }
+
+    /// Connects, checks the greeting's shape and negotiates.
+    fn negotiated(address: &str) -> Qmp {
+        let (mut q, greeting) = Qmp::connect(address);
+        let g: Value = serde_json::from_str(&greeting).unwrap();
+        assert!(g["QMP"]["version"]["qemu"]["major"].is_u64(), "{greeting}");
+        assert_eq!(
+            q.cmd(r#"{"execute":"qmp_capabilities"}"#),
+            r#"{"return": {}}"#
+        );
+        q
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        self.conn.write_all(bytes).expect("sending to QMP");
+    }
+
+    /// The next line without its `\r\n`.
+    fn line(&mut self) -> String {
+        self.try_line()
+            .expect("the QMP server closed the connection")
+    }
+
+    fn try_line(&mut self) -> Option<String> {
+        loop {
+            if let Some(end) = self.pending.windows(2).position(|w| w == b"\r\n") {
+                let line: Vec<u8> = self.pending.drain(..end + 2).collect();
+                return Some(String::from_utf8(line[..end].to_vec()).expect("UTF-8 from QMP"));
+            }
+            let mut buf = [0u8; 65536];
+            match self.conn.read(&mut buf) {
+                Ok(0) => return None,
+                Ok(n) => self.pending.extend_from_slice(&buf[..n]),
+                Err(e) => panic!("reading from QMP: {e} (got {:?})", self.pending),
+            }
+        }
+    }
+
+    fn cmd(&mut self, request: &str) -> String {
+        self.send(request.as_bytes());
+        self.line()
+    }
+
+    /// Sends `input`, then a `query-status` with a marker id; returns the lines that
+    /// came before the marker's reply. Works for inputs that draw 0, 1 or more replies.
+    fn transcript(&mut self, input: &[u8], marker: usize) -> Vec<String> {
+        self.send(input);
+        let id = format!("sync-{marker}");
+        self.send(
+            json!({"execute": "query-status", "id": id})
+                .to_string()
+                .as_bytes(),
+        );
+        let mut lines = Vec::new();
+        loop {
+            let line = self.line();
+            if line.contains(&format!("\"{id}\"")) {
+                return lines;
+            }
+            lines.push(line);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Processes.
+// ---------------------------------------------------------------------------------------
+
+/// A background process, killed when dropped.
+struct Proc {
+    child: Child,
+    what: String,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(what: &str, mut cmd: Command, log: PathBuf) -> Proc {
+        let out = std::fs::File::create(&log).unwrap();
+        cmd.stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {what}: {e}"));
+        Proc {
+            child,
+            what: what.to_string(),
+            log,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until `address` accepts connections (the process must stay alive).
+    fn wait_for_socket(&mut self, address: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ok = match address.strip_prefix("tcp:") {
+                Some(hp) => TcpStream::connect(hp).is_ok(),
+                None => Path::new(address).exists() && UnixStream::connect(address).is_ok(),
+            };
+            if ok {
+                return;
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "{} exited ({status}) before listening on {address}:\n{}",
+                    self.what,
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} does not listen on {address}:\n{}",
+                self.what,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for the process to exit; its exit code.
+    fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} still running {limit:?} after quit:\n{}",
+                self.what,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `qemu-system-x86_64 -machine none` with QMP on `dir/qemu.sock`.
+fn start_qemu(dir: &Path) -> (Proc, String) {
+    let sock = dir.join("qemu.sock");
+    let mut cmd = Command::new(common::find_tool("qemu-system-x86_64").unwrap());
+    cmd.args([
+        "-machine",
+        "none",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-qmp",
+    ])
+    .arg(format!("unix:{},server=on,wait=off", sock.display()));
+    let mut p = Proc::spawn("qemu-system-x86_64", cmd, dir.join("qemu.log"));
+    let address = sock.to_str().unwrap().to_string();
+    p.wait_for_socket(&address);
+    (p, address)
+}
+
+/// A minimal ELF64 kernel with a PVH entry note whose code halts forever
+/// (`1: hlt; jmp 1b`), so the VM keeps running without using the CPU.
+fn halting_kernel() -> Vec<u8> {
+    const LOAD: u64 = 0x100_0000;
+    let code = [0xf4u8, 0xeb, 0xfd];
+    let mut note = Vec::new();
+    note.extend(4u32.to_le_bytes()); // name size
+    note.extend(4u32.to_le_bytes()); // descriptor size
+    note.extend(18u32.to_le_bytes()); // XEN_ELFNOTE_PHYS32_ENTRY
+    note.extend(b"Xen\0");
+    note.extend((LOAD as u32).to_le_bytes());
+    let data = 64 + 56 * 2u64;
+    let mut f = Vec::new();
+    f.extend(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+    f.extend(2u16.to_le_bytes()); // ET_EXEC
+    f.extend(62u16.to_le_bytes()); // x86-64
+    f.extend(1u32.to_le_bytes());
+    f.extend(LOAD.to_le_bytes()); // entry
+    f.extend(64u64.to_le_bytes()); // program headers
+    f.extend(0u64.to_le_bytes());
+    f.extend(0u32.to_le_bytes());
+    f.extend(64u16.to_le_bytes());
+    f.extend(56u16.to_le_bytes());
+    f.extend(2u16.to_le_bytes());
+    f.extend([0u8; 6]);
+    let mut phdr = |ty: u32, off: u64, addr: u64, len: u64| {
+        f.extend(ty.to_le_bytes());
+        f.extend(5u32.to_le_bytes());
+        for v in [off, addr, addr, len, len, 8] {
+            f.extend(v.to_le_bytes());
+        }
+    };
+    phdr(1, data, LOAD, code.len() as u64); // PT_LOAD
+    phdr(4, data + code.len() as u64, 0, note.len() as u64); // PT_NOTE
+    f.extend(code);
+    f.extend(note);
+    f
+}
+
+/// `cryptvm run` of the halting kernel with `--qmp qmp`; waits until QMP listens.
+fn start_vm(dir: &Path, qmp: &str) -> Proc {
+    std::fs::write(dir.join("kernel"), halting_kernel()).unwrap();
+    let mut cmd = Command::new(common::CRYPTVM);
+    cmd.current_dir(dir).args([
+        "run",
+        "--kernel",
+        "kernel",
+        "--memory",
+        "32M",
+        "--serial",
+        "file:console.log",
+        "--qmp",
+        qmp,
+    ]);
+    let mut p = Proc::spawn("cryptvm run", cmd, dir.join("cryptvm.log"));
+    let address = if qmp.starts_with("tcp:") {
+        qmp.to_string()
+    } else {
+        dir.join(qmp).to_str().unwrap().to_string()
+    };
+    p.wait_for_socket(&address);
+    p
+}
+
+/// A TCP port that was free a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `cryptvm ctl ARGS` with `stdin`.
+fn ctl(args: &[&str], stdin: &str) -> common::Run {
+    let mut child = Command::new(common::CRYPTVM)
+        .arg("ctl")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    common::Run {
+        cmd: format!("cryptvm ctl {}", args.join(" ")),
+        status: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// An in-process cryptvm QMP server with a stand-in VM.
+// ---------------------------------------------------------------------------------------
+
+/// A stand-in for the VM: devices are ids in a list; `device_del` reports
+/// `DEVICE_DELETED` at once.
+struct StandIn {
+    devices: Mutex<Vec<String>>,
+    events: Arc<EventBus>,
+}
+
+impl QmpBackend for StandIn {
+    fn object_add(&self, _: &Map<String, Value>) -> Result<(), QmpError> {
+        Ok(())
+    }
+    fn object_del(&self, id: &str) -> Result<(), QmpError> {
+        Err(QmpError::generic(format!("object '{id}' not found")))
+    }
+    fn blockdev_add(&self, _: &Map<String, Value>) -> Result<(), QmpError> {
+        Ok(())
+    }
+    fn blockdev_del(&self, node_name: &str) -> Result<(), QmpError> {
+        Err(QmpError::generic(format!(
+            "Failed to find node with node-name='{node_name}'"
+        )))
+    }
+    fn device_add(&self, args: &Map<String, Value>) -> Result<(), QmpError> {
+        let id = args.get("id").and_then(Value::as_str).unwrap_or("");
+        self.devices.lock().unwrap().push(id.to_string());
+        Ok(())
+    }
+    fn device_del(&self, id: &str) -> Result<(), QmpError> {
+        let mut devices = self.devices.lock().unwrap();
+        let Some(i) = devices.iter().position(|d| d == id) else {
+            return Err(QmpError::device_not_found(format!(
+                "Device '{id}' not found"
+            )));
+        };
+        devices.remove(i);
+        self.events.emit(
+            "DEVICE_DELETED",
+            json!({"device": id, "path": format!("/machine/peripheral/{id}")}),
+        );
+        Ok(())
+    }
+    fn query_block(&self) -> Value {
+        json!([])
+    }
+    fn query_named_block_nodes(&self, _flat: bool) -> Value {
+        json!([])
+    }
+    fn query_pci(&self) -> Value {
+        json!([])
+    }
+    fn status(&self) -> &'static str {
+        "running"
+    }
+    fn system_powerdown(&self) -> Result<(), QmpError> {
+        Ok(())
+    }
+    fn quit(&self) {}
+}
+
+fn start_server(dir: &Path) -> (QmpServer, String) {
+    let events = EventBus::new();
+    let backend = Arc::new(StandIn {
+        devices: Mutex::new(Vec::new()),
+        events: Arc::clone(&events),
+    });
+    let path = dir.join("cryptvm.sock");
+    let server = QmpServer::start(path.to_str().unwrap(), backend, events).unwrap();
+    let address = server.local_address().to_string();
+    (server, address)
+}
+
+// ---------------------------------------------------------------------------------------
+// The inputs both servers must answer alike.
+// ---------------------------------------------------------------------------------------
+
+/// Inputs sent in order on one connection, starting before negotiation. Each is
+/// followed by a marker request, so an input may draw any number of replies.
+fn protocol_cases() -> Vec<Vec<u8>> {
+    let text: &[&str] = &[
+        // Before negotiation.
+        r#"{"execute":"query-status"}"#,
+        r#"{"execute":"foo","id":1}"#,
+        r#"{"execute":"query-version","arguments":[1]}"#,
+        r#"{"execute":"qmp_capabilities","arguments":{"foo":1}}"#,
+        r#"{"execute":"qmp_capabilities","arguments":{"enable":"x"}}"#,
+        r#"{"execute":"qmp_capabilities","arguments":{"enable":[1]}}"#,
+        "garbage\n",
+        r#"{"execute":"qmp_capabilities","arguments":{"enable":[]},"id":{"n":[1,2.5]}}"#,
+        // After.
+        r#"{"execute":"qmp_capabilities","id":2}"#,
+        r#"{"execute":"foo","id":{"a":[1]}}"#,
+        "{\"execute\":\n}\n",
+        "}",
+        "]",
+        "tru\n",
+        "@\n",
+        "{\"a\":@}\n",
+        "01\n",
+        "-\n",
+        "1.\n",
+        "\"\\q\"\n",
+        "\"\\ud800\"\n",
+        "\"\\u12\"\n",
+        r#"{"a":1,"a":2}"#,
+        r#"{"a" 1}"#,
+        r#"{"a":1 "b":2}"#,
+        "{1:2}",
+        "[1 2]",
+        "[1,]",
+        r#"{"a":}"#,
+        r#"{"a":1,}"#,
+        r#"{"a":1]"#,
+        "[1,2]",
+        r#""str""#,
+        "42\n",
+        "null\n",
+        "{}",
+        r#"{"execute":1}"#,
+        r#"{"id":5}"#,
+        r#"{"execute":"query-status","bogus":1}"#,
+        r#"{"execute":"query-status","zz":1,"aa":2,"id":3}"#,
+        r#"{"execute":"query-status","id":"x","control":{}}"#,
+        r#"{"execute":"query-status","arguments":[1]}"#,
+        r#"{"execute":"query-status","arguments":null}"#,
+        r#"{"execute":"query-status","arguments":{"x":1}}"#,
+        r#"{"exec-oob":"query-status"}"#,
+        r#"{"execute":"device_del"}"#,
+        r#"{"execute":"device_del","arguments":{"id":1}}"#,
+        r#"{"execute":"device_del","arguments":{"y":1}}"#,
+        r#"{"execute":"device_del","arguments":{"id":"x","y":2}}"#,
+        r#"{"execute":"device_del","arguments":{"id":"nope"}}"#,
+        r#"{"execute":"object-del","arguments":{"id":null}}"#,
+        r#"{"execute":"object-del","arguments":{"id":"nope"}}"#,
+        r#"{"execute":"blockdev-del","arguments":{}}"#,
+        r#"{"execute":"blockdev-del","arguments":{"node-name":[]}}"#,
+        r#"{"execute":"blockdev-del","arguments":{"node-name":"nope"}}"#,
+        r#"{"execute":"query-named-block-nodes","arguments":{"flat":"x"}}"#,
+        r#"{"execute":"query-named-block-nodes","arguments":{"flat":null}}"#,
+        r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
+        r#"{"execute":"query-pci","arguments":{"x":1}}"#,
+        r#"{"execute":"query-block","arguments":{"x":1}}"#,
+        r#"{"execute":"system_powerdown","arguments":{"x":1}}"#,
+        r#"{"execute":"quit","arguments":{"x":1}}"#,
+        r#"{"execute":"query-status","id":1.5e3}"#,
+        r#"{"execute":"query-status","id":12345678901234567890123}"#,
+        r#"{"execute":"query-status","id":-0}"#,
+        r#"{"execute":"query-status","id":1.0}"#,
+        r#"{"execute":"query-status","id":0.1}"#,
+        r#"{"execute":"query-status","id":18446744073709551615}"#,
+        r#"{"execute":"query-status","id":-9223372036854775808}"#,
+        r#"{"execute":"query-status","id":"\u00e9\ud83d\ude00\u007f/\u0001\u0000\""}"#,
+        r#"{"execute":"query-status","id":'single "quoted"'}"#,
+        r#"{"execute":"query-status","id":{"z":1,"a":[true,false,null],"m":{}}}"#,
+        r#"{"execute":"query-status","id":"m1"}{"execute":"query-status","id":"m2"}"#,
+        "  \t\r\n",
+        "{\"execute\":\"query-status\",\n\"id\":\n\"split\"\n}\n",
+    ];
+    let mut cases: Vec<Vec<u8>> = text.iter().map(|s| s.as_bytes().to_vec()).collect();
+    // Bytes that are not UTF-8.
+    cases.push(b"\xff\n".to_vec());
+    cases.push(b"\"\xc3(\"\n".to_vec());
+    cases.push(b"{\"execute\":\"query-status\",\"id\":\"\xc3\xa9\"}".to_vec());
+    cases
+}
+
+/// The replies of `address` to [`protocol_cases`] (from connection to the last case).
+fn protocol_transcript(address: &str) -> Vec<(String, Vec<String>)> {
+    let (mut q, _) = Qmp::connect(address);
+    protocol_cases()
+        .iter()
+        .enumerate()
+        .map(|(i, case)| {
+            (
+                String::from_utf8_lossy(case).into_owned(),
+                q.transcript(case, i),
+            )
+        })
+        .collect()
+}
+
+fn assert_same_transcripts(ours: &[(String, Vec<String>)], qemu: &[(String, Vec<String>)]) {
+    let mut differences = Vec::new();
+    for ((input, got), (_, want)) in ours.iter().zip(qemu) {
+        if got != want {
+            differences.push(format!(
+                "input {input:?}\n  cryptvm: {got:?}\n  QEMU:    {want:?}"
+            ));
+        }
+    }
+    assert!(
+        differences.is_empty(),
+        "{} of {} inputs answered differently:\n{}",
+        differences.len(),
+        ours.len(),
+        differences.join("\n")
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// cryptvm's server next to QEMU's.
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn cryptvm_answers_protocol_inputs_byte_for_byte_as_qemu() {
+    if !common::require(&["qemu-system-x86_64"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_qemu, qemu_sock) = start_qemu(dir.path());
+    let (_server, ours) = start_server(dir.path());
+    let qemu = protocol_transcript(&qemu_sock);
+    let ours = protocol_transcript(&ours);
+    assert_same_transcripts(&ours, &qemu);
+    // Greetings: the same shape, cryptvm's own package and no capabilities.
+    let (_, g_qemu) = Qmp::connect(&qemu_sock);
+    let (_, g_ours) = Qmp::connect(_server.local_address());
+    let (g_qemu, g_ours): (Value, Value) = (
+        serde_json::from_str(&g_qemu).unwrap(),
+        serde_json::from_str(&g_ours).unwrap(),
+    );
+    let keys = |v: &Value| -> Vec<String> { v.as_object().unwrap().keys().cloned().collect() };
+    assert_eq!(keys(&g_ours["QMP"]), keys(&g_qemu["QMP"]));
+    assert_eq!(
+        keys(&g_ours["QMP"]["version"]),
+        keys(&g_qemu["QMP"]["version"])
+    );
+    assert_eq!(
+        keys(&g_ours["QMP"]["version"]["qemu"]),
+        keys(&g_qemu["QMP"]["version"]["qemu"])
+    );
+    assert_eq!(g_ours["QMP"]["capabilities"], json!([]));
+}
+
+#[test]
+fn ctl_against_qemu() {
+    if !common::require(&["qemu-system-x86_64"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_qemu, sock) = start_qemu(dir.path());
+    let r = ctl(&["--socket", &sock, "query-status"], "");
+    assert_eq!(r.status, Some(0), "{r}");
+    assert_eq!(
+        r.stdout,
+        "{\"return\": {\"status\": \"running\", \"running\": true}}\n"
+    );
+    let r = ctl(&["--socket", &sock, "device_del", r#"{"id": "nope"}"#], "");
+    assert_eq!(r.status, Some(1), "{r}");
+    assert_eq!(
+        r.stdout,
+        "{\"error\": {\"class\": \"DeviceNotFound\", \"desc\": \"Device 'nope' not found\"}}\n"
+    );
+    // One connection: an event that arrives with a reply is kept for wait-event.
+    let r = ctl(
+        &["--socket", &sock, "--timeout", "20"],
+        r#"{"execute": "stop", "id": 1}
+{"execute": "query-status"}
+{"wait-event": "STOP", "timeout": 10}
+{"execute": "cont"}
+{"wait-event": "RESUME"}
+"#,
+    );
+    assert_eq!(r.status, Some(0), "{r}");
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines.len(), 5, "{r}");
+    assert_eq!(lines[0], r#"{"return": {}, "id": 1}"#);
+    assert_eq!(
+        lines[1],
+        r#"{"return": {"status": "paused", "running": false}}"#
+    );
+    assert!(lines[2].ends_with(r#""event": "STOP"}"#), "{r}");
+    assert!(lines[4].ends_with(r#""event": "RESUME"}"#), "{r}");
+    let r = ctl(
+        &["--socket", &sock],
+        "{\"wait-event\": \"DEVICE_DELETED\", \"timeout\": 0.5}\n",
+    );
+    r.clean_error(1, &["timed out waiting for DEVICE_DELETED"]);
+    // quit: the reply arrives before QEMU goes.
+    let r = ctl(&["--socket", &sock, "quit"], "");
+    assert_eq!(
+        (r.status, r.stdout.as_str()),
+        (Some(0), "{\"return\": {}}\n"),
+        "{r}"
+    );
+    ctl(&["--socket", &sock, "--timeout", "2", "query-status"], "").clean_error(2, &[&sock]);
+}
+
+#[test]
+fn ctl_against_cryptvm_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, sock) = start_server(dir.path());
+    let r = ctl(
+        &["--socket", &sock],
+        r#"{"execute": "device_add", "arguments": {"driver": "virtio-blk-pci", "id": "d0"}}
+{"execute": "device_del", "arguments": {"id": "d0"}, "id": "del"}
+{"wait-event": "DEVICE_DELETED", "data": {"device": "d0"}}
+"#,
+    );
+    assert_eq!(r.status, Some(0), "{r}");
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(
+        lines[..2],
+        [r#"{"return": {}}"#, r#"{"return": {}, "id": "del"}"#]
+    );
+    assert!(
+        lines[2].ends_with(r#""event": "DEVICE_DELETED", "data": {"device": "d0", "path": "/machine/peripheral/d0"}}"#),
+        "{r}"
+    );
+    ctl(&["query-status"], "").clean_error(2, &["--socket"]);
+    ctl(
+        &[
+            "--socket",
+            &dir.path().join("none").display().to_string(),
+            "quit",
+        ],
+        "",
+    )
+    .clean_error(2, &["connecting"]);
+}
+
+/// The Python interpreter of resources/testhost/qmp-venv.sh's environment, if made.
+fn qemu_qmp_python() -> Option<PathBuf> {
+    let venv = std::env::var_os("CRYPTVM_QMP_VENV")
+        .map(PathBuf::from)
+        .or_else(|| {
+            let cache = std::env::var_os("CRYPTVM_CACHE")
+                .map(PathBuf::from)
+                .or_else(|| {
+                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/cryptvm"))
+                })?;
+            Some(cache.join("qmp-venv"))
+        })?;
+    let python = venv.join("bin/python3");
+    python.exists().then_some(python)
+}
+
+const QEMU_QMP_SCRIPT: &str = r#"
+import asyncio, sys
+from qemu.qmp import QMPClient, ExecuteError
+
+async def main(address):
+    qmp = QMPClient('cryptvm-test')
+    await qmp.connect(address)
+    print('greeting', qmp.greeting.QMP.version['qemu']['major'])
+    print('status', (await qmp.execute('query-status'))['status'])
+    with qmp.listener('DEVICE_DELETED') as listener:
+        await qmp.execute('device_add', {'driver': 'virtio-blk-pci', 'id': 'd0'})
+        await qmp.execute('device_del', {'id': 'd0'})
+        event = await asyncio.wait_for(listener.get(), 10)
+        print('event', event['event'], event['data']['device'])
+    try:
+        await qmp.execute('device_del', {'id': 'nope'})
+    except ExecuteError as e:
+        print('error', e.error_class, str(e))
+    await qmp.disconnect()
+
+asyncio.run(main(sys.argv[1]))
+"#;
+
+#[test]
+fn qemu_qmp_library_against_cryptvm_server() {
+    let Some(python) = qemu_qmp_python() else {
+        eprintln!("SKIPPED: no qemu.qmp environment (make it with resources/testhost/qmp-venv.sh)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, sock) = start_server(dir.path());
+    let script = dir.path().join("client.py");
+    std::fs::write(&script, QEMU_QMP_SCRIPT).unwrap();
+    let r = common::run(
+        python.to_str().unwrap(),
+        [script.to_str().unwrap(), &sock],
+        None,
+    )
+    .ok();
+    assert_eq!(
+        r.stdout,
+        "greeting 10\nstatus running\nevent DEVICE_DELETED d0\nerror DeviceNotFound Device 'nope' not found\n",
+        "{r}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// The control socket of a real `cryptvm run`.
+// ---------------------------------------------------------------------------------------
+
+#[test]
+#[ignore = "needs run.rs QMP wiring"]
+fn run_answers_protocol_inputs_as_qemu_and_survives_abuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = start_vm(dir.path(), "vm.sock");
+    let sock = dir.path().join("vm.sock").to_str().unwrap().to_string();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "QMP socket mode");
+
+    if common::require(&["qemu-system-x86_64"]) {
+        let (_qemu, qemu_sock) = start_qemu(dir.path());
+        assert_same_transcripts(
+            &protocol_transcript(&sock),
+            &protocol_transcript(&qemu_sock),
+        );
+    }
+
+    let mut q = Qmp::negotiated(&sock);
+    // A 10 MiB line: one error, and the session goes on.
+    let mut big = br#"{"execute":"query-status","id":""#.to_vec();
+    big.extend(vec![b'x'; 10 << 20]);
+    big.extend(b"\"}\n");
+    assert_eq!(
+        q.transcript(&big, 1),
+        [r#"{"error": {"class": "GenericError", "desc": "JSON token size limit exceeded"}}"#]
+    );
+    let deep = format!("{}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+    assert_eq!(
+        q.transcript(deep.as_bytes(), 2),
+        [r#"{"error": {"class": "GenericError", "desc": "JSON nesting depth limit exceeded"}}"#]
+    );
+
+    // Clients that vanish: mid-request, mid-command, before the greeting is read.
+    for i in 0..10 {
+        if i % 3 == 2 {
+            drop(UnixStream::connect(&sock).unwrap());
+            continue;
+        }
+        let (mut gone, _) = Qmp::connect(&sock);
+        if i % 3 == 0 {
+            gone.send(br#"{"execute":"qmp_capab"#);
+        } else {
+            gone.send(br#"{"execute":"qmp_capabilities"}{"execute":"query-pci"}{"execute":"query-block"}"#);
+        }
+    }
+    let mut raw = UnixStream::connect(&sock).unwrap();
+    raw.write_all(br#"{"execute":"qmp_capabilities"}{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#)
+        .unwrap();
+    drop(raw);
+
+    // 50 clients at once, each its own session.
+    let clients: Vec<_> = (0..50)
+        .map(|i| {
+            let sock = sock.clone();
+            std::thread::spawn(move || {
+                let mut c = Qmp::negotiated(&sock);
+                for j in 0..5 {
+                    let reply = c.cmd(&json!({"execute": "query-status", "id": [i, j]}).to_string());
+                    assert_eq!(
+                        reply,
+                        format!(r#"{{"return": {{"status": "running", "running": true}}, "id": [{i}, {j}]}}"#)
+                    );
+                }
+                c
+            })
+        })
+        .collect();
+    let clients: Vec<Qmp> = clients.into_iter().map(|t| t.join().unwrap()).collect();
+    drop(clients);
+
+    // The VM runs on; quit replies, then cryptvm exits 0 and removes the socket.
+    assert_eq!(
+        q.cmd(r#"{"execute":"query-status"}"#),
+        r#"{"return": {"status": "running", "running": true}}"#
+    );
+    let mut watcher = Qmp::negotiated(&sock);
+    assert_eq!(
+        q.cmd(r#"{"execute":"quit","id":"bye"}"#),
+        r#"{"return": {}, "id": "bye"}"#
+    );
+    assert_eq!(vm.wait_exit(TIMEOUT), Some(0), "{}", vm.log());
+    // Other clients see the connection close (after any SHUTDOWN event).
+    while let Some(line) = watcher.try_line() {
+        assert!(line.contains("\"event\""), "{line}");
+    }
+    assert!(!Path::new(&sock).exists(), "socket file left behind");
+}
+
+#[test]
+#[ignore = "needs run.rs QMP wiring"]
+fn run_over_tcp_with_ctl() {
+    let dir = tempfile::tempdir().unwrap();
+    let address = format!("tcp:127.0.0.1:{}", free_port());
+    let mut vm = start_vm(dir.path(), &address);
+    let r = ctl(&["--socket", &address, "query-status"], "");
+    assert_eq!(
+        (r.status, r.stdout.as_str()),
+        (
+            Some(0),
+            "{\"return\": {\"status\": \"running\", \"running\": true}}\n"
+        ),
+        "{r}"
+    );
+    let r = ctl(&["--socket", &address, "query-kvm"], "");
+    assert_eq!(
+        r.stdout, "{\"return\": {\"enabled\": true, \"present\": true}}\n",
+        "{r}"
+    );
+    let r = ctl(
+        &["--socket", &address, "device_del", r#"{"id": "nope"}"#],
+        "",
+    );
+    assert_eq!(r.status, Some(1), "{r}");
+    assert!(r.stdout.contains("DeviceNotFound"), "{r}");
+    let r = ctl(&["--socket", &address], "{\"execute\": \"quit\"}\n");
+    assert_eq!(
+        (r.status, r.stdout.as_str()),
+        (Some(0), "{\"return\": {}}\n"),
+        "{r}"
+    );
+    assert_eq!(vm.wait_exit(TIMEOUT), Some(0), "{}", vm.log());
+}
