@@ -189,7 +189,9 @@ impl Options {
 /// A non-negative, finite number of seconds.
 fn parse_seconds(text: &str) -> Option<Duration> {
     let secs: f64 = text.trim().parse().ok()?;
-    (0.0..1e9).contains(&secs).then(|| Duration::from_secs_f64(secs))
+    (0.0..1e9)
+        .contains(&secs)
+        .then(|| Duration::from_secs_f64(secs))
 }
 
 /// How a session ended, short of a [`CtlError`].
