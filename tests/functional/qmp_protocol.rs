@@ -711,6 +711,76 @@ fn qemu_qmp_library_against_cryptvm_server() {
     );
 }
 
+/// Abuse that must leave the server at `sock` (a Unix socket) serving: a 10 MiB
+/// message, deep nesting, clients that vanish mid-request, mid-command or before the
+/// greeting, 50 clients at once.
+fn survives_abuse(sock: &str) {
+    let mut q = Qmp::negotiated(sock);
+    // A 10 MiB line: one error, and the session goes on.
+    let mut big = br#"{"execute":"query-status","id":""#.to_vec();
+    big.extend(vec![b'x'; 10 << 20]);
+    big.extend(b"\"}\n");
+    assert_eq!(
+        q.transcript(&big, 1),
+        [r#"{"error": {"class": "GenericError", "desc": "JSON token size limit exceeded"}}"#]
+    );
+    let deep = format!("{}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+    assert_eq!(
+        q.transcript(deep.as_bytes(), 2),
+        [r#"{"error": {"class": "GenericError", "desc": "JSON nesting depth limit exceeded"}}"#]
+    );
+
+    // Clients that vanish: mid-request, mid-command, before the greeting is read.
+    for i in 0..10 {
+        if i % 3 == 2 {
+            drop(UnixStream::connect(sock).unwrap());
+            continue;
+        }
+        let (mut gone, _) = Qmp::connect(sock);
+        if i % 3 == 0 {
+            gone.send(br#"{"execute":"qmp_capab"#);
+        } else {
+            gone.send(br#"{"execute":"qmp_capabilities"}{"execute":"query-pci"}{"execute":"query-block"}"#);
+        }
+    }
+    let mut raw = UnixStream::connect(sock).unwrap();
+    raw.write_all(br#"{"execute":"qmp_capabilities"}{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#)
+        .unwrap();
+    drop(raw);
+
+    // 50 clients at once, each its own session.
+    let clients: Vec<_> = (0..50)
+        .map(|i| {
+            let sock = sock.to_string();
+            std::thread::spawn(move || {
+                let mut c = Qmp::negotiated(&sock);
+                for j in 0..5 {
+                    let reply = c.cmd(&json!({"execute": "query-status", "id": [i, j]}).to_string());
+                    assert_eq!(
+                        reply,
+                        format!(r#"{{"return": {{"status": "running", "running": true}}, "id": [{i}, {j}]}}"#)
+                    );
+                }
+                c
+            })
+        })
+        .collect();
+    let clients: Vec<Qmp> = clients.into_iter().map(|t| t.join().unwrap()).collect();
+    drop(clients);
+
+    assert_eq!(
+        q.cmd(r#"{"execute":"query-status"}"#),
+        r#"{"return": {"status": "running", "running": true}}"#
+    );
+}
+
+#[test]
+fn cryptvm_server_survives_abuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, sock) = start_server(dir.path());
+    survives_abuse(&sock);
+}
+
 // ---------------------------------------------------------------------------------------
 // The control socket of a real `cryptvm run`.
 // ---------------------------------------------------------------------------------------
@@ -733,59 +803,9 @@ fn run_answers_protocol_inputs_as_qemu_and_survives_abuse() {
         );
     }
 
+    survives_abuse(&sock);
+
     let mut q = Qmp::negotiated(&sock);
-    // A 10 MiB line: one error, and the session goes on.
-    let mut big = br#"{"execute":"query-status","id":""#.to_vec();
-    big.extend(vec![b'x'; 10 << 20]);
-    big.extend(b"\"}\n");
-    assert_eq!(
-        q.transcript(&big, 1),
-        [r#"{"error": {"class": "GenericError", "desc": "JSON token size limit exceeded"}}"#]
-    );
-    let deep = format!("{}{}\n", "[".repeat(100_000), "]".repeat(100_000));
-    assert_eq!(
-        q.transcript(deep.as_bytes(), 2),
-        [r#"{"error": {"class": "GenericError", "desc": "JSON nesting depth limit exceeded"}}"#]
-    );
-
-    // Clients that vanish: mid-request, mid-command, before the greeting is read.
-    for i in 0..10 {
-        if i % 3 == 2 {
-            drop(UnixStream::connect(&sock).unwrap());
-            continue;
-        }
-        let (mut gone, _) = Qmp::connect(&sock);
-        if i % 3 == 0 {
-            gone.send(br#"{"execute":"qmp_capab"#);
-        } else {
-            gone.send(br#"{"execute":"qmp_capabilities"}{"execute":"query-pci"}{"execute":"query-block"}"#);
-        }
-    }
-    let mut raw = UnixStream::connect(&sock).unwrap();
-    raw.write_all(br#"{"execute":"qmp_capabilities"}{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#)
-        .unwrap();
-    drop(raw);
-
-    // 50 clients at once, each its own session.
-    let clients: Vec<_> = (0..50)
-        .map(|i| {
-            let sock = sock.clone();
-            std::thread::spawn(move || {
-                let mut c = Qmp::negotiated(&sock);
-                for j in 0..5 {
-                    let reply = c.cmd(&json!({"execute": "query-status", "id": [i, j]}).to_string());
-                    assert_eq!(
-                        reply,
-                        format!(r#"{{"return": {{"status": "running", "running": true}}, "id": [{i}, {j}]}}"#)
-                    );
-                }
-                c
-            })
-        })
-        .collect();
-    let clients: Vec<Qmp> = clients.into_iter().map(|t| t.join().unwrap()).collect();
-    drop(clients);
-
     // The VM runs on; quit replies, then cryptvm exits 0 and removes the socket.
     assert_eq!(
         q.cmd(r#"{"execute":"query-status"}"#),
