@@ -4,6 +4,7 @@ pub mod acpi;
 pub mod boot;
 pub mod calibrate;
 pub mod config;
+pub mod control;
 pub mod cpuid;
 pub mod ctl;
 pub mod event_loop;

@@ -7,13 +7,16 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
+use serde_json::json;
 use vm_memory::GuestAddress;
 
 use crate::acpi::AcpiLayout;
 use crate::boot::{self, BootSpec};
 use crate::config::{SerialConfig, VmConfig};
+use crate::control::VmControl;
 use crate::layout;
 use crate::machine::{Machine, MachineParams};
+use crate::qmp::{EventBus, QmpServer};
 use crate::terminal::RawMode;
 use crate::vm::{ExitReason, Vm, VmParams};
 
@@ -93,10 +96,45 @@ pub fn run_config(config: &VmConfig) -> Result<ExitReason, String> {
     } else {
         None
     };
+    let qmp = match &config.qmp {
+        Some(address) => Some(start_qmp(&vm, &machine, address)?),
+        None => None,
+    };
     let result = vm.run(entry).map_err(|e| e.to_string());
     drop(raw);
+    if let Some((server, events)) = qmp {
+        let reason = match result {
+            Ok(ExitReason::Reset) => Some("guest-reset"),
+            Ok(ExitReason::PowerOff | ExitReason::Shutdown) => Some("guest-shutdown"),
+            Ok(ExitReason::Quit) | Err(_) => None, // `quit` announced itself
+        };
+        if let Some(reason) = reason {
+            events.emit("SHUTDOWN", json!({"guest": true, "reason": reason}));
+        }
+        server.stop();
+    }
     machine.shutdown();
     result
+}
+
+/// Serves QMP on `address` for `machine`; events from the machine go to every client.
+fn start_qmp(
+    vm: &Vm,
+    machine: &Arc<Machine>,
+    address: &str,
+) -> Result<(QmpServer, Arc<EventBus>), String> {
+    let events = EventBus::new();
+    let sink = events.clone();
+    machine.set_event_sink(Arc::new(move |event, data| sink.emit(event, data)));
+    let control = VmControl::new(
+        machine.clone(),
+        vm.ged().clone(),
+        vm.exit_state().clone(),
+        events.clone(),
+    );
+    let server =
+        QmpServer::start(address, Arc::new(control), events.clone()).map_err(|e| e.to_string())?;
+    Ok((server, events))
 }
 
 /// The machine with the config's secrets, block nodes and disks (cold plug),

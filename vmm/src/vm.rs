@@ -43,6 +43,8 @@ pub enum ExitReason {
     Reset,
     /// `KVM_EXIT_SHUTDOWN` (triple fault) or a halted vCPU with no irqchip.
     Shutdown,
+    /// QMP `quit`.
+    Quit,
 }
 
 /// Why the VM could not be built or run.
