@@ -786,7 +786,6 @@ fn cryptvm_server_survives_abuse() {
 // ---------------------------------------------------------------------------------------
 
 #[test]
-#[ignore = "needs run.rs QMP wiring"]
 fn run_answers_protocol_inputs_as_qemu_and_survives_abuse() {
     let dir = tempfile::tempdir().unwrap();
     let mut vm = start_vm(dir.path(), "vm.sock");
@@ -825,7 +824,6 @@ fn run_answers_protocol_inputs_as_qemu_and_survives_abuse() {
 }
 
 #[test]
-#[ignore = "needs run.rs QMP wiring"]
 fn run_over_tcp_with_ctl() {
     let dir = tempfile::tempdir().unwrap();
     let address = format!("tcp:127.0.0.1:{}", free_port());
@@ -850,6 +848,15 @@ fn run_over_tcp_with_ctl() {
     );
     assert_eq!(r.status, Some(1), "{r}");
     assert!(r.stdout.contains("DeviceNotFound"), "{r}");
+    // The power button (the halting guest ignores it) and its event.
+    let r = ctl(
+        &["--socket", &address],
+        "{\"execute\": \"system_powerdown\"}\n{\"wait-event\": \"POWERDOWN\", \"timeout\": 10}\n",
+    );
+    assert_eq!(r.status, Some(0), "{r}");
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines[0], r#"{"return": {}}"#, "{r}");
+    assert!(lines[1].contains(r#""event": "POWERDOWN""#), "{r}");
     let r = ctl(&["--socket", &address], "{\"execute\": \"quit\"}\n");
     assert_eq!(
         (r.status, r.stdout.as_str()),
