@@ -3,12 +3,13 @@
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use rayon::prelude::*;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::msix::{copy_out, Msix, MsixEntry, MSIX_ENTRY_SIZE};
 use super::{
-    ChainError, VirtioDevice, VirtioError, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER_OK,
+    Chain, ChainError, VirtioDevice, VirtioError, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER_OK,
     STATUS_FEATURES_OK, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
     VIRTIO_MSI_NO_VECTOR,
 };
@@ -113,25 +114,44 @@ impl VirtioQueues {
         done
     }
 
+    /// Serves the queue in batches: every request available at once is
+    /// served concurrently (the driver may complete them in any order; it
+    /// waits for completions before issuing dependent requests or flushes),
+    /// so one queue with many requests in flight keeps several cores busy.
     fn run_queue(&self, slot: &mut QueueSlot, done: &mut usize) -> Result<(), ChainError> {
         let mem = &self.mem;
         let features = self.features.load(Ordering::Acquire);
         let bad = |_| ChainError::Malformed("rings outside guest memory");
+        let size = slot.queue.size();
         loop {
             slot.queue.disable_notification(mem).map_err(bad)?;
             loop {
-                let chain = match slot.queue.iter(mem) {
-                    Ok(mut it) => it.next(),
+                let batch: Vec<Chain<'_>> = match slot.queue.iter(mem) {
+                    Ok(it) => it.take(usize::from(size)).collect(),
                     Err(_) => return Err(ChainError::Malformed("available ring index")),
                 };
-                let Some(chain) = chain else { break };
-                let head = chain.head_index();
-                if head >= slot.queue.size() {
+                if batch.is_empty() {
+                    break;
+                }
+                if batch.iter().any(|c| c.head_index() >= size) {
                     return Err(ChainError::Malformed("head index beyond the queue"));
                 }
-                let len = self.device.process_chain(mem, chain, features)?;
-                slot.queue.add_used(mem, head, len).map_err(bad)?;
-                *done += 1;
+                let served: Vec<(u16, Result<u32, ChainError>)> = if batch.len() == 1 {
+                    batch
+                        .into_iter()
+                        .map(|c| (c.head_index(), self.device.process_chain(mem, c, features)))
+                        .collect()
+                } else {
+                    batch
+                        .into_par_iter()
+                        .map(|c| (c.head_index(), self.device.process_chain(mem, c, features)))
+                        .collect()
+                };
+                for (head, result) in served {
+                    let len = result?;
+                    slot.queue.add_used(mem, head, len).map_err(bad)?;
+                    *done += 1;
+                }
             }
             if !slot.queue.enable_notification(mem).map_err(bad)? {
                 return Ok(());
