@@ -6,9 +6,9 @@
 # rustfmt and clippy (warnings denied), every unit and integration test of the workspace
 # (tests/interop, tests/functional, tests/security run the real peer tools: qemu-img,
 # qemu-io, qemu-system-x86_64, cryptsetup, openssl, python3; with CI=true a missing tool
-# fails its tests, elsewhere they are skipped with a note), then the convert and qcow2
-# benchmarks (resources/bench/convert.sh, resources/bench/qcow2.sh), whose figures are
-# printed, not judged. BENCH=0 skips the benchmarks.
+# fails its tests, elsewhere they are skipped with a note), then the benchmarks
+# (resources/bench/convert.sh, qcow2.sh, boot.sh, disk.sh), whose figures are printed,
+# not judged. BENCH=0 skips the benchmarks.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -41,6 +41,8 @@ if [[ "${BENCH:-1}" != 0 ]]; then
     resources/bench/qcow2.sh
     echo "== resources/bench/boot.sh"
     CRYPTVM="$(pwd)/target/release/cryptvm" resources/bench/boot.sh
+    echo "== resources/bench/disk.sh"
+    CRYPTVM="$(pwd)/target/release/cryptvm" resources/bench/disk.sh
 fi
 
 echo "tests: $passed passed, $failed failed"

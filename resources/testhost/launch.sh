@@ -4,7 +4,8 @@
 #   resources/testhost/launch.sh --kernel VMLINUZ --initrd L1.img --console FILE
 #       [--out-dir DIR] [--out-size MIB] [--disk FILE]... [--timeout SECONDS]
 #
-#   --console FILE    L1's serial console (L1's kernel, its /init, and what run.sh prints)
+#   --console FILE    L1's serial console (L1's kernel, its /init, and what run.sh prints);
+#                     a failed attempt's console is kept as FILE.failed-N
 #   --out-dir DIR     a fresh raw disk is L1's /dev/vda; L1's /init writes /out onto it as
 #                     a tar archive, extracted here into DIR afterwards
 #   --out-size MIB    size of that disk (64)
@@ -69,6 +70,8 @@ while :; do
         break
     fi
     attempt=$((attempt + 1))
+    # The failed attempt's console, for a reader (the next attempt overwrites $console).
+    cp "$console" "$console.failed-$attempt" 2>/dev/null || true
     log "L1 died (status $status: $(grep -v 'TCG doesn' "$console" | tail -1 | tr -d '\r')); booting it again ($attempt/$retries)"
     [[ -n "$outdir" ]] && truncate -s 0 "$outimg" && truncate -s "${outsize}M" "$outimg"
 done
