@@ -95,7 +95,7 @@ impl QmpBackend for VmControl {
             .unwrap_or_else(|e| e.into_inner())
             .notify_power_button()
             .map_err(|e| QmpError::generic(format!("pressing the power button: {e}")))?;
-        self.events.emit("POWERDOWN", json!({}));
+        self.events.emit("POWERDOWN", Value::Null);
         Ok(())
     }
 
