@@ -398,3 +398,186 @@ impl Machine {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devices::{Bus, BusDevice as _};
+    use serde_json::json;
+    use std::sync::RwLock;
+
+    #[derive(Default)]
+    struct Recorder {
+        plugged: Mutex<Vec<u8>>,
+        unplug: Mutex<Vec<u8>>,
+    }
+
+    impl HotplugNotifier for Recorder {
+        fn plugged(&self, slot: u8) {
+            lock(&self.plugged).push(slot);
+        }
+        fn unplug_requested(&self, slot: u8) {
+            lock(&self.unplug).push(slot);
+        }
+    }
+
+    struct Rig {
+        machine: Arc<Machine>,
+        hotplug: Arc<Recorder>,
+        events: Arc<Mutex<Vec<(String, Value)>>>,
+        mmio: Arc<RwLock<Bus>>,
+        _dir: tempfile::TempDir,
+        disk: String,
+    }
+
+    /// A machine on a real KVM VM (no vCPUs run), or None without KVM.
+    fn rig() -> Option<Rig> {
+        let kvm = crate::vm::open_kvm().ok()?;
+        let vm = Arc::new(kvm.create_vm().expect("VM"));
+        vm.create_irq_chip().expect("irqchip");
+        let memory = crate::memory::create_guest_memory(16 << 20).expect("memory");
+        let mmio = Arc::new(RwLock::new(Bus::new()));
+        let machine = Machine::new(MachineParams {
+            cpus: 2,
+            memory,
+            router: MsiRouter::new(vm.clone()),
+            bars: PciBars::new(vm, mmio.clone()),
+            pci_root: Arc::new(Mutex::new(PciRoot::new())),
+            window: 1 << 32..(1 << 32) + (1 << 30),
+        });
+        let hotplug = Arc::new(Recorder::default());
+        machine.set_hotplug(hotplug.clone());
+        let events: Arc<Mutex<Vec<(String, Value)>>> = Arc::default();
+        let seen = events.clone();
+        machine.set_event_sink(Arc::new(move |e, d| lock(&seen).push((e.to_string(), d))));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let disk = dir.path().join("d.raw");
+        std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk");
+        Some(Rig {
+            machine,
+            hotplug,
+            events,
+            mmio,
+            _dir: dir,
+            disk: disk.to_string_lossy().into_owned(),
+        })
+    }
+
+    fn args(v: Value) -> Map<String, Value> {
+        v.as_object().expect("object").clone()
+    }
+
+    #[test]
+    fn hotplug_lifecycle_and_qemu_errors() {
+        let Some(r) = rig() else {
+            return; // no KVM here; the e2e tests cover this in a guest
+        };
+        let m = &r.machine;
+        m.blockdev_add(
+            "",
+            &args(json!({"node-name": "f", "driver": "file", "filename": r.disk})),
+            None,
+        )
+        .expect("blockdev-add");
+        let disk = json!({"driver": "virtio-blk-pci", "drive": "f", "id": "vd0", "num-queues": 2});
+        m.device_add(&args(disk.clone())).expect("device_add");
+        assert_eq!(
+            *lock(&r.hotplug.plugged),
+            [1],
+            "the guest is told about slot 1"
+        );
+        let pci = m.query_pci();
+        assert_eq!(pci[0]["devices"][1]["qdev_id"], "vd0");
+        assert_eq!(pci[0]["devices"][1]["id"]["device"], 0x1042);
+        let bar = pci[0]["devices"][1]["regions"][0]["address"]
+            .as_u64()
+            .expect("BAR");
+        assert!(!r.mmio.read().unwrap().is_free(bar, 1), "BAR mapped");
+        assert_eq!(m.query_block()[0]["inserted"]["node-name"], "f");
+
+        // QEMU's refusals.
+        let generic = |e: ControlError| match e {
+            ControlError::Generic(msg) => msg,
+            other => panic!("expected GenericError, got {other:?}"),
+        };
+        let dup = generic(m.device_add(&args(disk.clone())).unwrap_err());
+        assert_eq!(dup, "Duplicate device ID 'vd0'");
+        let mut other = disk.clone();
+        other["id"] = json!("vd1");
+        let busy = generic(m.device_add(&args(other)).unwrap_err());
+        assert!(busy.contains("already in use"), "{busy}");
+        let del = generic(m.blockdev_del("f").unwrap_err());
+        assert!(del.contains("in use"), "{del}");
+        assert_eq!(
+            m.device_del("nope"),
+            Err(ControlError::DeviceNotFound(
+                "Device 'nope' not found".into()
+            ))
+        );
+
+        // Unplug waits for the guest's eject.
+        m.device_del("vd0").expect("device_del");
+        assert_eq!(*lock(&r.hotplug.unplug), [1]);
+        let again = generic(m.device_del("vd0").unwrap_err());
+        assert_eq!(again, "Device vd0 is already in the process of unplug");
+        assert!(
+            m.blockdev_del("f").is_err(),
+            "node busy until the guest ejects"
+        );
+        m.eject(2); // a slot nobody asked about: ignored
+        assert!(lock(&r.events).is_empty());
+        m.eject(1);
+        let events = lock(&r.events).clone();
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert_eq!(events[1].0, "DEVICE_DELETED");
+        assert_eq!(
+            events[1].1,
+            json!({"device": "vd0", "path": "/machine/peripheral/vd0"})
+        );
+        assert!(r.mmio.read().unwrap().is_free(bar, 1), "BAR unmapped");
+        assert_eq!(
+            m.query_pci()[0]["devices"].as_array().map(Vec::len),
+            Some(1)
+        );
+        m.blockdev_del("f").expect("blockdev-del after eject");
+
+        // Re-adding the same stack works.
+        m.blockdev_add(
+            "",
+            &args(json!({"node-name": "f", "driver": "file", "filename": r.disk})),
+            None,
+        )
+        .expect("blockdev-add again");
+        m.device_add(&args(disk)).expect("device_add again");
+        m.shutdown();
+    }
+
+    #[test]
+    fn the_bar_serves_the_common_configuration() {
+        let Some(r) = rig() else {
+            return;
+        };
+        let m = &r.machine;
+        m.blockdev_add(
+            "",
+            &args(json!({"node-name": "f", "driver": "file", "filename": r.disk})),
+            None,
+        )
+        .expect("blockdev-add");
+        m.device_add(&args(
+            json!({"driver": "virtio-blk-pci", "drive": "f", "addr": 7}),
+        ))
+        .expect("device_add");
+        let bar = m.query_pci()[0]["devices"][1]["regions"][0]["address"]
+            .as_u64()
+            .expect("BAR");
+        let (offset, dev) = r.mmio.read().unwrap().resolve(bar + 0x12).expect("mapped");
+        let mut nq = [0u8; 2];
+        devices::lock_device(&dev).read(offset, &mut nq);
+        assert_eq!(
+            u16::from_le_bytes(nq),
+            2,
+            "num_queues defaults to the vCPUs"
+        );
+    }
+}
