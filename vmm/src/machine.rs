@@ -402,7 +402,7 @@ impl Machine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use devices::{Bus, BusDevice as _};
+    use devices::Bus;
     use serde_json::json;
     use std::sync::RwLock;
 
