@@ -537,7 +537,7 @@ fn two_disks_and_a_read_only_one(vmm: Vmm) {
 }
 
 /// The peers' view of the images after the run.
-fn check_images(dir: &Path, disks: &Disks, out: &Outcome) {
+fn check_images(dir: &Path, disks: &Disks, out: &dyn std::fmt::Display) {
     common::assert_qemu_check_clean(dir, "disk.qcow2");
     let luks = common::Luks::detached(&dir.join("disk.header"), &dir.join("disk.qcow2"));
     let cmds = common::read_pattern_cmds(&disks.model, 512);
@@ -609,6 +609,21 @@ mod parts {
             Disks::vmm_args(Vmm::Cryptvm),
             ["--config", "@FILES@/vm.json"]
         );
+    }
+
+    /// The checks after the run notice images the guest did not write: the untouched
+    /// images fail them.
+    #[test]
+    fn image_checks_notice_missing_guest_writes() {
+        if !common::require(&["qemu-img", "qemu-io", "qemu-system-x86_64", "python3"]) {
+            return;
+        }
+        let disks = Disks::new();
+        let dir = disks.scratch.path().to_path_buf();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            check_images(&dir, &disks, &"(no run)")
+        }));
+        assert!(result.is_err(), "the untouched images passed the checks");
     }
 
     /// Every guest write has a read-back check, and the script checks every qemu-io
