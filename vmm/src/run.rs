@@ -37,6 +37,14 @@ pub fn main(args: &[String]) -> u8 {
         .map_err(|e| e.to_string())
         .and_then(|config| run_config(&config));
     match result {
+        Ok(ExitReason::Shutdown) => {
+            // A triple fault resets a real PC (and `reboot=t` relies on it), but it is
+            // also how a crashed guest ends: say so.
+            eprintln!(
+                "cryptvm: the guest triple-faulted (KVM_EXIT_SHUTDOWN); stopping as for a reset"
+            );
+            0
+        }
         Ok(_) => 0,
         Err(msg) => {
             eprintln!("cryptvm: {msg}");
