@@ -52,8 +52,9 @@ pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
 
 /// Bytes in the serial number returned by GET_ID.
 pub const VIRTIO_BLK_ID_BYTES: usize = 20;
-/// Sectors the guest may discard or zero in one segment.
-pub const MAX_DISCARD_SECTORS: u32 = 1 << 22;
+/// Sectors the guest may discard or zero in one segment (QEMU's
+/// `BDRV_REQUEST_MAX_SECTORS`, so the guest sees the same limits).
+pub const MAX_DISCARD_SECTORS: u32 = (i32::MAX as u32) >> 9;
 
 const SECTOR: u64 = 512;
 const HEADER_LEN: usize = 16;
