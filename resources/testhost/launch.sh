@@ -10,6 +10,9 @@
 #                     a tar archive, extracted here into DIR afterwards
 #   --out-size MIB    size of that disk (64)
 #   --disk FILE       more raw disks for L1 (/dev/vdb, ...)
+#   --hostfwd H:G     QEMU user networking for L1 (a virtio-net-pci NIC; L1 needs pack.sh
+#                     --net), forwarding TCP port H of the host's 127.0.0.1 to L1's port G
+#                     (repeatable); without it L1 has no network
 #   --timeout SECONDS QEMU is killed after this long (120); exit status 124 then
 #   --retries N       boot L1 again when QEMU itself crashed before L1's /init ended (2)
 #
@@ -18,7 +21,7 @@ set -euo pipefail
 
 log() { echo "testhost/launch.sh: $*" >&2; }
 kernel='' initrd='' console='' outdir='' outsize=64 timeout=120 retries=2
-disks=()
+disks=() fwds=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --kernel) kernel=$2; shift 2 ;;
@@ -27,6 +30,7 @@ while [[ $# -gt 0 ]]; do
         --out-dir) outdir=$2; shift 2 ;;
         --out-size) outsize=$2; shift 2 ;;
         --disk) disks+=("$2"); shift 2 ;;
+        --hostfwd) fwds+=("$2"); shift 2 ;;
         --timeout) timeout=$2; shift 2 ;;
         --retries) retries=$2; shift 2 ;;
         *) log "unknown argument $1"; exit 2 ;;
@@ -49,6 +53,15 @@ fi
 for d in "${disks[@]}"; do
     drives+=(-drive "file=$d,if=virtio,format=raw")
 done
+nic=(-nic none)
+if [[ ${#fwds[@]} -gt 0 ]]; then
+    netdev=user,id=l1net
+    for f in "${fwds[@]}"; do
+        netdev+=",hostfwd=tcp:127.0.0.1:${f%%:*}-:${f#*:}"
+    done
+    # No option ROM: L1 boots with -kernel, not from the network.
+    nic=(-netdev "$netdev" -device virtio-net-pci,netdev=l1net,romfile=)
+fi
 
 # QEMU 10.0.2's multi-threaded TCG now and then aborts early in L1's boot
 # ("iotlb_to_section: Assertion `section_index < d->map.sections_nb' failed"): an L1 that
@@ -58,7 +71,7 @@ while :; do
     set +e
     timeout --kill-after=5 "$timeout" qemu-system-x86_64 \
         -accel tcg,thread=multi -cpu EPYC,+svm,+npt -smp 2 -m 2048 \
-        -nographic -no-reboot -nic none -no-user-config \
+        -nographic -no-reboot "${nic[@]}" -no-user-config \
         -kernel "$kernel" -initrd "$initrd" \
         -append "console=ttyS0 panic=-1 quiet" \
         "${drives[@]}" </dev/null >"$console" 2>&1

@@ -11,6 +11,9 @@
 #   --guest         carry the test guest (resources/guest/build.sh) as /work/guest/vmlinuz,
 #                   /work/guest/vmlinux, /work/guest/initramfs.cpio.gz
 #   --guest-kernel bzimage|elf|both   which guest kernel files --guest carries (both)
+#   --net           carry virtio_net and its dependencies (failover, net_failover), taken
+#                   from the kernel package (apt-get download, cached): L1's /init then
+#                   brings up eth0 as 10.0.2.15/24 (QEMU user networking; launch.sh --hostfwd)
 #   --file SRC=DEST carry a file; DEST is relative to /work unless absolute
 #   --run SCRIPT    /work/run.sh, which L1's /init runs (results go into /out)
 #
@@ -29,12 +32,13 @@ usage() {
     exit 2
 }
 
-out='' qemu=0 guest=0 guest_kernel=both run=''
+out='' qemu=0 net=0 guest=0 guest_kernel=both run=''
 bins=() files=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --out) out=$2; shift 2 ;;
         --qemu) qemu=1; shift ;;
+        --net) net=1; shift ;;
         --bin) bins+=("$2"); shift 2 ;;
         --guest) guest=1; shift ;;
         --guest-kernel) guest_kernel=$2; shift 2 ;;
@@ -132,6 +136,33 @@ if [[ $qemu -eq 1 ]]; then
         ls -t "$CACHE"/qemu-*.cpio | tail -n +3 | xargs -r rm -f
     fi
     layers+=("$qlayer")
+fi
+
+# --- network layer: virtio_net for L1's user-mode network (launch.sh --hostfwd) -------
+if [[ $net -eq 1 ]]; then
+    nlayer="$CACHE/net-$G_KERNEL_PACKAGE.cpio"
+    if [[ ! -f "$nlayer" ]]; then
+        stage=$(mktemp -d "$CACHE/stage.XXXXXX")
+        # _apt cannot write into root's cache; download as root without the sandbox.
+        (cd "$stage" && apt-get download -qq -o APT::Sandbox::User=root \
+            "${G_KERNEL_PACKAGE%_*}=${G_KERNEL_PACKAGE##*_}" >&2)
+        dpkg-deb -x "$stage"/*.deb "$stage/x"
+        mkdir -p "$stage/l/lib/modules"
+        for m in failover net_failover virtio_net; do
+            ko=$(find "$stage/x/lib/modules" \( -name "$m.ko" -o -name "$m.ko.xz" \) | head -1)
+            [[ -n "$ko" ]] || { log "module $m is not in $G_KERNEL_PACKAGE"; rm -rf "$stage"; exit 1; }
+            case "$ko" in
+                *.xz) xz -dc "$ko" >"$stage/l/lib/modules/$m.ko" ;;
+                *) cp "$ko" "$stage/l/lib/modules/$m.ko" ;;
+            esac
+        done
+        cpio_dir "$stage/l" "$nlayer.tmp"
+        mv "$nlayer.tmp" "$nlayer"
+        rm -rf "$stage"
+        log "built $nlayer"
+        ls -t "$CACHE"/net-*.cpio | tail -n +3 | xargs -r rm -f
+    fi
+    layers+=("$nlayer")
 fi
 flock -u 9
 

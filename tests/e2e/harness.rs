@@ -96,7 +96,27 @@ pub struct Scenario {
     timeout: Duration,
     mode: Option<Mode>,
     return_files: bool,
+    qmp: Option<Qmp>,
+    driver: Option<String>,
+    host_driver: Option<Vec<String>>,
 }
+
+/// Where the VMM's QMP server listens ([`Scenario::qmp`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Qmp {
+    /// A Unix socket next to the VMM (`qmp.sock` in the run folder; `/tmp/qmp.sock` in
+    /// L1): `cryptvm run --qmp PATH`, `-qmp unix:PATH,server=on,wait=off`.
+    Unix,
+    /// TCP, reachable from this machine at `127.0.0.1:PORT` (a free port): in direct mode
+    /// the VMM listens there; in nested mode it listens on port [`L1_QMP_PORT`] of all of
+    /// L1's addresses and L1's user-mode network forwards the host port to it (pack.sh
+    /// --net, launch.sh --hostfwd). `cryptvm run --qmp tcp:HOST:PORT`,
+    /// `-qmp tcp:HOST:PORT,server=on,wait=off`.
+    Tcp,
+}
+
+/// The port of L1 that a [`Qmp::Tcp`] VMM listens on in nested mode.
+pub const L1_QMP_PORT: u16 = 4444;
 
 /// What a scenario produced.
 pub struct Outcome {
@@ -119,6 +139,14 @@ pub struct Outcome {
     pub vmm_seconds: Option<f64>,
     /// The command line that ran the VMM, for messages.
     pub command: String,
+    /// What the [`Scenario::driver`] script printed (stdout and stderr).
+    pub driver_log: String,
+    /// The driver script's exit status (`None`: no driver, or it never reported one).
+    pub driver_rc: Option<i32>,
+    /// What the [`Scenario::host_driver`] program printed (stdout and stderr).
+    pub host_log: String,
+    /// The host driver's exit status (`None`: no host driver, or killed).
+    pub host_rc: Option<i32>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -151,6 +179,9 @@ impl Scenario {
             timeout: Duration::from_secs(150),
             mode: None,
             return_files: false,
+            qmp: None,
+            driver: None,
+            host_driver: None,
         }
     }
 
@@ -233,6 +264,44 @@ impl Scenario {
     /// over 16 MiB are not read back).
     pub fn return_files(mut self) -> Self {
         self.return_files = true;
+        self
+    }
+
+    /// Gives the VMM a QMP server (see [`Qmp`]).
+    pub fn qmp(mut self, qmp: Qmp) -> Self {
+        self.qmp = Some(qmp);
+        self
+    }
+
+    /// A shell script that runs next to the VMM (inside L1 in nested mode), started right
+    /// after the VMM, with:
+    /// - `CRYPTVM_QMP`: the QMP address as `cryptvm run --qmp` takes it (socket path or
+    ///   `tcp:HOST:PORT`);
+    /// - `CRYPTVM_CTL`: `cryptvm ctl --socket ADDRESS` (cryptvm is carried into L1 for
+    ///   this, whatever the VMM);
+    /// - `CRYPTVM_CONSOLE`: the file the guest's console goes to, as it is written;
+    /// - `CRYPTVM_VMM_PID`, `CRYPTVM_FILES` (the files folder), `CRYPTVM_OUT` (a folder
+    ///   whose files come back in [`Outcome::out_files`]).
+    ///
+    /// Its output and status are [`Outcome::driver_log`] and [`Outcome::driver_rc`]. When it
+    /// fails, the VMM gets 10 s more to finish, then is killed.
+    pub fn driver(mut self, script: &str) -> Self {
+        self.driver = Some(script.to_string());
+        self
+    }
+
+    /// A program that runs on this machine while the scenario runs (needs [`Qmp::Tcp`]),
+    /// with `CRYPTVM_QMP=127.0.0.1:PORT`, `CRYPTVM_CONSOLE` (a file here into which the
+    /// guest's console is copied as it is written: in nested mode L1's console, which
+    /// then carries the guest's lines too) and `CRYPTVM_FILES` (the files folder as the
+    /// VMM sees it). Its output and status are [`Outcome::host_log`] and
+    /// [`Outcome::host_rc`].
+    pub fn host_driver<I, S>(mut self, argv: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.host_driver = Some(argv.into_iter().map(Into::into).collect());
         self
     }
 
@@ -376,14 +445,25 @@ impl Scenario {
             Kernel::BzImage => &guest.vmlinuz,
             Kernel::Elf => &guest.vmlinux,
         };
-        let argv = self.vmm_argv(
+        let files = root.join("files").to_string_lossy().into_owned();
+        let mut argv = self.vmm_argv(
             &binary,
             &kernel.to_string_lossy(),
             &initrd.to_string_lossy(),
-            &root.join("files").to_string_lossy(),
+            &files,
         );
+        let host_port = self.qmp.filter(|&q| q == Qmp::Tcp).map(|_| free_port());
+        let qmp_addr = match (self.qmp, host_port) {
+            (Some(Qmp::Tcp), Some(port)) => Some(format!("tcp:127.0.0.1:{port}")),
+            (Some(_), _) => Some(root.join("qmp.sock").to_string_lossy().into_owned()),
+            (None, _) => None,
+        };
+        if let Some(addr) = &qmp_addr {
+            argv.extend(self.qmp_args(addr));
+        }
         let command = shell_join(&argv);
-        let stdout = fs::File::create(root.join("l2-console.txt")).expect("console file");
+        let console_path = root.join("l2-console.txt");
+        let stdout = fs::File::create(&console_path).expect("console file");
         let stderr = fs::File::create(root.join("vmm-stderr.txt")).expect("stderr file");
         let start = Instant::now();
         let mut child = Command::new(&argv[0])
@@ -394,6 +474,38 @@ impl Scenario {
             .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {command}: {e}"));
+        let mut drivers = Vec::new();
+        if let (Some(script), Some(addr)) = (&self.driver, &qmp_addr) {
+            fs::write(root.join("driver.sh"), script).expect("writing driver.sh");
+            let mut cmd = Command::new("sh");
+            cmd.arg(root.join("driver.sh"))
+                .env("CRYPTVM_QMP", addr)
+                .env("CRYPTVM_CTL", format!("{CRYPTVM} ctl --socket {addr}"))
+                .env("CRYPTVM_CONSOLE", &console_path)
+                .env("CRYPTVM_VMM_PID", child.id().to_string())
+                .env("CRYPTVM_FILES", &files)
+                .env("CRYPTVM_OUT", root);
+            drivers.push(("driver", spawn_logged(cmd, root, "driver.log")));
+        }
+        if let (Some(argv), Some(port)) = (&self.host_driver, host_port) {
+            drivers.push((
+                "host",
+                self.spawn_host_driver(argv, root, port, &console_path, &files),
+            ));
+        }
+        let mut driver_rc = None;
+        let mut host_rc = None;
+        for (which, mut driver) in drivers {
+            let rc = wait_with_timeout(&mut driver, self.timeout);
+            if rc != Some(0) {
+                // The guest may wait for what the driver never did: a short grace period.
+                let _ = wait_with_timeout(&mut child, Duration::from_secs(10));
+            }
+            match which {
+                "driver" => driver_rc = rc,
+                _ => host_rc = rc,
+            }
+        }
         let status = wait_with_timeout(&mut child, self.timeout);
         let vmm_seconds = Some(start.elapsed().as_secs_f64());
         let out_files = read_tree(root);
@@ -403,12 +515,44 @@ impl Scenario {
             l2_console: text(&out_files, "l2-console.txt"),
             vmm_stderr: text(&out_files, "vmm-stderr.txt"),
             exit_code: status,
+            driver_log: text(&out_files, "driver.log"),
+            driver_rc,
+            host_log: text(&out_files, "host-driver.log"),
+            host_rc,
             out_files,
             elapsed: Duration::ZERO,
             vmm_seconds,
             command,
             _dir: None,
         }
+    }
+
+    /// The VMM arguments of a QMP server at `addr` (a socket path or `tcp:HOST:PORT`).
+    fn qmp_args(&self, addr: &str) -> Vec<String> {
+        match self.vmm {
+            Vmm::Qemu if addr.starts_with("tcp:") => {
+                vec!["-qmp".into(), format!("{addr},server=on,wait=off")]
+            }
+            Vmm::Qemu => vec!["-qmp".into(), format!("unix:{addr},server=on,wait=off")],
+            Vmm::Cryptvm => vec!["--qmp".into(), addr.to_string()],
+        }
+    }
+
+    /// Starts the host driver, its output into `root/host-driver.log`.
+    fn spawn_host_driver(
+        &self,
+        argv: &[String],
+        root: &Path,
+        port: u16,
+        console: &Path,
+        files: &str,
+    ) -> std::process::Child {
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .env("CRYPTVM_QMP", format!("127.0.0.1:{port}"))
+            .env("CRYPTVM_CONSOLE", console)
+            .env("CRYPTVM_FILES", files);
+        spawn_logged(cmd, root, "host-driver.log")
     }
 
     fn run_nested(&self, guest: &GuestBuild, root: &Path, initrd: &Path) -> Outcome {
@@ -423,20 +567,65 @@ impl Scenario {
             Kernel::BzImage => (&guest.vmlinuz, "vmlinuz"),
             Kernel::Elf => (&guest.vmlinux, "vmlinux"),
         };
-        let argv = self.vmm_argv(
+        let mut argv = self.vmm_argv(
             &binary,
             &format!("/work/guest/{kernel_kind}"),
             "/work/guest/initramfs.img",
             "/work/files",
         );
+        let qmp_addr = self.qmp.map(|q| match q {
+            Qmp::Unix => "/tmp/qmp.sock".to_string(),
+            Qmp::Tcp => format!("tcp:0.0.0.0:{L1_QMP_PORT}"),
+        });
+        if let Some(addr) = &qmp_addr {
+            argv.extend(self.qmp_args(addr));
+        }
         let command = shell_join(&argv);
         // Inside L1 the VMM gets a time limit of its own, so that L1 still reports.
         let inner = self.timeout.as_secs().saturating_sub(30).max(20);
+        // With a driver or a host driver the VMM runs in the background; for a host driver
+        // its console also goes to L1's console as it is written (through tee).
+        let vmm_run = if self.driver.is_none() && self.host_driver.is_none() {
+            format!(
+                "timeout -s KILL {inner} {command} </dev/null >/out/l2-console.txt 2>/out/vmm-stderr.txt\n"
+            )
+        } else {
+            let mut s = String::new();
+            let console = if self.host_driver.is_some() {
+                s.push_str(
+                    "mkfifo /tmp/l2-console.fifo\n\
+                     tee /out/l2-console.txt </tmp/l2-console.fifo &\n",
+                );
+                "/tmp/l2-console.fifo"
+            } else {
+                "/out/l2-console.txt"
+            };
+            s.push_str(&format!(
+                "timeout -s KILL {inner} {command} </dev/null >{console} 2>/out/vmm-stderr.txt &\n\
+                 vmm=$!\n"
+            ));
+            if let (Some(script), Some(addr)) = (&self.driver, &qmp_addr) {
+                fs::write(root.join("driver.sh"), script).expect("writing driver.sh");
+                let ctl_addr = addr.replace("0.0.0.0", "127.0.0.1");
+                s.push_str(&format!(
+                    "CRYPTVM_QMP='{ctl_addr}' CRYPTVM_CTL='/usr/local/bin/cryptvm ctl --socket {ctl_addr}' \
+                     CRYPTVM_CONSOLE=/out/l2-console.txt CRYPTVM_VMM_PID=$vmm CRYPTVM_FILES=/work/files \
+                     CRYPTVM_OUT=/out timeout -s KILL {inner} sh /work/driver.sh >/out/driver.log 2>&1\n\
+                     drc=$?\n\
+                     echo \"$drc\" >/out/driver-rc\n\
+                     echo \"CRYPTVM-RUN-DRIVER rc=$drc\"\n\
+                     # A failed driver: the guest may wait for what it never did.\n\
+                     [ $drc = 0 ] || {{ sleep 10; kill -9 $vmm 2>/dev/null; }} &\n"
+                ));
+            }
+            s.push_str("wait $vmm\n");
+            s
+        };
         let run_sh = format!(
             "# Generated by tests/e2e/harness.rs for scenario {name}.\n\
              read -r t0 _ </proc/uptime\n\
              echo \"CRYPTVM-RUN-BEGIN uptime=$t0\"\n\
-             timeout -s KILL {inner} {command} </dev/null >/out/l2-console.txt 2>/out/vmm-stderr.txt\n\
+             {vmm_run}\
              rc=$?\n\
              read -r t1 _ </proc/uptime\n\
              echo \"$rc\" >/out/vmm-exit-code\n\
@@ -467,6 +656,18 @@ impl Scenario {
             pack.arg("--file")
                 .arg(format!("{}=files/{name}", src.display()));
         }
+        if self.driver.is_some() {
+            pack.arg("--file")
+                .arg(format!("{}=driver.sh", root.join("driver.sh").display()));
+            if self.vmm != Vmm::Cryptvm {
+                // For `cryptvm ctl`.
+                pack.arg("--bin").arg(CRYPTVM);
+            }
+        }
+        let host_port = (self.qmp == Some(Qmp::Tcp)).then(free_port);
+        if host_port.is_some() {
+            pack.arg("--net");
+        }
         let packed = pack.output().expect("running resources/testhost/pack.sh");
         assert!(
             packed.status.success(),
@@ -476,7 +677,8 @@ impl Scenario {
 
         let out_dir = root.join("out");
         let console_path = root.join("l1-console.txt");
-        let launched = Command::new(repo_root().join("resources/testhost/launch.sh"))
+        let mut launch = Command::new(repo_root().join("resources/testhost/launch.sh"));
+        launch
             .arg("--kernel")
             .arg(&guest.vmlinuz)
             .arg("--initrd")
@@ -486,21 +688,30 @@ impl Scenario {
             .arg("--out-dir")
             .arg(&out_dir)
             .arg("--timeout")
-            .arg(self.timeout.as_secs().to_string())
-            .stdin(Stdio::null())
-            .output()
-            .expect("running resources/testhost/launch.sh");
+            .arg(self.timeout.as_secs().to_string());
+        if let Some(port) = host_port {
+            launch.arg("--hostfwd").arg(format!("{port}:{L1_QMP_PORT}"));
+        }
+        let mut launched = spawn_logged(launch, root, "launch.log");
+        let mut host_rc = None;
+        if let (Some(argv), Some(port)) = (&self.host_driver, host_port) {
+            // The console file exists once launch.sh has started QEMU.
+            let mut driver = self.spawn_host_driver(argv, root, port, &console_path, "/work/files");
+            host_rc = wait_with_timeout(&mut driver, self.timeout);
+        }
+        // launch.sh has a time limit of its own (--timeout, plus QEMU's kill grace).
+        let status = wait_with_timeout(&mut launched, self.timeout + Duration::from_secs(30));
         // The initrd is large; the results are all that is needed now.
         let _ = fs::remove_file(root.join("l1.img"));
         let console = fs::read(&console_path)
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default();
-        if !launched.status.success() {
+        if status != Some(0) {
             eprintln!(
                 "e2e {}: the test host exited with {:?}: {}",
                 self.name,
-                launched.status.code(),
-                String::from_utf8_lossy(&launched.stderr)
+                status,
+                fs::read_to_string(root.join("launch.log")).unwrap_or_default()
             );
         }
         let out_files = read_tree(&out_dir);
@@ -517,6 +728,10 @@ impl Scenario {
             vmm_stderr: text(&out_files, "vmm-stderr.txt"),
             // 137: killed by the inner time limit.
             exit_code: exit_code.filter(|&c| c != 137),
+            driver_log: text(&out_files, "driver.log"),
+            driver_rc: text(&out_files, "driver-rc").trim().parse().ok(),
+            host_log: fs::read_to_string(root.join("host-driver.log")).unwrap_or_default(),
+            host_rc,
             out_files,
             elapsed: Duration::ZERO,
             vmm_seconds,
@@ -564,6 +779,20 @@ impl fmt::Display for Outcome {
         writeln!(f, "VMM exit code: {:?}", self.exit_code)?;
         writeln!(f, "--- guest console ---\n{}", self.l2_console)?;
         writeln!(f, "--- VMM stderr ---\n{}", self.vmm_stderr)?;
+        if self.driver_rc.is_some() || !self.driver_log.is_empty() {
+            writeln!(
+                f,
+                "--- driver (exit status {:?}) ---\n{}",
+                self.driver_rc, self.driver_log
+            )?;
+        }
+        if self.host_rc.is_some() || !self.host_log.is_empty() {
+            writeln!(
+                f,
+                "--- host driver (exit status {:?}) ---\n{}",
+                self.host_rc, self.host_log
+            )?;
+        }
         if self.mode == Mode::Nested {
             // L1's QEMU warns about CPUID bits TCG lacks; those lines say nothing here.
             let console: Vec<&str> = self
@@ -809,6 +1038,26 @@ pub fn newc_archive(files: &[(&str, &[u8], u32)]) -> Vec<u8> {
     entry(&mut out, 0, "TRAILER!!!", &[], 0);
     out.resize(out.len().next_multiple_of(512), 0);
     out
+}
+
+/// Starts `cmd` in `dir` with no input, its stdout and stderr into `dir/log`.
+fn spawn_logged(mut cmd: Command, dir: &Path, log: &str) -> std::process::Child {
+    let out = fs::File::create(dir.join(log)).expect("creating a log file");
+    let err = out.try_clone().expect("cloning a log file");
+    cmd.current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"))
+}
+
+/// A TCP port of 127.0.0.1 that nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("binding a free port")
+        .port()
 }
 
 fn wait_with_timeout(child: &mut std::process::Child, timeout: Duration) -> Option<i32> {
