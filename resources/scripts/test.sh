@@ -7,8 +7,8 @@
 # (tests/interop, tests/functional, tests/security run the real peer tools: qemu-img,
 # qemu-io, qemu-system-x86_64, cryptsetup, openssl, python3; with CI=true a missing tool
 # fails its tests, elsewhere they are skipped with a note), then the benchmarks
-# (resources/bench/convert.sh, qcow2.sh, boot.sh, disk.sh), whose figures are printed,
-# not judged. BENCH=0 skips the benchmarks.
+# (resources/bench/convert.sh, qcow2.sh, boot.sh, disk.sh, hotplug.sh), whose figures
+# are printed, not judged. BENCH=0 skips the benchmarks.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -43,6 +43,8 @@ if [[ "${BENCH:-1}" != 0 ]]; then
     CRYPTVM="$(pwd)/target/release/cryptvm" resources/bench/boot.sh
     echo "== resources/bench/disk.sh"
     CRYPTVM="$(pwd)/target/release/cryptvm" resources/bench/disk.sh
+    echo "== resources/bench/hotplug.sh"
+    CRYPTVM="$(pwd)/target/release/cryptvm" resources/bench/hotplug.sh
 fi
 
 echo "tests: $passed passed, $failed failed"

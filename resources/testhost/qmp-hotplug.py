@@ -87,11 +87,12 @@ class Console:
         self.text += data.decode("utf-8", "replace")
 
     async def wait_for(self, marker, timeout):
-        """Waits (5 ms polls) until a line containing `marker` appears; returns it."""
+        """Waits (5 ms polls) until a whole line containing `marker` appears; returns it."""
         deadline = time.monotonic() + timeout
         while True:
             self.poll()
-            for line in self.text.splitlines():
+            # Whole lines only: the last one may still be being written.
+            for line in self.text[:self.text.rfind("\n") + 1].splitlines():
                 if marker in line:
                     return line.strip()
             if time.monotonic() > deadline:
