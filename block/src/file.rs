@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::blockdev::Common;
-use crate::node::{check_range, write_zeroes_by_writing, BlockNode};
+use crate::node::{check_range, total_len, write_zeroes_by_writing, BlockNode};
 use crate::options::Opts;
 use crate::{BlockError, Result};
 
@@ -89,6 +89,22 @@ impl FileNode {
 
     fn io_err(&self, what: &str, offset: u64, e: std::io::Error) -> BlockError {
         BlockError::io(format!("{what} '{}' at offset {offset}", self.filename), e)
+    }
+
+    /// Whether a scatter-gather request needs no O_DIRECT bounce: every
+    /// buffer aligned, and so every buffer's file offset.
+    fn all_aligned(&self, offset: u64, bufs: impl Iterator<Item = (usize, *const u8)>) -> bool {
+        if !self.direct {
+            return true;
+        }
+        let mut pos = offset;
+        for (len, ptr) in bufs {
+            if !self.aligned(pos, len, ptr) {
+                return false;
+            }
+            pos += len as u64;
+        }
+        true
     }
 
     fn aligned(&self, offset: u64, len: usize, ptr: *const u8) -> bool {
@@ -244,6 +260,48 @@ impl BlockNode for FileNode {
         Ok(())
     }
 
+    fn read_vectored(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+        check_range(&self.filename, self.size(), offset, total_len(bufs))?;
+        if !self.all_aligned(offset, bufs.iter().map(|b| (b.len(), b.as_ptr()))) {
+            let mut pos = offset;
+            for buf in bufs.iter_mut() {
+                self.read_at(pos, buf)?;
+                pos += buf.len() as u64;
+            }
+            return Ok(());
+        }
+        let mut done = 0usize;
+        let n =
+            preadv_all(&self.file, bufs, offset).map_err(|e| self.io_err("reading", offset, e))?;
+        // Past the end of a file whose length is not a whole number of sectors.
+        for buf in bufs.iter_mut() {
+            let keep = n.saturating_sub(done).min(buf.len());
+            buf[keep..].fill(0);
+            done += buf.len();
+        }
+        Ok(())
+    }
+
+    fn write_vectored(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
+        let len = total_len(bufs);
+        if self.read_only
+            || !self.all_aligned(offset, bufs.iter().map(|b| (b.len(), b.as_ptr())))
+            || offset
+                .checked_add(len)
+                .is_none_or(|end| end > i64::MAX as u64)
+        {
+            let mut pos = offset;
+            for buf in bufs {
+                self.write_at(pos, buf)?;
+                pos += buf.len() as u64;
+            }
+            return Ok(());
+        }
+        pwritev_all(&self.file, bufs, offset).map_err(|e| self.io_err("writing", offset, e))?;
+        self.size.fetch_max(offset + len, Ordering::AcqRel);
+        Ok(())
+    }
+
     fn flush(&self) -> Result<()> {
         if self.no_flush || self.read_only {
             return Ok(());
@@ -330,6 +388,115 @@ fn read_up_to(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize
         }
     }
     Ok(done)
+}
+
+/// Most buffers one `preadv`/`pwritev` call takes (Linux's `IOV_MAX`).
+const IOV_MAX: usize = 1024;
+
+/// The iovecs of `bufs[first..]`, the first one starting `skip` bytes in.
+fn iovecs(bufs: &[(*mut u8, usize)], first: usize, skip: usize) -> Vec<libc::iovec> {
+    bufs[first..]
+        .iter()
+        .take(IOV_MAX)
+        .enumerate()
+        .map(|(i, &(ptr, len))| {
+            let skip = if i == 0 { skip } else { 0 };
+            libc::iovec {
+                iov_base: ptr.wrapping_add(skip).cast(),
+                iov_len: len - skip,
+            }
+        })
+        .collect()
+}
+
+/// Moves the position (`first` buffer, `skip` bytes into it) on by `n` bytes.
+fn advance(bufs: &[(*mut u8, usize)], first: &mut usize, skip: &mut usize, mut n: usize) {
+    while n > 0 && *first < bufs.len() {
+        let left = bufs[*first].1 - *skip;
+        if n < left {
+            *skip += n;
+            return;
+        }
+        n -= left;
+        *first += 1;
+        *skip = 0;
+    }
+    while *first < bufs.len() && bufs[*first].1 == 0 {
+        *first += 1;
+    }
+}
+
+/// `preadv` until every buffer is full or the file ends; returns the bytes read.
+fn preadv_all(file: &File, bufs: &mut [&mut [u8]], offset: u64) -> std::io::Result<usize> {
+    let raw: Vec<(*mut u8, usize)> = bufs.iter_mut().map(|b| (b.as_mut_ptr(), b.len())).collect();
+    let (mut first, mut skip, mut done) = (0usize, 0usize, 0usize);
+    advance(&raw, &mut first, &mut skip, 0);
+    while first < raw.len() {
+        let iov = iovecs(&raw, first, skip);
+        let at = offset + done as u64;
+        // SAFETY: each iovec covers (the rest of) one of `bufs`, which are
+        // exclusively borrowed for this call; `iov` outlives the call.
+        let n = unsafe {
+            libc::preadv(
+                file.as_raw_fd(),
+                iov.as_ptr(),
+                iov.len() as i32,
+                at as libc::off_t,
+            )
+        };
+        match n {
+            0 => break,
+            n if n > 0 => {
+                done += n as usize;
+                advance(&raw, &mut first, &mut skip, n as usize);
+            }
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// `pwritev` until every buffer is written.
+fn pwritev_all(file: &File, bufs: &[&[u8]], offset: u64) -> std::io::Result<()> {
+    let raw: Vec<(*mut u8, usize)> = bufs
+        .iter()
+        .map(|b| (b.as_ptr().cast_mut(), b.len()))
+        .collect();
+    let (mut first, mut skip, mut done) = (0usize, 0usize, 0usize);
+    advance(&raw, &mut first, &mut skip, 0);
+    while first < raw.len() {
+        let iov = iovecs(&raw, first, skip);
+        let at = offset + done as u64;
+        // SAFETY: each iovec covers (the rest of) one of `bufs`, borrowed for
+        // this call; pwritev only reads through them.
+        let n = unsafe {
+            libc::pwritev(
+                file.as_raw_fd(),
+                iov.as_ptr(),
+                iov.len() as i32,
+                at as libc::off_t,
+            )
+        };
+        match n {
+            0 => return Err(std::io::ErrorKind::WriteZero.into()),
+            n if n > 0 => {
+                done += n as usize;
+                advance(&raw, &mut first, &mut skip, n as usize);
+            }
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Creates (or truncates) a host file of `size` bytes, as `blockdev-create` of a `file` node.

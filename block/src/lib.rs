@@ -13,6 +13,7 @@ pub mod options;
 pub mod qcow2;
 pub mod raw;
 pub mod secret;
+pub mod sg;
 
 pub use error::{BlockError, Result};
 pub use graph::BlockGraph;

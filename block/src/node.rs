@@ -24,6 +24,29 @@ pub trait BlockNode: Send + Sync {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
     /// Write `buf` at `offset`; writing past the end is an error.
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()>;
+    /// Fills `bufs` one after the other from `offset`, as one request (the
+    /// guest's scatter-gather list). Drivers that can do this in one step
+    /// (one `preadv`, one parallel decryption) override it.
+    fn read_vectored(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+        check_range(self.driver(), self.size(), offset, total_len(bufs))?;
+        let mut pos = offset;
+        for buf in bufs.iter_mut() {
+            self.read_at(pos, buf)?;
+            pos += buf.len() as u64;
+        }
+        Ok(())
+    }
+    /// Writes `bufs` one after the other at `offset`, as one request.
+    fn write_vectored(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
+        // All or nothing: never a partial write of a request beyond the end.
+        check_range(self.driver(), self.size(), offset, total_len(bufs))?;
+        let mut pos = offset;
+        for buf in bufs {
+            self.write_at(pos, buf)?;
+            pos += buf.len() as u64;
+        }
+        Ok(())
+    }
     /// Make previous writes durable.
     fn flush(&self) -> Result<()>;
     /// Hint that a range is unused; it may read back as anything afterwards
@@ -66,6 +89,11 @@ pub trait BlockNode: Send + Sync {
             .map(|(_, c)| c.allocated_size())
             .sum()
     }
+}
+
+/// Total length of a scatter-gather list.
+pub fn total_len<B: AsRef<[u8]>>(bufs: &[B]) -> u64 {
+    bufs.iter().map(|b| b.as_ref().len() as u64).sum()
 }
 
 /// Checks that `[offset, offset+len)` lies within a node of `size` bytes.

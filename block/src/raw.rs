@@ -2,7 +2,7 @@
 
 use serde_json::json;
 
-use crate::node::{check_range, BlockNode, NodeRef};
+use crate::node::{check_range, total_len, BlockNode, NodeRef};
 use crate::options::Opts;
 use crate::{BlockError, Result};
 
@@ -70,6 +70,19 @@ impl BlockNode for RawNode {
         }
         check_range("raw", self.size, offset, buf.len() as u64)?;
         self.child.write_at(self.offset + offset, buf)
+    }
+
+    fn read_vectored(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+        check_range("raw", self.size, offset, total_len(bufs))?;
+        self.child.read_vectored(self.offset + offset, bufs)
+    }
+
+    fn write_vectored(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly("raw".into()));
+        }
+        check_range("raw", self.size, offset, total_len(bufs))?;
+        self.child.write_vectored(self.offset + offset, bufs)
     }
 
     fn flush(&self) -> Result<()> {

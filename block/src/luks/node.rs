@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use super::{new_sector_cipher, unlock, IvGenAlg, LuksError, LuksHeader, SectorCipher};
 use crate::blockdev::OpenContext;
-use crate::node::{check_range, write_zeroes_by_writing, BlockNode, NodeRef};
+use crate::node::{check_range, total_len, write_zeroes_by_writing, BlockNode, NodeRef};
 use crate::options::Opts;
 use crate::{BlockError, Result, SECTOR_SIZE};
 
@@ -206,6 +206,69 @@ impl BlockNode for LuksNode {
         let (mut covering, head) = self.read_covering(offset, buf.len())?;
         covering[head..head + buf.len()].copy_from_slice(buf);
         self.write_sectors(offset - head as u64, &covering)
+    }
+
+    fn read_vectored(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+        let len = total_len(bufs);
+        check_range("luks", self.size, offset, len)?;
+        if !is_sector_aligned(offset, 0) || bufs.iter().any(|b| !is_sector_aligned(0, b.len())) {
+            let mut pos = offset;
+            for buf in bufs.iter_mut() {
+                self.read_at(pos, buf)?;
+                pos += buf.len() as u64;
+            }
+            return Ok(());
+        }
+        let cipher = self.cipher()?;
+        self.payload
+            .read_vectored(self.payload_offset + offset, bufs)?;
+        // One pass over the whole list: every buffer decrypted in place, on
+        // several threads when the request is large.
+        let mut sector = offset / SECTOR_SIZE;
+        let mut jobs: Vec<(u64, &mut [u8])> = Vec::with_capacity(bufs.len());
+        for buf in bufs.iter_mut() {
+            let n = buf.len() as u64 / SECTOR_SIZE;
+            jobs.push((sector, &mut buf[..]));
+            sector += n;
+        }
+        if len >= PARALLEL_MIN as u64 {
+            jobs.into_par_iter()
+                .for_each(|(s, b)| run_parallel(b, s, |s, b| cipher.decrypt(s, b)));
+        } else {
+            jobs.into_iter().for_each(|(s, b)| cipher.decrypt(s, b));
+        }
+        Ok(())
+    }
+
+    fn write_vectored(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly("luks".into()));
+        }
+        let len = total_len(bufs);
+        check_range("luks", self.size, offset, len)?;
+        if !is_sector_aligned(offset, len as usize) {
+            let mut pos = offset;
+            for buf in bufs {
+                self.write_at(pos, buf)?;
+                pos += buf.len() as u64;
+            }
+            return Ok(());
+        }
+        // Gather into the bounce buffer (encryption needs a copy anyway),
+        // encrypt it in parallel and write it with one request.
+        BOUNCE.with(|bounce| {
+            let mut bounce = bounce.borrow_mut();
+            bounce.clear();
+            for buf in bufs {
+                bounce.extend_from_slice(buf);
+            }
+            self.encrypt(offset / SECTOR_SIZE, &mut bounce)?;
+            let result = self.payload.write_at(self.payload_offset + offset, &bounce);
+            if bounce.capacity() > 8 << 20 {
+                *bounce = Vec::new();
+            }
+            result
+        })
     }
 
     fn flush(&self) -> Result<()> {

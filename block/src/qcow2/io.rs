@@ -8,6 +8,7 @@ use super::compress::decompress;
 use super::error::{corrupt, Qcow2Error};
 use super::meta::{ClusterKind, Meta, OFLAG_COPIED, OFLAG_ZERO};
 use super::node::Qcow2Node;
+use crate::sg::SgCursor;
 use crate::{BlockError, Result};
 
 /// Where a piece of a read comes from.
@@ -213,6 +214,44 @@ impl Qcow2Node {
             self.map_read(&mut m, offset, buf.len())?
         };
         self.run_extents(offset, buf, &extents)
+    }
+
+    /// Reads guest data into a scatter-gather list: one mapping pass, then
+    /// one vectored read per contiguous host extent.
+    pub(super) fn do_read_vectored(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+        let len: usize = bufs.iter().map(|b| b.len()).sum();
+        if len == 0 {
+            return Ok(());
+        }
+        let _io = self.io_read_guard()?;
+        let extents = {
+            let mut m = self.lock_meta()?;
+            self.map_read(&mut m, offset, len)?
+        };
+        let mut cursor = SgCursor::new(bufs);
+        for e in &extents {
+            let mut parts = cursor.take(e.len);
+            match e.src {
+                Src::Data(h) => self.storage.read_vectored(h, &mut parts)?,
+                Src::Zero => parts.iter_mut().for_each(|p| p.fill(0)),
+                Src::Backing => {
+                    let mut guest = offset + e.pos as u64;
+                    for p in parts.iter_mut() {
+                        self.read_backing(guest, p)?;
+                        guest += p.len() as u64;
+                    }
+                }
+                Src::Compressed { offset, size, skip } => {
+                    let c = self.read_compressed(offset, size)?;
+                    let mut at = skip as usize;
+                    for p in parts.iter_mut() {
+                        p.copy_from_slice(&c[at..at + p.len()]);
+                        at += p.len();
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Writes guest data: in place where clusters are allocated with

@@ -14,7 +14,7 @@ use super::layout::{check_features, check_layout, is_marked_corrupt};
 use super::meta::Meta;
 use super::storage::Storage;
 use crate::blockdev::{Common, OpenContext};
-use crate::node::{check_range, BlockNode, NodeRef};
+use crate::node::{check_range, total_len, BlockNode, NodeRef};
 use crate::options::Opts;
 use crate::{BlockError, Result};
 
@@ -516,6 +516,11 @@ impl BlockNode for Qcow2Node {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         check_range("qcow2", self.size, offset, buf.len() as u64)?;
         self.do_read(offset, buf)
+    }
+
+    fn read_vectored(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+        check_range("qcow2", self.size, offset, total_len(bufs))?;
+        self.do_read_vectored(offset, bufs)
     }
 
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {

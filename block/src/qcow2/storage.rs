@@ -27,6 +27,23 @@ impl Storage {
     }
 
     /// Reads `buf` at `offset`; bytes past the end of the file read as zeros.
+    /// Reads a scatter-gather list at `offset` (zeros past the end).
+    pub fn read_vectored(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+        let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        if offset
+            .checked_add(total)
+            .is_some_and(|end| end <= self.len())
+        {
+            return self.child.read_vectored(offset, bufs);
+        }
+        let mut pos = offset;
+        for buf in bufs.iter_mut() {
+            self.read_at(pos, buf)?;
+            pos += buf.len() as u64;
+        }
+        Ok(())
+    }
+
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let len = self.len();
         let inside = len.saturating_sub(offset).min(buf.len() as u64) as usize;

@@ -1,0 +1,58 @@
+//! Scatter-gather lists: a request's data as several buffers (a guest's
+//! descriptors), split into consecutive pieces as a driver maps it.
+
+use std::collections::VecDeque;
+
+/// Hands out consecutive pieces of a scatter-gather list.
+pub struct SgCursor<'a> {
+    bufs: VecDeque<&'a mut [u8]>,
+}
+
+impl<'a> SgCursor<'a> {
+    /// A cursor at the start of `bufs`.
+    pub fn new(bufs: &'a mut [&mut [u8]]) -> Self {
+        Self {
+            bufs: bufs.iter_mut().map(|b| &mut **b).collect(),
+        }
+    }
+
+    /// The next `len` bytes, as slices of the list (fewer when it ends).
+    pub fn take(&mut self, mut len: usize) -> Vec<&'a mut [u8]> {
+        let mut out = Vec::new();
+        while len > 0 {
+            let Some(front) = self.bufs.pop_front() else {
+                break;
+            };
+            if front.len() <= len {
+                len -= front.len();
+                out.push(front);
+            } else {
+                let (head, tail) = front.split_at_mut(len);
+                out.push(head);
+                self.bufs.push_front(tail);
+                len = 0;
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_follow_the_list() {
+        let mut a = [1u8; 3];
+        let mut b = [2u8; 5];
+        let mut bufs: Vec<&mut [u8]> = vec![&mut a, &mut b];
+        let mut c = SgCursor::new(&mut bufs);
+        let lens = |v: &Vec<&mut [u8]>| v.iter().map(|s| s.len()).collect::<Vec<_>>();
+        assert_eq!(lens(&c.take(2)), [2]);
+        assert_eq!(lens(&c.take(4)), [1, 3]);
+        let last = c.take(10);
+        assert_eq!(lens(&last), [2]);
+        assert_eq!(last[0], [2, 2]);
+        assert!(c.take(1).is_empty());
+    }
+}
