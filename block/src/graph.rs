@@ -162,7 +162,7 @@ impl BlockGraph {
         })?;
         if let Some(other) = entry.users.first() {
             return Err(BlockError::Graph(format!(
-                "Node '{name}' is already in use by '{other}'"
+                "Permission conflict on node '{name}': permissions 'write' are both required by block device '{other}' (uses node '{name}' as 'root' child) and unshared by block device '{user}' (uses node '{name}' as 'root' child)."
             )));
         }
         entry.users.push(user.to_string());
@@ -187,10 +187,8 @@ impl BlockGraph {
                 "Node {name} is not owned by the monitor"
             )));
         }
-        if let Some(user) = entry.users.first() {
-            return Err(BlockError::Graph(format!(
-                "Node {name} is in use by device '{user}'"
-            )));
+        if !entry.users.is_empty() {
+            return Err(BlockError::Graph(format!("Node {name} is in use")));
         }
         if let Some(parent) = self.parents_of(name).first() {
             return Err(BlockError::Graph(format!(
@@ -450,11 +448,7 @@ mod tests {
             .contains("in use by node 'ra'"));
         g.attach("ra", "virtio-disk0").unwrap();
         assert!(g.attach("ra", "virtio-disk1").is_err());
-        assert!(g
-            .remove("ra")
-            .unwrap_err()
-            .to_string()
-            .contains("in use by device"));
+        assert_eq!(g.remove("ra").unwrap_err().to_string(), "Node ra is in use");
         g.detach("ra", "virtio-disk0");
         g.remove("ra").unwrap();
         g.remove("fa").unwrap();

@@ -172,7 +172,7 @@ fn bad_disk_config() {
                 r#"{{"blockdevs": [{raw}], "devices": [{}]}}"#,
                 disk("nope", "d0")
             ),
-            "devices[0]: Property 'virtio-blk-pci.drive' can't find value 'nope'",
+            "devices[0]: Property 'virtio-blk-device.drive' can't find value 'nope'",
         ),
         (
             format!(
@@ -191,7 +191,7 @@ fn bad_disk_config() {
                 disk("r", "d0"),
                 disk("r", "d1")
             ),
-            "devices[1]: Node 'r' is already in use by 'd0'",
+            "devices[1]: Permission conflict on node 'r'",
         ),
         (
             format!(

@@ -82,11 +82,12 @@ impl Disk {
     }
 }
 
+/// The device's QOM path as QEMU names the user of a node in its errors.
 fn user_name(props: &BlkProps, slot: u8) -> String {
-    props
-        .id
-        .clone()
-        .unwrap_or_else(|| format!("/machine/peripheral-anon/device[{slot}]"))
+    match &props.id {
+        Some(id) => format!("/machine/peripheral/{id}/virtio-backend"),
+        None => format!("/machine/peripheral-anon/device[{slot}]/virtio-backend"),
+    }
 }
 
 #[derive(Default)]
@@ -237,7 +238,7 @@ impl Machine {
         let drive = props.drive.clone();
         if state.graph.get(&drive).is_none() {
             return Err(generic(format!(
-                "Property 'virtio-blk-pci.drive' can't find value '{drive}'"
+                "Property 'virtio-blk-device.drive' can't find value '{drive}'"
             )));
         }
         let node = state
@@ -505,9 +506,15 @@ mod tests {
         let mut other = disk.clone();
         other["id"] = json!("vd1");
         let busy = generic(m.device_add(&args(other)).unwrap_err());
-        assert!(busy.contains("already in use"), "{busy}");
+        assert_eq!(
+            busy,
+            "Permission conflict on node 'f': permissions 'write' are both required by block \
+             device '/machine/peripheral/vd0/virtio-backend' (uses node 'f' as 'root' child) \
+             and unshared by block device '/machine/peripheral/vd1/virtio-backend' (uses node \
+             'f' as 'root' child)."
+        );
         let del = generic(m.blockdev_del("f").unwrap_err());
-        assert!(del.contains("in use"), "{del}");
+        assert_eq!(del, "Node f is in use");
         assert_eq!(
             m.device_del("nope"),
             Err(ControlError::DeviceNotFound(

@@ -78,7 +78,15 @@ impl BlkProps {
                 "drive" => drive = Some(string(key, value)?),
                 "serial" => c.serial = string(key, value)?,
                 "num-queues" => c.num_queues = number(key, value, 1, u64::from(MAX_QUEUES))? as u16,
-                "queue-size" => c.queue_size = number(key, value, 4, 1024)? as u16,
+                "queue-size" => {
+                    let n = number(key, value, 0, u64::from(u16::MAX))?;
+                    if !(4..=1024).contains(&n) || !n.is_power_of_two() {
+                        return err(format!(
+                            "invalid queue-size property ({n}), must be a power of 2 (max 1024)"
+                        ));
+                    }
+                    c.queue_size = n as u16;
+                }
                 "logical_block_size" => {
                     c.logical_block_size = number(key, value, 512, 32768)? as u32
                 }
@@ -108,7 +116,7 @@ impl BlkProps {
         let c = &props.config;
         if !c.queue_size.is_power_of_two() {
             return err(format!(
-                "invalid queue-size property ({}), must be a power of 2",
+                "invalid queue-size property ({}), must be a power of 2 (max 1024)",
                 c.queue_size
             ));
         }
