@@ -691,6 +691,10 @@ asyncio.run(main(sys.argv[1]))
 #[test]
 fn qemu_qmp_library_against_cryptvm_server() {
     let Some(python) = qemu_qmp_python() else {
+        assert!(
+            std::env::var("CI").map_or(true, |v| v != "true"),
+            "no qemu.qmp environment under CI (.ci/run makes it with resources/testhost/qmp-venv.sh)"
+        );
         eprintln!("SKIPPED: no qemu.qmp environment (make it with resources/testhost/qmp-venv.sh)");
         return;
     };
@@ -864,4 +868,81 @@ fn run_over_tcp_with_ctl() {
         "{r}"
     );
     assert_eq!(vm.wait_exit(TIMEOUT), Some(0), "{}", vm.log());
+}
+
+/// The refusals of the hotplug commands (unknown node, duplicate id, a node used twice,
+/// bad properties, a node in use, unknown ids, a second `device_del` while one is
+/// pending) are QEMU 10's, class and text, next to `qemu-system-x86_64 -M pc -S`.
+#[test]
+fn hotplug_refusals_match_qemu() {
+    if !common::require(&["qemu-system-x86_64"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("d.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let sock = dir.path().join("qemu.sock");
+    let mut cmd = Command::new(common::find_tool("qemu-system-x86_64").unwrap());
+    cmd.args([
+        "-machine",
+        "pc,accel=tcg",
+        "-S",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-qmp",
+    ])
+    .arg(format!("unix:{},server=on,wait=off", sock.display()));
+    let mut qemu = Proc::spawn("qemu-system-x86_64", cmd, dir.path().join("qemu.log"));
+    let qemu_address = sock.to_str().unwrap().to_string();
+    qemu.wait_for_socket(&qemu_address);
+    let _vm = start_vm(dir.path(), "vm.sock");
+    let vm_address = dir.path().join("vm.sock").to_str().unwrap().to_string();
+
+    let file = disk.to_str().unwrap();
+    let blk = |drive: &str, id: &str, extra: Value| {
+        let mut a = json!({"driver": "virtio-blk-pci", "drive": drive, "id": id});
+        a.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        json!({"execute": "device_add", "arguments": a}).to_string()
+    };
+    let requests = [
+        json!({"execute": "blockdev-add",
+               "arguments": {"node-name": "f", "driver": "file", "filename": file}})
+        .to_string(),
+        blk("nope", "d0", json!({})),
+        blk("f", "d0", json!({})),
+        blk("f", "d0", json!({})),
+        blk("f", "d1", json!({})),
+        blk("f", "d3", json!({"colour": "x"})),
+        blk("f", "d4", json!({"queue-size": 100})),
+        r#"{"execute": "device_add", "arguments": {"driver": "e1000x"}}"#.into(),
+        r#"{"execute": "device_add", "arguments": {"drive": "f"}}"#.into(),
+        r#"{"execute": "blockdev-del", "arguments": {"node-name": "f"}}"#.into(),
+        r#"{"execute": "blockdev-del", "arguments": {"node-name": "zz"}}"#.into(),
+        r#"{"execute": "device_del", "arguments": {"id": "zz"}}"#.into(),
+        r#"{"execute": "device_del", "arguments": {"id": "d0"}}"#.into(),
+        r#"{"execute": "device_del", "arguments": {"id": "d0"}}"#.into(),
+        r#"{"execute": "blockdev-del", "arguments": {"node-name": "f"}}"#.into(),
+        r#"{"execute": "object-del", "arguments": {"id": "zz"}}"#.into(),
+    ];
+    let transcript = |address: &str| -> Vec<(String, Vec<String>)> {
+        let mut q = Qmp::negotiated(address);
+        requests
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.clone(), q.transcript(r.as_bytes(), i)))
+            .collect()
+    };
+    let want = transcript(&qemu_address);
+    let got = transcript(&vm_address);
+    assert!(
+        want.iter()
+            .filter(|(_, l)| l.iter().any(|l| l.contains("\"error\"")))
+            .count()
+            >= 12,
+        "QEMU should refuse most of these: {want:?}"
+    );
+    assert_same_transcripts(&got, &want);
 }
