@@ -83,7 +83,7 @@ measure() {
     pid=$!
     mkdir -p "/out/$name.$rep"
     CRYPTVM_CTL='cryptvm ctl --socket /tmp/qmp.sock' CRYPTVM_CONSOLE="/out/$name.$rep.console" \
-        CRYPTVM_FILES=/work/files CRYPTVM_OUT="/out/$name.$rep" HP_ROUNDS=$rounds \
+        CRYPTVM_FILES=/work/files CRYPTVM_OUT="/out/$name.$rep" HP_ROUNDS=$rounds CRYPTVM_VMM_PID=$pid \
         timeout -s KILL $limit sh /work/qmp-hotplug.sh >"/out/$name.$rep.driver" 2>&1
     drc=$?
     [ $drc = 0 ] || { sleep 10; kill -9 $pid 2>/dev/null; } &
@@ -91,7 +91,8 @@ measure() {
     rc=$?
     sed -n "s/^HOTPLUG round=/BENCH vmm=$name rep=$rep round=/p" "/out/$name.$rep.driver"
     echo "BENCH-RUN vmm=$name rep=$rep driver=$drc rc=$rc"
-    [ $drc = 0 ] || tail -3 "/out/$name.$rep.driver" | sed "s/^/BENCH-ERROR vmm=$name rep=$rep /"
+    [ $drc = 0 ] || { tail -3 "/out/$name.$rep.driver"; head -3 "/out/$name.$rep.stderr"; } |
+        sed "s/^/BENCH-ERROR vmm=$name rep=$rep /"
 }
 i=1
 while [ $i -le $reps ]; do

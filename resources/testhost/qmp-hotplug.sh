@@ -4,7 +4,8 @@
 # (it runs inside the L1 test host, next to the VMM; busybox sh or any POSIX sh).
 #
 #   CRYPTVM_CTL='cryptvm ctl --socket /tmp/qmp.sock' CRYPTVM_CONSOLE=/out/l2-console.txt \
-#   CRYPTVM_FILES=/work/files [HP_ROUNDS=2] [CRYPTVM_OUT=/out] sh qmp-hotplug.sh
+#   CRYPTVM_FILES=/work/files [HP_ROUNDS=2] [CRYPTVM_OUT=/out] [CRYPTVM_VMM_PID=PID] \
+#   sh qmp-hotplug.sh
 #
 # The guest runs the "hotplug" scenario (resources/guest/scenarios/hotplug.sh) and prints
 # `CRYPTVM-HP ready|seen|io-done|gone round=R` lines on its console (CRYPTVM_CONSOLE, the
@@ -59,13 +60,24 @@ fail() {
     exit 1
 }
 
-# wait_console MARKER: until a console line contains MARKER (HP_TIMEOUT seconds).
+# vmm_alive: whether the VMM (CRYPTVM_VMM_PID, when given) still runs (a zombie does not).
+vmm_alive() {
+    [ -z "${CRYPTVM_VMM_PID:-}" ] && return 0
+    state=Z
+    [ -r "/proc/$CRYPTVM_VMM_PID/stat" ] && read -r _ _ state _ <"/proc/$CRYPTVM_VMM_PID/stat"
+    [ "$state" != Z ]
+}
+
+# wait_console MARKER [POLL]: until a console line contains MARKER (HP_TIMEOUT seconds;
+# fails at once when the VMM has exited), looking every POLL seconds (0.01).
 wait_console() {
-    w0=$(now)
+    w0=$(now) poll=${2:-0.01}
     until grep -q "$1" "$CRYPTVM_CONSOLE" 2>/dev/null; do
         [ "$(sub "$(now)" "$w0" | cut -d. -f1)" -ge "$HP_TIMEOUT" ] &&
             fail "no '$1' on the guest console after $HP_TIMEOUT s"
-        sleep 0.01
+        vmm_alive || grep -q "$1" "$CRYPTVM_CONSOLE" 2>/dev/null ||
+            fail "the VMM exited before '$1' appeared on the guest console"
+        sleep "$poll"
     done
 }
 
@@ -108,8 +120,9 @@ remove_disk() {
     must "{\"execute\": \"object-del\", \"arguments\": {\"id\": \"$SECRET\"}}"
 }
 
-# The VMM listens once the guest runs; one connection from here on.
-wait_console "CRYPTVM-HP ready round=1"
+# The VMM listens once the guest runs; one connection from here on. (While the guest
+# boots, the console is looked at ten times a second only: this host is the VMM's too.)
+wait_console "CRYPTVM-HP ready round=1" 0.1
 mkfifo "$T/in" "$T/out"
 $CRYPTVM_CTL <"$T/in" >"$T/out" 2>"$T/ctl.err" &
 exec 3>"$T/in" 4<"$T/out"
