@@ -13,6 +13,18 @@ const KVM_SIGNATURE_LEAF: u32 = 0x4000_0000;
 const KVM_FEATURES_LEAF: u32 = 0x4000_0001;
 const KVM_SIGNATURE: [u32; 3] = [0x4b4d_564b, 0x564b_4d56, 0x0000_004d];
 
+/// Leaf 1 ECX: the LAPIC timer has TSC-deadline mode.
+const TSC_DEADLINE_BIT: u32 = 1 << 24;
+
+/// Advertises the TSC-deadline timer in leaf 1 of `cpuid` (when KVM emulates it).
+pub fn set_tsc_deadline(cpuid: &mut CpuId) {
+    for e in cpuid.as_mut_slice() {
+        if e.function == 1 {
+            e.ecx |= TSC_DEADLINE_BIT;
+        }
+    }
+}
+
 /// Bits of the x2APIC id that select the core inside the package.
 fn core_bits(cpus: u8) -> u32 {
     u32::from(cpus).next_power_of_two().trailing_zeros()
@@ -136,6 +148,16 @@ pub fn vcpu_cpuid(base: &CpuId, cpu_id: u8, cpus: u8) -> Result<CpuId, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tsc_deadline_bit_goes_to_leaf_1_only() {
+        let mut c =
+            CpuId::from_entries(&[entry(0, 0, 1, 0, 0, 0), entry(1, 0, 0, 0, 0x1, 0)]).unwrap();
+        set_tsc_deadline(&mut c);
+        let e = c.as_slice();
+        assert_eq!(e[1].ecx, 0x1 | TSC_DEADLINE_BIT);
+        assert_eq!(e[0].ecx, 0);
+    }
 
     fn find(v: &[kvm_cpuid_entry2], f: u32, i: u32) -> kvm_cpuid_entry2 {
         *v.iter().find(|e| e.function == f && e.index == i).unwrap()

@@ -25,16 +25,78 @@ pub enum MemoryError {
     Register(#[source] kvm_ioctls::Error),
 }
 
+/// Host alignment of guest RAM: the transparent huge page size.
+const HUGE_PAGE: usize = 2 << 20;
+
 /// Maps `memory` bytes of guest RAM at the addresses [`layout::ram_ranges`] gives.
+///
+/// Each region is placed at a 2 MiB-aligned host address (as congruent to its guest
+/// address as KVM needs to map it with huge pages) and marked `MADV_HUGEPAGE`, as QEMU
+/// does: fewer nested page faults and TLB misses for the guest. The mappings live until
+/// the process exits (devices' threads may hold the memory until the very end).
 pub fn create_guest_memory(memory: u64) -> Result<GuestMemoryMmap, MemoryError> {
-    let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(memory)
-        .into_iter()
-        .map(|(start, size)| (GuestAddress(start), size as usize))
-        .collect();
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| MemoryError::Allocate {
+    let fail = |reason: String| MemoryError::Allocate {
         size: memory >> 20,
-        reason: e.to_string(),
-    })
+        reason,
+    };
+    let mut regions = Vec::new();
+    for (start, size) in layout::ram_ranges(memory) {
+        let size = usize::try_from(size).map_err(|_| fail("too large".into()))?;
+        let host = map_aligned(size).map_err(|e| fail(e.to_string()))?;
+        // SAFETY: `host` is the start of a fresh private read-write mapping of `size`
+        // bytes that is never unmapped (see above), so it stays valid for the region.
+        let mapping = unsafe {
+            vm_memory::mmap::MmapRegionBuilder::new(size)
+                .with_raw_mmap_pointer(host)
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+        }
+        .build()
+        .map_err(|e| fail(e.to_string()))?;
+        let region = vm_memory::GuestRegionMmap::new(mapping, GuestAddress(start))
+            .ok_or_else(|| fail("region wraps the address space".into()))?;
+        regions.push(region);
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| fail(e.to_string()))
+}
+
+/// A private anonymous read-write mapping of `size` bytes at a 2 MiB-aligned address,
+/// advised for transparent huge pages.
+fn map_aligned(size: usize) -> std::io::Result<*mut u8> {
+    let len = size
+        .checked_add(HUGE_PAGE)
+        .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::OutOfMemory))?;
+    // SAFETY: a new anonymous mapping at an address the kernel chooses; no existing
+    // memory is affected.
+    let raw = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    let base = raw as usize;
+    let aligned = base.next_multiple_of(HUGE_PAGE);
+    let head = aligned - base;
+    let tail = len - head - size;
+    // SAFETY: both ranges lie inside the mapping just made and outside the part kept.
+    unsafe {
+        if head > 0 {
+            libc::munmap(raw, head);
+        }
+        if tail > 0 {
+            libc::munmap((aligned + size) as *mut libc::c_void, tail);
+        }
+        // Advice only: without THP the memory simply uses small pages.
+        libc::madvise(aligned as *mut libc::c_void, size, libc::MADV_HUGEPAGE);
+    }
+    Ok(aligned as *mut u8)
 }
 
 /// Gives each region of `mem` to KVM as one memory slot.
@@ -59,4 +121,30 @@ pub fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryErr
         unsafe { vm.set_user_memory_region(desc) }.map_err(MemoryError::Register)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn regions_are_huge_page_aligned_and_usable() {
+        let mem = create_guest_memory((3 << 30) + (64 << 20)).expect("memory");
+        assert_eq!(mem.num_regions(), 2, "RAM below and above the PCI hole");
+        for region in mem.iter() {
+            let host = region.get_host_address(MemoryRegionAddress(0)).unwrap() as usize;
+            assert_eq!(host % HUGE_PAGE, 0, "host address {host:#x}");
+        }
+        let top = GuestAddress((4 << 30) + (64 << 20) - 8);
+        assert_eq!(
+            mem.read_obj::<u64>(top).unwrap(),
+            0,
+            "fresh RAM reads as zeros"
+        );
+        mem.write_obj(0x1234_5678u64, top).unwrap();
+        assert_eq!(mem.read_obj::<u64>(top).unwrap(), 0x1234_5678);
+        mem.write_obj(7u8, GuestAddress(0)).unwrap();
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0)).unwrap(), 7);
+    }
 }

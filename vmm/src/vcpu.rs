@@ -342,6 +342,17 @@ pub struct Vcpu {
 }
 
 impl Vcpu {
+    /// Registers worth reporting when the guest dies (RIP, control registers, mode).
+    fn state(&self) -> String {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => format!(
+                "rip={:#x} rsp={:#x} rflags={:#x} cs={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+                r.rip, r.rsp, r.rflags, s.cs.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
+            ),
+            _ => "registers unavailable".into(),
+        }
+    }
+
     /// Runs the guest until the VM stops (exit requested by anyone) or this vCPU fails.
     pub fn run(mut self) {
         while !self.exit.stopping() {
@@ -363,7 +374,10 @@ impl Vcpu {
                     None
                 }
                 // A triple fault or a reset KVM could not handle: as Firecracker, the VM ends.
-                Ok(VcpuExit::Shutdown) => Some(Ok(ExitReason::Shutdown)),
+                Ok(VcpuExit::Shutdown) => {
+                    eprintln!("cryptvm: vCPU {}: triple fault: {}", self.id, self.state());
+                    Some(Ok(ExitReason::Shutdown))
+                }
                 Ok(VcpuExit::Hlt) => Some(Ok(ExitReason::Shutdown)),
                 Ok(VcpuExit::SystemEvent(kind, _)) => Some(match kind {
                     kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Ok(ExitReason::PowerOff),

@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Cap, Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
@@ -431,6 +431,12 @@ impl Vm {
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("reading KVM's supported CPUID"))?;
+        let mut supported = supported;
+        if self.kvm.check_extension(Cap::TscDeadlineTimer) {
+            // KVM emulates the TSC-deadline LAPIC timer but leaves the CPUID bit to the
+            // VMM (as QEMU and Firecracker set it): cheaper timer programming.
+            crate::cpuid::set_tsc_deadline(&mut supported);
+        }
         let mut vcpus = Vec::with_capacity(usize::from(self.cpus));
         for id in 0..self.cpus {
             let fd = self
