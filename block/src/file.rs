@@ -426,29 +426,22 @@ fn advance(bufs: &[(*mut u8, usize)], first: &mut usize, skip: &mut usize, mut n
     }
 }
 
-/// `preadv` until every buffer is full or the file ends; returns the bytes read.
-fn preadv_all(file: &File, bufs: &mut [&mut [u8]], offset: u64) -> std::io::Result<usize> {
-    let raw: Vec<(*mut u8, usize)> = bufs.iter_mut().map(|b| (b.as_mut_ptr(), b.len())).collect();
+/// Runs `op` (`preadv` or `pwritev` at a file offset) over the buffers `raw` from
+/// `offset` until every byte is done or `op` returns 0; returns the bytes done.
+fn vectored(
+    raw: &[(*mut u8, usize)],
+    offset: u64,
+    op: impl Fn(&[libc::iovec], libc::off_t) -> isize,
+) -> std::io::Result<usize> {
     let (mut first, mut skip, mut done) = (0usize, 0usize, 0usize);
-    advance(&raw, &mut first, &mut skip, 0);
+    advance(raw, &mut first, &mut skip, 0);
     while first < raw.len() {
-        let iov = iovecs(&raw, first, skip);
-        let at = offset + done as u64;
-        // SAFETY: each iovec covers (the rest of) one of `bufs`, which are
-        // exclusively borrowed for this call; `iov` outlives the call.
-        let n = unsafe {
-            libc::preadv(
-                file.as_raw_fd(),
-                iov.as_ptr(),
-                iov.len() as i32,
-                at as libc::off_t,
-            )
-        };
-        match n {
+        let iov = iovecs(raw, first, skip);
+        match op(&iov, (offset + done as u64) as libc::off_t) {
             0 => break,
             n if n > 0 => {
                 done += n as usize;
-                advance(&raw, &mut first, &mut skip, n as usize);
+                advance(raw, &mut first, &mut skip, n as usize);
             }
             _ => {
                 let e = std::io::Error::last_os_error();
@@ -461,40 +454,29 @@ fn preadv_all(file: &File, bufs: &mut [&mut [u8]], offset: u64) -> std::io::Resu
     Ok(done)
 }
 
+/// `preadv` until every buffer is full or the file ends; returns the bytes read.
+fn preadv_all(file: &File, bufs: &mut [&mut [u8]], offset: u64) -> std::io::Result<usize> {
+    let raw: Vec<(*mut u8, usize)> = bufs.iter_mut().map(|b| (b.as_mut_ptr(), b.len())).collect();
+    vectored(&raw, offset, |iov, at| {
+        // SAFETY: each iovec covers (the rest of) one of `bufs`, which are exclusively
+        // borrowed for this call; `iov` outlives the call.
+        unsafe { libc::preadv(file.as_raw_fd(), iov.as_ptr(), iov.len() as i32, at) }
+    })
+}
+
 /// `pwritev` until every buffer is written.
 fn pwritev_all(file: &File, bufs: &[&[u8]], offset: u64) -> std::io::Result<()> {
     let raw: Vec<(*mut u8, usize)> = bufs
         .iter()
         .map(|b| (b.as_ptr().cast_mut(), b.len()))
         .collect();
-    let (mut first, mut skip, mut done) = (0usize, 0usize, 0usize);
-    advance(&raw, &mut first, &mut skip, 0);
-    while first < raw.len() {
-        let iov = iovecs(&raw, first, skip);
-        let at = offset + done as u64;
-        // SAFETY: each iovec covers (the rest of) one of `bufs`, borrowed for
-        // this call; pwritev only reads through them.
-        let n = unsafe {
-            libc::pwritev(
-                file.as_raw_fd(),
-                iov.as_ptr(),
-                iov.len() as i32,
-                at as libc::off_t,
-            )
-        };
-        match n {
-            0 => return Err(std::io::ErrorKind::WriteZero.into()),
-            n if n > 0 => {
-                done += n as usize;
-                advance(&raw, &mut first, &mut skip, n as usize);
-            }
-            _ => {
-                let e = std::io::Error::last_os_error();
-                if e.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
-        }
+    let done = vectored(&raw, offset, |iov, at| {
+        // SAFETY: each iovec covers (the rest of) one of `bufs`, borrowed for this call;
+        // pwritev only reads through them.
+        unsafe { libc::pwritev(file.as_raw_fd(), iov.as_ptr(), iov.len() as i32, at) }
+    })?;
+    if done < total_len(bufs) as usize {
+        return Err(std::io::ErrorKind::WriteZero.into());
     }
     Ok(())
 }

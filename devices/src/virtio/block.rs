@@ -392,10 +392,27 @@ fn for_each_slice_mut(
     Ok(())
 }
 
-/// The guest buffers `segs` as host slices, in place and in order (a
-/// segment spanning memory regions gives several). `None` when two of them
-/// overlap (only a hostile driver does that): the caller then goes one
-/// slice at a time rather than hold aliasing mutable slices.
+/// Host addresses and lengths of the guest buffers `segs`, in order (a segment
+/// spanning memory regions gives several).
+fn host_ranges(
+    mem: &GuestMemoryMmap,
+    segs: &Segments,
+    access: Permissions,
+) -> Result<Vec<(*mut u8, usize)>, Fail> {
+    let mut out = Vec::with_capacity(segs.len());
+    for &(addr, len) in segs {
+        for s in mem.get_slices(addr, len, access).map_err(|_| Fail::IoErr)? {
+            let s = s.map_err(|_| Fail::IoErr)?;
+            let guard = s.ptr_guard_mut();
+            out.push((guard.as_ptr(), guard.len()));
+        }
+    }
+    Ok(out)
+}
+
+/// The guest buffers `segs` as host slices, in place and in order. `None` when
+/// two of them overlap (only a hostile driver does that): the caller then goes
+/// one slice at a time rather than hold aliasing mutable slices.
 // Guest RAM is writable through a shared `GuestMemoryMmap`, as in
 // `for_each_slice_mut`; the slices handed out never overlap.
 #[allow(clippy::mut_from_ref)]
@@ -403,17 +420,7 @@ fn guest_bufs_mut<'m>(
     mem: &'m GuestMemoryMmap,
     segs: &Segments,
 ) -> Result<Option<Vec<&'m mut [u8]>>, Fail> {
-    let mut raw: Vec<(*mut u8, usize)> = Vec::with_capacity(segs.len());
-    for &(addr, len) in segs {
-        let slices = mem
-            .get_slices(addr, len, Permissions::Write)
-            .map_err(|_| Fail::IoErr)?;
-        for s in slices {
-            let s = s.map_err(|_| Fail::IoErr)?;
-            let guard = s.ptr_guard_mut();
-            raw.push((guard.as_ptr(), guard.len()));
-        }
-    }
+    let raw = host_ranges(mem, segs, Permissions::Write)?;
     let mut sorted = raw.clone();
     sorted.sort_unstable_by_key(|&(p, _)| p as usize);
     if sorted
@@ -424,10 +431,10 @@ fn guest_bufs_mut<'m>(
     }
     Ok(Some(
         raw.into_iter()
-            // SAFETY: `get_slices` checked each range lies within a region
-            // that stays mapped while `mem` is borrowed, and the ranges do not
-            // overlap (checked above), so no two slices alias. The guest may
-            // write the bytes concurrently; any value is a valid `u8`.
+            // SAFETY: `get_slices` checked each range lies within a region that stays
+            // mapped while `mem` is borrowed, and the ranges do not overlap (checked
+            // above), so no two slices alias. The guest may write the bytes
+            // concurrently; any value is a valid `u8`.
             .map(|(p, len)| unsafe { std::slice::from_raw_parts_mut(p, len) })
             .collect(),
     ))
@@ -435,19 +442,11 @@ fn guest_bufs_mut<'m>(
 
 /// The guest buffers `segs` as host slices to read from, in place and in order.
 fn guest_bufs<'m>(mem: &'m GuestMemoryMmap, segs: &Segments) -> Result<Vec<&'m [u8]>, Fail> {
-    let mut out = Vec::with_capacity(segs.len());
-    for &(addr, len) in segs {
-        let slices = mem
-            .get_slices(addr, len, Permissions::Read)
-            .map_err(|_| Fail::IoErr)?;
-        for s in slices {
-            let s = s.map_err(|_| Fail::IoErr)?;
-            let guard = s.ptr_guard();
-            // SAFETY: as in `guest_bufs_mut`; shared slices may overlap.
-            out.push(unsafe { std::slice::from_raw_parts(guard.as_ptr(), guard.len()) });
-        }
-    }
-    Ok(out)
+    Ok(host_ranges(mem, segs, Permissions::Read)?
+        .into_iter()
+        // SAFETY: as in `guest_bufs_mut`; shared slices may overlap.
+        .map(|(p, len)| unsafe { std::slice::from_raw_parts(p.cast_const(), len) })
+        .collect())
 }
 
 impl VirtioDevice for VirtioBlock {
