@@ -15,12 +15,14 @@
 #                     (repeatable); without it L1 has no network
 #   --timeout SECONDS QEMU is killed after this long (120); exit status 124 then
 #   --retries N       boot L1 again when QEMU itself crashed before L1's /init ended (2)
+#   --up-deadline S   boot L1 again when its /init has not said CRYPTVM-L1-UP after S
+#                     seconds (60): TCG now and then hangs L1's kernel early
 #
 # Exit status: QEMU's (0 when L1 powered off), or 124 on timeout.
 set -euo pipefail
 
 log() { echo "testhost/launch.sh: $*" >&2; }
-kernel='' initrd='' console='' outdir='' outsize=64 timeout=120 retries=2
+kernel='' initrd='' console='' outdir='' outsize=64 timeout=120 retries=2 up_deadline=60
 disks=() fwds=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -33,6 +35,7 @@ while [[ $# -gt 0 ]]; do
         --hostfwd) fwds+=("$2"); shift 2 ;;
         --timeout) timeout=$2; shift 2 ;;
         --retries) retries=$2; shift 2 ;;
+        --up-deadline) up_deadline=$2; shift 2 ;;
         *) log "unknown argument $1"; exit 2 ;;
     esac
 done
@@ -74,10 +77,28 @@ while :; do
         -nographic -no-reboot "${nic[@]}" -no-user-config \
         -kernel "$kernel" -initrd "$initrd" \
         -append "console=ttyS0 panic=-1 quiet" \
-        "${drives[@]}" </dev/null >"$console" 2>&1
+        "${drives[@]}" </dev/null >"$console" 2>&1 &
+    qemu_pid=$!
+    # An L1 whose kernel hangs in TCG before its /init is up (RCU stalls, a lost timer)
+    # would only end at the timeout: give it up_deadline seconds, then boot it again.
+    hung=0 waited=0
+    while kill -0 "$qemu_pid" 2>/dev/null; do
+        if grep -q CRYPTVM-L1-UP "$console" 2>/dev/null; then
+            break
+        fi
+        if [[ $waited -ge $up_deadline ]]; then
+            hung=1
+            kill "$qemu_pid" 2>/dev/null
+            break
+        fi
+        sleep 1
+        waited=$((waited + 1))
+    done
+    wait "$qemu_pid"
     status=$?
     set -e
     [[ $status -eq 137 ]] && status=124
+    [[ $hung -eq 1 ]] && status=125
     if [[ $status -eq 124 ]] || grep -q CRYPTVM-L1-END "$console" ||
         [[ $attempt -ge $retries ]]; then
         break
