@@ -112,7 +112,8 @@ for f in "$WORK"/out/*.console; do
     run=$(basename "$f" .console)
     last=$(grep -a 'BENCH-BEGIN' "$f" | tail -1 | sed 's/.*BENCH-BEGIN //; s/\r$//')
     rc=$(sed -n "s/^BENCH-RUN vmm=${run%%.*} rep=${run#*.} rc=//p" "$WORK/out/runs.txt" | tr -d '\r')
-    echo "note: $run: the guest stopped without powering off, during ${last:-its boot} (VMM exit status ${rc:-?}; console: out/$run.console)"
+    err=$(head -c 300 "$WORK/out/$run.stderr" 2>/dev/null | tr '\n' ' ')
+    echo "note: $run: the guest stopped without powering off, during ${last:-its boot} (VMM exit status ${rc:-?}; console: out/$run.console; VMM stderr: ${err:-none})"
 done
 if [[ $status -ne 0 ]]; then
     echo "disk.sh: QEMU produced no result for some jobs:" >&2
