@@ -311,6 +311,12 @@ impl Luks {
         }
     }
 
+    /// The `--image-opts` form for a payload that is a qcow2 image (`file.driver=qcow2`).
+    pub fn qcow2_image_opts(&self) -> String {
+        self.image_opts()
+            .replacen("file.filename=", "file.driver=qcow2,file.file.filename=", 1)
+    }
+
     /// QEMU's dotted `--image-opts` form, with key-secret `sec0`.
     pub fn image_opts(&self) -> String {
         let mut s = format!(
@@ -1143,4 +1149,46 @@ pub fn set_qcow2_extensions(b: &mut [u8], exts: &[(u32, Vec<u8>)]) {
         at += 8 + padded;
     }
     b[at..at + 8].fill(0);
+}
+
+/// A luks disk of `size` bytes in `scratch`: a detached header `disk.header` made by
+/// QEMU's LUKS code (iter-time 10 ms, as the VMM unlocks it inside the TCG test host)
+/// over a qcow2 payload `disk.qcow2`.
+pub fn detached_luks_qcow2(scratch: &Scratch, size: u64) -> Luks {
+    let header = scratch.join("disk.header");
+    let made = qemu_create(&scratch.pass_file, &header, None, "iter-time=10");
+    assert_eq!(made.status, Some(0), "qemu-luks-create.py:\n{made}");
+    let size = size.to_string();
+    run(
+        "qemu-img",
+        ["create", "-q", "-f", "qcow2", "disk.qcow2", size.as_str()],
+        Some(scratch.path()),
+    )
+    .ok();
+    Luks::detached(&header, &scratch.join("disk.qcow2"))
+}
+
+/// The plain contents of the image `image_opts` describes, by `qemu-img convert -O raw`
+/// into `dir` (the file is removed again).
+pub fn plain_view(dir: &Path, secret: &str, image_opts: &str) -> Vec<u8> {
+    let plain = dir.join("plain.raw");
+    let target = plain.display().to_string();
+    run(
+        "qemu-img",
+        [
+            "convert",
+            "--object",
+            secret,
+            "--image-opts",
+            image_opts,
+            "-O",
+            "raw",
+            target.as_str(),
+        ],
+        None,
+    )
+    .ok();
+    let data = read(&plain);
+    std::fs::remove_file(&plain).expect("removing plain.raw");
+    data
 }

@@ -162,28 +162,11 @@ impl Disks {
     fn new() -> Self {
         let scratch = Scratch::new("e2e-disks");
         let dir = scratch.path();
-        let header = scratch.join("disk.header");
-        // A low iter-time: the VMM unlocks the header inside the TCG test host.
-        let made = common::qemu_create(&scratch.pass_file, &header, None, "iter-time=10");
-        assert_eq!(made.status, Some(0), "qemu-luks-create.py:\n{made}");
-        common::run(
-            "qemu-img",
-            [
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "disk.qcow2",
-                &LUKS_SIZE.to_string(),
-            ],
-            Some(dir),
-        )
-        .ok();
-        let luks = common::Luks::detached(&header, &scratch.join("disk.qcow2"));
-        let opts = luks_qcow2_opts(&luks);
+        let luks = common::detached_luks_qcow2(&scratch, LUKS_SIZE);
+        let opts = luks.qcow2_image_opts();
         let cmds: Vec<String> = HOST_WRITES.iter().map(IoOp::command).collect();
         common::qemu_io(&scratch.secret_object(), &opts, &cmds);
-        let mut model = plain_view(dir, &scratch.secret_object(), &luks);
+        let mut model = common::plain_view(dir, &scratch.secret_object(), &luks.qcow2_image_opts());
         assert_eq!(
             model.len() as u64,
             LUKS_SIZE,
@@ -258,38 +241,6 @@ impl Disks {
             }
         }
     }
-}
-
-/// The plain contents of the luks stack, by `qemu-img convert -O raw` into `dir`.
-fn plain_view(dir: &Path, secret: &str, luks: &common::Luks) -> Vec<u8> {
-    let plain = dir.join("plain.raw");
-    common::run(
-        "qemu-img",
-        [
-            "convert".into(),
-            "--object".into(),
-            secret.to_string(),
-            "--image-opts".into(),
-            luks_qcow2_opts(luks),
-            "-O".into(),
-            "raw".into(),
-            plain.display().to_string(),
-        ],
-        None,
-    )
-    .ok();
-    let data = common::read(&plain);
-    std::fs::remove_file(&plain).expect("removing plain.raw");
-    data
-}
-
-/// qemu-io's `--image-opts` for luks (detached header) over qcow2 over file.
-fn luks_qcow2_opts(luks: &common::Luks) -> String {
-    format!(
-        "driver=luks,key-secret=sec0,file.driver=qcow2,file.file.filename={},header.filename={}",
-        luks.payload.display(),
-        luks.header.as_ref().expect("detached").display()
-    )
 }
 
 /// The guest's script: shell helpers, then one check or request per line, each
@@ -543,7 +494,7 @@ fn check_images(dir: &Path, disks: &Disks, out: &dyn std::fmt::Display) {
     let cmds = common::read_pattern_cmds(&disks.model, 512);
     let r = common::qemu_io(
         &disks.scratch.secret_object(),
-        &luks_qcow2_opts(&luks),
+        &luks.qcow2_image_opts(),
         &cmds,
     );
     assert_eq!(
@@ -552,7 +503,11 @@ fn check_images(dir: &Path, disks: &Disks, out: &dyn std::fmt::Display) {
         "qemu-io did not run every read:\n{r}\n{out}"
     );
     // And every byte, including those nobody wrote.
-    let after = plain_view(dir, &disks.scratch.secret_object(), &luks);
+    let after = common::plain_view(
+        dir,
+        &disks.scratch.secret_object(),
+        &luks.qcow2_image_opts(),
+    );
     common::assert_same_bytes(&after, &disks.model, "the luks disk after the run");
 
     let mut raw = vec![RAW_FILL; RAW_SIZE as usize];

@@ -130,23 +130,7 @@ impl Disk {
     fn new() -> Self {
         let scratch = Scratch::new("e2e-hotplug");
         let dir = scratch.path();
-        let header = scratch.join("disk.header");
-        // A low iter-time: the VMM unlocks the header inside the TCG test host.
-        let made = common::qemu_create(&scratch.pass_file, &header, None, "iter-time=10");
-        assert_eq!(made.status, Some(0), "qemu-luks-create.py:\n{made}");
-        common::run(
-            "qemu-img",
-            [
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "disk.qcow2",
-                &DISK_SIZE.to_string(),
-            ],
-            Some(dir),
-        )
-        .ok();
+        common::detached_luks_qcow2(&scratch, DISK_SIZE);
         let cmds: Vec<String> = HOST_WRITES.iter().map(IoOp::command).collect();
         common::qemu_io(&scratch.secret_object(), &opts(dir), &cmds);
         let before = plain_view(dir, &scratch.secret_object());
@@ -184,34 +168,12 @@ impl Disk {
 
 /// qemu-io's `--image-opts` for luks (detached header) over qcow2 over file in `dir`.
 fn opts(dir: &Path) -> String {
-    format!(
-        "driver=luks,key-secret=sec0,file.driver=qcow2,file.file.filename={},header.filename={}",
-        dir.join("disk.qcow2").display(),
-        dir.join("disk.header").display()
-    )
+    common::Luks::detached(&dir.join("disk.header"), &dir.join("disk.qcow2")).qcow2_image_opts()
 }
 
-/// The plain contents, by `qemu-img convert -O raw`.
+/// The plain contents of the disk in `dir`, by `qemu-img convert -O raw`.
 fn plain_view(dir: &Path, secret: &str) -> Vec<u8> {
-    let plain = dir.join("plain.raw");
-    common::run(
-        "qemu-img",
-        [
-            "convert".into(),
-            "--object".into(),
-            secret.to_string(),
-            "--image-opts".into(),
-            opts(dir),
-            "-O".into(),
-            "raw".into(),
-            plain.display().to_string(),
-        ],
-        None,
-    )
-    .ok();
-    let data = common::read(&plain);
-    std::fs::remove_file(&plain).expect("removing plain.raw");
-    data
+    common::plain_view(dir, secret, &opts(dir))
 }
 
 /// The ranges written so far (by qemu-io, and by the guest up to `round`), cut where
