@@ -20,6 +20,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+. "$ROOT/resources/bench/lib.sh"
 REPS="${REPS:-3}"
 WARMUP="${WARMUP:-1}"
 CPUS="${CPUS:-2}"
@@ -31,23 +32,12 @@ for tool in qemu-system-x86_64 cpio; do
 done
 
 cryptvm_note=
-if [[ -z "${CRYPTVM:-}" ]]; then
-    if (cd "$ROOT" && cargo build --release --quiet -p vmm --bin cryptvm); then
-        target_dir="$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps |
-            sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
-        CRYPTVM="$target_dir/release/cryptvm"
-    else
-        cryptvm_note="cryptvm: does not build"
-        CRYPTVM=
-    fi
+if ! release_cryptvm; then
+    cryptvm_note="cryptvm: does not build"
+    CRYPTVM=
 fi
 
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/cryptvm-bench-boot.XXXXXX")"
-if [[ "${KEEP:-0}" == 1 ]]; then
-    echo "boot.sh: keeping $WORK" >&2
-else
-    trap 'rm -rf "$WORK"' EXIT
-fi
+bench_workdir boot
 
 cmdline="console=ttyS0 quiet panic=-1"
 qemu_cmd="qemu-system-x86_64 -enable-kvm -M $QEMU_MACHINE -cpu host -smp $CPUS -m ${MEM_MIB}M \

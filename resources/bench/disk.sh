@@ -26,6 +26,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+. "$ROOT/resources/bench/lib.sh"
 SECS="${SECS:-3}"
 REPS="${REPS:-2}"
 SPAN_MIB="${SPAN_MIB:-128}"
@@ -129,23 +130,12 @@ if [[ -n "${REPORT:-}" ]]; then
 fi
 
 cryptvm_note=
-if [[ -z "${CRYPTVM:-}" ]]; then
-    if (cd "$ROOT" && cargo build --release --quiet -p vmm --bin cryptvm); then
-        target_dir="$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps |
-            sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
-        CRYPTVM="$target_dir/release/cryptvm"
-    else
-        cryptvm_note="cryptvm: does not build"
-        CRYPTVM=
-    fi
+if ! release_cryptvm; then
+    cryptvm_note="cryptvm: does not build"
+    CRYPTVM=
 fi
 
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/cryptvm-bench-disk.XXXXXX")"
-if [[ "${KEEP:-0}" == 1 ]]; then
-    echo "disk.sh: keeping $WORK" >&2
-else
-    trap 'rm -rf "$WORK"' EXIT
-fi
+bench_workdir disk
 
 # The header, by QEMU; the images are made inside L1 (a preallocated image would
 # otherwise travel in L1's initramfs).

@@ -25,6 +25,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+. "$ROOT/resources/bench/lib.sh"
 REPS="${REPS:-2}"
 ROUNDS="${ROUNDS:-4}"
 CPUS="${CPUS:-2}"
@@ -34,24 +35,10 @@ for tool in qemu-system-x86_64 qemu-img python3 cpio; do
     command -v "$tool" >/dev/null || { echo "hotplug.sh: $tool is not installed" >&2; exit 1; }
 done
 
-if [[ -z "${CRYPTVM:-}" ]]; then
-    if (cd "$ROOT" && cargo build --release --quiet -p vmm --bin cryptvm); then
-        target_dir="$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps |
-            sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
-        CRYPTVM="$target_dir/release/cryptvm"
-    else
-        # No ctl without cryptvm: nothing can be measured.
-        echo "hotplug.sh: cryptvm does not build" >&2
-        exit 1
-    fi
-fi
+# No ctl without cryptvm: nothing can be measured.
+release_cryptvm || { echo "hotplug.sh: cryptvm does not build" >&2; exit 1; }
 
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/cryptvm-bench-hotplug.XXXXXX")"
-if [[ "${KEEP:-0}" == 1 ]]; then
-    echo "hotplug.sh: keeping $WORK" >&2
-else
-    trap 'rm -rf "$WORK"' EXIT
-fi
+bench_workdir hotplug
 
 # The disk: a detached header made by QEMU's own LUKS code, a small qcow2 payload.
 mkdir -p "$WORK/files"
