@@ -20,6 +20,7 @@
 use std::io;
 use std::sync::Arc;
 
+use super::{take_byte, ByteRegisters};
 use crate::{BusDevice, Interrupt};
 
 /// Bytes of MMIO the GED occupies.
@@ -98,15 +99,12 @@ impl Ged {
     pub fn pending(&self) -> u32 {
         self.pending
     }
+}
 
+impl ByteRegisters for Ged {
     fn read_byte(&mut self, offset: u64) -> u8 {
         match offset {
-            0..=3 => {
-                let shift = offset * 8;
-                let byte = (self.pending >> shift) as u8;
-                self.pending &= !(u32::from(byte) << shift);
-                byte
-            }
+            0..=3 => take_byte(&mut self.pending, offset),
             _ => 0,
         }
     }
@@ -128,19 +126,11 @@ impl Ged {
 
 impl BusDevice for Ged {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .map_or(0, |o| self.read_byte(o));
-        }
+        self.read_bytes(offset, data);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        for (i, &b) in data.iter().enumerate() {
-            if let Some(o) = offset.checked_add(i as u64) {
-                self.write_byte(o, b);
-            }
-        }
+        self.write_bytes(offset, data);
     }
 }
 

@@ -14,3 +14,37 @@ pub use ged::{
 pub use pcihp::{
     PciHotplug, PCIHP_B0EJ, PCIHP_LEN, PCIHP_PCID, PCIHP_PCIU, PCIHP_PSEG, PCIHP_SLOTS,
 };
+
+/// A register block that behaves byte by byte, whatever the access size.
+trait ByteRegisters {
+    /// The byte at `offset` (reads may have side effects, e.g. clear-on-read).
+    fn read_byte(&mut self, offset: u64) -> u8;
+    /// A guest write of one byte at `offset`.
+    fn write_byte(&mut self, offset: u64, value: u8);
+
+    /// A guest read of any size: one byte at a time (0 past the end of the address space).
+    fn read_bytes(&mut self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = offset
+                .checked_add(i as u64)
+                .map_or(0, |o| self.read_byte(o));
+        }
+    }
+
+    /// A guest write of any size: one byte at a time.
+    fn write_bytes(&mut self, offset: u64, data: &[u8]) {
+        for (i, &b) in data.iter().enumerate() {
+            if let Some(o) = offset.checked_add(i as u64) {
+                self.write_byte(o, b);
+            }
+        }
+    }
+}
+
+/// Reads byte `index` (0..4) of a read-to-clear register, clearing the bits returned.
+fn take_byte(reg: &mut u32, index: u64) -> u8 {
+    let shift = index * 8;
+    let byte = (*reg >> shift) as u8;
+    *reg &= !(u32::from(byte) << shift);
+    byte
+}

@@ -27,6 +27,7 @@
 use std::fmt;
 use std::ops::RangeInclusive;
 
+use super::{take_byte, ByteRegisters};
 use crate::BusDevice;
 
 /// Bytes of MMIO the register block occupies.
@@ -115,15 +116,6 @@ impl PciHotplug {
         }
     }
 
-    fn read_byte(&mut self, offset: u64) -> u8 {
-        match offset {
-            0..=3 if self.segment == 0 => take_byte(&mut self.up, offset),
-            4..=7 if self.segment == 0 => take_byte(&mut self.down, offset - 4),
-            12..=15 => (self.segment >> ((offset - 12) * 8)) as u8,
-            _ => 0,
-        }
-    }
-
     /// An eject write of `value` to byte `index` (0..4) of B0EJ.
     fn eject_byte(&mut self, index: u64, value: u8) {
         if self.segment != 0 {
@@ -143,27 +135,6 @@ impl PciHotplug {
             }
         }
     }
-
-    fn write_byte(&mut self, offset: u64, value: u8) {
-        match offset {
-            8..=11 => self.eject_byte(offset - 8, value),
-            12..=15 => {
-                let shift = (offset - 12) * 8;
-                self.segment = (self.segment & !(0xff << shift)) | (u32::from(value) << shift);
-            }
-            // PCIU and PCID are read only.
-            _ => {}
-        }
-    }
-}
-
-/// Reads byte `index` (0..4) of a read-to-clear register, clearing the
-/// bits returned.
-fn take_byte(reg: &mut u32, index: u64) -> u8 {
-    let shift = index * 8;
-    let byte = (*reg >> shift) as u8;
-    *reg &= !(u32::from(byte) << shift);
-    byte
 }
 
 impl fmt::Debug for PciHotplug {
@@ -180,21 +151,36 @@ impl fmt::Debug for PciHotplug {
     }
 }
 
-impl BusDevice for PciHotplug {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .map_or(0, |o| self.read_byte(o));
+impl ByteRegisters for PciHotplug {
+    fn read_byte(&mut self, offset: u64) -> u8 {
+        match offset {
+            0..=3 if self.segment == 0 => take_byte(&mut self.up, offset),
+            4..=7 if self.segment == 0 => take_byte(&mut self.down, offset - 4),
+            12..=15 => (self.segment >> ((offset - 12) * 8)) as u8,
+            _ => 0,
         }
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        for (i, &b) in data.iter().enumerate() {
-            if let Some(o) = offset.checked_add(i as u64) {
-                self.write_byte(o, b);
+    fn write_byte(&mut self, offset: u64, value: u8) {
+        match offset {
+            8..=11 => self.eject_byte(offset - 8, value),
+            12..=15 => {
+                let shift = (offset - 12) * 8;
+                self.segment = (self.segment & !(0xff << shift)) | (u32::from(value) << shift);
             }
+            // PCIU and PCID are read only.
+            _ => {}
         }
+    }
+}
+
+impl BusDevice for PciHotplug {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.read_bytes(offset, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.write_bytes(offset, data);
     }
 }
 
