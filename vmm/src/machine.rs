@@ -337,12 +337,10 @@ impl Machine {
             }
             id.map(|id| (id, user))
         };
-        if let Some((id, _)) = removed {
+        // As QEMU: the virtio backend first, then the device.
+        if let Some((id, backend)) = removed {
+            self.emit("DEVICE_DELETED", json!({ "path": backend }));
             let path = format!("/machine/peripheral/{id}");
-            self.emit(
-                "DEVICE_DELETED",
-                json!({"path": format!("{path}/virtio-backend")}),
-            );
             self.emit("DEVICE_DELETED", json!({"device": id, "path": path}));
         }
     }
@@ -350,11 +348,9 @@ impl Machine {
     /// Stops every disk and writes back every node (the VM is ending).
     pub fn shutdown(&self) {
         let mut state = lock(&self.state);
-        let disks = std::mem::take(&mut state.disks);
-        drop(disks);
-        let names: Vec<String> = state.graph.names().map(str::to_string).collect();
-        for name in names {
-            if let Some(node) = state.graph.get(&name) {
+        state.disks.clear();
+        for name in state.graph.names() {
+            if let Some(node) = state.graph.get(name) {
                 if let Err(e) = node.flush() {
                     eprintln!("cryptvm: flushing node '{name}': {e}");
                 }
@@ -365,16 +361,10 @@ impl Machine {
     /// `query-block`.
     pub fn query_block(&self) -> Value {
         let state = lock(&self.state);
-        let disks: Vec<_> = state
+        let disks: Vec<(String, String)> = state
             .disks
             .iter()
-            .map(|d| {
-                (
-                    d.device.props.id.clone(),
-                    d.device.props.drive.clone(),
-                    d.device.slot,
-                )
-            })
+            .map(|d| (d.user(), d.device.props.drive.clone()))
             .collect();
         queries::block(&state.graph, &disks)
     }

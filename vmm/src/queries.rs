@@ -62,16 +62,12 @@ pub fn named_block_nodes(graph: &BlockGraph, flat: bool) -> Value {
     )
 }
 
-/// `query-block`: one entry per disk (`id`, `drive` node).
-pub fn block(graph: &BlockGraph, disks: &[(Option<String>, String, u8)]) -> Value {
+/// `query-block`: one entry per disk (its qdev path, its `drive` node).
+pub fn block(graph: &BlockGraph, disks: &[(String, String)]) -> Value {
     Value::Array(
         disks
             .iter()
-            .map(|(id, drive, slot)| {
-                let qdev = match id {
-                    Some(id) => format!("/machine/peripheral/{id}/virtio-backend"),
-                    None => format!("/machine/peripheral-anon/device[{slot}]/virtio-backend"),
-                };
+            .map(|(qdev, drive)| {
                 let mut entry = json!({
                     "device": "",
                     "qdev": qdev,

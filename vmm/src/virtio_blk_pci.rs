@@ -9,7 +9,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use block::NodeRef;
 use devices::virtio::block::{BlockConfig, IoErrorReporter, VirtioBlock};
-use devices::virtio::{VirtioPciDevice, VirtioQueues, BAR_SIZE};
+use devices::virtio::{VirtioPciDevice, BAR_SIZE};
 use devices::{Interrupt, SharedDevice};
 
 use crate::io_thread::IoThread;
@@ -253,7 +253,6 @@ pub struct VirtioBlkPci {
     pub slot: u8,
     /// The PCI function (for the bus).
     pub pci: Arc<Mutex<VirtioPciDevice>>,
-    queues: Arc<VirtioQueues>,
     bars: Arc<PciBars>,
     threads: Vec<IoThread>,
     _vectors: Vec<Arc<MsiVector>>,
@@ -343,16 +342,10 @@ impl VirtioBlkPci {
             props,
             slot,
             pci,
-            queues,
             bars: env.bars.clone(),
             threads,
             _vectors: vectors,
         })
-    }
-
-    /// The queues (for tests and statistics).
-    pub fn queues(&self) -> &Arc<VirtioQueues> {
-        &self.queues
     }
 }
 
