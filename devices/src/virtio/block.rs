@@ -212,7 +212,6 @@ impl VirtioBlock {
         match req_type {
             VIRTIO_BLK_T_IN => {
                 let offset = self.check_io(sector, writable)?;
-                check_mem(mem, writable, Permissions::Write)?;
                 if let Some(mut bufs) = guest_bufs_mut(mem, writable)? {
                     // One request down the graph: one preadv, one parallel decryption.
                     node.read_vectored(offset, &mut bufs)
@@ -235,7 +234,6 @@ impl VirtioBlock {
                     return Err(Fail::IoErr);
                 }
                 let offset = self.check_io(sector, &rest)?;
-                check_mem(mem, &rest, Permissions::Read)?;
                 let bufs = guest_bufs(mem, &rest)?;
                 node.write_vectored(offset, &bufs)
                     .map_err(|e| self.io_failed(IoOperation::Write, &e))?;
@@ -322,14 +320,6 @@ fn collect(chain: Chain<'_>) -> Result<Vec<Descriptor>, ChainError> {
             "chain loops, exceeds the queue or leaves guest memory",
         )),
         Some(_) => Ok(descs),
-    }
-}
-
-fn check_mem(mem: &GuestMemoryMmap, segs: &Segments, perm: Permissions) -> Result<(), Fail> {
-    if segs.iter().all(|&(a, l)| mem.check_range(a, l, perm)) {
-        Ok(())
-    } else {
-        Err(Fail::IoErr)
     }
 }
 
