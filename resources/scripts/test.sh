@@ -34,17 +34,23 @@ if [[ $status -ne 0 || $failed -ne 0 ]]; then
     exit 1
 fi
 
+# A benchmark that fails is named and the others still run; the suite then fails.
+bench_failed=()
+bench() {
+    echo "== resources/bench/$1"
+    "resources/bench/$1" || {
+        echo "resources/bench/$1 failed (exit status $?)"
+        bench_failed+=("$1")
+    }
+}
 if [[ "${BENCH:-1}" != 0 ]]; then
-    echo "== resources/bench/convert.sh"
-    resources/bench/convert.sh
-    echo "== resources/bench/qcow2.sh"
-    resources/bench/qcow2.sh
-    echo "== resources/bench/boot.sh"
-    CRYPTVM="$(pwd)/target/release/cryptvm" resources/bench/boot.sh
-    echo "== resources/bench/disk.sh"
-    CRYPTVM="$(pwd)/target/release/cryptvm" resources/bench/disk.sh
-    echo "== resources/bench/hotplug.sh"
-    CRYPTVM="$(pwd)/target/release/cryptvm" resources/bench/hotplug.sh
+    for b in convert.sh qcow2.sh boot.sh disk.sh hotplug.sh; do
+        bench "$b"
+    done
 fi
 
 echo "tests: $passed passed, $failed failed"
+if [[ ${#bench_failed[@]} -ne 0 ]]; then
+    echo "benchmarks failed: ${bench_failed[*]}"
+    exit 1
+fi
