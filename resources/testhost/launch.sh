@@ -14,15 +14,17 @@
 #                     --net), forwarding TCP port H of the host's 127.0.0.1 to L1's port G
 #                     (repeatable); without it L1 has no network
 #   --timeout SECONDS QEMU is killed after this long (120); exit status 124 then
-#   --retries N       boot L1 again when QEMU itself crashed before L1's /init ended (2)
+#   --retries N       boot L1 again when QEMU itself crashed before L1's /init ended (3)
 #   --up-deadline S   boot L1 again when its /init has not said CRYPTVM-L1-UP after S
 #                     seconds (60): TCG now and then hangs L1's kernel early
+#   --stall S         boot L1 again when, once up, its heartbeat (CRYPTVM-L1-ALIVE every
+#                     5 s) has been missing for S seconds (60): TCG also hangs it later
 #
 # Exit status: QEMU's (0 when L1 powered off), or 124 on timeout.
 set -euo pipefail
 
 log() { echo "testhost/launch.sh: $*" >&2; }
-kernel='' initrd='' console='' outdir='' outsize=64 timeout=120 retries=2 up_deadline=60
+kernel='' initrd='' console='' outdir='' outsize=64 timeout=120 retries=3 up_deadline=60 stall=60
 disks=() fwds=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -36,6 +38,7 @@ while [[ $# -gt 0 ]]; do
         --timeout) timeout=$2; shift 2 ;;
         --retries) retries=$2; shift 2 ;;
         --up-deadline) up_deadline=$2; shift 2 ;;
+        --stall) stall=$2; shift 2 ;;
         *) log "unknown argument $1"; exit 2 ;;
     esac
 done
@@ -68,7 +71,7 @@ fi
 
 # QEMU 10.0.2's multi-threaded TCG now and then aborts early in L1's boot
 # ("iotlb_to_section: Assertion `section_index < d->map.sections_nb' failed"): an L1 that
-# died (or powered off) before its /init finished is booted again, up to --retries times (2).
+# died (or powered off) before its /init finished is booted again, up to --retries times (3).
 attempt=0
 while :; do
     set +e
@@ -80,19 +83,27 @@ while :; do
         "${drives[@]}" </dev/null >"$console" 2>&1 &
     qemu_pid=$!
     # An L1 whose kernel hangs in TCG before its /init is up (RCU stalls, a lost timer)
-    # would only end at the timeout: give it up_deadline seconds, then boot it again.
-    hung=0 waited=0
+    # would only end at the timeout: give it up_deadline seconds, then boot it again. Once
+    # up, the same for an L1 that stops beating for stall seconds (the console's size
+    # stands still: the heartbeat adds a line every 5 s).
+    hung=0 waited=0 up=0 quiet=0 size=0
     while kill -0 "$qemu_pid" 2>/dev/null; do
-        if grep -q CRYPTVM-L1-UP "$console" 2>/dev/null; then
-            break
+        if [[ $up -eq 0 ]] && grep -q CRYPTVM-L1-UP "$console" 2>/dev/null; then
+            up=1
         fi
-        if [[ $waited -ge $up_deadline ]]; then
+        if [[ $up -eq 0 && $waited -ge $up_deadline ]] || [[ $quiet -ge $stall ]]; then
             hung=1
             kill "$qemu_pid" 2>/dev/null
             break
         fi
         sleep 1
         waited=$((waited + 1))
+        new_size=$(stat -c %s "$console" 2>/dev/null || echo 0)
+        if [[ $up -eq 1 && $new_size -eq $size ]]; then
+            quiet=$((quiet + 1))
+        else
+            quiet=0 size=$new_size
+        fi
     done
     wait "$qemu_pid"
     status=$?
@@ -106,7 +117,9 @@ while :; do
     attempt=$((attempt + 1))
     # The failed attempt's console, for a reader (the next attempt overwrites $console).
     cp "$console" "$console.failed-$attempt" 2>/dev/null || true
-    log "L1 died (status $status: $(grep -v 'TCG doesn' "$console" | tail -1 | tr -d '\r')); booting it again ($attempt/$retries)"
+    what="died (status $status"
+    [[ $status -eq 125 ]] && what="hung (silent for ${stall} s"
+    log "L1 $what: $(grep -v 'TCG doesn' "$console" | tail -1 | tr -d '\r')); booting it again ($attempt/$retries)"
     [[ -n "$outdir" ]] && truncate -s 0 "$outimg" && truncate -s "${outsize}M" "$outimg"
 done
 

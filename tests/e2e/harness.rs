@@ -699,9 +699,12 @@ impl Scenario {
             let mut driver = self.spawn_host_driver(argv, root, port, &console_path, "/work/files");
             host_rc = wait_with_timeout(&mut driver, self.timeout);
         }
-        // launch.sh has a time limit of its own (--timeout, plus QEMU's kill grace), and
-        // may boot L1 again twice after an early hang (--up-deadline, 60 s each).
-        let status = wait_with_timeout(&mut launched, self.timeout + Duration::from_secs(150));
+        // launch.sh has a time limit of its own for each L1 boot (--timeout, plus QEMU's
+        // kill grace), and boots L1 again (three times at most) after L1 died or hung.
+        let status = wait_with_timeout(
+            &mut launched,
+            (self.timeout + Duration::from_secs(70)) * 4 + Duration::from_secs(30),
+        );
         // The initrd is large; the results are all that is needed now.
         let _ = fs::remove_file(root.join("l1.img"));
         let console = fs::read(&console_path)
