@@ -117,14 +117,7 @@ pack=(--out "$WORK/l1.img" --qemu --guest --guest-kernel bzimage --run "$WORK/ru
 packed=$("$ROOT/resources/testhost/pack.sh" "${pack[@]}")
 eval "$packed"
 echo "boot.sh: $REPS boots per VMM, $CPUS vCPUs, $MEM_MIB MiB, inside the L1 test host" >&2
-"$ROOT/resources/testhost/launch.sh" --kernel "$L1_KERNEL" --initrd "$L1_INITRD" \
-    --console "$WORK/console.txt" --out-dir "$WORK/out" \
-    --timeout $((60 + (REPS + WARMUP) * 2 * 45)) || {
-    echo "boot.sh: the test host failed:" >&2
-    grep -v "TCG doesn't support" "$WORK/console.txt" | tail -20 >&2
-    exit 1
-}
-[[ -f "$WORK/out/bench.txt" ]] || { echo "boot.sh: no results from the test host" >&2; exit 1; }
+run_test_host boot "$WORK/out" $((60 + (REPS + WARMUP) * 2 * 45)) bench.txt
 
 # Best boot time and median overhead per VMM.
 summary() {

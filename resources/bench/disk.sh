@@ -239,20 +239,7 @@ packed=$("$ROOT/resources/testhost/pack.sh" "${pack[@]}")
 eval "$packed"
 echo "disk.sh: ${SPAN_MIB} MiB disks, ${SECS} s per workload, $REPS boots per VMM, $CPUS vCPUs, inside the L1 test host" >&2
 # run_l1 DIR: one L1 boot running every VMM boot; their consoles in DIR.
-run_l1() {
-    "$ROOT/resources/testhost/launch.sh" --kernel "$L1_KERNEL" --initrd "$L1_INITRD" \
-        --console "$WORK/console.txt" --out-dir "$1" \
-        --timeout $((120 + REPS * 2 * (60 + 8 * (SECS + 5)))) || {
-        echo "disk.sh: the test host failed:" >&2
-        grep -v "TCG doesn't support" "$WORK/console.txt" | tail -20 >&2
-        exit 1
-    }
-    [[ -f "$1/runs.txt" ]] || {
-        echo "disk.sh: no results from the test host:" >&2
-        grep -v "TCG doesn't support" "$WORK/console.txt" | tail -20 >&2
-        exit 1
-    }
-}
+run_l1() { run_test_host disk "$1" $((120 + REPS * 2 * (60 + 8 * (SECS + 5)))) runs.txt; }
 run_l1 "$WORK/out"
 # The test host's emulation occasionally kills a guest of either VMM mid-workload; when
 # some job then has no figure for one VMM, both boot REPS more times (numbered on, so the

@@ -102,18 +102,7 @@ packed=$("$ROOT/resources/testhost/pack.sh" --out "$WORK/l1.img" --qemu --bin "$
     --file "$WORK/files/disk.qcow2=files/disk.qcow2" --run "$WORK/run.sh")
 eval "$packed"
 echo "hotplug.sh: $REPS boots per VMM, $ROUNDS hotplug rounds each, $CPUS vCPUs, inside the L1 test host" >&2
-"$ROOT/resources/testhost/launch.sh" --kernel "$L1_KERNEL" --initrd "$L1_INITRD" \
-    --console "$WORK/console.txt" --out-dir "$WORK/out" \
-    --timeout $((60 + REPS * 2 * (90 + ROUNDS * 20))) || {
-    echo "hotplug.sh: the test host failed:" >&2
-    grep -v "TCG doesn't support" "$WORK/console.txt" | tail -20 >&2
-    exit 1
-}
-[[ -f "$WORK/out/bench.txt" ]] || {
-    echo "hotplug.sh: no results from the test host:" >&2
-    grep -v "TCG doesn't support" "$WORK/console.txt" | tail -20 >&2
-    exit 1
-}
+run_test_host hotplug "$WORK/out" $((60 + REPS * 2 * (90 + ROUNDS * 20))) bench.txt
 
 # median VMM FIELD: the median of FIELD over that VMM's rounds, and their count.
 median() {

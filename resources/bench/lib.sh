@@ -21,3 +21,15 @@ bench_workdir() {
         trap 'rm -rf "$WORK"' EXIT
     fi
 }
+
+# run_test_host NAME OUT_DIR TIMEOUT RESULT: boots the packed L1 test host ($L1_KERNEL,
+# $L1_INITRD) once, its results in OUT_DIR; exits with its console's tail when L1 fails
+# or leaves no OUT_DIR/RESULT.
+run_test_host() {
+    if ! "$ROOT/resources/testhost/launch.sh" --kernel "$L1_KERNEL" --initrd "$L1_INITRD" \
+        --console "$WORK/console.txt" --out-dir "$2" --timeout "$3" || [[ ! -f "$2/$4" ]]; then
+        echo "$1.sh: the test host failed or left no results:" >&2
+        grep -v "TCG doesn't support" "$WORK/console.txt" | tail -20 >&2
+        exit 1
+    fi
+}
