@@ -314,7 +314,25 @@ impl Scenario {
     /// Boots the guest and returns what happened. Panics only when the harness itself
     /// cannot work (guest build fails, QEMU missing); a guest or VMM failure is in the
     /// [`Outcome`] for the test to judge.
+    ///
+    /// A guest kernel that stalls before its init is up (no `CRYPTVM-GUEST-UP`, the VMM
+    /// killed at the time limit with nothing on its standard error) gets one more run, the
+    /// first printed in full: the nested TCG test host now and then hangs a guest kernel
+    /// of either VMM in L1's KVM itself (tests/e2e/README.md). Any other failure, and a
+    /// second stall, stands.
     pub fn run(&self) -> Outcome {
+        let first = self.run_once();
+        if !first.stalled_before_init() {
+            return first;
+        }
+        eprintln!(
+            "e2e {}: the guest kernel stalled before its init was up; once more. First run:\n{first}",
+            self.name
+        );
+        self.run_once()
+    }
+
+    fn run_once(&self) -> Outcome {
         let mode = self.mode.unwrap_or_else(default_mode);
         let guest = guest_build();
         let dir = tempfile::Builder::new()
@@ -746,6 +764,12 @@ impl Scenario {
 }
 
 impl Outcome {
+    /// The guest never reached its init's marker while the VMM reported no error and had
+    /// to be killed.
+    fn stalled_before_init(&self) -> bool {
+        self.marker().is_none() && self.exit_code.is_none() && self.vmm_stderr.trim().is_empty()
+    }
+
     /// The guest's `CRYPTVM-GUEST-UP` line, parsed; `None` when the guest never got there.
     pub fn marker(&self) -> Option<Marker> {
         let line = self

@@ -450,8 +450,9 @@ fn hotplug(vmm: Vmm, driver: Driver) {
         let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let first = scenario.run();
         // QEMU is the reference that proves the scenario; its guest now and then stalls
-        // in the TCG test host (docs/performance.md). Such a stall gets one more run;
-        // cryptvm's cases never do.
+        // mid-I/O in the TCG test host (docs/performance.md). Such a stall gets one more
+        // run; cryptvm's cases never do (for either VMM, a guest kernel that hangs before
+        // its init is up is run again by the harness: Scenario::run).
         let log = match driver {
             Driver::Ctl => &first.driver_log,
             Driver::Python => &first.host_log,
