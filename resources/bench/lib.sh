@@ -23,13 +23,14 @@ bench_workdir() {
 }
 
 # run_test_host NAME OUT_DIR TIMEOUT RESULT: boots the packed L1 test host ($L1_KERNEL,
-# $L1_INITRD) once, its results in OUT_DIR; exits with its console's tail when L1 fails
-# or leaves no OUT_DIR/RESULT.
+# $L1_INITRD) once, its results in OUT_DIR; when L1 fails (after launch.sh's own retries)
+# or leaves no OUT_DIR/RESULT, exits with status 75 (EX_TEMPFAIL: the emulated test host
+# failed, not the code measured) after its console's tail.
 run_test_host() {
     if ! "$ROOT/resources/testhost/launch.sh" --kernel "$L1_KERNEL" --initrd "$L1_INITRD" \
         --console "$WORK/console.txt" --out-dir "$2" --timeout "$3" || [[ ! -f "$2/$4" ]]; then
         echo "$1.sh: the test host failed or left no results:" >&2
         grep -v "TCG doesn't support" "$WORK/console.txt" | tail -20 >&2
-        exit 1
+        exit 75
     fi
 }
