@@ -18,7 +18,8 @@
 #   --up-deadline S   boot L1 again when its /init has not said CRYPTVM-L1-UP after S
 #                     seconds (60): TCG now and then hangs L1's kernel early
 #   --stall S         boot L1 again when, once up, its heartbeat (CRYPTVM-L1-ALIVE every
-#                     5 s) has been missing for S seconds (60): TCG also hangs it later
+#                     5 s) has been missing for S seconds (60), or its kernel reports a
+#                     soft lockup: TCG also hangs it later
 #
 # Exit status: QEMU's (0 when L1 powered off), or 124 on timeout.
 set -euo pipefail
@@ -91,7 +92,10 @@ while :; do
         if [[ $up -eq 0 ]] && grep -q CRYPTVM-L1-UP "$console" 2>/dev/null; then
             up=1
         fi
-        if [[ $up -eq 0 && $waited -ge $up_deadline ]] || [[ $quiet -ge $stall ]]; then
+        # A vCPU of L1 stuck in its KVM: the kernel's soft-lockup report (seen for 9 minutes
+        # on end while the other vCPU still beat) means it will not come back.
+        if [[ $up -eq 0 && $waited -ge $up_deadline ]] || [[ $quiet -ge $stall ]] ||
+            grep -q 'BUG: soft lockup' "$console" 2>/dev/null; then
             hung=1
             kill "$qemu_pid" 2>/dev/null
             break
@@ -118,7 +122,7 @@ while :; do
     # The failed attempt's console, for a reader (the next attempt overwrites $console).
     cp "$console" "$console.failed-$attempt" 2>/dev/null || true
     what="died (status $status"
-    [[ $status -eq 125 ]] && what="hung (silent for ${stall} s"
+    [[ $status -eq 125 ]] && what="hung (silent for ${stall} s, or a soft lockup"
     log "L1 $what: $(grep -v 'TCG doesn' "$console" | tail -1 | tr -d '\r')); booting it again ($attempt/$retries)"
     [[ -n "$outdir" ]] && truncate -s 0 "$outimg" && truncate -s "${outsize}M" "$outimg"
 done
