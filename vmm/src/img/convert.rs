@@ -1,25 +1,23 @@
 //! `cryptvm img convert`: copy an image into a new or existing one, decrypting
-//! and encrypting on the way. Reading (and decrypting) runs on its own thread,
-//! one chunk ahead of writing (and encrypting).
+//! and encrypting on the way, with qemu-img's options and semantics (see
+//! `copy` for how the copy runs).
 
-use std::io::Write;
 use std::path::Path;
-use std::sync::mpsc;
 
-use block::options::Opts;
-use block::{keyval, NodeRef};
+use block::keyval;
+use block::options::{parse_size, Opts};
 use serde_json::json;
 
+use super::copy::{Copy, DEFAULT_WORKERS, MAX_WORKERS};
 use super::create::{create_luks, luks_options};
 use super::image::{image_options, load_objects, open, OpenMode};
+use super::sparse::{Sparse, DEFAULT_MIN_SPARSE, MAX_MIN_SPARSE};
 use super::{Args, ImgError, Result};
-
-/// Bytes copied per request, as qemu-img's default buffer.
-const CHUNK: usize = 2 << 20;
 
 /// Runs `img convert`.
 pub fn run(argv: &[String]) -> Result<u8> {
-    let a = Args::parse(argv, "pqnUcC", "fOotTlSWmrB")?;
+    let a = Args::parse(argv, "pqnUcCW", "fOotTlSmrB")?;
+    let tuning = Tuning::from_args(&a)?;
     let [src, dst] = a.positional.as_slice() else {
         return Err(ImgError::Msg(
             "Expecting a source and a target image name".into(),
@@ -120,69 +118,75 @@ pub fn run(argv: &[String]) -> Result<u8> {
             target.node.size()
         )));
     }
-    copy(
-        &source.node,
-        &target.node,
-        src_size,
+    Copy {
+        src: &source.node,
+        dst: &target.node,
+        size: src_size,
+        workers: tuning.workers,
+        in_order: tuning.in_order,
+        sparse: tuning.sparse,
         zero_init,
-        a.progress && !a.quiet,
-    )?;
+        progress: a.progress && !a.quiet,
+    }
+    .run()?;
     Ok(0)
 }
 
-/// Copies `size` bytes; chunks of zeros are skipped when the target reads
-/// as zeros already.
-fn copy(src: &NodeRef, dst: &NodeRef, size: u64, zero_init: bool, progress: bool) -> Result<()> {
-    let chunks = size.div_ceil(CHUNK as u64);
-    let (full_tx, full_rx) = mpsc::sync_channel::<block::Result<(u64, Vec<u8>)>>(2);
-    let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
-    for _ in 0..3 {
-        empty_tx.send(vec![0u8; CHUNK]).expect("receiver alive");
-    }
-    std::thread::scope(|s| -> Result<()> {
-        s.spawn(move || {
-            for i in 0..chunks {
-                let Ok(mut buf) = empty_rx.recv() else { return };
-                let offset = i * CHUNK as u64;
-                let len = (size - offset).min(CHUNK as u64) as usize;
-                let r = src.read_at(offset, &mut buf[..len]).map(|()| (offset, buf));
-                let failed = r.is_err();
-                if full_tx.send(r).is_err() || failed {
-                    return;
+/// How the copy runs: qemu-img's `-m`, `-W` and `-S`.
+struct Tuning {
+    workers: usize,
+    in_order: bool,
+    sparse: Sparse,
+}
+
+impl Tuning {
+    /// Reads `-m`, `-W` and `-S`; refuses the options this tool does not
+    /// implement rather than ignoring them. `-C` (copy offloading) is taken:
+    /// qemu-img falls back to reading and writing where it is unavailable,
+    /// and here it always is. `-U` needs nothing: images are not locked.
+    fn from_args(a: &Args) -> Result<Self> {
+        let unsupported = |what: &str| Err(ImgError::Msg(format!("{what} is not supported")));
+        if a.short_flags.contains(&'c') {
+            return unsupported("Compressed output (-c)");
+        }
+        let mut t = Tuning {
+            workers: DEFAULT_WORKERS,
+            in_order: !a.short_flags.contains(&'W'),
+            sparse: Sparse::new(DEFAULT_MIN_SPARSE).expect("valid default"),
+        };
+        for (opt, v) in &a.short {
+            match opt {
+                'm' => {
+                    let n: usize = v.parse().map_err(|_| {
+                        ImgError::Msg(format!("Invalid number of coroutines specified: '{v}'."))
+                    })?;
+                    if !(1..=MAX_WORKERS).contains(&n) {
+                        return Err(ImgError::Msg(format!(
+                            "Invalid number of coroutines specified. Must be between 1 and {MAX_WORKERS}."
+                        )));
+                    }
+                    t.workers = n;
                 }
-            }
-        });
-        let mut shown = -1.0;
-        for _ in 0..chunks {
-            let (offset, buf) = full_rx
-                .recv()
-                .map_err(|_| ImgError::Msg("reader stopped".into()))??;
-            let len = (size - offset).min(CHUNK as u64) as usize;
-            let data = &buf[..len];
-            if !(zero_init && data.iter().all(|&b| b == 0)) {
-                dst.write_at(offset, data)?;
-            }
-            let _ = empty_tx.send(buf);
-            if progress {
-                let pct = (offset + len as u64) as f64 * 100.0 / size as f64;
-                if pct - shown >= 1.0 || offset + len as u64 == size {
-                    shown = pct;
-                    print!("    ({pct:.2}/100%)\r");
-                    let _ = std::io::stdout().flush();
+                'S' => {
+                    let bytes = parse_size(v).ok_or_else(|| {
+                        ImgError::Msg(format!(
+                            "Invalid buffer size for sparse output specified: '{v}'."
+                        ))
+                    })?;
+                    t.sparse = Sparse::new(bytes).ok_or_else(|| {
+                        ImgError::Msg(format!(
+                            "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to {MAX_MIN_SPARSE}. Select 0 to disable sparse detection (fully allocates output)."
+                        ))
+                    })?;
                 }
+                'B' => return unsupported("A backing file for the target (-B)"),
+                'l' => return unsupported("Converting from a snapshot (-l)"),
+                'r' => return unsupported("A rate limit (-r)"),
+                other => return Err(ImgError::Msg(format!("invalid option -- '{other}'"))),
             }
         }
-        drop(empty_tx);
-        Ok(())
-    })?;
-    if progress {
-        if size == 0 {
-            print!("    (100.00/100%)\r");
-        }
-        println!();
+        Ok(t)
     }
-    dst.flush()?;
-    Ok(())
 }
 
 /// Opens a target image just created, for writing.

@@ -5,10 +5,13 @@ mod bench;
 mod check;
 mod compare;
 mod convert;
+mod copy;
 mod create;
 mod image;
 mod info;
 mod size;
+mod sparse;
+mod writeback;
 
 use block::BlockError;
 
@@ -25,6 +28,24 @@ pub enum ImgError {
     /// The block layer refused.
     #[error(transparent)]
     Block(#[from] BlockError),
+    /// A request of `img convert` failed.
+    #[error("error while {what} at byte {offset}: {source}")]
+    Copy {
+        /// `reading` or `writing`.
+        what: &'static str,
+        /// Where the request started.
+        offset: u64,
+        /// Why.
+        #[source]
+        source: BlockError,
+    },
+    /// The flush at the end of `img convert` failed: the copy is not durable.
+    #[error("error while flushing the target: {source}")]
+    Flush {
+        /// Why.
+        #[source]
+        source: BlockError,
+    },
     /// Anything else, already worded for the user.
     #[error("{0}")]
     Msg(String),

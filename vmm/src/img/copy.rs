@@ -1,0 +1,542 @@
+//! The copy behind `img convert`, shaped as qemu-img's: `workers` requests in
+//! flight (`-m`), each worker reading a chunk of the source into its own
+//! buffer and writing it to the target; writes in source order unless
+//! out-of-order writes are allowed (`-W`); zero runs skipped or written as
+//! zeroes (`-S`); one flush at the end, so that a completed copy is durable.
+//! Meanwhile a helper thread starts the writeback of the target's host files
+//! every few MiB, so that the disk is busy while the CPUs are.
+//!
+//! Workers are plain threads, never tasks of the crypto thread pool: a worker
+//! blocked in a node's parallel encryption cannot be handed another request.
+//! Memory is bounded by `workers` chunk buffers.
+
+use std::io::Write;
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+use block::NodeRef;
+
+use super::sparse::Sparse;
+use super::{writeback, ImgError, Result};
+
+/// Bytes per request, qemu-img's buffer size.
+pub const CHUNK: usize = 2 << 20;
+/// qemu-img's default number of requests in flight (`-m`).
+pub const DEFAULT_WORKERS: usize = 8;
+/// Most requests in flight qemu-img allows.
+pub const MAX_WORKERS: usize = 16;
+/// Bytes copied between two starts of writeback.
+const WRITEBACK_EVERY: u64 = 16 << 20;
+
+/// What to copy and how.
+pub struct Copy<'a> {
+    /// The source node.
+    pub src: &'a NodeRef,
+    /// The target node.
+    pub dst: &'a NodeRef,
+    /// Bytes to copy from offset 0.
+    pub size: u64,
+    /// Requests in flight.
+    pub workers: usize,
+    /// Each write starts only after the previous one (in source order) ended.
+    pub in_order: bool,
+    /// Which zero runs become holes.
+    pub sparse: Sparse,
+    /// The target reads as zeros already: holes need not be written.
+    pub zero_init: bool,
+    /// Print qemu-img's progress line.
+    pub progress: bool,
+}
+
+/// What the workers share.
+struct State {
+    /// Start of the next chunk to claim.
+    next: u64,
+    /// With in-order writes: the chunk whose write may start.
+    write_turn: u64,
+    /// Bytes copied so far, for the progress line.
+    done: u64,
+    /// Percentage last shown.
+    shown: f64,
+    /// Workers still running.
+    running: usize,
+    /// The first failure; every worker stops once it is set.
+    error: Option<ImgError>,
+}
+
+struct Shared<'a> {
+    job: &'a Copy<'a>,
+    state: Mutex<State>,
+    /// Signalled when a write turn passes, a chunk is done or a worker ends.
+    turn: Condvar,
+}
+
+impl Copy<'_> {
+    /// Copies, then flushes the target.
+    pub fn run(&self) -> Result<()> {
+        let shared = Shared {
+            job: self,
+            state: Mutex::new(State {
+                next: 0,
+                write_turn: 0,
+                done: 0,
+                shown: -1.0,
+                running: 0,
+                error: None,
+            }),
+            turn: Condvar::new(),
+        };
+        let chunks = self.size.div_ceil(CHUNK as u64);
+        let workers = (self.workers as u64).clamp(1, chunks.max(1)) as usize;
+        shared.lock().running = workers;
+        let files = writeback::host_files(self.dst);
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                s.spawn(|| {
+                    let _running = Running(&shared);
+                    shared.work();
+                });
+            }
+            if !files.is_empty() {
+                s.spawn(|| shared.start_writebacks(&files));
+            }
+        });
+        let state = shared.state.into_inner().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = state.error {
+            return Err(e);
+        }
+        if self.progress {
+            if self.size == 0 {
+                print!("    (100.00/100%)\r");
+            }
+            println!();
+        }
+        self.dst
+            .flush()
+            .map_err(|source| ImgError::Flush { source })
+    }
+}
+
+impl Shared<'_> {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A worker that panicked mid-update leaves nothing half-done that
+        // others rely on: its chunk is never written and the copy fails.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One worker: claims chunks, reads them, writes them (in turn).
+    fn work(&self) {
+        let job = self.job;
+        let mut buf = Vec::new();
+        loop {
+            let (offset, len) = {
+                let mut st = self.lock();
+                if st.error.is_some() || st.next >= job.size {
+                    return;
+                }
+                let offset = st.next;
+                let len = (job.size - offset).min(CHUNK as u64) as usize;
+                st.next += len as u64;
+                (offset, len)
+            };
+            if buf.is_empty() {
+                buf = vec![0u8; CHUNK];
+            }
+            let data = &mut buf[..len];
+            let read = job
+                .src
+                .read_at(offset, data)
+                .map_err(|source| ImgError::Copy {
+                    what: "reading",
+                    offset,
+                    source,
+                });
+            let result = read.and_then(|()| {
+                if job.in_order && !self.wait_turn(offset) {
+                    return Ok(());
+                }
+                self.write(offset, data)
+            });
+            let mut st = self.lock();
+            if job.in_order {
+                st.write_turn = offset + len as u64;
+                self.turn.notify_all();
+            }
+            if let Err(e) = result {
+                st.error.get_or_insert(e);
+                self.turn.notify_all();
+            }
+            if st.error.is_some() {
+                return;
+            }
+            self.advance(&mut st, len as u64);
+        }
+    }
+
+    /// Waits until the write of the chunk at `offset` may start; false when
+    /// another worker failed meanwhile.
+    fn wait_turn(&self, offset: u64) -> bool {
+        let mut st = self.lock();
+        while st.write_turn != offset && st.error.is_none() {
+            st = self.turn.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st.error.is_none()
+    }
+
+    /// Writes one chunk: its data runs, and its zero runs unless the target
+    /// reads as zeros already (qemu-img's `convert_co_write`).
+    fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let job = self.job;
+        let mut pos = 0;
+        while pos < data.len() {
+            let at = offset + pos as u64;
+            let (is_data, n) = job.sparse.next_run(&data[pos..], at);
+            let written = if is_data {
+                job.dst.write_at(at, &data[pos..pos + n])
+            } else if job.zero_init {
+                Ok(())
+            } else {
+                job.dst.write_zeroes(at, n as u64)
+            };
+            written.map_err(|source| ImgError::Copy {
+                what: "writing",
+                offset: at,
+                source,
+            })?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Starts writeback every `WRITEBACK_EVERY` bytes copied, until the
+    /// workers are done.
+    fn start_writebacks(&self, files: &[std::fs::File]) {
+        let mut started = 0;
+        loop {
+            {
+                let mut st = self.lock();
+                while st.running > 0 && st.done < started + WRITEBACK_EVERY {
+                    st = self.turn.wait(st).unwrap_or_else(|e| e.into_inner());
+                }
+                if st.running == 0 {
+                    return;
+                }
+                started = st.done;
+            }
+            files.iter().for_each(writeback::start);
+        }
+    }
+
+    /// Counts `len` more bytes copied and shows progress.
+    fn advance(&self, st: &mut State, len: u64) {
+        let job = self.job;
+        st.done += len;
+        self.turn.notify_all();
+        if !job.progress {
+            return;
+        }
+        let pct = st.done as f64 * 100.0 / job.size as f64;
+        if pct - st.shown >= 1.0 || st.done == job.size {
+            st.shown = pct;
+            print!("    ({pct:.2}/100%)\r");
+            let _ = std::io::stdout().flush();
+        }
+    }
+}
+
+/// Counts a worker as running until it ends, however it ends: a worker that
+/// panics fails the copy, so that no other worker waits for its turn forever.
+struct Running<'a>(&'a Shared<'a>);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        st.running -= 1;
+        if std::thread::panicking() {
+            st.error
+                .get_or_insert(ImgError::Msg("a copy worker panicked".into()));
+        }
+        self.0.turn.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use block::{BlockError, BlockNode};
+
+    use super::*;
+
+    /// What a [`Disk`] was asked to do, in order.
+    #[derive(Clone, Debug, PartialEq)]
+    enum Op {
+        Write(u64, u64),
+        Zeroes(u64, u64),
+        Flush,
+    }
+
+    /// An in-memory node that logs requests, slows reads down by a delay
+    /// that depends on the offset (so that they finish out of order), and
+    /// fails the request that touches `fail_at`.
+    struct Disk {
+        data: Mutex<Vec<u8>>,
+        log: Mutex<Vec<Op>>,
+        read_delay: fn(u64) -> Duration,
+        write_delay: Duration,
+        fail_at: Option<u64>,
+        writing: AtomicUsize,
+        most_writing: AtomicUsize,
+    }
+
+    impl Disk {
+        fn new(data: Vec<u8>) -> Self {
+            Disk {
+                data: Mutex::new(data),
+                log: Mutex::new(Vec::new()),
+                read_delay: |_| Duration::ZERO,
+                write_delay: Duration::ZERO,
+                fail_at: None,
+                writing: AtomicUsize::new(0),
+                most_writing: AtomicUsize::new(0),
+            }
+        }
+
+        fn check(&self, offset: u64, len: usize) -> block::Result<()> {
+            match self.fail_at {
+                Some(f) if (offset..offset + len as u64).contains(&f) => Err(BlockError::io(
+                    "test disk",
+                    std::io::Error::from_raw_os_error(libc::EIO),
+                )),
+                _ => Ok(()),
+            }
+        }
+
+        fn log(&self) -> Vec<Op> {
+            self.log.lock().unwrap().clone()
+        }
+    }
+
+    impl BlockNode for Disk {
+        fn driver(&self) -> &'static str {
+            "test"
+        }
+        fn size(&self) -> u64 {
+            self.data.lock().unwrap().len() as u64
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> block::Result<()> {
+            std::thread::sleep((self.read_delay)(offset));
+            self.check(offset, buf.len())?;
+            let d = self.data.lock().unwrap();
+            buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+        fn write_at(&self, offset: u64, buf: &[u8]) -> block::Result<()> {
+            let now = self.writing.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_writing.fetch_max(now, Ordering::SeqCst);
+            std::thread::sleep(self.write_delay);
+            let r = self.check(offset, buf.len()).map(|()| {
+                let mut d = self.data.lock().unwrap();
+                d[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
+                self.log
+                    .lock()
+                    .unwrap()
+                    .push(Op::Write(offset, buf.len() as u64));
+            });
+            self.writing.fetch_sub(1, Ordering::SeqCst);
+            r
+        }
+        fn flush(&self) -> block::Result<()> {
+            self.log.lock().unwrap().push(Op::Flush);
+            Ok(())
+        }
+        fn discard(&self, _: u64, _: u64) -> block::Result<()> {
+            unreachable!("convert never discards")
+        }
+        fn write_zeroes(&self, offset: u64, len: u64) -> block::Result<()> {
+            let mut d = self.data.lock().unwrap();
+            d[offset as usize..(offset + len) as usize].fill(0);
+            self.log.lock().unwrap().push(Op::Zeroes(offset, len));
+            Ok(())
+        }
+    }
+
+    /// Pseudo-random bytes.
+    fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// 10 chunks and a bit, not a whole number of chunks.
+    const SIZE: usize = 10 * CHUNK + 3 * 512;
+
+    fn copy(src: &Arc<Disk>, dst: &Arc<Disk>, workers: usize, in_order: bool) -> Result<()> {
+        let (s, d): (NodeRef, NodeRef) = (src.clone(), dst.clone());
+        Copy {
+            src: &s,
+            dst: &d,
+            size: SIZE as u64,
+            workers,
+            in_order,
+            sparse: Sparse::new(4096).unwrap(),
+            zero_init: false,
+            progress: false,
+        }
+        .run()
+    }
+
+    /// Later chunks are read faster than earlier ones.
+    fn backwards(offset: u64) -> Duration {
+        Duration::from_millis(20 - offset / CHUNK as u64)
+    }
+
+    #[test]
+    fn in_order_writes_come_one_at_a_time_in_source_order() {
+        for workers in [1, 3, 8, 16] {
+            let want = noise(SIZE, workers as u64);
+            let src = Arc::new(Disk {
+                read_delay: backwards,
+                ..Disk::new(want.clone())
+            });
+            let dst = Arc::new(Disk::new(vec![0xaa; SIZE]));
+            copy(&src, &dst, workers, true).unwrap();
+            assert!(*dst.data.lock().unwrap() == want, "{workers} workers: data");
+            let log = dst.log();
+            let mut expect: Vec<Op> = (0..SIZE as u64)
+                .step_by(CHUNK)
+                .map(|o| Op::Write(o, (SIZE as u64 - o).min(CHUNK as u64)))
+                .collect();
+            expect.push(Op::Flush);
+            assert_eq!(log, expect, "{workers} workers: requests");
+            assert_eq!(
+                dst.most_writing.load(Ordering::SeqCst),
+                1,
+                "{workers} workers"
+            );
+        }
+    }
+
+    #[test]
+    fn out_of_order_writes_overlap_and_still_copy_everything() {
+        let want = noise(SIZE, 7);
+        let src = Arc::new(Disk {
+            read_delay: backwards,
+            ..Disk::new(want.clone())
+        });
+        let dst = Arc::new(Disk {
+            write_delay: Duration::from_millis(30),
+            ..Disk::new(vec![0xaa; SIZE])
+        });
+        copy(&src, &dst, 8, false).unwrap();
+        assert!(*dst.data.lock().unwrap() == want);
+        let log = dst.log();
+        assert_eq!(log.last(), Some(&Op::Flush), "flush comes last: {log:?}");
+        assert_eq!(log.len(), SIZE.div_ceil(CHUNK) + 1, "{log:?}");
+        assert!(
+            dst.most_writing.load(Ordering::SeqCst) > 1,
+            "writes never overlapped"
+        );
+    }
+
+    #[test]
+    fn zero_runs_are_skipped_or_written_as_zeroes() {
+        let mut want = noise(3 * CHUNK, 3);
+        want[CHUNK..2 * CHUNK].fill(0);
+        want[96 * 512..104 * 512].fill(0);
+        // Not on a 4 KiB boundary: stays data.
+        want[201 * 512..209 * 512].fill(0);
+        for zero_init in [false, true] {
+            let src: NodeRef = Arc::new(Disk::new(want.clone()));
+            let disk = Arc::new(Disk::new(if zero_init {
+                vec![0; 3 * CHUNK]
+            } else {
+                vec![0xaa; 3 * CHUNK]
+            }));
+            let dst: NodeRef = disk.clone();
+            Copy {
+                src: &src,
+                dst: &dst,
+                size: want.len() as u64,
+                workers: 4,
+                in_order: true,
+                sparse: Sparse::new(4096).unwrap(),
+                zero_init,
+                progress: false,
+            }
+            .run()
+            .unwrap();
+            assert!(*disk.data.lock().unwrap() == want, "zero_init {zero_init}");
+            let (c, z) = (CHUNK as u64, 96 * 512);
+            let mut expect = vec![Op::Write(0, z)];
+            if !zero_init {
+                expect.push(Op::Zeroes(z, 4096));
+            }
+            expect.push(Op::Write(z + 4096, c - z - 4096));
+            if !zero_init {
+                expect.push(Op::Zeroes(c, c));
+            }
+            expect.extend([Op::Write(2 * c, c), Op::Flush]);
+            assert_eq!(disk.log(), expect, "zero_init {zero_init}");
+        }
+    }
+
+    #[test]
+    fn a_failed_read_stops_every_worker_and_names_its_chunk() {
+        for (workers, in_order) in [(1, true), (8, true), (16, true), (8, false)] {
+            let bad = 4 * CHUNK as u64 + 777;
+            let src = Arc::new(Disk {
+                read_delay: backwards,
+                fail_at: Some(bad),
+                ..Disk::new(noise(SIZE, 1))
+            });
+            let dst = Arc::new(Disk::new(vec![0; SIZE]));
+            let e = copy(&src, &dst, workers, in_order).unwrap_err();
+            assert!(
+                matches!(e, ImgError::Copy { what: "reading", offset, .. } if offset == 4 * CHUNK as u64),
+                "{workers} workers: {e}"
+            );
+            let log = dst.log();
+            assert!(
+                !log.contains(&Op::Flush),
+                "flushed after a failure: {log:?}"
+            );
+            if in_order {
+                // Nothing at or after the failed chunk was written.
+                assert!(
+                    log.iter()
+                        .all(|op| matches!(op, Op::Write(o, _) if *o < 4 * CHUNK as u64)),
+                    "{workers} workers: {log:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_failed_write_fails_the_copy() {
+        let src = Arc::new(Disk::new(noise(SIZE, 2)));
+        let dst = Arc::new(Disk {
+            fail_at: Some(7 * CHUNK as u64),
+            ..Disk::new(vec![0; SIZE])
+        });
+        let e = copy(&src, &dst, 8, true).unwrap_err();
+        assert!(
+            matches!(e, ImgError::Copy { what: "writing", offset, .. } if offset == 7 * CHUNK as u64),
+            "{e}"
+        );
+        assert_eq!(
+            e.to_string().split(':').next(),
+            Some("error while writing at byte 14680064")
+        );
+    }
+}
