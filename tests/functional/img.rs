@@ -1,8 +1,9 @@
 //! `cryptvm img` behaves as `qemu-img` for the same job: raw create/info/convert/compare,
 //! `json:` filenames with the raw driver's `offset`/`size`, the `-p` progress line, and
 //! every form of the `secret` object (`data`, `file`, `format=base64`, JSON, and
-//! `keyid` + `iv` AES-256-CBC-encrypted secrets). Expected values come from qemu-img,
-//! qemu-io and openssl run on the same inputs.
+//! `keyid` + `iv` AES-256-CBC-encrypted secrets), and convert's copy (`-m`, `-W`, `-S`,
+//! zero runs as holes, read errors, the final flush). Expected values come from qemu-img,
+//! qemu-io, strace and openssl run on the same inputs.
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -346,5 +347,350 @@ fn secret_object_forms_match_qemu() {
             "decrypted data",
         );
         std::fs::remove_file(s.join("out.raw")).expect("cleanup");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// convert: the copy (requests in flight, write order, sparse detection, the final flush)
+// ---------------------------------------------------------------------------------------
+
+/// 6 MiB of data, fully written (no holes in the file), with zero runs of many lengths
+/// and alignments: leading, unaligned, shorter and longer than 4 KiB, across the 2 MiB
+/// request boundary, a whole MiB, and at the end.
+fn zero_runs_source() -> Vec<u8> {
+    let mut b = pattern(61, 6 << 20);
+    for (at, len) in [
+        (0, 3 * 512),
+        (10_000, 4096),
+        (65_536, 65_536),
+        (200 << 10, 3000),
+        ((2 << 20) - 4096, 8192),
+        (3 << 20, 1 << 20),
+        ((5 << 20) + 512, 7 * 512),
+        ((6 << 20) - 65_536, 65_536),
+    ] {
+        b[at..at + len].fill(0);
+    }
+    b
+}
+
+/// `qemu-img map --output=json` of `file` in `dir`.
+fn qemu_map(dir: &std::path::Path, fmt: &str, file: &str) -> String {
+    run(
+        "qemu-img",
+        ["map", "--output=json", "-f", fmt, file],
+        Some(dir),
+    )
+    .ok()
+    .stdout
+}
+
+/// Zero runs become holes exactly where qemu-img makes them, for every `-S`: the same
+/// `qemu-img map` (allocation, zero flags and, for qcow2, host offsets: writes go in
+/// source order) for a new raw file, a new qcow2 image, and `-n` into a qcow2 image
+/// full of other data (zero runs written as zeroes).
+#[test]
+fn convert_sparse_output_matches_qemu_img() {
+    if !require(&["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let (ours, theirs) = (Scratch::new("sparse-ours"), Scratch::new("sparse-theirs"));
+    let src = zero_runs_source();
+    for s in [&ours, &theirs] {
+        s.write("src.raw", &src);
+    }
+    for sparse in [
+        vec![],
+        vec!["-S", "0"],
+        vec!["-S", "1k"],
+        vec!["-S", "12k"],
+        vec!["-S", "64k"],
+    ] {
+        for (fmt, existing) in [("raw", false), ("qcow2", false), ("qcow2", true)] {
+            let what = format!("{sparse:?} -O {fmt}{}", if existing { " -n" } else { "" });
+            let mut args = vec!["convert", "-f", "raw", "-O", fmt];
+            args.extend(&sparse);
+            if existing {
+                args.push("-n");
+                for s in [&ours, &theirs] {
+                    run(
+                        "qemu-img",
+                        ["create", "-q", "-f", fmt, "t.img", "6M"],
+                        Some(s.path()),
+                    )
+                    .ok();
+                    qemu_io_file(s.path(), fmt, "t.img", &["write -P 0x33 0 6M".to_string()]);
+                }
+            }
+            args.extend(["src.raw", "t.img"]);
+            run("qemu-img", &args, Some(theirs.path())).ok();
+            let mut full = vec!["img"];
+            full.extend(&args);
+            cryptvm(ours.path(), &full).ok();
+            assert_qemu_identical(ours.path(), "raw", "src.raw", fmt, "t.img");
+            assert_eq!(
+                qemu_map(ours.path(), fmt, "t.img"),
+                qemu_map(theirs.path(), fmt, "t.img"),
+                "{what}: cryptvm's allocation (left) differs from qemu-img's"
+            );
+            for s in [&ours, &theirs] {
+                std::fs::remove_file(s.join("t.img")).expect("cleanup");
+            }
+        }
+    }
+}
+
+/// `-m`, `-W`, `-S`, `-C` and `-U` as qemu-img takes them: bad values fail with
+/// qemu-img's message and create nothing; good ones copy every byte. Options this tool
+/// does not implement (`-c`, `-B`, `-l`, `-r`) fail cleanly instead of being ignored.
+#[test]
+fn convert_copy_options_match_qemu_img() {
+    if !require(&["qemu-img"]) {
+        return;
+    }
+    let s = Scratch::new("copy-options");
+    // Not a whole number of 2 MiB requests.
+    let src = pattern(62, (9 << 20) + 3 * 512);
+    s.write("src.raw", &src);
+    for bad in [
+        vec!["-m", "0"],
+        vec!["-m", "17"],
+        vec!["-m", "x"],
+        vec!["-S", "100"],
+        vec!["-S", "17M"],
+        vec!["-S", "x"],
+    ] {
+        let mut args = vec!["convert"];
+        args.extend(&bad);
+        args.extend(["-O", "raw", "src.raw", "out.raw"]);
+        let theirs = run("qemu-img", &args, Some(s.path()));
+        assert_eq!(theirs.status, Some(1), "{theirs}");
+        let before = Snapshot::take(s.path());
+        let mut full = vec!["img"];
+        full.extend(&args);
+        let ours = cryptvm(s.path(), &full);
+        let message = theirs.stderr.trim().trim_start_matches("qemu-img: ");
+        ours.clean_error(1, &[message]);
+        before.assert_unchanged(&ours);
+    }
+    for unsupported in [
+        vec!["-c", "-O", "qcow2"],
+        vec!["-B", "src.raw", "-O", "qcow2"],
+        vec!["-l", "snap1"],
+        vec!["-r", "1M"],
+    ] {
+        let mut args = vec!["img", "convert"];
+        args.extend(&unsupported);
+        args.extend(["src.raw", "out.img"]);
+        let before = Snapshot::take(s.path());
+        let ours = cryptvm(s.path(), &args);
+        ours.clean_error(1, &["not supported"]);
+        before.assert_unchanged(&ours);
+    }
+    for good in [
+        vec!["-m", "1"],
+        vec!["-m", "16"],
+        vec!["-W"],
+        vec!["-m", "3", "-W"],
+        vec!["-C"],
+        vec!["-U", "-S", "0"],
+    ] {
+        let mut args = vec!["img", "convert"];
+        args.extend(&good);
+        args.extend(["-O", "raw", "src.raw", "out.raw"]);
+        cryptvm(s.path(), &args).ok();
+        assert_same_bytes(&read(&s.join("out.raw")), &src, &format!("{good:?}"));
+        std::fs::remove_file(s.join("out.raw")).expect("cleanup");
+    }
+}
+
+/// Every number of requests in flight, in order or not, copies the mission stack (luks
+/// with a detached header over qcow2 over file) both ways: qemu-img reads back what
+/// cryptvm encrypted, qemu-img check finds the qcow2 payload clean, and cryptvm decrypts
+/// it back to the source bytes.
+#[test]
+fn convert_through_the_mission_stack_with_requests_in_flight() {
+    if !require(&["qemu-img", "qemu-system-x86_64", "python3"]) {
+        return;
+    }
+    let s = Scratch::new("in-flight");
+    let size = (21 << 20) + 3 * 512;
+    let src = pattern(63, size);
+    s.write("src.raw", &src);
+    let luks = detached_luks_qcow2(&s, size as u64);
+    let stack = luks.qcow2_image_opts();
+    let secret = s.secret_object();
+    for flags in [
+        vec![],
+        vec!["-m", "1"],
+        vec!["-m", "16"],
+        vec!["-W"],
+        vec!["-m", "2", "-W"],
+    ] {
+        let mut args = vec!["img", "convert", "--object", &secret];
+        args.extend(&flags);
+        args.extend(["-n", "-f", "raw", "--target-image-opts", "src.raw", &stack]);
+        cryptvm(s.path(), &args).ok().never_shows(&s.pass);
+        let same = run(
+            "qemu-img",
+            [
+                "compare",
+                "--object",
+                &secret,
+                "--image-opts",
+                &format!("driver=raw,file.filename={}", s.join("src.raw").display()),
+                &stack,
+            ],
+            None,
+        );
+        assert_eq!(
+            same.status,
+            Some(0),
+            "{flags:?}: qemu-img reads other data:\n{same}"
+        );
+        assert_qemu_check_clean(s.path(), "disk.qcow2");
+
+        let mut args = vec!["img", "convert", "--object", &secret];
+        args.extend(&flags);
+        args.extend(["--image-opts", &stack, "-O", "raw", "back.raw"]);
+        cryptvm(s.path(), &args).ok();
+        assert_same_bytes(
+            &read(&s.join("back.raw")),
+            &src,
+            &format!("{flags:?}: decrypted"),
+        );
+        std::fs::remove_file(s.join("back.raw")).expect("cleanup");
+    }
+}
+
+/// A source that fails to read in its middle (a compressed qcow2 cluster that does not
+/// inflate, 6 MiB in): the copy stops with qemu-img's "error while reading" message and
+/// exit status 1, whatever the number of requests in flight and their order, without
+/// waiting forever for the failed request's turn.
+#[test]
+fn convert_stops_at_a_read_error_in_the_middle() {
+    if !require(&["qemu-img"]) {
+        return;
+    }
+    use qcow2_header as h;
+    let s = Scratch::new("read-error");
+    let mut text = Vec::new();
+    for n in 0.. {
+        if text.len() >= 16 << 20 {
+            break;
+        }
+        text.extend_from_slice(format!("{n:06} compressible line of text\n").as_bytes());
+    }
+    text.truncate(16 << 20);
+    s.write("text.raw", &text);
+    run(
+        "qemu-img",
+        [
+            "convert",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "text.raw",
+            "bad.qcow2",
+        ],
+        Some(s.path()),
+    )
+    .ok();
+    let path = s.join("bad.qcow2");
+    let mut b = read(&path);
+    let l = Qcow2Layout::parse(&b);
+    let guest = (6 << 20) + l.cluster_size();
+    let entry = get_be64(&b, l.l2_entry_pos(&b, guest).expect("L2 table"));
+    assert!(
+        entry & h::OFLAG_COMPRESSED != 0,
+        "the cluster is not compressed"
+    );
+    let host = (entry & ((1u64 << (62 - (l.cluster_bits - 8))) - 1)) as usize;
+    b[host..host + 256].fill(0xff);
+    std::fs::write(&path, &b).expect("writing the damaged image");
+    let theirs = run(
+        "qemu-img",
+        ["convert", "-O", "raw", "bad.qcow2", "q.raw"],
+        Some(s.path()),
+    );
+    assert_eq!(theirs.status, Some(1), "{theirs}");
+    assert!(
+        theirs.stderr.contains("error while reading at byte"),
+        "{theirs}"
+    );
+    for flags in [
+        vec![],
+        vec!["-m", "1"],
+        vec!["-m", "16"],
+        vec!["-W", "-m", "16"],
+    ] {
+        let mut args = vec!["img", "convert"];
+        args.extend(&flags);
+        args.extend(["-O", "raw", "bad.qcow2", "out.raw"]);
+        let ours = cryptvm_limited(s.path(), &args, std::time::Duration::from_secs(60), 8 << 30);
+        ours.clean_error(1, &["error while reading at byte 6291456: "]);
+    }
+}
+
+/// A completed convert is durable: the last thing done to each target file is an
+/// fdatasync (for qcow2, after the metadata is written), as qemu-img flushes on close.
+#[test]
+fn convert_flushes_the_target_last() {
+    if !require(&["qemu-img", "qemu-system-x86_64", "python3", "strace"]) {
+        return;
+    }
+    let s = Scratch::new("flush-last");
+    let size = 5 << 20;
+    s.write("src.raw", &pattern(64, size));
+    let luks = detached_luks_qcow2(&s, size as u64);
+    let stack = luks.qcow2_image_opts();
+    let secret = s.secret_object();
+    for (target, file) in [
+        (vec!["-O", "raw", "src.raw", "new.raw"], "new.raw"),
+        (vec!["-O", "qcow2", "src.raw", "new.qcow2"], "new.qcow2"),
+        (
+            vec![
+                "--object",
+                &secret,
+                "-n",
+                "-f",
+                "raw",
+                "--target-image-opts",
+                "src.raw",
+                &stack,
+            ],
+            "disk.qcow2",
+        ),
+    ] {
+        let mut args = vec![
+            "-f",
+            "-y",
+            "-qq",
+            "-e",
+            "trace=write,pwrite64,pwritev,pwritev2,fallocate,ftruncate,fsync,fdatasync",
+            "-o",
+            "trace.txt",
+            CRYPTVM,
+            "img",
+            "convert",
+        ];
+        args.extend(&target);
+        run("strace", &args, Some(s.path())).ok();
+        let trace = String::from_utf8(read(&s.join("trace.txt"))).expect("utf-8 trace");
+        let calls: Vec<&str> = trace
+            .lines()
+            .filter(|l| l.contains(&format!("/{file}>")))
+            .collect();
+        assert!(
+            calls.iter().any(|l| l.contains("pwrite")),
+            "{file}: no writes seen:\n{trace}"
+        );
+        let last = calls.last().expect("calls");
+        assert!(
+            last.contains("fdatasync(") || last.contains("fsync("),
+            "{file}: the last call is not a flush: {last}\n{trace}"
+        );
     }
 }
