@@ -8,7 +8,7 @@ use block::keyval;
 use block::options::{parse_size, Opts};
 use serde_json::json;
 
-use super::copy::{Copy, DEFAULT_WORKERS, MAX_WORKERS};
+use super::copy::{default_workers, Copy, MAX_WORKERS};
 use super::create::{create_luks, luks_options};
 use super::image::{image_options, load_objects, open, OpenMode};
 use super::sparse::{Sparse, DEFAULT_MIN_SPARSE, MAX_MIN_SPARSE};
@@ -150,7 +150,7 @@ impl Tuning {
             return unsupported("Compressed output (-c)");
         }
         let mut t = Tuning {
-            workers: DEFAULT_WORKERS,
+            workers: default_workers(),
             in_order: !a.short_flags.contains(&'W'),
             sparse: Sparse::new(DEFAULT_MIN_SPARSE).expect("valid default"),
         };

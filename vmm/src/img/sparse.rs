@@ -72,6 +72,18 @@ impl Sparse {
         (true, (used * SECTOR).min(buf.len()))
     }
 
+    /// All runs of `buf` (at byte `offset` of the image) as (data, length),
+    /// in order, into `runs`.
+    pub fn runs(&self, buf: &[u8], offset: u64, runs: &mut Vec<(bool, usize)>) {
+        runs.clear();
+        let mut pos = 0;
+        while pos < buf.len() {
+            let (data, n) = self.next_run(&buf[pos..], offset + pos as u64);
+            runs.push((data, n));
+            pos += n;
+        }
+    }
+
     /// qemu-img's `is_allocated_sectors`: the run of sectors at the start of
     /// `buf` (`n` sectors, the first at image sector `sector`) that are all
     /// zero or all not, with its end moved to an alignment boundary.
@@ -140,19 +152,17 @@ mod tests {
 
     /// Every run of `picture` as (data, sectors), as qemu-img's write loop walks them.
     fn runs(sparse: Sparse, picture: &str, first_sector: u64) -> Vec<(bool, usize)> {
-        let buf = sectors(picture);
-        let mut pos = 0;
         let mut out = Vec::new();
-        while pos < buf.len() {
-            let (data, len) = sparse.next_run(&buf[pos..], first_sector * 512 + pos as u64);
-            assert!(
-                len > 0 && len % SECTOR == 0,
-                "{picture}: run of {len} bytes"
-            );
-            out.push((data, len / SECTOR));
-            pos += len;
-        }
-        out
+        sparse.runs(&sectors(picture), first_sector * 512, &mut out);
+        out.iter()
+            .map(|&(data, len)| {
+                assert!(
+                    len > 0 && len % SECTOR == 0,
+                    "{picture}: run of {len} bytes"
+                );
+                (data, len / SECTOR)
+            })
+            .collect()
     }
 
     #[test]
