@@ -20,15 +20,16 @@ use super::{writeback, ImgError, Result};
 
 /// Bytes per request, qemu-img's buffer size.
 pub const CHUNK: usize = 2 << 20;
-/// The default number of requests in flight (`-m`): one more than the
-/// cores, from 3 up to qemu-img's default of 8. qemu-img's 8 coroutines share
-/// one thread; here each request is a thread doing its own decryption, and
-/// on 2 cores more than 3 only add buffers that fall out of the CPU caches
-/// before they are written (see docs/performance.md).
+/// The default number of requests in flight (`-m`): one per core, from 2 up
+/// to qemu-img's default of 8. qemu-img's 8 coroutines share one thread;
+/// here each request is a thread that decrypts or encrypts with every core
+/// already, and more requests than cores only add buffers that leave the CPU
+/// caches before they are written (see docs/performance.md).
 pub fn default_workers() -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    (cores + 1).clamp(3, 8)
+    cores.clamp(2, 8)
 }
+
 /// Most requests in flight qemu-img allows.
 pub const MAX_WORKERS: usize = 16;
 /// Bytes copied between two starts of writeback.
