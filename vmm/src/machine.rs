@@ -15,6 +15,7 @@ use block::blockdev::OpenContext;
 use block::{BlockGraph, SecretStore};
 use devices::pci::{PciRoot, SharedPciDevice};
 use devices::virtio::block::IoOperation;
+use devices::WorkerPool;
 
 use crate::memory::GuestMemoryMmap;
 use crate::msi::MsiRouter;
@@ -31,6 +32,15 @@ pub enum ControlError {
     /// No device with that id (`DeviceNotFound`).
     #[error("{0}")]
     DeviceNotFound(String),
+}
+
+/// Sends a QMP event to the sink, if there is one (the lock is not held
+/// while the sink runs).
+fn emit_to(events: &Mutex<Option<EventSink>>, event: &str, data: Value) {
+    let sink = lock(events).clone();
+    if let Some(sink) = sink {
+        sink(event, data);
+    }
 }
 
 fn generic(msg: impl Into<String>) -> ControlError {
@@ -63,6 +73,8 @@ pub struct MachineParams {
     pub pci_root: Arc<Mutex<PciRoot>>,
     /// Where device BARs are placed.
     pub window: std::ops::Range<u64>,
+    /// The request workers every disk's queues share.
+    pub workers: Arc<WorkerPool>,
 }
 
 struct Disk {
@@ -132,10 +144,7 @@ impl Machine {
     }
 
     fn emit(&self, event: &str, data: Value) {
-        let sink = lock(&self.events).clone();
-        if let Some(sink) = sink {
-            sink(event, data);
-        }
+        emit_to(&self.events, event, data);
     }
 
     /// `object-add`: a secret. `path` prefixes errors (`objects[0]`);
@@ -247,24 +256,35 @@ impl Machine {
             .map_err(|e| generic(e.to_string()))?;
         let events = self.events.clone();
         let node_name = drive.clone();
+        let fault_events = self.events.clone();
+        let fault_node = drive.clone();
         let env = DeviceEnv {
             memory: &self.params.memory,
             router: &self.params.router,
             bars: &self.params.bars,
             window: self.params.window.clone(),
-            on_error: Some(Box::new(move |op, reason| {
-                let sink = lock(&events).clone();
-                if let Some(sink) = sink {
-                    let operation = match op {
-                        IoOperation::Read => "read",
-                        IoOperation::Write => "write",
-                    };
-                    sink(
-                        "BLOCK_IO_ERROR",
-                        json!({"device": "", "node-name": node_name, "operation": operation,
-                               "action": "report", "nospace": false, "reason": reason}),
-                    );
-                }
+            workers: &self.params.workers,
+            on_error: Some(Box::new(move |op, error| {
+                let operation = match op {
+                    IoOperation::Read => "read",
+                    IoOperation::Write => "write",
+                };
+                emit_to(
+                    &events,
+                    "BLOCK_IO_ERROR",
+                    json!({"device": "", "node-name": node_name, "operation": operation,
+                           "action": "report", "nospace": error.is_no_space(),
+                           "reason": error.to_string()}),
+                );
+            })),
+            on_fault: Some(Box::new(move |what| {
+                eprintln!("cryptvm: {what}");
+                emit_to(
+                    &fault_events,
+                    "BLOCK_IO_ERROR",
+                    json!({"device": "", "node-name": fault_node, "operation": "write",
+                           "action": "report", "nospace": false, "reason": what}),
+                );
             })),
         };
         let device = match VirtioBlkPci::create(props, slot, node, env) {
@@ -314,7 +334,7 @@ impl Machine {
     /// The guest ejected `slot`: release the device and its node, and tell
     /// the QMP clients. Called from the vCPU that wrote the eject register.
     pub fn eject(&self, slot: u8) {
-        let removed = {
+        let disk = {
             let mut state = lock(&self.state);
             let Some(i) = state
                 .disks
@@ -325,21 +345,29 @@ impl Machine {
             };
             let disk = state.disks.remove(i);
             lock(&self.params.pci_root).remove_device(slot);
-            let user = disk.user();
-            let id = disk.id().map(str::to_string);
-            let drive = disk.device.props.drive.clone();
-            drop(disk); // unmaps the BAR, stops the I/O threads
+            // The slot is free again only once its BAR and doorbells are gone.
+            disk.device.unmap();
+            disk
+        };
+        let user = disk.user();
+        let id = disk.id().map(str::to_string);
+        let drive = disk.device.props.drive.clone();
+        // Stops the queue threads and waits for the requests in flight,
+        // without holding the state lock (QMP goes on meanwhile); the node
+        // stays attached, so nobody can delete it until no thread can reach it.
+        drop(disk);
+        {
+            let mut state = lock(&self.state);
             state.graph.detach(&drive, &user);
             if let Some(node) = state.graph.get(&drive) {
                 if let Err(e) = node.flush() {
                     eprintln!("cryptvm: flushing '{drive}' after unplug: {e}");
                 }
             }
-            id.map(|id| (id, user))
-        };
+        }
         // As QEMU: the virtio backend first, then the device.
-        if let Some((id, backend)) = removed {
-            self.emit("DEVICE_DELETED", json!({ "path": backend }));
+        if let Some(id) = id {
+            self.emit("DEVICE_DELETED", json!({ "path": user }));
             let path = format!("/machine/peripheral/{id}");
             self.emit("DEVICE_DELETED", json!({"device": id, "path": path}));
         }
@@ -435,6 +463,7 @@ mod tests {
             bars: PciBars::new(vm, mmio.clone()),
             pci_root: Arc::new(Mutex::new(PciRoot::new())),
             window: 1 << 32..(1 << 32) + (1 << 30),
+            workers: WorkerPool::new(4, "io-test").expect("workers"),
         });
         let hotplug = Arc::new(Recorder::default());
         machine.set_hotplug(hotplug.clone());
