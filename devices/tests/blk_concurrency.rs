@@ -97,8 +97,12 @@ fn make_images() -> Images {
     )
     .expect("luks header");
     std::fs::write(&header, &vol.header_image).expect("write header");
-    block::qcow2::create(&payload, Some(DISK), &block::qcow2::CreateOptions::default())
-        .expect("qcow2");
+    block::qcow2::create(
+        &payload,
+        Some(DISK),
+        &block::qcow2::CreateOptions::default(),
+    )
+    .expect("qcow2");
     Images {
         _dir: dir,
         header,
@@ -131,7 +135,9 @@ fn open_stack(images: &Images) -> (BlockGraph, block::NodeRef) {
         json!({"node-name": "disk0", "driver": "luks", "file": "payload", "header": "hdr",
                "key-secret": "sec0"}),
     ] {
-        graph.add("blockdevs", args, &ctx, false).expect("blockdev-add");
+        graph
+            .add("blockdevs", args, &ctx, false)
+            .expect("blockdev-add");
     }
     let node = graph.get("disk0").expect("disk0");
     (graph, node)
@@ -273,9 +279,10 @@ impl<'a> Driver<'a> {
     }
 
     fn overlaps_in_flight(&self, offset: u64, len: u64) -> bool {
-        self.slots.iter().flatten().any(|p| {
-            p.len > 0 && offset < p.offset + p.len && p.offset < offset + len
-        })
+        self.slots
+            .iter()
+            .flatten()
+            .any(|p| p.len > 0 && offset < p.offset + p.len && p.offset < offset + len)
     }
 
     fn put_desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
@@ -430,7 +437,11 @@ impl<'a> Driver<'a> {
     fn complete(&mut self, slot: usize, used_len: u32) {
         let p = self.slots[slot].take().expect("a slot in flight");
         let status: u8 = self.mem.read_obj(GuestAddress(p.status)).unwrap();
-        assert_eq!(status, 0, "queue {}: {:?} at {} +{} failed", self.q, p.kind, p.offset, p.len);
+        assert_eq!(
+            status, 0,
+            "queue {}: {:?} at {} +{} failed",
+            self.q, p.kind, p.offset, p.len
+        );
         let start = p.offset.saturating_sub(self.region_start()) as usize;
         let r = start..start + p.len as usize;
         match p.kind {

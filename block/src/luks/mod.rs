@@ -7,8 +7,8 @@
 mod af;
 mod bounce;
 mod cipher;
-pub mod crypto_pool;
 mod create;
+pub mod crypto_pool;
 mod error;
 mod hash;
 mod header;

@@ -35,6 +35,8 @@ struct MemNode {
     data: Mutex<Vec<u8>>,
     ro: bool,
     fail: AtomicBool,
+    /// A bug in the block layer: every access panics.
+    panics: AtomicBool,
     flushes: AtomicUsize,
 }
 
@@ -44,10 +46,15 @@ impl MemNode {
             data: Mutex::new(vec![0; size]),
             ro,
             fail: AtomicBool::new(false),
+            panics: AtomicBool::new(false),
             flushes: AtomicUsize::new(0),
         })
     }
     fn check(&self, offset: u64, len: u64) -> ::block::Result<()> {
+        assert!(
+            !self.panics.load(Ordering::SeqCst),
+            "injected block layer bug"
+        );
         if self.fail.load(Ordering::SeqCst) {
             return Err(BlockError::Graph("injected".into()));
         }
@@ -111,6 +118,9 @@ struct Guest {
     qs: Vec<Q>,
     /// Node errors the device reported (for QMP `BLOCK_IO_ERROR`).
     errors: Arc<Mutex<Vec<IoOperation>>>,
+    /// Device failures reported.
+    faults: Arc<Mutex<Vec<String>>>,
+    pool: Arc<WorkerPool>,
 }
 
 /// Waits (up to 10 s, a hang guard) until `done` holds.
@@ -127,6 +137,10 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
 
 impl Guest {
     fn new(node: Arc<MemNode>, num_queues: u16) -> Self {
+        Self::with_pool(node, num_queues, WorkerPool::new(4, "vtest").unwrap())
+    }
+
+    fn with_pool(node: Arc<MemNode>, num_queues: u16, pool: Arc<WorkerPool>) -> Self {
         let mem = GuestMemoryMmap::from_ranges(&[
             (GuestAddress(0), MEM_REGION as usize),
             (GuestAddress(MEM_REGION), MEM_REGION as usize),
@@ -151,8 +165,12 @@ impl Guest {
             .iter()
             .map(|c| c.clone() as Arc<dyn Interrupt>)
             .collect();
-        let pool = WorkerPool::new(4, "vtest").unwrap();
         let dev = VirtioPciDevice::new(blk, mem.clone(), ints, BAR_ADDR, &pool, "vtest").unwrap();
+        let faults: Arc<Mutex<Vec<String>>> = Arc::default();
+        let seen = faults.clone();
+        dev.set_fault_reporter(Box::new(move |what| {
+            seen.lock().unwrap().push(what.to_string())
+        }));
         let qs = (0..u64::from(num_queues))
             .map(|i| {
                 let base = 0x1000 + i * 0x4000;
@@ -173,6 +191,8 @@ impl Guest {
             node,
             qs,
             errors,
+            faults,
+            pool,
         }
     }
 
@@ -273,6 +293,7 @@ impl Guest {
             q.avail_idx = 0;
         }
         self.mem.write_obj(0u16, GuestAddress(avail + 2)).unwrap();
+        self.mem.write_obj(0u16, GuestAddress(used + 2)).unwrap();
     }
 
     fn put_desc(&self, table: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
@@ -804,6 +825,60 @@ fn hostile_chains_break_the_queue() {
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(g.dev.queues().in_flight(0), 0, "nothing served");
     assert_eq!(g.node.flushes.load(Ordering::SeqCst), 0, "nothing served");
+}
+
+/// A request whose handler panics (a block layer bug) fails with IOERR, the
+/// device asks for a reset (status bit and configuration interrupt) and says
+/// why once; until the reset every request fails at once instead of hanging.
+/// The shared workers and another device go on; after the reset the device
+/// works again.
+#[test]
+fn a_panicking_request_fails_safe() {
+    let mut g = Guest::new(MemNode::new(DISK, false), 2);
+    let mut other = Guest::with_pool(MemNode::new(DISK, false), 1, g.pool.clone());
+    g.init(ALL);
+    other.init(ALL);
+    let buf = 0x8_0000;
+    g.fill(buf, 4096, 3);
+    assert_eq!(g.req(0, VIRTIO_BLK_T_OUT, 0, buf, 4096).0, VIRTIO_BLK_S_OK);
+
+    g.node.panics.store(true, Ordering::SeqCst);
+    assert_eq!(
+        g.req(0, VIRTIO_BLK_T_OUT, 8, buf, 4096).0,
+        VIRTIO_BLK_S_IOERR
+    );
+    wait_until("the configuration interrupt", || g.irq(0) == 1);
+    assert!(g.status() & STATUS_DEVICE_NEEDS_RESET != 0);
+    assert!(g.bar_r(ISR_OFFSET, 1) & 2 != 0, "ISR: configuration change");
+    // Every later request, on any queue, fails at once.
+    for q in [1, 0, 1] {
+        assert_eq!(g.req(q, VIRTIO_BLK_T_IN, 0, buf, 512).0, VIRTIO_BLK_S_IOERR);
+    }
+    let faults = g.faults.lock().unwrap().clone();
+    assert_eq!(faults.len(), 1, "reported once: {faults:?}");
+    assert!(
+        faults[0].contains("injected block layer bug") && faults[0].contains("reset"),
+        "{faults:?}"
+    );
+
+    // The workers survived: another device on them is served.
+    other.fill(buf, 4096, 9);
+    assert_eq!(
+        other.req(0, VIRTIO_BLK_T_OUT, 0, buf, 4096).0,
+        VIRTIO_BLK_S_OK
+    );
+    assert_eq!(
+        other.req(0, VIRTIO_BLK_T_IN, 0, buf, 4096).0,
+        VIRTIO_BLK_S_OK
+    );
+    assert_eq!(other.status() & STATUS_DEVICE_NEEDS_RESET, 0);
+
+    // The guest resets the device (the bug is gone): it works again.
+    g.node.panics.store(false, Ordering::SeqCst);
+    g.init(ALL);
+    assert_eq!(g.status() & STATUS_DEVICE_NEEDS_RESET, 0);
+    assert_eq!(g.req(1, VIRTIO_BLK_T_IN, 0, buf, 4096).0, VIRTIO_BLK_S_OK);
+    assert_eq!(g.read(buf, 4096)[..16], g.node.data.lock().unwrap()[..16]);
 }
 
 #[test]
