@@ -8,29 +8,25 @@
 //! after each round, and at the end `qemu-img check` and `qemu-img compare`
 //! (when installed; required under CI) check the images themselves.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use block::blockdev::OpenContext;
-use block::luks::{create_with_iterations, CreateOptions, PbkdfIterations};
-use block::{BlockGraph, SecretStore};
-use devices::pci::PciDevice;
+use common::{
+    make_images, open_stack, ring, Device, Images, Rng, F_NEXT, F_WRITE, PASSPHRASE, RINGS,
+};
 use devices::virtio::block::{
-    BlockConfig, VirtioBlock, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN,
-    VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+    BlockConfig, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES,
 };
-use devices::virtio::{
-    VirtioPciDevice, VirtioQueues, MSIX_TABLE_OFFSET, STATUS_ACKNOWLEDGE, STATUS_DRIVER,
-    STATUS_DRIVER_OK, STATUS_FEATURES_OK, VIRTIO_F_RING_EVENT_IDX,
-};
-use devices::{BusDevice, Interrupt, WorkerPool};
+use devices::virtio::VirtioQueues;
+use devices::WorkerPool;
 use serde_json::json;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-const PASSPHRASE: &[u8] = b"concurrency";
 const QUEUES: usize = 2;
 const QSIZE: u16 = 128;
 /// Requests each queue keeps in flight.
@@ -42,202 +38,8 @@ const REGION: u64 = 24 << 20;
 const DISK: u64 = QUEUES as u64 * REGION;
 const MAX_REQ: u64 = 4 << 20;
 /// Guest memory: rings, then per queue and slot a data area.
-const RINGS: u64 = 0x10_0000;
 const SLOT_AREA: u64 = MAX_REQ + 0x1_0000;
 const MEM: u64 = RINGS + QUEUES as u64 * IN_FLIGHT as u64 * SLOT_AREA;
-const BAR: u64 = 0xe000_0000;
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
-
-struct Counter(AtomicUsize);
-
-impl Interrupt for Counter {
-    fn trigger(&self) -> std::io::Result<()> {
-        self.0.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-}
-
-/// A small deterministic generator (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-/// The images: a detached LUKS header and a qcow2 payload.
-struct Images {
-    _dir: tempfile::TempDir,
-    header: PathBuf,
-    payload: PathBuf,
-}
-
-fn make_images() -> Images {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let header = dir.path().join("disk.header");
-    let payload = dir.path().join("disk.qcow2");
-    let vol = create_with_iterations(
-        &CreateOptions {
-            detached_header: true,
-            ..CreateOptions::default()
-        },
-        PASSPHRASE,
-        PbkdfIterations {
-            master_key: 1000,
-            slot: 1000,
-        },
-    )
-    .expect("luks header");
-    std::fs::write(&header, &vol.header_image).expect("write header");
-    block::qcow2::create(
-        &payload,
-        Some(DISK),
-        &block::qcow2::CreateOptions::default(),
-    )
-    .expect("qcow2");
-    Images {
-        _dir: dir,
-        header,
-        payload,
-    }
-}
-
-/// Opens the mission stack as the config file would; returns the top node.
-fn open_stack(images: &Images) -> (BlockGraph, block::NodeRef) {
-    let mut secrets = SecretStore::new();
-    secrets
-        .add(
-            "objects[0]",
-            json!({"qom-type": "secret", "id": "sec0", "data": std::str::from_utf8(PASSPHRASE).unwrap()}),
-            None,
-        )
-        .expect("secret");
-    let ctx = OpenContext {
-        secrets: &secrets,
-        base_dir: None,
-        no_io: false,
-        read_only: false,
-    };
-    let mut graph = BlockGraph::new();
-    for args in [
-        json!({"node-name": "hdr", "driver": "raw",
-               "file": {"driver": "file", "filename": images.header.to_str().unwrap()}}),
-        json!({"node-name": "payload", "driver": "qcow2",
-               "file": {"driver": "file", "filename": images.payload.to_str().unwrap()}}),
-        json!({"node-name": "disk0", "driver": "luks", "file": "payload", "header": "hdr",
-               "key-secret": "sec0"}),
-    ] {
-        graph
-            .add("blockdevs", args, &ctx, false)
-            .expect("blockdev-add");
-    }
-    let node = graph.get("disk0").expect("disk0");
-    (graph, node)
-}
-
-/// The device over `node` with `workers` request workers, set up as Linux
-/// sets it up (MSI-X, EVENT_IDX, every queue enabled).
-struct Device {
-    _dev: VirtioPciDevice,
-    queues: Arc<VirtioQueues>,
-    _pool: Arc<WorkerPool>,
-}
-
-fn ring(q: usize) -> (u64, u64, u64) {
-    let base = 0x1000 + q as u64 * 0x4000;
-    (base, base + 0x1000, base + 0x2000)
-}
-
-impl Device {
-    fn new(mem: &GuestMemoryMmap, node: block::NodeRef, workers: usize) -> Device {
-        let cfg = BlockConfig {
-            num_queues: QUEUES as u16,
-            queue_size: QSIZE,
-            ..BlockConfig::default()
-        };
-        let blk = Arc::new(VirtioBlock::new(node, cfg).expect("virtio-blk"));
-        let ints: Vec<Arc<dyn Interrupt>> = (0..=QUEUES)
-            .map(|_| Arc::new(Counter(AtomicUsize::new(0))) as Arc<dyn Interrupt>)
-            .collect();
-        let pool = WorkerPool::new(workers, "ctest").expect("workers");
-        let mut dev =
-            VirtioPciDevice::new(blk, mem.clone(), ints, BAR, &pool, "ctest").expect("device");
-        let bar_w = |dev: &mut VirtioPciDevice, off: u64, v: u64, len: usize| {
-            BusDevice::write(dev, off, &v.to_le_bytes()[..len]);
-        };
-        dev.write_config(1, 0, &6u32.to_le_bytes());
-        // MSI-X on (capability found by walking the list).
-        let mut p = {
-            let mut d = [0u8; 4];
-            dev.read_config(0x34 / 4, 0, &mut d);
-            (d[0] & 0xfc) as usize
-        };
-        while p != 0 {
-            let mut d = [0u8; 4];
-            dev.read_config(p / 4, 0, &mut d);
-            if d[0] == 0x11 {
-                dev.write_config(p / 4, 0, &(1u32 << 31).to_le_bytes());
-            }
-            p = d[1] as usize;
-        }
-        for v in 0..=QUEUES as u64 {
-            let e = MSIX_TABLE_OFFSET + v * 16;
-            bar_w(&mut dev, e, 0xfee0_0000, 4);
-            bar_w(&mut dev, e + 8, 0x30 + v, 4);
-            bar_w(&mut dev, e + 12, 0, 4);
-        }
-        bar_w(&mut dev, 0x14, 0, 1);
-        let s = STATUS_ACKNOWLEDGE | STATUS_DRIVER;
-        bar_w(&mut dev, 0x14, u64::from(s), 1);
-        let mut offered = 0u64;
-        for sel in 0..2 {
-            bar_w(&mut dev, 0, sel, 4);
-            let mut d = [0u8; 4];
-            BusDevice::read(&mut dev, 4, &mut d);
-            offered |= u64::from(u32::from_le_bytes(d)) << (32 * sel);
-        }
-        assert!(offered & 1 << VIRTIO_F_RING_EVENT_IDX != 0);
-        for sel in 0..2 {
-            bar_w(&mut dev, 8, sel, 4);
-            bar_w(&mut dev, 0xc, offered >> (32 * sel) & 0xffff_ffff, 4);
-        }
-        bar_w(&mut dev, 0x14, u64::from(s | STATUS_FEATURES_OK), 1);
-        bar_w(&mut dev, 0x10, 0, 2);
-        for q in 0..QUEUES {
-            let (desc, avail, used) = ring(q);
-            for addr in [desc, avail, used] {
-                mem.write_slice(&[0u8; 0x1000], GuestAddress(addr)).unwrap();
-            }
-            bar_w(&mut dev, 0x16, q as u64, 2);
-            bar_w(&mut dev, 0x18, u64::from(QSIZE), 2);
-            bar_w(&mut dev, 0x1a, q as u64 + 1, 2);
-            bar_w(&mut dev, 0x20, desc, 8);
-            bar_w(&mut dev, 0x28, avail, 8);
-            bar_w(&mut dev, 0x30, used, 8);
-            bar_w(&mut dev, 0x1c, 1, 2);
-        }
-        bar_w(
-            &mut dev,
-            0x14,
-            u64::from(s | STATUS_FEATURES_OK | STATUS_DRIVER_OK),
-            1,
-        );
-        let queues = dev.queues();
-        Device {
-            _dev: dev,
-            queues,
-            _pool: pool,
-        }
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Kind {
@@ -635,7 +437,7 @@ fn check_with_qemu(images: &Images, reference: &[u8], dir: &Path) {
 
 #[test]
 fn concurrent_requests_at_1_4_16_and_64_workers() {
-    let images = make_images();
+    let images = make_images(DISK, true);
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).expect("memory");
     let (graph, node) = open_stack(&images);
     let mut references: Vec<Vec<u8>> = vec![vec![0u8; REGION as usize]; QUEUES];
@@ -644,7 +446,13 @@ fn concurrent_requests_at_1_4_16_and_64_workers() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(150);
     for (round, workers) in [1usize, 4, 16, 64].into_iter().enumerate() {
-        let device = Device::new(&mem, node.clone(), workers);
+        let cfg = BlockConfig {
+            num_queues: QUEUES as u16,
+            queue_size: QSIZE,
+            ..BlockConfig::default()
+        };
+        let pool = WorkerPool::new(workers, "ctest").expect("workers");
+        let device = Device::new(&mem, node.clone(), cfg, pool);
         let queues = device.queues.clone();
         std::thread::scope(|s| {
             for (q, reference) in references.iter_mut().enumerate() {
