@@ -11,7 +11,8 @@
 //!    with refcount one; into the new clusters with the copy-on-write head
 //!    and tail (from the old cluster, a compressed cluster or the backing
 //!    file) as one vectored write of `[head, caller's buffers, tail]`. Only
-//!    the partial first and last guest clusters of a request need a bounce.
+//!    the partial first and last guest clusters of a request need a bounce
+//!    (and unaligned pieces are gathered into aligned chunks of 1 MiB).
 //! 3. Under the lock again: mark data written (so that no L2 table is
 //!    written before a flush makes the data and refcounts durable), point
 //!    the L2 entries at the new clusters (COPIED), queue the release of the
@@ -40,6 +41,8 @@ use crate::{BlockError, Result};
 
 /// Alignment of bounce buffers (O_DIRECT image files take them as they are).
 const BOUNCE_ALIGN: usize = 4096;
+/// Largest bounce used to gather an unaligned run of new clusters.
+const GATHER_CHUNK: usize = 1 << 20;
 
 /// One part of a write request, in request order.
 #[derive(Debug)]
@@ -80,7 +83,10 @@ struct Bounce {
 impl Bounce {
     fn zeroed(len: usize) -> Self {
         let buf = vec![0u8; len + BOUNCE_ALIGN - 1];
-        let start = buf.as_ptr().align_offset(BOUNCE_ALIGN).min(BOUNCE_ALIGN - 1);
+        let start = buf
+            .as_ptr()
+            .align_offset(BOUNCE_ALIGN)
+            .min(BOUNCE_ALIGN - 1);
         Self { buf, start, len }
     }
 
@@ -314,7 +320,32 @@ impl Qcow2Node {
         iov.extend(head.as_ref().map(Bounce::bytes));
         iov.extend(data);
         iov.extend(tail.as_ref().map(Bounce::bytes));
-        self.storage.write_vectored(run.host, &iov)
+        let aligned = iov.iter().all(|b| {
+            (b.as_ptr() as usize).is_multiple_of(BOUNCE_ALIGN)
+                && b.len().is_multiple_of(BOUNCE_ALIGN)
+        });
+        if aligned {
+            return self.storage.write_vectored(run.host, &iov);
+        }
+        // An O_DIRECT image file would write unaligned pieces one by one,
+        // reading and writing back whole blocks for each: gather them into
+        // aligned chunks instead (as the caller's bytes would be copied anyway).
+        let total: usize = iov.iter().map(|b| b.len()).sum();
+        let mut chunk = Bounce::zeroed(total.min(GATHER_CHUNK));
+        let mut cursor = SgSlices::new(&iov);
+        let mut done = 0;
+        while done < total {
+            let n = (total - done).min(GATHER_CHUNK);
+            let mut at = 0;
+            for part in cursor.take(n) {
+                chunk.bytes_mut()[at..at + part.len()].copy_from_slice(part);
+                at += part.len();
+            }
+            self.storage
+                .write_at(run.host + done as u64, &chunk.bytes()[..n])?;
+            done += n;
+        }
+        Ok(())
     }
 
     /// Bytes `[from, to)` of guest cluster `gc` as it is now (`kind`), for

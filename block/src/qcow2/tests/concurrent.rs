@@ -239,7 +239,10 @@ fn allocating_write_does_not_wait_for_another_ones_data() {
     gate.set(lo, hi, GateMode::Block);
     let n1 = n.clone();
     let (_, first) = spawn(move || n1.write_at(512, &[0xa1; 4096]).unwrap());
-    assert!(gate.wait_parked(1), "the first write never reached its data write");
+    assert!(
+        gate.wait_parked(1),
+        "the first write never reached its data write"
+    );
     // Another allocation, an in-place write and a read on other clusters.
     let n2 = n.clone();
     let (done, second) = spawn(move || {
@@ -273,7 +276,10 @@ fn writes_into_one_unallocated_cluster_wait_for_each_other() {
     gate.set(lo, hi, GateMode::Block);
     let n1 = n.clone();
     let (_, first) = spawn(move || n1.write_at(0, &[0xa1; 4096]).unwrap());
-    assert!(gate.wait_parked(1), "the first write never reached its data write");
+    assert!(
+        gate.wait_parked(1),
+        "the first write never reached its data write"
+    );
     // A second 4 KiB piece of the same cluster, with the backing file
     // providing the rest: it must wait, then write into the first one's
     // cluster (else one of the two copies-on-write loses the other's piece).
@@ -290,7 +296,10 @@ fn writes_into_one_unallocated_cluster_wait_for_each_other() {
     gate.open();
     first.join().unwrap();
     second.join().unwrap();
-    assert!(waited > 0, "the second write did not wait for the allocation in flight");
+    assert!(
+        waited > 0,
+        "the second write did not wait for the allocation in flight"
+    );
     content[..4096].fill(0xa1);
     content[8192..12288].fill(0xb2);
     assert_image(n, &img, &content);
@@ -340,11 +349,27 @@ fn pick(rng: &mut Rng, size: u64, cs: u64) -> (u64, u64) {
     (off, len.min(size - off))
 }
 
-/// Splits `data` into random pieces.
+/// Random bytes in a buffer whose start is 4 KiB aligned (so that aligned
+/// requests take the driver's zero-copy path, unaligned ones its gather
+/// path); returns the buffer and where the bytes start.
+fn random_data(rng: &mut Rng, len: usize) -> (Vec<u8>, usize) {
+    let mut v = vec![0u8; len + 4095];
+    let at = v.as_ptr().align_offset(4096);
+    rng.fill(&mut v[at..at + len]);
+    (v, at)
+}
+
+/// Splits `data` into random pieces (4 KiB multiples if its length is one).
 fn split<'a>(rng: &mut Rng, mut data: &'a [u8]) -> Vec<&'a [u8]> {
+    let unit = if data.len().is_multiple_of(4096) {
+        4096
+    } else {
+        1
+    };
     let mut out = Vec::new();
     while !data.is_empty() {
-        let n = 1 + rng.below(data.len().min(20000) as u64) as usize;
+        let n = (1 + rng.below(data.len().min(20000) as u64) as usize).next_multiple_of(unit);
+        let n = n.min(data.len());
         let (a, b) = data.split_at(n);
         out.push(a);
         data = b;
@@ -384,16 +409,16 @@ fn stress(o: &CreateOptions, size: u64, threads: u64, ops: usize, backing: bool)
                         .collect();
                     match rng.below(10) {
                         0..=2 => {
-                            let mut data = vec![0u8; len as usize];
-                            rng.fill(&mut data);
-                            n.write_at(off, &data).unwrap();
-                            reference.lock().unwrap()[r].copy_from_slice(&data);
+                            let (buf, at) = random_data(&mut rng, len as usize);
+                            let data = &buf[at..at + len as usize];
+                            n.write_at(off, data).unwrap();
+                            reference.lock().unwrap()[r].copy_from_slice(data);
                         }
                         3 => {
-                            let mut data = vec![0u8; len as usize];
-                            rng.fill(&mut data);
-                            n.write_vectored(off, &split(&mut rng, &data)).unwrap();
-                            reference.lock().unwrap()[r].copy_from_slice(&data);
+                            let (buf, at) = random_data(&mut rng, len as usize);
+                            let data = &buf[at..at + len as usize];
+                            n.write_vectored(off, &split(&mut rng, data)).unwrap();
+                            reference.lock().unwrap()[r].copy_from_slice(data);
                         }
                         4 => {
                             n.write_zeroes(off, len).unwrap();
@@ -405,7 +430,11 @@ fn stress(o: &CreateOptions, size: u64, threads: u64, ops: usize, backing: bool)
                             n.read_at(off, &mut got).unwrap();
                             let mut reference = reference.lock().unwrap();
                             for (i, (g, e)) in got.iter().zip(&reference[r.clone()]).enumerate() {
-                                assert!(g == e || *g == 0, "discarded byte {} changed", off as usize + i);
+                                assert!(
+                                    g == e || *g == 0,
+                                    "discarded byte {} changed",
+                                    off as usize + i
+                                );
                             }
                             reference[r].copy_from_slice(&got);
                         }
@@ -420,12 +449,18 @@ fn stress(o: &CreateOptions, size: u64, threads: u64, ops: usize, backing: bool)
                                 rest = b;
                             }
                             n.read_vectored(off, &mut bufs).unwrap();
-                            assert!(got == reference.lock().unwrap()[r], "vectored read at {off} len {len} differs");
+                            assert!(
+                                got == reference.lock().unwrap()[r],
+                                "vectored read at {off} len {len} differs"
+                            );
                         }
                         _ => {
                             let mut got = vec![0u8; len as usize];
                             n.read_at(off, &mut got).unwrap();
-                            assert!(got == reference.lock().unwrap()[r], "read at {off} len {len} differs");
+                            assert!(
+                                got == reference.lock().unwrap()[r],
+                                "read at {off} len {len} differs"
+                            );
                         }
                     }
                     drop(held);
