@@ -13,14 +13,15 @@
  *       non-zero pseudo-random buffer. Prints one line:
  *       BLKIO op=OP pattern=P bs=N jobs=J ios=N bytes=N secs=S mbps=MB/S iops=N errors=N
  *   blkio writers DEV JOBS REGION BLOCK PASSES
- *       Concurrent writers with a read-back check. JOBS threads (at most 64) start
- *       together; thread w owns bytes [w*REGION, (w+1)*REGION) of DEV and writes it
- *       PASSES times (at most 256) with O_DIRECT requests of BLOCK bytes (pass p walks
- *       its blocks forwards when p is even, backwards when odd), block b of pass p
- *       holding pattern(w, p, b) (below); the threads do not wait for each other between
- *       passes. Then one fdatasync (a FLUSH to the device), then the JOBS threads read
- *       their regions back (O_DIRECT, BLOCK at a time, concurrently) and compare every
- *       byte with the last pass's pattern. Prints one line:
+ *       Concurrent writers with a read-back check. JOBS threads (at most 64); thread w
+ *       owns bytes [w*REGION, (w+1)*REGION) of DEV and writes it PASSES times (at most
+ *       256) with O_DIRECT requests of BLOCK bytes (pass p walks its blocks forwards when
+ *       p is even, backwards when odd), block b of pass p holding pattern(w, p, b)
+ *       (below). The threads issue their requests in lockstep (a barrier before each),
+ *       so that every round has JOBS requests in flight at once. Then one fdatasync (a
+ *       FLUSH to the device), then the JOBS threads read their regions back (O_DIRECT,
+ *       BLOCK at a time, concurrently) and compare every byte with the last pass's
+ *       pattern. Prints one line:
  *       BLKIO-WRITERS jobs=J region=N bs=N passes=P writes=N write_errors=N flush=0|ERRNO
  *         reads=N read_errors=N checked=BYTES bad=BYTES first_bad=OFFSET|none
  *         write_secs=S read_secs=S
@@ -218,7 +219,7 @@ static void fill_pattern(unsigned char *buf, uint64_t len, uint64_t w, uint64_t 
 
 struct writer {
     int fd;
-    pthread_barrier_t *start;
+    pthread_barrier_t *start, *round;
     uint64_t w, region, bs, passes;
     /* Results. */
     uint64_t writes, write_errors, reads, read_errors, checked, bad, first_bad;
@@ -249,6 +250,7 @@ static void *write_region(void *arg)
             uint64_t b = p % 2 == 0 ? k : blocks - 1 - k;
             uint64_t off = j->w * j->region + b * j->bs;
             fill_pattern(buf, j->bs, j->w, p, b);
+            pthread_barrier_wait(j->round);
             ssize_t n = pwrite(j->fd, buf, j->bs, off);
             j->writes++;
             if (n != (ssize_t)j->bs) {
@@ -303,10 +305,12 @@ static void *check_region(void *arg)
 static double run_writers(struct writer *js, int jobs, void *(*fn)(void *))
 {
     pthread_t th[64];
-    pthread_barrier_t start;
+    pthread_barrier_t start, round;
     pthread_barrier_init(&start, NULL, jobs + 1);
+    pthread_barrier_init(&round, NULL, jobs);
     for (int i = 0; i < jobs; i++) {
         js[i].start = &start;
+        js[i].round = &round;
         pthread_create(&th[i], NULL, fn, &js[i]);
     }
     pthread_barrier_wait(&start);
@@ -315,6 +319,7 @@ static double run_writers(struct writer *js, int jobs, void *(*fn)(void *))
         pthread_join(th[i], NULL);
     double t = now() - t0;
     pthread_barrier_destroy(&start);
+    pthread_barrier_destroy(&round);
     return t;
 }
 

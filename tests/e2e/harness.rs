@@ -254,8 +254,8 @@ impl Scenario {
         self
     }
 
-    /// Environment variables of the VMM process (added to the harness's own environment
-    /// in direct mode, to L1's `/init` environment in nested mode).
+    /// Environment variables of the VMM process alone (in nested mode set by `env` in
+    /// L1's run script; the command in messages shows them).
     pub fn vmm_env<I, K, V>(mut self, vars: I) -> Self
     where
         I: IntoIterator<Item = (K, V)>,
@@ -296,8 +296,8 @@ impl Scenario {
         self
     }
 
-    /// The size of L1's result disk (launch.sh --out-size): larger than any file that is
-    /// read back, so that the disk image itself, which lands in the results folder, is not.
+    /// The size of L1's result disk (launch.sh --out-size): room for the logs and for a
+    /// few files of the largest size that is read back.
     fn out_disk_mib(&self) -> u64 {
         64 + 2 * self.return_max_mib
     }
