@@ -13,7 +13,7 @@
 //! stops a VMM that does not exit, so a hung data path fails the test, with the VMM's
 //! standard error in the message.
 //!
-//! cryptvm runs with [`WORKERS`] worker threads (`RAYON_NUM_THREADS`, see
+//! cryptvm runs with [`WORKERS`] request workers (`--io-workers`, see
 //! [`worker_threads`]), what a 16-core host has, on the test host's 2 vCPUs. A script next
 //! to the VMM samples the VMM's thread count, so the test knows it really ran with them.
 //!
@@ -68,14 +68,12 @@ const STALL_SECS: u32 = 30;
 const SERIAL: &str = "cvm-writers0";
 
 /// How the VMM is given [`WORKERS`] worker threads: environment variables and arguments.
-/// The one place to change when cryptvm's data path gets an option naming its worker
-/// count (then: the option here, the variable dropped if it no longer means anything).
 fn worker_threads(vmm: Vmm) -> (Vec<(String, String)>, Vec<String>) {
     match vmm {
-        // Today the data path runs on rayon's global pool, sized by this variable.
+        // The request workers every disk queue shares (docs/disks.md).
         Vmm::Cryptvm => (
-            vec![("RAYON_NUM_THREADS".into(), workers().to_string())],
             Vec::new(),
+            vec!["--io-workers".into(), workers().to_string()],
         ),
         // QEMU sizes its own I/O thread pool (up to 64 threads).
         Vmm::Qemu => (Vec::new(), Vec::new()),
