@@ -122,6 +122,21 @@ impl LuksNode {
         Ok(())
     }
 
+    /// Encrypts whole sectors of `src` into `dst`, as [`Self::encrypt`].
+    fn encrypt_to(&self, first_sector: u64, src: &[u8], dst: &mut [u8]) -> Result<()> {
+        let cipher = self.cipher()?;
+        if src.len() < PARALLEL_MIN {
+            cipher.encrypt_to(first_sector, src, dst);
+            return Ok(());
+        }
+        let per_chunk = (PARALLEL_CHUNK as u64) / SECTOR_SIZE;
+        dst.par_chunks_mut(PARALLEL_CHUNK)
+            .zip(src.par_chunks(PARALLEL_CHUNK))
+            .enumerate()
+            .for_each(|(i, (d, s))| cipher.encrypt_to(first_sector + i as u64 * per_chunk, s, d));
+        Ok(())
+    }
+
     /// Reads and decrypts whole sectors starting at an aligned offset.
     fn read_sectors(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.payload.read_at(self.payload_offset + offset, buf)?;
@@ -142,9 +157,10 @@ impl LuksNode {
     fn write_sectors(&self, offset: u64, data: &[u8]) -> Result<()> {
         BOUNCE.with(|bounce| {
             let mut bounce = bounce.borrow_mut();
-            bounce.clear();
-            bounce.extend_from_slice(data);
-            self.encrypt(offset / SECTOR_SIZE, &mut bounce)?;
+            // Encrypted straight from `data`: no copy first (resizing fills
+            // only what the buffer grows by).
+            bounce.resize(data.len(), 0);
+            self.encrypt_to(offset / SECTOR_SIZE, data, &mut bounce)?;
             let result = self.payload.write_at(self.payload_offset + offset, &bounce);
             if bounce.capacity() > 8 << 20 {
                 *bounce = Vec::new();
