@@ -23,6 +23,8 @@ mod modes;
 #[cfg(target_arch = "x86_64")]
 mod vaes;
 mod xts;
+#[cfg(target_arch = "x86_64")]
+mod xts_vaes;
 
 use ivgen::{BlockEncryptor, IvGen};
 
@@ -443,7 +445,7 @@ fn build_sector_cipher(
             .then(|| vaes::XtsAes::new(data_key, tweak_key))
             .flatten()
         {
-            return Ok(Box::new(xts::FastXts::new(aes, ivgen)));
+            return Ok(Box::new(xts_vaes::FastXts::new(aes, ivgen)));
         }
     }
     #[cfg(not(target_arch = "x86_64"))]

@@ -331,40 +331,10 @@ unsafe fn xts<const R: usize, const ENC: bool>(
 /// of a sector, written out so that they stay in registers.
 macro_rules! per_vector {
     ($i:ident => $e:expr) => {
-        [
-            {
-                let $i = 0;
-                $e
-            },
-            {
-                let $i = 1;
-                $e
-            },
-            {
-                let $i = 2;
-                $e
-            },
-            {
-                let $i = 3;
-                $e
-            },
-            {
-                let $i = 4;
-                $e
-            },
-            {
-                let $i = 5;
-                $e
-            },
-            {
-                let $i = 6;
-                $e
-            },
-            {
-                let $i = 7;
-                $e
-            },
-        ]
+        per_vector!(@ $i => $e; 0 1 2 3 4 5 6 7)
+    };
+    (@ $i:ident => $e:expr; $($n:literal)*) => {
+        [$({ let $i = $n; $e }),*]
     };
 }
 

@@ -3,17 +3,14 @@
 //! The sector's IV (from the IV generator) is the tweak. Sectors are whole
 //! blocks: no ciphertext stealing.
 //!
-//! Two implementations: [`Xts`], generic over the block cipher (all 32
-//! block tweaks of a sector are computed first, so that the data blocks go
-//! through the cipher's multi-block path, 8 blocks at a time with AES-NI),
-//! and [`FastXts`], AES only, whose fused VAES/AVX-512 kernel
-//! (`vaes.rs`) is used when the CPU has those instructions.
+//! This is the generic implementation, over any block cipher: all 32 block
+//! tweaks of a sector are computed first, so that the data blocks go
+//! through the cipher's multi-block path (8 blocks at a time with AES-NI).
+//! AES-XTS has a faster one where the CPU has VAES/AVX-512 (`xts_vaes.rs`).
 
 use cipher::consts::U16;
 use cipher::{Block, BlockDecrypt, BlockEncrypt, BlockSizeUser};
 
-#[cfg(target_arch = "x86_64")]
-use super::check_same_len;
 use super::ivgen::IvGen;
 use super::modes::as_blocks;
 use super::{check_len, sector_number, SectorCipher, SECTOR_SIZE};
@@ -84,73 +81,6 @@ fn xor_tweaks(sector: &mut [u8], tweaks: &Tweaks) {
         let mut bytes = [0u8; 16];
         bytes.copy_from_slice(chunk);
         chunk.copy_from_slice(&(u128::from_le_bytes(bytes) ^ t).to_le_bytes());
-    }
-}
-
-/// AES-XTS through the VAES/AVX-512 kernel, with any IV generator (the IVs
-/// of up to 32 sectors are generated, then handed to the kernel).
-#[cfg(target_arch = "x86_64")]
-pub(super) struct FastXts {
-    aes: super::vaes::XtsAes,
-    ivgen: IvGen,
-}
-
-#[cfg(target_arch = "x86_64")]
-impl FastXts {
-    /// The keyed kernel with the IV generator.
-    pub(super) fn new(aes: super::vaes::XtsAes, ivgen: IvGen) -> Self {
-        FastXts { aes, ivgen }
-    }
-
-    /// The IVs of the sectors from `first` on, one per entry of `ivs`.
-    fn ivs(&self, first: u64, ivs: &mut [u128]) {
-        let mut iv = [0u8; 16];
-        for (i, slot) in ivs.iter_mut().enumerate() {
-            self.ivgen.generate(sector_number(first, i), &mut iv);
-            *slot = u128::from_le_bytes(iv);
-        }
-    }
-
-    fn process(&self, first_sector: u64, buf: &mut [u8], encrypt: bool) {
-        check_len(buf);
-        let mut ivs = [0u128; IV_BATCH];
-        for (i, chunk) in buf.chunks_mut(IV_BATCH * SECTOR_SIZE).enumerate() {
-            let ivs = &mut ivs[..chunk.len() / SECTOR_SIZE];
-            self.ivs(sector_number(first_sector, i * IV_BATCH), ivs);
-            self.aes.apply_in_place(ivs, chunk, encrypt);
-        }
-    }
-}
-
-/// Sectors whose IVs [`FastXts`] generates at a time.
-#[cfg(target_arch = "x86_64")]
-const IV_BATCH: usize = 32;
-
-#[cfg(target_arch = "x86_64")]
-impl SectorCipher for FastXts {
-    fn encrypt(&self, first_sector: u64, buf: &mut [u8]) {
-        self.process(first_sector, buf, true);
-    }
-
-    fn decrypt(&self, first_sector: u64, buf: &mut [u8]) {
-        self.process(first_sector, buf, false);
-    }
-
-    fn encrypt_to(&self, first_sector: u64, src: &[u8], dst: &mut [u8]) {
-        check_len(src);
-        check_same_len(src, dst);
-        let mut ivs = [0u128; IV_BATCH];
-        let step = IV_BATCH * SECTOR_SIZE;
-        for (i, (s, d)) in src.chunks(step).zip(dst.chunks_mut(step)).enumerate() {
-            let ivs = &mut ivs[..s.len() / SECTOR_SIZE];
-            self.ivs(sector_number(first_sector, i * IV_BATCH), ivs);
-            self.aes.apply_to(ivs, s, d, true);
-        }
-    }
-
-    #[cfg(test)]
-    fn implementation(&self) -> &'static str {
-        "vaes"
     }
 }
 
