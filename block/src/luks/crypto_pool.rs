@@ -35,29 +35,56 @@ fn pool() -> Option<&'static rayon::ThreadPool> {
     .as_ref()
 }
 
-/// Runs `f(sector, piece)` over every job `(first sector, buffer)`, where
-/// `sector_size` divides every buffer length: inline for small totals, else
-/// in [`PIECE`]-sized pieces on the crypto threads. Returns once all ran.
-pub fn for_each_piece<F>(jobs: Vec<(u64, &mut [u8])>, sector_size: usize, f: F)
+/// Work on whole sectors that can be cut into smaller pieces.
+pub trait Piece: Send + Sized {
+    /// Bytes covered.
+    fn len(&self) -> usize;
+    /// Whether it covers nothing.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The first `at` bytes and the rest.
+    fn split_at(self, at: usize) -> (Self, Self);
+}
+
+impl Piece for &mut [u8] {
+    fn len(&self) -> usize {
+        <[u8]>::len(self)
+    }
+    fn split_at(self, at: usize) -> (Self, Self) {
+        self.split_at_mut(at)
+    }
+}
+
+/// Runs `f(sector, piece)` over every job `(first sector, piece)`, where
+/// `sector_size` divides every piece's length: inline for small totals,
+/// else cut into [`PIECE`]-sized pieces on the crypto threads. Returns once
+/// all ran.
+pub fn for_each_piece<P, F>(jobs: Vec<(u64, P)>, sector_size: usize, f: F)
 where
-    F: Fn(u64, &mut [u8]) + Sync,
+    P: Piece,
+    F: Fn(u64, P) + Sync,
 {
-    let total: usize = jobs.iter().map(|(_, b)| b.len()).sum();
+    let total: usize = jobs.iter().map(|(_, p)| p.len()).sum();
     let pool = pool().filter(|_| total >= PARALLEL_MIN && rayon::current_thread_index().is_none());
     let Some(pool) = pool else {
-        for (sector, buf) in jobs {
-            f(sector, buf);
+        for (sector, piece) in jobs {
+            f(sector, piece);
         }
         return;
     };
     let per_piece = (PIECE / sector_size) as u64;
-    let mut pieces: Vec<(u64, &mut [u8])> = Vec::with_capacity(total.div_ceil(PIECE) + jobs.len());
-    for (sector, buf) in jobs {
-        for (i, piece) in buf.chunks_mut(PIECE).enumerate() {
-            pieces.push((sector + i as u64 * per_piece, piece));
+    let mut pieces: Vec<(u64, P)> = Vec::with_capacity(total.div_ceil(PIECE) + jobs.len());
+    for (mut sector, mut piece) in jobs {
+        while piece.len() > PIECE {
+            let (head, rest) = piece.split_at(PIECE);
+            pieces.push((sector, head));
+            sector += per_piece;
+            piece = rest;
         }
+        pieces.push((sector, piece));
     }
-    pool.install(|| pieces.into_par_iter().for_each(|(s, b)| f(s, b)));
+    pool.install(|| pieces.into_par_iter().for_each(|(s, p)| f(s, p)));
 }
 
 #[cfg(test)]
@@ -69,7 +96,7 @@ mod tests {
         let mut a = vec![0u8; 3 * PIECE + 512];
         let mut b = vec![0u8; 1024];
         let jobs = vec![(10u64, &mut a[..]), (5000, &mut b[..])];
-        for_each_piece(jobs, 512, |sector, piece| {
+        for_each_piece(jobs, 512, |sector, piece: &mut [u8]| {
             for (i, s) in piece.chunks_mut(512).enumerate() {
                 s[..8].copy_from_slice(&(sector + i as u64).to_le_bytes());
                 s[8] += 1;
@@ -93,7 +120,7 @@ mod tests {
         let here = other.install(|| {
             let me = std::thread::current().id();
             let same = std::sync::atomic::AtomicBool::new(true);
-            for_each_piece(vec![(0, &mut a[..])], 512, |_, _| {
+            for_each_piece(vec![(0, &mut a[..])], 512, |_, _: &mut [u8]| {
                 if std::thread::current().id() != me {
                     same.store(false, std::sync::atomic::Ordering::SeqCst);
                 }

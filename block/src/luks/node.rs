@@ -5,7 +5,7 @@
 use serde_json::{json, Value};
 
 use super::bounce::{Bounce, CHUNK};
-use super::crypto_pool::for_each_piece;
+use super::crypto_pool::{for_each_piece, Piece};
 use super::{new_sector_cipher, unlock, IvGenAlg, LuksError, LuksHeader, SectorCipher};
 use crate::blockdev::OpenContext;
 use crate::node::{check_range, total_len, write_zeroes_by_writing, BlockNode, NodeRef};
@@ -112,8 +112,45 @@ impl LuksNode {
 
     fn encrypt(&self, first_sector: u64, buf: &mut [u8]) -> Result<()> {
         let cipher = self.cipher()?;
-        for_each_piece(vec![(first_sector, buf)], SECTOR, |s, b| {
+        for_each_piece(vec![(first_sector, buf)], SECTOR, |s, b: &mut [u8]| {
             cipher.encrypt(s, b)
+        });
+        Ok(())
+    }
+
+    /// Fills `dst` (whole sectors, payload sector `first_sector` first) with
+    /// the ciphertext of the next `dst.len()` bytes of `src`. Source pieces
+    /// that cover whole sectors are encrypted straight into `dst`; runs of
+    /// pieces that split sectors are copied, then encrypted in place.
+    fn encrypt_from(&self, first_sector: u64, src: &mut Gather<'_>, dst: &mut [u8]) -> Result<()> {
+        let cipher = self.cipher()?;
+        let mut jobs: Vec<(u64, Encrypt<'_>)> = Vec::new();
+        let mut sector = first_sector;
+        let mut rest = dst;
+        // Bytes of a run being copied, at the front of `rest`.
+        let mut run = 0usize;
+        while rest.len() > run {
+            let piece = src.next_piece(rest.len() - run);
+            if run == 0 && piece.len().is_multiple_of(SECTOR) {
+                let (d, r) = rest.split_at_mut(piece.len());
+                jobs.push((sector, Encrypt::From(piece, d)));
+                sector += (piece.len() / SECTOR) as u64;
+                rest = r;
+                continue;
+            }
+            rest[run..run + piece.len()].copy_from_slice(piece);
+            run += piece.len();
+            if run.is_multiple_of(SECTOR) {
+                let (d, r) = rest.split_at_mut(run);
+                jobs.push((sector, Encrypt::InPlace(d)));
+                sector += (run / SECTOR) as u64;
+                rest = r;
+                run = 0;
+            }
+        }
+        for_each_piece(jobs, SECTOR, |s, job| match job {
+            Encrypt::From(src, dst) => cipher.encrypt_to(s, src, dst),
+            Encrypt::InPlace(buf) => cipher.encrypt(s, buf),
         });
         Ok(())
     }
@@ -190,17 +227,53 @@ impl<'a> Gather<'a> {
         }
     }
 
+    /// The next bytes, at most `max`, from one buffer of the list.
+    fn next_piece(&mut self, max: usize) -> &'a [u8] {
+        while self.at == self.bufs[self.index].len() {
+            self.index += 1;
+            self.at = 0;
+        }
+        let buf: &'a [u8] = self.bufs[self.index];
+        let n = (buf.len() - self.at).min(max);
+        let piece = &buf[self.at..self.at + n];
+        self.at += n;
+        piece
+    }
+
     /// Fills `dst` with the next `dst.len()` bytes.
     fn copy_to(&mut self, mut dst: &mut [u8]) {
         while !dst.is_empty() {
-            let src = &self.bufs[self.index][self.at..];
-            let n = src.len().min(dst.len());
-            dst[..n].copy_from_slice(&src[..n]);
-            dst = &mut dst[n..];
-            self.at += n;
-            if self.at == self.bufs[self.index].len() {
-                self.index += 1;
-                self.at = 0;
+            let piece = self.next_piece(dst.len());
+            dst[..piece.len()].copy_from_slice(piece);
+            dst = &mut dst[piece.len()..];
+        }
+    }
+}
+
+/// A piece of a write's encryption: straight from the caller's buffer into
+/// the bounce buffer, or in place in the bounce buffer.
+enum Encrypt<'a> {
+    From(&'a [u8], &'a mut [u8]),
+    InPlace(&'a mut [u8]),
+}
+
+impl Piece for Encrypt<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Encrypt::From(_, dst) | Encrypt::InPlace(dst) => dst.len(),
+        }
+    }
+
+    fn split_at(self, at: usize) -> (Self, Self) {
+        match self {
+            Encrypt::From(src, dst) => {
+                let (s0, s1) = src.split_at(at);
+                let (d0, d1) = dst.split_at_mut(at);
+                (Encrypt::From(s0, d0), Encrypt::From(s1, d1))
+            }
+            Encrypt::InPlace(buf) => {
+                let (b0, b1) = buf.split_at_mut(at);
+                (Encrypt::InPlace(b0), Encrypt::InPlace(b1))
             }
         }
     }
@@ -266,8 +339,8 @@ impl BlockNode for LuksNode {
         while end - pos >= SECTOR_SIZE {
             let n = ((end - pos) / SECTOR_SIZE * SECTOR_SIZE).min(CHUNK as u64) as usize;
             let mut bounce = Bounce::take(n);
-            src.copy_to(&mut bounce);
-            self.write_sectors(pos, &mut bounce)?;
+            self.encrypt_from(pos / SECTOR_SIZE, &mut src, &mut bounce)?;
+            self.payload.write_at(self.payload_offset + pos, &bounce)?;
             pos += n as u64;
         }
         if pos < end {
