@@ -39,6 +39,7 @@ if [[ -z "${CRYPTVM:-}" ]]; then
         python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
     CRYPTVM="$target_dir/release/cryptvm"
 fi
+CRYPTVM="$(realpath "$CRYPTVM")"
 
 base=/dev/shm
 [[ -d "$base" && -w "$base" ]] || base="${TMPDIR:-/tmp}"
