@@ -329,38 +329,29 @@ impl<'a> Driver<'a> {
     /// Writes zeros over the whole region (what the reference starts as:
     /// unwritten luks sectors read as the decryption of zeros).
     fn zero_all(&mut self) {
-        let mut off = 0;
-        while off < REGION {
-            let len = MAX_REQ.min(REGION - off);
-            let p = Pending {
-                kind: Kind::Zeroes,
-                offset: self.region_start() + off,
-                len,
-                segs: Vec::new(),
-                data: Vec::new(),
-                status: self.slot_base(0) + MAX_REQ + 0x100,
-            };
-            self.submit(0, &p);
-            self.slots[0] = Some(p);
-            let _ = self.queues.kick_eventfd(self.q).unwrap().write(1);
-            let mut t = Instant::now();
-            while self.slots[0].is_some() {
-                self.reap(&mut t);
-            }
-            off += len;
-        }
+        self.sweep(Kind::Zeroes);
     }
 
     /// Reads the whole region back through the device and compares it.
     fn verify_all(&mut self) {
+        self.sweep(Kind::Read);
+    }
+
+    /// One request of `kind` after the other over the whole region.
+    fn sweep(&mut self, kind: Kind) {
         let mut off = 0;
         while off < REGION {
             let len = MAX_REQ.min(REGION - off);
+            let segs = if kind == Kind::Read {
+                vec![(self.slot_base(0), len)]
+            } else {
+                Vec::new()
+            };
             let p = Pending {
-                kind: Kind::Read,
+                kind,
                 offset: self.region_start() + off,
                 len,
-                segs: vec![(self.slot_base(0), len)],
+                segs,
                 data: Vec::new(),
                 status: self.slot_base(0) + MAX_REQ + 0x100,
             };

@@ -611,43 +611,15 @@ mod tests {
         );
     }
 
-    /// A block node with a bug: every write panics.
-    struct PanicNode;
-
-    impl BlockNode for PanicNode {
-        fn driver(&self) -> &'static str {
-            "panics"
-        }
-        fn size(&self) -> u64 {
-            1 << 20
-        }
-        fn read_only(&self) -> bool {
-            false
-        }
-        fn read_at(&self, _offset: u64, buf: &mut [u8]) -> block::Result<()> {
-            buf.fill(0);
-            Ok(())
-        }
-        fn write_at(&self, _offset: u64, _buf: &[u8]) -> block::Result<()> {
-            panic!("injected fault in the block layer");
-        }
-        fn flush(&self) -> block::Result<()> {
-            Ok(())
-        }
-        fn discard(&self, _offset: u64, _len: u64) -> block::Result<()> {
-            Ok(())
-        }
-        fn write_zeroes(&self, _offset: u64, _len: u64) -> block::Result<()> {
-            Ok(())
-        }
+    /// A 1 MiB block node whose writes have a bug (panic) or are slow (50 ms).
+    enum TestNode {
+        Panics,
+        Slow,
     }
 
-    /// A block node whose writes take 50 ms each (a slow disk).
-    struct SlowNode;
-
-    impl BlockNode for SlowNode {
+    impl BlockNode for TestNode {
         fn driver(&self) -> &'static str {
-            "slow"
+            "test"
         }
         fn size(&self) -> u64 {
             1 << 20
@@ -660,7 +632,10 @@ mod tests {
             Ok(())
         }
         fn write_at(&self, _offset: u64, _buf: &[u8]) -> block::Result<()> {
-            std::thread::sleep(Duration::from_millis(50));
+            match self {
+                TestNode::Panics => panic!("injected fault in the block layer"),
+                TestNode::Slow => std::thread::sleep(Duration::from_millis(50)),
+            }
             Ok(())
         }
         fn flush(&self) -> block::Result<()> {
@@ -816,7 +791,7 @@ mod tests {
             return;
         };
         let m = &r.machine;
-        insert(m, "bad", Arc::new(PanicNode));
+        insert(m, "bad", Arc::new(TestNode::Panics));
         m.blockdev_add(
             "",
             &args(json!({"node-name": "good", "driver": "file", "filename": r.disk})),
@@ -880,7 +855,7 @@ mod tests {
             return;
         };
         let m = &r.machine;
-        insert(m, "slow", Arc::new(SlowNode));
+        insert(m, "slow", Arc::new(TestNode::Slow));
         m.device_add(&args(json!({"driver": "virtio-blk-pci", "drive": "slow",
                                    "id": "vd0", "num-queues": 1, "queue-size": QSIZE})))
             .expect("device_add");
