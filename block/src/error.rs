@@ -62,6 +62,12 @@ impl BlockError {
         }
     }
 
+    /// Whether the error is the host's disk being full (`ENOSPC`), which
+    /// QMP's `BLOCK_IO_ERROR` reports as `nospace`.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, Self::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC))
+    }
+
     /// An [`BlockError::Option`] for the option at `key`.
     pub fn option(key: impl Into<String>, msg: impl Into<String>) -> Self {
         Self::Option {

@@ -133,6 +133,28 @@ impl BlockGraph {
         self.nodes.get(name).map(|e| e.node.clone())
     }
 
+    /// Adds `node`, opened outside the graph's drivers (an embedder's own
+    /// driver, a test's fault injector), under `name`, with no children.
+    pub fn insert_node(&mut self, name: &str, node: NodeRef) -> Result<()> {
+        check_node_name(name).map_err(|msg| BlockError::option("node-name", msg))?;
+        if self.nodes.contains_key(name) {
+            return Err(BlockError::option(
+                "node-name",
+                format!("Duplicate nodes with node-name='{name}'"),
+            ));
+        }
+        self.nodes.insert(
+            name.to_string(),
+            Entry {
+                node,
+                children: Vec::new(),
+                implicit: false,
+                users: Vec::new(),
+            },
+        );
+        Ok(())
+    }
+
     /// Node names, sorted.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.nodes.keys().map(String::as_str)

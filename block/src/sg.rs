@@ -37,6 +37,40 @@ impl<'a> SgCursor<'a> {
     }
 }
 
+/// Hands out consecutive pieces of a read-only scatter-gather list.
+pub struct SgSlices<'a> {
+    bufs: VecDeque<&'a [u8]>,
+}
+
+impl<'a> SgSlices<'a> {
+    /// A cursor at the start of `bufs`.
+    pub fn new(bufs: &[&'a [u8]]) -> Self {
+        Self {
+            bufs: bufs.iter().copied().collect(),
+        }
+    }
+
+    /// The next `len` bytes, as slices of the list (fewer when it ends).
+    pub fn take(&mut self, mut len: usize) -> Vec<&'a [u8]> {
+        let mut out = Vec::new();
+        while len > 0 {
+            let Some(front) = self.bufs.pop_front() else {
+                break;
+            };
+            if front.len() <= len {
+                len -= front.len();
+                out.push(front);
+            } else {
+                let (head, tail) = front.split_at(len);
+                out.push(head);
+                self.bufs.push_front(tail);
+                len = 0;
+            }
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -53,6 +87,17 @@ mod tests {
         let last = c.take(10);
         assert_eq!(lens(&last), [2]);
         assert_eq!(last[0], [2, 2]);
+        assert!(c.take(1).is_empty());
+    }
+
+    #[test]
+    fn read_only_pieces_follow_the_list() {
+        let (a, b) = ([1u8; 3], [2u8; 5]);
+        let mut c = SgSlices::new(&[&a, &b]);
+        let lens = |v: &Vec<&[u8]>| v.iter().map(|s| s.len()).collect::<Vec<_>>();
+        assert_eq!(lens(&c.take(2)), [2]);
+        assert_eq!(lens(&c.take(4)), [1, 3]);
+        assert_eq!(c.take(10), [&[2u8, 2][..]]);
         assert!(c.take(1).is_empty());
     }
 }

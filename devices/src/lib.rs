@@ -10,6 +10,8 @@ pub mod interrupt;
 pub mod pci;
 pub mod serial;
 pub mod virtio;
+pub mod workers;
 
 pub use bus::{lock_device, Bus, BusDevice, SharedDevice};
 pub use interrupt::Interrupt;
+pub use workers::WorkerPool;

@@ -12,6 +12,26 @@
  *       BLOCK-aligned offsets from a fixed-seed xorshift over SPAN. Writes write a
  *       non-zero pseudo-random buffer. Prints one line:
  *       BLKIO op=OP pattern=P bs=N jobs=J ios=N bytes=N secs=S mbps=MB/S iops=N errors=N
+ *   blkio writers DEV JOBS REGION BLOCK PASSES
+ *       Concurrent writers with a read-back check. JOBS threads (at most 64); thread w
+ *       owns bytes [w*REGION, (w+1)*REGION) of DEV and writes it PASSES times (at most
+ *       256) with O_DIRECT requests of BLOCK bytes (pass p walks its blocks forwards when
+ *       p is even, backwards when odd), block b of pass p holding pattern(w, p, b)
+ *       (below). The threads issue their requests in lockstep (a barrier before each),
+ *       so that every round has JOBS requests in flight at once. Then one fdatasync (a
+ *       FLUSH to the device), then the JOBS threads read their regions back (O_DIRECT,
+ *       BLOCK at a time, concurrently) and compare every byte with the last pass's
+ *       pattern. Prints one line:
+ *       BLKIO-WRITERS jobs=J region=N bs=N passes=P writes=N write_errors=N flush=0|ERRNO
+ *         reads=N read_errors=N checked=BYTES bad=BYTES first_bad=OFFSET|none
+ *         write_secs=S read_secs=S
+ *   blkio check DEV JOBS REGION BLOCK PASSES
+ *       The read-back of `writers` alone (what DEV holds after `writers` with the same
+ *       arguments); the same line, with writes=0.
+ *       pattern(w, p, b): the little-endian 64-bit word i of the block is
+ *       splitmix64(w << 56 ^ p << 48 ^ b << 32 ^ i ^ 0x6a09e667f3bcc908), splitmix64
+ *       being Vigna's finaliser with its increment (tests/e2e/concurrency.rs has the
+ *       same function and checks this program against it).
  *
  * Sizes accept k, m, g suffixes (powers of 1024). Exit status 0 on success, 1 on error
  * (with a message on stderr).
@@ -179,6 +199,199 @@ static int bench(int argc, char **argv)
     return errors ? 1 : 0;
 }
 
+/* One word of pattern(w, p, b) (see the top of the file). */
+static uint64_t pattern_word(uint64_t w, uint64_t p, uint64_t b, uint64_t i)
+{
+    uint64_t z = (w << 56 ^ p << 48 ^ b << 32 ^ i ^ 0x6a09e667f3bcc908ULL) + 0x9e3779b97f4a7c15ULL;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+static void fill_pattern(unsigned char *buf, uint64_t len, uint64_t w, uint64_t p, uint64_t b)
+{
+    for (uint64_t i = 0; i < len / 8; i++) {
+        uint64_t v = pattern_word(w, p, b, i);
+        for (int k = 0; k < 8; k++)
+            buf[i * 8 + k] = (unsigned char)(v >> (8 * k));
+    }
+}
+
+struct writer {
+    int fd;
+    pthread_barrier_t *start, *round;
+    uint64_t w, region, bs, passes;
+    /* Results. */
+    uint64_t writes, write_errors, reads, read_errors, checked, bad, first_bad;
+    int first_errno;
+};
+
+static void note_error(struct writer *j, const char *op, uint64_t off, ssize_t n)
+{
+    if (j->first_errno == 0) {
+        j->first_errno = n < 0 ? errno : EIO;
+        fprintf(stderr, "blkio: writer %llu: %s at %llu: %s\n", (unsigned long long)j->w, op,
+                (unsigned long long)off, n < 0 ? strerror(errno) : "short transfer");
+    }
+}
+
+static void *write_region(void *arg)
+{
+    struct writer *j = arg;
+    uint64_t blocks = j->region / j->bs;
+    unsigned char *buf;
+    if (posix_memalign((void **)&buf, 4096, j->bs) != 0) {
+        j->write_errors++;
+        return NULL;
+    }
+    pthread_barrier_wait(j->start);
+    for (uint64_t p = 0; p < j->passes; p++) {
+        for (uint64_t k = 0; k < blocks; k++) {
+            uint64_t b = p % 2 == 0 ? k : blocks - 1 - k;
+            uint64_t off = j->w * j->region + b * j->bs;
+            fill_pattern(buf, j->bs, j->w, p, b);
+            pthread_barrier_wait(j->round);
+            ssize_t n = pwrite(j->fd, buf, j->bs, off);
+            j->writes++;
+            if (n != (ssize_t)j->bs) {
+                j->write_errors++;
+                note_error(j, "write", off, n);
+            }
+        }
+    }
+    free(buf);
+    return NULL;
+}
+
+static void *check_region(void *arg)
+{
+    struct writer *j = arg;
+    uint64_t blocks = j->region / j->bs, last = j->passes - 1;
+    unsigned char *buf, *want;
+    if (posix_memalign((void **)&buf, 4096, j->bs) != 0 ||
+        posix_memalign((void **)&want, 4096, j->bs) != 0) {
+        j->read_errors++;
+        return NULL;
+    }
+    pthread_barrier_wait(j->start);
+    for (uint64_t b = 0; b < blocks; b++) {
+        uint64_t off = j->w * j->region + b * j->bs;
+        memset(buf, 0, j->bs);
+        ssize_t n = pread(j->fd, buf, j->bs, off);
+        j->reads++;
+        if (n != (ssize_t)j->bs) {
+            j->read_errors++;
+            note_error(j, "read", off, n);
+            continue;
+        }
+        fill_pattern(want, j->bs, j->w, last, b);
+        j->checked += j->bs;
+        if (memcmp(buf, want, j->bs) == 0)
+            continue;
+        for (uint64_t i = 0; i < j->bs; i++) {
+            if (buf[i] != want[i]) {
+                if (j->bad == 0)
+                    j->first_bad = off + i;
+                j->bad++;
+            }
+        }
+    }
+    free(buf);
+    free(want);
+    return NULL;
+}
+
+/* Runs fn on every writer in its own thread, all started together; returns seconds. */
+static double run_writers(struct writer *js, int jobs, void *(*fn)(void *))
+{
+    pthread_t th[64];
+    pthread_barrier_t start, round;
+    pthread_barrier_init(&start, NULL, jobs + 1);
+    pthread_barrier_init(&round, NULL, jobs);
+    for (int i = 0; i < jobs; i++) {
+        js[i].start = &start;
+        js[i].round = &round;
+        pthread_create(&th[i], NULL, fn, &js[i]);
+    }
+    pthread_barrier_wait(&start);
+    double t0 = now();
+    for (int i = 0; i < jobs; i++)
+        pthread_join(th[i], NULL);
+    double t = now() - t0;
+    pthread_barrier_destroy(&start);
+    pthread_barrier_destroy(&round);
+    return t;
+}
+
+static int writers(int argc, char **argv, int write)
+{
+    if (argc < 7) {
+        fprintf(stderr, "blkio writers|check DEV JOBS REGION BLOCK PASSES\n");
+        return 1;
+    }
+    const char *dev = argv[2];
+    int jobs = atoi(argv[3]);
+    uint64_t region = parse_size(argv[4]), bs = parse_size(argv[5]);
+    uint64_t passes = parse_size(argv[6]);
+    if (jobs < 1 || jobs > 64 || bs == 0 || bs % 4096 || region == 0 || region % bs ||
+        region / bs > 65536 || passes < 1 || passes > 256) {
+        fprintf(stderr, "blkio: bad jobs, region, block size or passes\n");
+        return 1;
+    }
+    int fd = open(dev, (write ? O_RDWR : O_RDONLY) | O_DIRECT);
+    if (fd < 0) {
+        fprintf(stderr, "blkio: %s: %s\n", dev, strerror(errno));
+        return 1;
+    }
+    uint64_t size = 0;
+    if (ioctl(fd, BLKGETSIZE64, &size) != 0)
+        size = lseek(fd, 0, SEEK_END);
+    if (region * jobs > size) {
+        fprintf(stderr, "blkio: %d regions of %llu bytes do not fit in %s (%llu bytes)\n",
+                jobs, (unsigned long long)region, dev, (unsigned long long)size);
+        close(fd);
+        return 1;
+    }
+    struct writer js[64];
+    for (int i = 0; i < jobs; i++)
+        js[i] = (struct writer){ .fd = fd, .w = i, .region = region, .bs = bs,
+                                 .passes = passes };
+    double wt = 0;
+    int flush = 0;
+    if (write) {
+        wt = run_writers(js, jobs, write_region);
+        flush = fdatasync(fd) == 0 ? 0 : errno;
+        if (flush)
+            fprintf(stderr, "blkio: fdatasync %s: %s\n", dev, strerror(flush));
+    }
+    double rt = run_writers(js, jobs, check_region);
+    close(fd);
+    uint64_t writes = 0, werr = 0, reads = 0, rerr = 0, checked = 0, bad = 0;
+    uint64_t first_bad = UINT64_MAX;
+    for (int i = 0; i < jobs; i++) {
+        writes += js[i].writes;
+        werr += js[i].write_errors;
+        reads += js[i].reads;
+        rerr += js[i].read_errors;
+        checked += js[i].checked;
+        bad += js[i].bad;
+        if (js[i].bad && js[i].first_bad < first_bad)
+            first_bad = js[i].first_bad;
+    }
+    char fb[32] = "none";
+    if (bad)
+        snprintf(fb, sizeof fb, "%llu", (unsigned long long)first_bad);
+    printf("BLKIO-WRITERS jobs=%d region=%llu bs=%llu passes=%llu writes=%llu write_errors=%llu "
+           "flush=%d reads=%llu read_errors=%llu checked=%llu bad=%llu first_bad=%s "
+           "write_secs=%.3f read_secs=%.3f\n",
+           jobs, (unsigned long long)region, (unsigned long long)bs,
+           (unsigned long long)passes, (unsigned long long)writes, (unsigned long long)werr,
+           flush, (unsigned long long)reads, (unsigned long long)rerr,
+           (unsigned long long)checked, (unsigned long long)bad, fb, wt, rt);
+    fflush(stdout);
+    return werr || rerr || flush || bad || checked != region * jobs ? 1 : 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc >= 5 && strcmp(argv[1], "zeroout") == 0)
@@ -187,7 +400,12 @@ int main(int argc, char **argv)
         return range_ioctl(argv[2], BLKDISCARD, "BLKDISCARD", argv[3], argv[4]);
     if (argc >= 2 && strcmp(argv[1], "bench") == 0)
         return bench(argc, argv);
+    if (argc >= 2 && strcmp(argv[1], "writers") == 0)
+        return writers(argc, argv, 1);
+    if (argc >= 2 && strcmp(argv[1], "check") == 0)
+        return writers(argc, argv, 0);
     fprintf(stderr, "usage: blkio zeroout|discard DEV OFFSET LENGTH\n"
-                    "       blkio bench DEV read|write seq|rand BLOCK SECONDS JOBS [SPAN]\n");
+                    "       blkio bench DEV read|write seq|rand BLOCK SECONDS JOBS [SPAN]\n"
+                    "       blkio writers|check DEV JOBS REGION BLOCK PASSES\n");
     return 2;
 }

@@ -7,8 +7,8 @@
 # (tests/interop, tests/functional, tests/security run the real peer tools: qemu-img,
 # qemu-io, qemu-system-x86_64, cryptsetup, openssl, python3; with CI=true a missing tool
 # fails its tests, elsewhere they are skipped with a note), then the benchmarks
-# (resources/bench/convert.sh, qcow2.sh, boot.sh, disk.sh, hotplug.sh), whose figures
-# are printed, not judged. BENCH=0 skips the benchmarks.
+# (resources/bench/cipher.sh, convert.sh, qcow2.sh, boot.sh, disk.sh, hotplug.sh), whose
+# figures are printed, not judged. BENCH=0 skips the benchmarks.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -52,7 +52,7 @@ bench() {
     fi
 }
 if [[ "${BENCH:-1}" != 0 ]]; then
-    for b in convert.sh qcow2.sh boot.sh disk.sh hotplug.sh; do
+    for b in cipher.sh convert.sh qcow2.sh boot.sh disk.sh hotplug.sh; do
         bench "$b"
     done
 fi

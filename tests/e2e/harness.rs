@@ -92,10 +92,12 @@ pub struct Scenario {
     baked: Option<String>,
     files: Vec<(PathBuf, String)>,
     vmm_args: Vec<String>,
+    vmm_env: Vec<(String, String)>,
     cmdline_extra: String,
     timeout: Duration,
     mode: Option<Mode>,
     return_files: bool,
+    return_max_mib: u64,
     qmp: Option<Qmp>,
     driver: Option<String>,
     host_driver: Option<Vec<String>>,
@@ -114,6 +116,10 @@ pub enum Qmp {
     /// `-qmp tcp:HOST:PORT,server=on,wait=off`.
     Tcp,
 }
+
+/// Files up to this size come back in [`Outcome::out_files`] unless
+/// [`Scenario::return_files_up_to`] raises it.
+const DEFAULT_RETURN_MAX_MIB: u64 = 16;
 
 /// The port of L1 that a [`Qmp::Tcp`] VMM listens on in nested mode.
 pub const L1_QMP_PORT: u16 = 4444;
@@ -175,10 +181,12 @@ impl Scenario {
             baked: Some("boot".to_string()),
             files: Vec::new(),
             vmm_args: Vec::new(),
+            vmm_env: Vec::new(),
             cmdline_extra: String::new(),
             timeout: Duration::from_secs(150),
             mode: None,
             return_files: false,
+            return_max_mib: DEFAULT_RETURN_MAX_MIB,
             qmp: None,
             driver: None,
             host_driver: None,
@@ -246,6 +254,19 @@ impl Scenario {
         self
     }
 
+    /// Environment variables of the VMM process alone (in nested mode set by `env` in
+    /// L1's run script; the command in messages shows them).
+    pub fn vmm_env<I, K, V>(mut self, vars: I) -> Self
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<String>,
+        V: Into<String>,
+    {
+        self.vmm_env
+            .extend(vars.into_iter().map(|(k, v)| (k.into(), v.into())));
+        self
+    }
+
     /// Extra words for the guest kernel's command line.
     pub fn cmdline(mut self, extra: &str) -> Self {
         self.cmdline_extra = extra.to_string();
@@ -260,11 +281,25 @@ impl Scenario {
 
     /// Brings the files folder back after the run (disk images the guest wrote): they
     /// appear in [`Outcome::out_files`] as `files/NAME` in both modes (in nested mode
-    /// L1 copies them into its `/out`; keep them small: that disk is 64 MiB and files
-    /// over 16 MiB are not read back).
+    /// L1 copies them into its `/out`). Files over 16 MiB are not read back unless
+    /// [`Scenario::return_files_up_to`] says otherwise.
     pub fn return_files(mut self) -> Self {
         self.return_files = true;
         self
+    }
+
+    /// [`Scenario::return_files`], reading back files of up to `mib` MiB (in nested mode
+    /// L1's result disk then has room for several of them).
+    pub fn return_files_up_to(mut self, mib: u64) -> Self {
+        self.return_files = true;
+        self.return_max_mib = mib.max(DEFAULT_RETURN_MAX_MIB);
+        self
+    }
+
+    /// The size of L1's result disk (launch.sh --out-size): room for the logs and for a
+    /// few files of the largest size that is read back.
+    fn out_disk_mib(&self) -> u64 {
+        64 + 2 * self.return_max_mib
     }
 
     /// Gives the VMM a QMP server (see [`Qmp`]).
@@ -400,6 +435,14 @@ impl Scenario {
         cmdline
     }
 
+    /// `K=V ` for each [`Scenario::vmm_env`] variable, for messages.
+    fn env_prefix(&self) -> String {
+        self.vmm_env
+            .iter()
+            .map(|(k, v)| format!("{} ", shell_join(&[format!("{k}={v}")])))
+            .collect()
+    }
+
     /// The VMM's argv, with the given paths for the kernel, initramfs and files folder.
     fn vmm_argv(&self, vmm_binary: &str, kernel: &str, initrd: &str, files: &str) -> Vec<String> {
         let mem = self.memory_mib;
@@ -479,13 +522,14 @@ impl Scenario {
         if let Some(addr) = &qmp_addr {
             argv.extend(self.qmp_args(addr));
         }
-        let command = shell_join(&argv);
+        let command = self.env_prefix() + &shell_join(&argv);
         let console_path = root.join("l2-console.txt");
         let stdout = fs::File::create(&console_path).expect("console file");
         let stderr = fs::File::create(root.join("vmm-stderr.txt")).expect("stderr file");
         let start = Instant::now();
         let mut child = Command::new(&argv[0])
             .args(&argv[1..])
+            .envs(self.vmm_env.iter().map(|(k, v)| (k, v)))
             .current_dir(root)
             .stdin(Stdio::null())
             .stdout(stdout)
@@ -526,7 +570,7 @@ impl Scenario {
         }
         let status = wait_with_timeout(&mut child, self.timeout);
         let vmm_seconds = Some(start.elapsed().as_secs_f64());
-        let out_files = read_tree(root);
+        let out_files = read_tree(root, self.return_max_mib << 20);
         Outcome {
             mode: Mode::Direct,
             console: String::new(),
@@ -598,7 +642,17 @@ impl Scenario {
         if let Some(addr) = &qmp_addr {
             argv.extend(self.qmp_args(addr));
         }
-        let command = shell_join(&argv);
+        // `timeout` runs `env`, which sets the variables and runs the VMM.
+        let env_args: Vec<String> = self
+            .vmm_env
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let command = if env_args.is_empty() {
+            shell_join(&argv)
+        } else {
+            format!("env {} {}", shell_join(&env_args), shell_join(&argv))
+        };
         // Inside L1 the VMM gets a time limit of its own, so that L1 still reports.
         let inner = self.timeout.as_secs().saturating_sub(30).max(20);
         // With a driver or a host driver the VMM runs in the background; for a host driver
@@ -706,7 +760,9 @@ impl Scenario {
             .arg("--out-dir")
             .arg(&out_dir)
             .arg("--timeout")
-            .arg(self.timeout.as_secs().to_string());
+            .arg(self.timeout.as_secs().to_string())
+            .arg("--out-size")
+            .arg(self.out_disk_mib().to_string());
         if let Some(port) = host_port {
             launch.arg("--hostfwd").arg(format!("{port}:{L1_QMP_PORT}"));
         }
@@ -736,7 +792,7 @@ impl Scenario {
                 fs::read_to_string(root.join("launch.log")).unwrap_or_default()
             );
         }
-        let out_files = read_tree(&out_dir);
+        let out_files = read_tree(&out_dir, self.return_max_mib << 20);
         let exit_code = text(&out_files, "vmm-exit-code").trim().parse().ok();
         let vmm_seconds = text(&out_files, "vmm-times")
             .split_whitespace()
@@ -1103,9 +1159,10 @@ fn wait_with_timeout(child: &mut std::process::Child, timeout: Duration) -> Opti
     }
 }
 
-/// Every regular file under `dir`, by relative path (large images are skipped).
-fn read_tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    fn walk(base: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+/// Every regular file under `dir` of at most `max` bytes, by relative path (large images
+/// are skipped).
+fn read_tree(dir: &Path, max: u64) -> BTreeMap<String, Vec<u8>> {
+    fn walk(base: &Path, dir: &Path, max: u64, out: &mut BTreeMap<String, Vec<u8>>) {
         let Ok(entries) = fs::read_dir(dir) else {
             return;
         };
@@ -1113,8 +1170,8 @@ fn read_tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
             let path = entry.path();
             let Ok(meta) = entry.metadata() else { continue };
             if meta.is_dir() {
-                walk(base, &path, out);
-            } else if meta.is_file() && meta.len() <= 16 << 20 {
+                walk(base, &path, max, out);
+            } else if meta.is_file() && meta.len() <= max {
                 if let (Ok(rel), Ok(data)) = (path.strip_prefix(base), fs::read(&path)) {
                     out.insert(rel.to_string_lossy().into_owned(), data);
                 }
@@ -1122,7 +1179,7 @@ fn read_tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
         }
     }
     let mut out = BTreeMap::new();
-    walk(dir, dir, &mut out);
+    walk(dir, dir, max, &mut out);
     out
 }
 

@@ -17,6 +17,9 @@ pub const DEFAULT_MEMORY: u64 = 512 << 20;
 pub const MIN_MEMORY: u64 = 2 << 20;
 /// Largest guest RAM accepted.
 pub const MAX_MEMORY: u64 = 1 << 40;
+/// Most request workers (`io-workers`) a VM may have.
+pub const MAX_IO_WORKERS: u64 = devices::workers::MAX_WORKERS as u64;
+
 /// Kernel command line when neither the file nor the options give one: the console on
 /// the 16550A at 0x3f8, reboot through the i8042 (which ends `cryptvm run`), and a
 /// panic reboots at once instead of hanging. ACPI is on by default in the kernel.
@@ -82,6 +85,9 @@ pub struct VmConfig {
     pub qmp: Option<String>,
     /// Serial console destination.
     pub serial: SerialConfig,
+    /// Request workers shared by every disk queue (`io-workers`); `None`: see
+    /// [`VmConfig::io_workers`].
+    pub io_workers: Option<usize>,
 }
 
 impl Default for VmConfig {
@@ -97,6 +103,7 @@ impl Default for VmConfig {
             devices: Vec::new(),
             qmp: None,
             serial: SerialConfig::Stdio,
+            io_workers: None,
         }
     }
 }
@@ -151,6 +158,13 @@ fn check_memory(bytes: u64, text: &str) -> Result<u64, String> {
         return Err(format!("'{text}' is not a multiple of 4 KiB"));
     }
     Ok(bytes)
+}
+
+fn check_io_workers(n: u64) -> Result<usize, String> {
+    if n == 0 || n > MAX_IO_WORKERS {
+        return Err(format!("{n} I/O workers: give 1 to {MAX_IO_WORKERS}"));
+    }
+    Ok(n as usize)
 }
 
 fn check_cpus(n: u64) -> Result<u8, String> {
@@ -280,6 +294,15 @@ impl VmConfig {
                     })?;
                     self.cpus = check_cpus(n).map_err(key_err)?;
                 }
+                "io-workers" => {
+                    let n = v.as_u64().ok_or_else(|| {
+                        key_err(format!(
+                            "expected an integer, got {}",
+                            block::options::kind(v)
+                        ))
+                    })?;
+                    self.io_workers = Some(check_io_workers(n).map_err(key_err)?);
+                }
                 "memory" => {
                     let text = match v {
                         Value::String(s) => s.clone(),
@@ -361,6 +384,13 @@ impl VmConfig {
                     .map_err(|_| opt_err(format!("'{value}' is not a number of vCPUs")))?;
                 self.cpus = check_cpus(n).map_err(opt_err)?;
             }
+            "io-workers" => {
+                let n: u64 = value
+                    .trim()
+                    .parse()
+                    .map_err(|_| opt_err(format!("'{value}' is not a number of workers")))?;
+                self.io_workers = Some(check_io_workers(n).map_err(opt_err)?);
+            }
             "memory" => {
                 self.memory = parse_memory_size(value)
                     .and_then(|b| check_memory(b, value))
@@ -395,11 +425,30 @@ impl VmConfig {
     pub fn cmdline(&self) -> &str {
         self.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE)
     }
+
+    /// The request workers to start: as configured, else two per host CPU
+    /// (at least 4, at most 64: requests mostly wait for the disk).
+    pub fn io_workers(&self) -> usize {
+        self.io_workers.unwrap_or_else(|| {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (2 * cpus).clamp(4, 64)
+        })
+    }
 }
 
 const OPTIONS: &[&str] = &[
-    "config", "kernel", "initrd", "cmdline", "cpus", "memory", "object", "blockdev", "device",
-    "qmp", "serial",
+    "config",
+    "kernel",
+    "initrd",
+    "cmdline",
+    "cpus",
+    "memory",
+    "object",
+    "blockdev",
+    "device",
+    "qmp",
+    "serial",
+    "io-workers",
 ];
 
 fn parse_serial(text: &str, base: Option<&Path>) -> Result<SerialConfig, String> {
@@ -495,6 +544,7 @@ mod tests {
         assert_eq!(e(json!({"bogus": 1})), "bogus: unknown key");
         assert!(e(json!({"machine": {"cpus": 0}})).starts_with("machine.cpus: 0 vCPUs"));
         assert!(e(json!({"machine": {"cpus": 33}})).starts_with("machine.cpus: 33 vCPUs"));
+        assert!(e(json!({"machine": {"io-workers": 0}})).starts_with("machine.io-workers: 0 I/O"));
         assert!(e(json!({"machine": {"memory": "1"}})).contains("too small"));
         assert_eq!(
             e(json!({"devices": [1]})),
@@ -516,6 +566,8 @@ mod tests {
         let e = |a: &[&str]| VmConfig::from_args(&args(a)).unwrap_err().0;
         assert!(e(&["--cpus", "0"]).starts_with("--cpus: 0 vCPUs"));
         assert!(e(&["--cpus", "x"]).starts_with("--cpus:"));
+        assert!(e(&["--io-workers", "0"]).starts_with("--io-workers: 0 I/O workers"));
+        assert!(e(&["--io-workers", "many"]).starts_with("--io-workers:"));
         assert!(e(&["--frobnicate", "1"]).contains("unknown option"));
         assert!(e(&["--kernel"]).contains("missing value"));
         assert!(e(&["--serial", "pty"]).starts_with("--serial:"));

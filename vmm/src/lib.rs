@@ -9,7 +9,6 @@ pub mod cpuid;
 pub mod ctl;
 pub mod event_loop;
 pub mod img;
-pub mod io_thread;
 pub mod layout;
 pub mod machine;
 pub mod memory;

@@ -7,6 +7,7 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
+use devices::WorkerPool;
 use serde_json::json;
 use vm_memory::GuestAddress;
 
@@ -155,6 +156,8 @@ fn build_machine(vm: &Vm, config: &VmConfig) -> Result<Arc<Machine>, String> {
         bars: vm.pci_bars().clone(),
         pci_root: vm.pci_root().clone(),
         window: layout::mmio64_window(vm.memory_size()),
+        workers: WorkerPool::new(config.io_workers(), "io-w")
+            .map_err(|e| format!("starting the I/O workers: {e}"))?,
     });
     for (i, e) in config.objects.iter().enumerate() {
         let path = format!("objects[{i}]");

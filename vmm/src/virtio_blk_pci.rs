@@ -5,14 +5,12 @@
 use std::sync::{Arc, Mutex};
 
 use serde_json::{Map, Value};
-use vmm_sys_util::eventfd::EventFd;
 
 use block::NodeRef;
 use devices::virtio::block::{BlockConfig, IoErrorReporter, VirtioBlock};
-use devices::virtio::{VirtioPciDevice, BAR_SIZE};
-use devices::{Interrupt, SharedDevice};
+use devices::virtio::{FaultReporter, VirtioPciDevice, VirtioQueues, BAR_SIZE};
+use devices::{Interrupt, SharedDevice, WorkerPool};
 
-use crate::io_thread::IoThread;
 use crate::memory::GuestMemoryMmap;
 use crate::msi::{MsiRouter, MsiVector};
 use crate::pci_bars::{Doorbell, PciBars};
@@ -241,8 +239,13 @@ pub struct DeviceEnv<'a> {
     pub bars: &'a Arc<PciBars>,
     /// Where BARs are placed.
     pub window: std::ops::Range<u64>,
+    /// The request workers.
+    pub workers: &'a Arc<WorkerPool>,
     /// Told about requests the node failed.
     pub on_error: Option<IoErrorReporter>,
+    /// Told when the device fails (a request handler panicked, or the
+    /// driver broke the virtqueue protocol).
+    pub on_fault: Option<FaultReporter>,
 }
 
 /// A `virtio-blk-pci` device attached to a slot, serving its node.
@@ -254,7 +257,7 @@ pub struct VirtioBlkPci {
     /// The PCI function (for the bus).
     pub pci: Arc<Mutex<VirtioPciDevice>>,
     bars: Arc<PciBars>,
-    threads: Vec<IoThread>,
+    queues: Arc<VirtioQueues>,
     _vectors: Vec<Arc<MsiVector>>,
 }
 
@@ -273,15 +276,6 @@ pub enum DeviceError {
     /// BAR placement.
     #[error(transparent)]
     Bar(#[from] crate::pci_bars::BarError),
-    /// Threads or eventfds.
-    #[error("{what}: {source}")]
-    Io {
-        /// What was being done.
-        what: &'static str,
-        /// The error.
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 impl VirtioBlkPci {
@@ -307,54 +301,59 @@ impl VirtioBlkPci {
             .map(|v| v.clone() as Arc<dyn Interrupt>)
             .collect();
         let bar = env.bars.allocate(env.window.clone(), BAR_SIZE)?;
-        let pci = VirtioPciDevice::new(device, env.memory.clone(), interrupts, bar)?;
+        let label = props.id.clone().unwrap_or_else(|| format!("slot{slot}"));
+        let pci = VirtioPciDevice::new(
+            device,
+            env.memory.clone(),
+            interrupts,
+            bar,
+            env.workers,
+            &format!("io-{label}"),
+        )?;
+        if let Some(report) = env.on_fault.take() {
+            pci.set_fault_reporter(report);
+        }
         let queues = pci.queues();
         let pci = Arc::new(Mutex::new(pci));
         let doorbells = (0..nq)
-            .map(|q| {
-                EventFd::new(libc::EFD_NONBLOCK)
-                    .map(|evt| Doorbell {
-                        offset: VirtioPciDevice::notify_offset(q),
-                        evt: Arc::new(evt),
-                    })
-                    .map_err(|source| DeviceError::Io {
-                        what: "creating a queue eventfd",
-                        source,
-                    })
+            .filter_map(|q| {
+                Some(Doorbell {
+                    offset: VirtioPciDevice::notify_offset(q),
+                    evt: queues.kick_eventfd(usize::from(q))?,
+                })
             })
-            .collect::<Result<Vec<_>, _>>()?;
-        let label = props.id.clone().unwrap_or_else(|| format!("slot{slot}"));
-        let mut threads = Vec::with_capacity(doorbells.len());
-        for (q, d) in doorbells.iter().enumerate() {
-            let queues = queues.clone();
-            let t = IoThread::spawn(format!("io-{label}-q{q}"), d.evt.clone(), move || {
-                queues.process_queue(q);
-            })
-            .map_err(|source| DeviceError::Io {
-                what: "starting an I/O thread",
-                source,
-            })?;
-            threads.push(t);
-        }
+            .collect();
         let shared: SharedDevice = pci.clone();
-        env.bars.map(slot, bar, BAR_SIZE, shared, doorbells)?;
+        if let Err(e) = env.bars.map(slot, bar, BAR_SIZE, shared, doorbells) {
+            queues.shutdown();
+            return Err(e.into());
+        }
         Ok(VirtioBlkPci {
             props,
             slot,
             pci,
             bars: env.bars.clone(),
-            threads,
+            queues,
             _vectors: vectors,
         })
     }
 }
 
+impl VirtioBlkPci {
+    /// Takes the BAR and its doorbells off the bus (the guest no longer
+    /// reaches the device); idempotent.
+    pub fn unmap(&self) {
+        self.bars.unmap(self.slot);
+    }
+}
+
 impl Drop for VirtioBlkPci {
     fn drop(&mut self) {
-        // Doorbells first, so no new work arrives; then the I/O threads
-        // finish what they are doing and stop; the vectors go last.
+        // Doorbells first, so no new work arrives; then the queue threads
+        // stop and the requests in flight finish, after which nothing can
+        // reach the node; the vectors go last.
         self.bars.unmap(self.slot);
-        self.threads.clear();
+        self.queues.shutdown();
     }
 }
 

@@ -20,7 +20,11 @@ use super::hash::{HashAlg, MAX_DIGEST_LEN};
 
 mod ivgen;
 mod modes;
+#[cfg(target_arch = "x86_64")]
+mod vaes;
 mod xts;
+#[cfg(target_arch = "x86_64")]
+mod xts_vaes;
 
 use ivgen::{BlockEncryptor, IvGen};
 
@@ -366,6 +370,22 @@ pub trait SectorCipher: Send + Sync {
     fn encrypt(&self, first_sector: u64, buf: &mut [u8]);
     /// Inverse of [`SectorCipher::encrypt`], with the same contract.
     fn decrypt(&self, first_sector: u64, buf: &mut [u8]);
+    /// Encrypts `src` into `dst` (as [`SectorCipher::encrypt`] would in
+    /// place), so that a write needs no separate copy of its data.
+    ///
+    /// # Panics
+    /// If `src` is not whole sectors or `dst` is not as long as `src`.
+    fn encrypt_to(&self, first_sector: u64, src: &[u8], dst: &mut [u8]) {
+        check_len(src);
+        check_same_len(src, dst);
+        dst.copy_from_slice(src);
+        self.encrypt(first_sector, dst);
+    }
+    /// The implementation, for tests that must know which one they ran.
+    #[cfg(test)]
+    fn implementation(&self) -> &'static str {
+        "generic"
+    }
 }
 
 impl fmt::Debug for dyn SectorCipher + '_ {
@@ -377,9 +397,32 @@ impl fmt::Debug for dyn SectorCipher + '_ {
 /// Builds the sector cipher of `spec` keyed with `key` (the master key, or a
 /// key slot's key; [`CipherSpec::key_bytes`] long). The key schedule is
 /// computed once here; encrypting does not allocate.
+///
+/// AES-XTS uses the VAES/AVX-512 kernel when the CPU has it, else the
+/// generic implementation over the `aes` crate (AES-NI or software).
 pub fn new_sector_cipher(
     spec: &CipherSpec,
     key: &[u8],
+) -> Result<Box<dyn SectorCipher>, LuksError> {
+    build_sector_cipher(spec, key, Impl::Fastest)
+}
+
+/// Which implementation [`build_sector_cipher`] may pick.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Impl {
+    /// The fastest this CPU runs.
+    Fastest,
+    /// The generic one, over the RustCrypto block ciphers (tests compare
+    /// the two).
+    #[cfg_attr(not(test), allow(dead_code))]
+    Generic,
+}
+
+/// [`new_sector_cipher`], choosing among the implementations with `which`.
+fn build_sector_cipher(
+    spec: &CipherSpec,
+    key: &[u8],
+    which: Impl,
 ) -> Result<Box<dyn SectorCipher>, LuksError> {
     spec.validate()?;
     if key.len() != spec.key_bytes() {
@@ -390,6 +433,23 @@ pub fn new_sector_cipher(
         });
     }
     let ivgen = new_ivgen(spec, key)?;
+    #[cfg(target_arch = "x86_64")]
+    if spec.mode == CipherMode::Xts && which == Impl::Fastest {
+        let (data_key, tweak_key) = key.split_at(key.len() / 2);
+        let is_aes = matches!(
+            spec.alg,
+            CipherAlg::Aes128 | CipherAlg::Aes192 | CipherAlg::Aes256
+        );
+        // None without VAES/AVX-512: then the generic path below.
+        if let Some(aes) = is_aes
+            .then(|| vaes::XtsAes::new(data_key, tweak_key))
+            .flatten()
+        {
+            return Ok(Box::new(xts_vaes::FastXts::new(aes, ivgen)));
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = which;
     match spec.alg {
         CipherAlg::Aes128 => build16::<Aes128>(spec, key, ivgen),
         CipherAlg::Aes192 => build16::<Aes192>(spec, key, ivgen),
@@ -504,6 +564,15 @@ fn build_any<C: ModeCipher>(
 /// `first` (wrapping around like the 64-bit IVs do).
 fn sector_number(first: u64, index: usize) -> u64 {
     first.wrapping_add(index as u64)
+}
+
+/// Asserts that an out-of-place destination is as long as its source.
+fn check_same_len(src: &[u8], dst: &[u8]) {
+    assert_eq!(
+        src.len(),
+        dst.len(),
+        "sector cipher source and destination lengths differ"
+    );
 }
 
 /// Asserts the [`SectorCipher`] buffer contract.

@@ -5,8 +5,10 @@
 //! `crypto/block-luks.c`, including QEMU's detached header layout.
 
 mod af;
+mod bounce;
 mod cipher;
 mod create;
+pub mod crypto_pool;
 mod error;
 mod hash;
 mod header;
@@ -14,7 +16,7 @@ mod keyslot;
 pub mod node;
 
 pub use cipher::{new_sector_cipher, CipherAlg, CipherMode, CipherSpec, IvGenAlg, SectorCipher};
-pub use create::{create, CreateOptions, NewVolume};
+pub use create::{create, create_with_iterations, CreateOptions, NewVolume, PbkdfIterations};
 pub use error::LuksError;
 pub use hash::HashAlg;
 pub use header::{KeySlot, LuksHeader};

@@ -2,26 +2,19 @@
 //! child, with the LUKS header either at the start of `file` or in a separate
 //! `header` node (a detached header).
 
-use std::cell::RefCell;
-
-use rayon::prelude::*;
 use serde_json::{json, Value};
 
+use super::bounce::{Bounce, CHUNK};
+use super::crypto_pool::{for_each_piece, Piece};
 use super::{new_sector_cipher, unlock, IvGenAlg, LuksError, LuksHeader, SectorCipher};
 use crate::blockdev::OpenContext;
 use crate::node::{check_range, total_len, write_zeroes_by_writing, BlockNode, NodeRef};
 use crate::options::Opts;
+use crate::sg::SgCursor;
 use crate::{BlockError, Result, SECTOR_SIZE};
 
-/// Requests at least this large are encrypted by several threads at once.
-const PARALLEL_MIN: usize = 128 * 1024;
-/// Bytes each parallel task encrypts.
-const PARALLEL_CHUNK: usize = 64 * 1024;
-
-thread_local! {
-    /// Per-thread bounce buffer for encrypting writes, reused across requests.
-    static BOUNCE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-}
+/// Bytes in a payload sector (the unit of the IV).
+const SECTOR: usize = SECTOR_SIZE as usize;
 
 /// An unlocked (or, for metadata queries, merely parsed) LUKS volume.
 pub struct LuksNode {
@@ -109,66 +102,186 @@ impl LuksNode {
         })
     }
 
-    /// Decrypts whole sectors in place; `first_sector` is the payload sector of `buf[0]`.
-    fn decrypt(&self, first_sector: u64, buf: &mut [u8]) -> Result<()> {
+    /// Decrypts whole sectors in place: each job is `(payload sector of its
+    /// first byte, buffer)`; large totals on the crypto threads.
+    fn decrypt(&self, jobs: Vec<(u64, &mut [u8])>) -> Result<()> {
         let cipher = self.cipher()?;
-        run_parallel(buf, first_sector, |s, b| cipher.decrypt(s, b));
+        for_each_piece(jobs, SECTOR, |s, b| cipher.decrypt(s, b));
         Ok(())
     }
 
     fn encrypt(&self, first_sector: u64, buf: &mut [u8]) -> Result<()> {
         let cipher = self.cipher()?;
-        run_parallel(buf, first_sector, |s, b| cipher.encrypt(s, b));
+        for_each_piece(vec![(first_sector, buf)], SECTOR, |s, b: &mut [u8]| {
+            cipher.encrypt(s, b)
+        });
         Ok(())
     }
 
-    /// Reads and decrypts whole sectors starting at an aligned offset.
-    fn read_sectors(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.payload.read_at(self.payload_offset + offset, buf)?;
-        self.decrypt(offset / SECTOR_SIZE, buf)
-    }
-
-    /// Reads and decrypts the whole sectors covering `len` bytes at
-    /// `offset`; returns them and where `offset` falls in them.
-    fn read_covering(&self, offset: u64, len: usize) -> Result<(Vec<u8>, usize)> {
-        let start = offset - offset % SECTOR_SIZE;
-        let end = (offset + len as u64).next_multiple_of(SECTOR_SIZE);
-        let mut covering = vec![0u8; (end - start) as usize];
-        self.read_sectors(start, &mut covering)?;
-        Ok((covering, (offset - start) as usize))
-    }
-
-    /// Encrypts a copy of whole sectors and writes it at an aligned offset.
-    fn write_sectors(&self, offset: u64, data: &[u8]) -> Result<()> {
-        BOUNCE.with(|bounce| {
-            let mut bounce = bounce.borrow_mut();
-            bounce.clear();
-            bounce.extend_from_slice(data);
-            self.encrypt(offset / SECTOR_SIZE, &mut bounce)?;
-            let result = self.payload.write_at(self.payload_offset + offset, &bounce);
-            if bounce.capacity() > 8 << 20 {
-                *bounce = Vec::new();
+    /// Fills `dst` (whole sectors, payload sector `first_sector` first) with
+    /// the ciphertext of the next `dst.len()` bytes of `src`. Source pieces
+    /// that cover whole sectors are encrypted straight into `dst`; runs of
+    /// pieces that split sectors are copied, then encrypted in place.
+    fn encrypt_from(&self, first_sector: u64, src: &mut Gather<'_>, dst: &mut [u8]) -> Result<()> {
+        let cipher = self.cipher()?;
+        let mut jobs: Vec<(u64, Encrypt<'_>)> = Vec::new();
+        let mut sector = first_sector;
+        let mut rest = dst;
+        // Bytes of a run being copied, at the front of `rest`.
+        let mut run = 0usize;
+        while rest.len() > run {
+            let piece = src.next_piece(rest.len() - run);
+            if run == 0 && piece.len().is_multiple_of(SECTOR) {
+                let (d, r) = rest.split_at_mut(piece.len());
+                jobs.push((sector, Encrypt::From(piece, d)));
+                sector += (piece.len() / SECTOR) as u64;
+                rest = r;
+                continue;
             }
-            result
-        })
+            rest[run..run + piece.len()].copy_from_slice(piece);
+            run += piece.len();
+            if run.is_multiple_of(SECTOR) {
+                let (d, r) = rest.split_at_mut(run);
+                jobs.push((sector, Encrypt::InPlace(d)));
+                sector += (run / SECTOR) as u64;
+                rest = r;
+                run = 0;
+            }
+        }
+        for_each_piece(jobs, SECTOR, |s, job| match job {
+            Encrypt::From(src, dst) => cipher.encrypt_to(s, src, dst),
+            Encrypt::InPlace(buf) => cipher.encrypt(s, buf),
+        });
+        Ok(())
+    }
+
+    /// Reads and decrypts whole sectors at an aligned offset, in place.
+    fn read_sectors(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+        self.cipher()?;
+        self.payload
+            .read_vectored(self.payload_offset + offset, bufs)?;
+        let mut sector = offset / SECTOR_SIZE;
+        let mut jobs = Vec::with_capacity(bufs.len());
+        for buf in bufs.iter_mut() {
+            let n = (buf.len() / SECTOR) as u64;
+            jobs.push((sector, &mut buf[..]));
+            sector += n;
+        }
+        self.decrypt(jobs)
+    }
+
+    /// Reads any range into `bufs` through a bounce buffer, [`CHUNK`] bytes
+    /// of covering sectors at a time.
+    fn read_bounced(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+        let end = offset + total_len(bufs);
+        let mut out = SgCursor::new(bufs);
+        let mut pos = offset;
+        while pos < end {
+            let start = pos - pos % SECTOR_SIZE;
+            let stop = end.min(start + CHUNK as u64);
+            let covering = (stop.next_multiple_of(SECTOR_SIZE) - start) as usize;
+            let mut bounce = Bounce::take(covering);
+            self.read_sectors(start, &mut [&mut bounce[..]])?;
+            let mut at = (pos - start) as usize;
+            for piece in out.take((stop - pos) as usize) {
+                piece.copy_from_slice(&bounce[at..at + piece.len()]);
+                at += piece.len();
+            }
+            pos = stop;
+        }
+        Ok(())
+    }
+
+    /// Encrypts `data` (whole sectors, at most [`CHUNK`] bytes, in a bounce
+    /// buffer) in place and writes it at an aligned offset.
+    fn write_sectors(&self, offset: u64, data: &mut Bounce) -> Result<()> {
+        self.encrypt(offset / SECTOR_SIZE, data)?;
+        self.payload.write_at(self.payload_offset + offset, data)
+    }
+
+    /// Writes the part of one sector at `offset` (unaligned, `len` bytes
+    /// within the sector) from `src`: read, decrypt, patch, encrypt, write.
+    fn write_partial_sector(&self, offset: u64, len: usize, src: &mut Gather<'_>) -> Result<()> {
+        let start = offset - offset % SECTOR_SIZE;
+        let at = (offset - start) as usize;
+        let mut sector = Bounce::take(SECTOR);
+        self.read_sectors(start, &mut [&mut sector[..]])?;
+        src.copy_to(&mut sector[at..at + len]);
+        self.write_sectors(start, &mut sector)
+    }
+}
+
+/// Copies consecutive bytes out of a scatter-gather list.
+struct Gather<'a> {
+    bufs: &'a [&'a [u8]],
+    index: usize,
+    at: usize,
+}
+
+impl<'a> Gather<'a> {
+    fn new(bufs: &'a [&'a [u8]]) -> Self {
+        Gather {
+            bufs,
+            index: 0,
+            at: 0,
+        }
+    }
+
+    /// The next bytes, at most `max`, from one buffer of the list.
+    fn next_piece(&mut self, max: usize) -> &'a [u8] {
+        while self.at == self.bufs[self.index].len() {
+            self.index += 1;
+            self.at = 0;
+        }
+        let buf: &'a [u8] = self.bufs[self.index];
+        let n = (buf.len() - self.at).min(max);
+        let piece = &buf[self.at..self.at + n];
+        self.at += n;
+        piece
+    }
+
+    /// Fills `dst` with the next `dst.len()` bytes.
+    fn copy_to(&mut self, mut dst: &mut [u8]) {
+        while !dst.is_empty() {
+            let piece = self.next_piece(dst.len());
+            dst[..piece.len()].copy_from_slice(piece);
+            dst = &mut dst[piece.len()..];
+        }
+    }
+}
+
+/// A piece of a write's encryption: straight from the caller's buffer into
+/// the bounce buffer, or in place in the bounce buffer.
+enum Encrypt<'a> {
+    From(&'a [u8], &'a mut [u8]),
+    InPlace(&'a mut [u8]),
+}
+
+impl Piece for Encrypt<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Encrypt::From(_, dst) | Encrypt::InPlace(dst) => dst.len(),
+        }
+    }
+
+    fn split_at(self, at: usize) -> (Self, Self) {
+        match self {
+            Encrypt::From(src, dst) => {
+                let (s0, s1) = src.split_at(at);
+                let (d0, d1) = dst.split_at_mut(at);
+                (Encrypt::From(s0, d0), Encrypt::From(s1, d1))
+            }
+            Encrypt::InPlace(buf) => {
+                let (b0, b1) = buf.split_at_mut(at);
+                (Encrypt::InPlace(b0), Encrypt::InPlace(b1))
+            }
+        }
     }
 }
 
 /// Whether a request covers whole sectors only (empty requests do).
 fn is_sector_aligned(offset: u64, len: usize) -> bool {
     offset.is_multiple_of(SECTOR_SIZE) && (len as u64).is_multiple_of(SECTOR_SIZE)
-}
-
-/// Runs `f` over sector-aligned chunks of `buf`, on several threads when it is large.
-fn run_parallel(buf: &mut [u8], first_sector: u64, f: impl Fn(u64, &mut [u8]) + Sync) {
-    if buf.len() < PARALLEL_MIN {
-        f(first_sector, buf);
-        return;
-    }
-    let per_chunk = (PARALLEL_CHUNK as u64) / SECTOR_SIZE;
-    buf.par_chunks_mut(PARALLEL_CHUNK)
-        .enumerate()
-        .for_each(|(i, chunk)| f(first_sector + i as u64 * per_chunk, chunk));
 }
 
 impl BlockNode for LuksNode {
@@ -185,90 +298,55 @@ impl BlockNode for LuksNode {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        check_range("luks", self.size, offset, buf.len() as u64)?;
-        if is_sector_aligned(offset, buf.len()) {
-            return self.read_sectors(offset, buf);
-        }
-        let (covering, head) = self.read_covering(offset, buf.len())?;
-        buf.copy_from_slice(&covering[head..head + buf.len()]);
-        Ok(())
+        self.read_vectored(offset, &mut [buf])
     }
 
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
-        if self.read_only {
-            return Err(BlockError::ReadOnly("luks".into()));
-        }
-        check_range("luks", self.size, offset, buf.len() as u64)?;
-        if is_sector_aligned(offset, buf.len()) {
-            return self.write_sectors(offset, buf);
-        }
-        // Partial sectors: read-modify-write the covering sectors.
-        let (mut covering, head) = self.read_covering(offset, buf.len())?;
-        covering[head..head + buf.len()].copy_from_slice(buf);
-        self.write_sectors(offset - head as u64, &covering)
+        self.write_vectored(offset, &[buf])
     }
 
+    /// Whole sectors in whole-sector buffers are read and decrypted in
+    /// place (one payload request, the decryption on the crypto threads);
+    /// anything else goes through a bounded bounce buffer.
     fn read_vectored(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
-        let len = total_len(bufs);
-        check_range("luks", self.size, offset, len)?;
-        if !is_sector_aligned(offset, 0) || bufs.iter().any(|b| !is_sector_aligned(0, b.len())) {
-            let mut pos = offset;
-            for buf in bufs.iter_mut() {
-                self.read_at(pos, buf)?;
-                pos += buf.len() as u64;
-            }
-            return Ok(());
+        check_range("luks", self.size, offset, total_len(bufs))?;
+        self.cipher()?;
+        if is_sector_aligned(offset, 0) && bufs.iter().all(|b| is_sector_aligned(0, b.len())) {
+            return self.read_sectors(offset, bufs);
         }
-        let cipher = self.cipher()?;
-        self.payload
-            .read_vectored(self.payload_offset + offset, bufs)?;
-        // One pass over the whole list: every buffer decrypted in place, on
-        // several threads when the request is large.
-        let mut sector = offset / SECTOR_SIZE;
-        let mut jobs: Vec<(u64, &mut [u8])> = Vec::with_capacity(bufs.len());
-        for buf in bufs.iter_mut() {
-            let n = buf.len() as u64 / SECTOR_SIZE;
-            jobs.push((sector, &mut buf[..]));
-            sector += n;
-        }
-        if len >= PARALLEL_MIN as u64 {
-            jobs.into_par_iter()
-                .for_each(|(s, b)| run_parallel(b, s, |s, b| cipher.decrypt(s, b)));
-        } else {
-            jobs.into_iter().for_each(|(s, b)| cipher.decrypt(s, b));
-        }
-        Ok(())
+        self.read_bounced(offset, bufs)
     }
 
+    /// Encrypts into a bounce buffer of at most [`CHUNK`] bytes at a time
+    /// and writes each piece: memory per request is bounded whatever its
+    /// size or layout. Partial sectors at either end are read, patched and
+    /// written back.
     fn write_vectored(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
         if self.read_only {
             return Err(BlockError::ReadOnly("luks".into()));
         }
-        let len = total_len(bufs);
-        check_range("luks", self.size, offset, len)?;
-        if !is_sector_aligned(offset, len as usize) {
-            let mut pos = offset;
-            for buf in bufs {
-                self.write_at(pos, buf)?;
-                pos += buf.len() as u64;
-            }
-            return Ok(());
+        check_range("luks", self.size, offset, total_len(bufs))?;
+        let end = offset + total_len(bufs);
+        self.cipher()?;
+        let mut src = Gather::new(bufs);
+        let mut pos = offset;
+        let head = pos % SECTOR_SIZE;
+        if head != 0 && pos < end {
+            let n = (SECTOR_SIZE - head).min(end - pos);
+            self.write_partial_sector(pos, n as usize, &mut src)?;
+            pos += n;
         }
-        // Gather into the bounce buffer (encryption needs a copy anyway),
-        // encrypt it in parallel and write it with one request.
-        BOUNCE.with(|bounce| {
-            let mut bounce = bounce.borrow_mut();
-            bounce.clear();
-            for buf in bufs {
-                bounce.extend_from_slice(buf);
-            }
-            self.encrypt(offset / SECTOR_SIZE, &mut bounce)?;
-            let result = self.payload.write_at(self.payload_offset + offset, &bounce);
-            if bounce.capacity() > 8 << 20 {
-                *bounce = Vec::new();
-            }
-            result
-        })
+        while end - pos >= SECTOR_SIZE {
+            let n = ((end - pos) / SECTOR_SIZE * SECTOR_SIZE).min(CHUNK as u64) as usize;
+            let mut bounce = Bounce::take(n);
+            self.encrypt_from(pos / SECTOR_SIZE, &mut src, &mut bounce)?;
+            self.payload.write_at(self.payload_offset + pos, &bounce)?;
+            pos += n as u64;
+        }
+        if pos < end {
+            self.write_partial_sector(pos, (end - pos) as usize, &mut src)?;
+        }
+        Ok(())
     }
 
     fn flush(&self) -> Result<()> {

@@ -1,6 +1,6 @@
 //! Guest I/O: mapping guest ranges to host clusters, reads (data, zeros,
-//! backing, compressed, subclusters), allocating writes with copy-on-write,
-//! and discard / write-zeroes by L2 entry changes.
+//! backing, compressed, subclusters), and discard / write-zeroes by L2
+//! entry changes (writes: `write.rs`).
 
 use std::sync::atomic::Ordering;
 
@@ -28,11 +28,8 @@ struct Extent {
     src: Src,
 }
 
-/// Largest run of clusters allocated by one step of a write.
-const MAX_RUN_BYTES: u64 = 32 << 20;
-
 impl Qcow2Node {
-    fn io_read_guard(&self) -> Result<std::sync::RwLockReadGuard<'_, ()>> {
+    pub(super) fn io_read_guard(&self) -> Result<std::sync::RwLockReadGuard<'_, ()>> {
         self.io_lock
             .read()
             .map_err(|_| BlockError::Graph("qcow2: I/O lock poisoned".into()))
@@ -47,7 +44,7 @@ impl Qcow2Node {
     /// Before the first change of the image: clears the autoclear bits and,
     /// with lazy refcounts, sets the dirty bit. Called only once a request
     /// has passed its checks, so that a refused request changes nothing.
-    fn prepare(&self, m: &mut Meta) -> Result<()> {
+    pub(super) fn prepare(&self, m: &mut Meta) -> Result<()> {
         if !self.prepared.load(Ordering::Acquire) {
             m.prepare_meta_change()?;
             self.prepared.store(true, Ordering::Release);
@@ -58,7 +55,7 @@ impl Qcow2Node {
     /// The overlap check of a whole write request, before any of it is
     /// done: guest data written in place must not land on metadata, and the
     /// clusters a copy-on-write releases must not be metadata either.
-    fn check_write_overlap(&self, m: &mut Meta, offset: u64, len: u64) -> Result<()> {
+    pub(super) fn check_write_overlap(&self, m: &mut Meta, offset: u64, len: u64) -> Result<()> {
         let cs = self.cluster_size();
         let end = offset + len;
         let mut g = offset;
@@ -163,7 +160,7 @@ impl Qcow2Node {
     }
 
     /// Reads guest data from the backing node (zeros past its end).
-    fn read_backing(&self, guest: u64, buf: &mut [u8]) -> Result<()> {
+    pub(super) fn read_backing(&self, guest: u64, buf: &mut [u8]) -> Result<()> {
         let Some(b) = &self.backing else {
             buf.fill(0);
             return Ok(());
@@ -178,7 +175,7 @@ impl Qcow2Node {
     }
 
     /// Decompresses the compressed cluster at host `offset`.
-    fn read_compressed(&self, offset: u64, size: u64) -> Result<Vec<u8>> {
+    pub(super) fn read_compressed(&self, offset: u64, size: u64) -> Result<Vec<u8>> {
         let mut input = vec![0u8; size as usize];
         self.storage.read_at(offset, &mut input)?;
         let mut out = vec![0u8; self.cluster_size() as usize];
@@ -254,62 +251,8 @@ impl Qcow2Node {
         Ok(())
     }
 
-    /// Writes guest data: in place where clusters are allocated with
-    /// refcount one, else through allocation under the metadata lock.
-    pub(super) fn do_write(&self, offset: u64, buf: &[u8]) -> Result<()> {
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let _io = self.io_read_guard()?;
-        let cs = self.cluster_size();
-        let mut direct: Vec<(u64, usize, usize)> = Vec::new();
-        {
-            let mut m = self.lock_meta()?;
-            let mut pos = 0usize;
-            while pos < buf.len() {
-                let g = offset + pos as u64;
-                let in_c = g % cs;
-                let n = ((cs - in_c) as usize).min(buf.len() - pos);
-                let (entry, _) = m.l2_entry(g / cs)?;
-                match m.classify(entry)? {
-                    ClusterKind::Normal(h) if entry & OFLAG_COPIED != 0 => {
-                        m.check_data_write(h + in_c, n as u64)?;
-                        match direct.last_mut() {
-                            Some((dh, dp, dl))
-                                if *dh + *dl as u64 == h + in_c && *dp + *dl == pos =>
-                            {
-                                *dl += n
-                            }
-                            _ => direct.push((h + in_c, pos, n)),
-                        }
-                    }
-                    _ => return self.write_locked(&mut m, offset, buf),
-                }
-                pos += n;
-            }
-            self.prepare(&mut m)?;
-        }
-        for (h, p, n) in direct {
-            self.storage.write_at(h, &buf[p..p + n])?;
-        }
-        Ok(())
-    }
-
-    /// The current content of guest cluster `gc` (for copy-on-write).
-    fn old_cluster(&self, gc: u64, kind: ClusterKind) -> Result<Vec<u8>> {
-        let cs = self.cluster_size();
-        let mut c = vec![0u8; cs as usize];
-        match kind {
-            ClusterKind::Unallocated => self.read_backing(gc * cs, &mut c)?,
-            ClusterKind::ZeroPlain | ClusterKind::ZeroAlloc(_) => {}
-            ClusterKind::Normal(h) => self.storage.read_at(h, &mut c)?,
-            ClusterKind::Compressed { offset, size } => c = self.read_compressed(offset, size)?,
-        }
-        Ok(c)
-    }
-
     /// Queues the refcount decrease of the host clusters an old L2 entry held.
-    fn release(&self, m: &mut Meta, kind: ClusterKind) {
+    pub(super) fn release(&self, m: &mut Meta, kind: ClusterKind) {
         match kind {
             ClusterKind::Normal(h) | ClusterKind::ZeroAlloc(h) => m.queue_free(h, 1),
             ClusterKind::Compressed { offset, size } => {
@@ -322,84 +265,14 @@ impl Qcow2Node {
         }
     }
 
-    /// Writes with the metadata lock held, allocating clusters as needed.
-    /// Nothing is written if any part of the request fails the overlap check.
-    pub(super) fn write_locked(&self, m: &mut Meta, offset: u64, buf: &[u8]) -> Result<()> {
-        self.check_write_overlap(m, offset, buf.len() as u64)?;
-        self.prepare(m)?;
-        let cs = self.cluster_size();
-        let end = offset + buf.len() as u64;
-        let last_gc = (end - 1) / cs;
-        let max_run = (MAX_RUN_BYTES / cs).max(1);
-        let mut pos = 0usize;
-        while pos < buf.len() {
-            let g = offset + pos as u64;
-            let gc = g / cs;
-            let in_c = g % cs;
-            let (entry, _) = m.l2_entry(gc)?;
-            let kind = m.classify(entry)?;
-            if let ClusterKind::Normal(h) = kind {
-                if entry & OFLAG_COPIED != 0 {
-                    let n = ((cs - in_c) as usize).min(buf.len() - pos);
-                    self.storage.write_at(h + in_c, &buf[pos..pos + n])?;
-                    pos += n;
-                    continue;
-                }
-            }
-            // A run of clusters that all need new host clusters, in one L2 table.
-            let table_end = (gc / m.l2_entries + 1) * m.l2_entries;
-            let mut olds = vec![kind];
-            while gc + (olds.len() as u64) <= last_gc
-                && gc + (olds.len() as u64) < table_end
-                && (olds.len() as u64) < max_run
-            {
-                let (e, _) = m.l2_entry(gc + olds.len() as u64)?;
-                let k = m.classify(e)?;
-                if matches!(k, ClusterKind::Normal(_)) && e & OFLAG_COPIED != 0 {
-                    break;
-                }
-                olds.push(k);
-            }
-            let k = olds.len() as u64;
-            m.writable_l2((gc / m.l2_entries) as usize)?;
-            let host = m.alloc_clusters(k)?;
-            let run_start = gc * cs;
-            let run_end = (gc + k) * cs;
-            let wend = end.min(run_end);
-            let mut data = vec![0u8; (k * cs) as usize];
-            if g > run_start {
-                let old = self.old_cluster(gc, olds[0])?;
-                data[..in_c as usize].copy_from_slice(&old[..in_c as usize]);
-            }
-            if wend < run_end {
-                let lc = gc + k - 1;
-                let old = self.old_cluster(lc, olds[(k - 1) as usize])?;
-                let from = (wend - lc * cs) as usize;
-                let at = ((lc - gc) * cs) as usize;
-                data[at + from..at + cs as usize].copy_from_slice(&old[from..]);
-            }
-            let n = (wend - g) as usize;
-            data[(g - run_start) as usize..(wend - run_start) as usize]
-                .copy_from_slice(&buf[pos..pos + n]);
-            self.storage.write_at(host, &data)?;
-            m.data_written();
-            for (i, old) in olds.into_iter().enumerate() {
-                let i = i as u64;
-                m.set_l2_entry(gc + i, (host + i * cs) | OFLAG_COPIED)?;
-                self.release(m, old);
-            }
-            pos += n;
-        }
-        Ok(())
-    }
-
     /// Discard (`zeroes` false) or write-zeroes (`zeroes` true).
     pub(super) fn do_discard(&self, offset: u64, len: u64, zeroes: bool) -> Result<()> {
         if len == 0 {
             return Ok(());
         }
+        // Exclusive: no other request runs and no allocation is in flight.
+        // The metadata lock is let go around the zero writes, which take it.
         let _io = self.io_write_guard()?;
-        let mut m = self.lock_meta()?;
         let cs = self.cluster_size();
         let end = offset + len;
         // Whole clusters; the image's last cluster counts as whole when the
@@ -412,28 +285,31 @@ impl Qcow2Node {
         };
         if first_full >= end_full {
             if zeroes {
-                self.write_zero_bytes(&mut m, offset, len)?;
+                self.write_zero_bytes(offset, len)?;
             }
             return Ok(());
         }
-        // Nothing is changed if any part of the request fails the overlap check.
-        if zeroes {
-            let head_end = (first_full * cs).min(end);
-            self.check_write_overlap(&mut m, offset, head_end.saturating_sub(offset))?;
-            let tail_start = (end_full * cs).max(offset);
-            self.check_write_overlap(&mut m, tail_start, end.saturating_sub(tail_start))?;
+        let head_end = (first_full * cs).min(end);
+        let tail_start = (end_full * cs).max(offset);
+        {
+            let mut m = self.lock_meta()?;
+            debug_assert!(m.inflight.is_empty());
+            // Nothing is changed if any part of the request fails the overlap check.
+            if zeroes {
+                self.check_write_overlap(&mut m, offset, head_end.saturating_sub(offset))?;
+                self.check_write_overlap(&mut m, tail_start, end.saturating_sub(tail_start))?;
+            }
+            self.check_free_overlap(&mut m, first_full, end_full)?;
         }
-        self.check_free_overlap(&mut m, first_full, end_full)?;
         if zeroes {
-            let head_end = (first_full * cs).min(end);
             if head_end > offset {
-                self.write_zero_bytes(&mut m, offset, head_end - offset)?;
+                self.write_zero_bytes(offset, head_end - offset)?;
             }
-            let tail_start = (end_full * cs).max(offset);
             if end > tail_start {
-                self.write_zero_bytes(&mut m, tail_start, end - tail_start)?;
+                self.write_zero_bytes(tail_start, end - tail_start)?;
             }
         }
+        let mut m = self.lock_meta()?;
         let v3 = self.version >= 3;
         for gc in first_full..end_full {
             let l1_idx = (gc / m.l2_entries) as usize;
@@ -455,7 +331,9 @@ impl Qcow2Node {
                 OFLAG_ZERO
             } else if zeroes && self.backing.is_some() {
                 let n = cs.min(self.size - gc * cs);
-                self.write_zero_bytes(&mut m, gc * cs, n)?;
+                drop(m);
+                self.write_zero_bytes(gc * cs, n)?;
+                m = self.lock_meta()?;
                 continue;
             } else {
                 // Version 2 has no zero flag: unallocating would let the
@@ -477,13 +355,14 @@ impl Qcow2Node {
         Ok(())
     }
 
-    fn write_zero_bytes(&self, m: &mut Meta, offset: u64, len: u64) -> Result<()> {
+    /// Writes zeros; the caller holds `io_lock` exclusively.
+    fn write_zero_bytes(&self, offset: u64, len: u64) -> Result<()> {
         const CHUNK: u64 = 1 << 20;
         let zeros = vec![0u8; CHUNK.min(len) as usize];
         let mut done = 0;
         while done < len {
             let n = CHUNK.min(len - done);
-            self.write_locked(m, offset + done, &zeros[..n as usize])?;
+            self.write_under_io_lock(offset + done, &[&zeros[..n as usize]])?;
             done += n;
         }
         Ok(())

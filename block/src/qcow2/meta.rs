@@ -17,6 +17,7 @@ use super::cache::{get_refcount, get_u64, set_refcount, set_u64, TableCache};
 use super::error::corrupt;
 use super::error::Qcow2Error;
 use super::header::{field, Header, INCOMPAT_DIRTY, INCOMPAT_EXTL2};
+use super::inflight::InFlight;
 use super::overlap::{MetaKind, Overlap};
 use super::storage::Storage;
 use crate::{BlockError, Result};
@@ -99,6 +100,8 @@ pub struct Meta {
     /// The host clusters holding metadata (writable images), kept up to
     /// date as metadata is allocated, moved and freed.
     pub overlap: Overlap,
+    /// Guest clusters whose new host clusters are being written.
+    pub inflight: InFlight,
 }
 
 impl Meta {
@@ -155,6 +158,7 @@ impl Meta {
             prepared,
             alloc_floor: 0,
             overlap,
+            inflight: InFlight::default(),
             header,
         })
     }

@@ -12,6 +12,7 @@ mod compress;
 pub mod create;
 mod error;
 pub mod header;
+mod inflight;
 mod io;
 mod layout;
 mod meta;
@@ -21,6 +22,7 @@ mod snapshot;
 mod storage;
 #[cfg(test)]
 mod tests;
+mod write;
 
 pub use check::{check, CheckReport, Repair};
 pub use create::{create, CreateOptions, Preallocation};

@@ -2,8 +2,8 @@
 //! file, dirty-image repair) and the `BlockNode` interface.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 use serde_json::{json, Value};
 
@@ -60,10 +60,18 @@ pub struct Qcow2Options {
 }
 
 /// An open qcow2 image.
+///
+/// Lock order: `io_lock`, then `meta`, then the nodes below; `alloc_done`
+/// is waited on with `meta` (see `write.rs`).
 pub struct Qcow2Node {
     pub(super) meta: Mutex<Meta>,
-    /// Data I/O holds it shared; freeing clusters holds it exclusively.
+    /// Data I/O holds it shared (a request takes it once, for its whole
+    /// duration); freeing clusters, flush and check hold it exclusively.
     pub(super) io_lock: RwLock<()>,
+    /// Signalled when an allocation in flight is linked or abandoned.
+    pub(super) alloc_done: Condvar,
+    /// How many times a write waited for another's allocation.
+    pub(super) alloc_waits: AtomicU64,
     pub(super) storage: Arc<Storage>,
     pub(super) backing: Option<NodeRef>,
     pub(super) size: u64,
@@ -279,6 +287,8 @@ impl Qcow2Node {
         Ok(Self {
             meta: Mutex::new(meta),
             io_lock: RwLock::new(()),
+            alloc_done: Condvar::new(),
+            alloc_waits: AtomicU64::new(0),
             storage,
             backing,
             size,
@@ -526,7 +536,13 @@ impl BlockNode for Qcow2Node {
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
         self.check_writable()?;
         check_range("qcow2", self.size, offset, buf.len() as u64)?;
-        self.do_write(offset, buf)
+        self.do_write_vectored(offset, &[buf])
+    }
+
+    fn write_vectored(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
+        self.check_writable()?;
+        check_range("qcow2", self.size, offset, total_len(bufs))?;
+        self.do_write_vectored(offset, bufs)
     }
 
     fn flush(&self) -> Result<()> {

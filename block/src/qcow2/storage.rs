@@ -60,6 +60,11 @@ impl Storage {
         self.child.write_at(offset, buf)
     }
 
+    /// Writes a scatter-gather list at `offset`, growing the file if needed.
+    pub fn write_vectored(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
+        self.child.write_vectored(offset, bufs)
+    }
+
     /// Makes the file at least `size` bytes long (new bytes read as zeros).
     pub fn extend_to(&self, size: u64) -> Result<()> {
         if size <= self.len() {

@@ -8,6 +8,8 @@ use std::sync::Arc;
 use super::*;
 use crate::node::BlockNode;
 
+mod concurrent;
+
 fn have(tool: &str) -> bool {
     let ok = Command::new(tool).arg("--version").output().is_ok();
     if !ok {

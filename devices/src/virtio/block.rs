@@ -1,12 +1,13 @@
 //! virtio-blk serving a block graph node.
 
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::RwLock;
 
-use block::NodeRef;
+use block::{BlockError, NodeRef};
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 
-use super::{Chain, ChainError, VirtioDevice, VirtioError};
+use super::{ChainError, VirtioDevice, VirtioError};
 
 /// Virtio device ID of block devices.
 pub const VIRTIO_ID_BLOCK: u16 = 2;
@@ -56,6 +57,10 @@ pub const VIRTIO_BLK_ID_BYTES: usize = 20;
 /// `BDRV_REQUEST_MAX_SECTORS`, so the guest sees the same limits).
 pub const MAX_DISCARD_SECTORS: u32 = (i32::MAX as u32) >> 9;
 
+/// The largest read or write accepted, as QEMU's `BDRV_REQUEST_MAX_BYTES`
+/// (larger ones fail with `IOERR`).
+pub const MAX_REQUEST_BYTES: u64 = (i32::MAX as u64) & !(SECTOR - 1);
+
 const SECTOR: u64 = 512;
 const HEADER_LEN: usize = 16;
 const SEGMENT_LEN: usize = 16;
@@ -104,13 +109,16 @@ pub enum IoOperation {
     Write,
 }
 
-/// Told about each request the block node failed (for QMP `BLOCK_IO_ERROR`):
-/// the operation and the error's text.
-pub type IoErrorReporter = Box<dyn Fn(IoOperation, &str) + Send + Sync>;
+/// Told about each request the block node failed (for QMP `BLOCK_IO_ERROR`).
+pub type IoErrorReporter = Box<dyn Fn(IoOperation, &BlockError) + Send + Sync>;
 
 /// A virtio-blk device over a block node.
 pub struct VirtioBlock {
-    node: NodeRef,
+    /// The backend; `None` once released (the device is gone).
+    node: RwLock<Option<NodeRef>>,
+    /// Bytes, as the node had at creation (the size of a node never changes).
+    size: u64,
+    read_only: bool,
     cfg: BlockConfig,
     writeback: AtomicU8,
     on_error: Option<IoErrorReporter>,
@@ -153,7 +161,9 @@ impl VirtioBlock {
             return bad(format!("serial is longer than {VIRTIO_BLK_ID_BYTES} bytes"));
         }
         Ok(Self {
-            node,
+            size: node.size(),
+            read_only: node.read_only(),
+            node: RwLock::new(Some(node)),
             cfg,
             writeback: AtomicU8::new(1),
             on_error: None,
@@ -166,11 +176,16 @@ impl VirtioBlock {
         self
     }
 
-    fn io_failed(&self, op: IoOperation, error: &block::BlockError) -> Fail {
+    fn io_failed(&self, op: IoOperation, error: &BlockError) -> Fail {
         if let Some(report) = &self.on_error {
-            report(op, &error.to_string());
+            report(op, error);
         }
         Fail::IoErr
+    }
+
+    /// The node, unless the device has been released.
+    fn node(&self) -> Option<NodeRef> {
+        self.node.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn seg_max(&self) -> u32 {
@@ -182,7 +197,7 @@ impl VirtioBlock {
         let mut put = |at: usize, v: &[u8]| b[at..at + v.len()].copy_from_slice(v);
         let lbs = self.cfg.logical_block_size;
         let ratio = self.cfg.physical_block_size / lbs;
-        put(0x00, &(self.node.size() / SECTOR).to_le_bytes());
+        put(0x00, &(self.size / SECTOR).to_le_bytes());
         put(0x0c, &self.seg_max().to_le_bytes());
         put(0x14, &lbs.to_le_bytes());
         put(0x18, &[ratio.trailing_zeros() as u8, 0]);
@@ -208,7 +223,8 @@ impl VirtioBlock {
         let rest = gather(mem, readable, &mut header)?;
         let req_type = u32::from_le_bytes(header[0..4].try_into().unwrap_or_default());
         let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
-        let node = &*self.node;
+        let node = self.node().ok_or(Fail::IoErr)?;
+        let node = &*node;
         match req_type {
             VIRTIO_BLK_T_IN => {
                 let offset = self.check_io(sector, writable)?;
@@ -216,7 +232,7 @@ impl VirtioBlock {
                     // One request down the graph: one preadv, one parallel decryption.
                     node.read_vectored(offset, &mut bufs)
                         .map_err(|e| self.io_failed(IoOperation::Read, &e))?;
-                    return Ok(bufs.iter().map(|b| b.len() as u32).sum());
+                    return used_len(block::node::total_len(&bufs));
                 }
                 let mut pos = offset;
                 for &(addr, len) in writable {
@@ -227,10 +243,10 @@ impl VirtioBlock {
                         Ok(())
                     })?;
                 }
-                Ok((pos - offset) as u32)
+                used_len(pos - offset)
             }
             VIRTIO_BLK_T_OUT => {
-                if node.read_only() {
+                if self.read_only {
                     return Err(Fail::IoErr);
                 }
                 let offset = self.check_io(sector, &rest)?;
@@ -292,16 +308,21 @@ impl VirtioBlock {
     }
 
     /// Checks a read or write of `segs` at `sector`; returns its byte offset.
+    /// The guest's limits are enforced here: at most `seg_max` buffers and
+    /// [`MAX_REQUEST_BYTES`], whatever the descriptors say.
     fn check_io(&self, sector: u64, segs: &Segments) -> Result<u64, Fail> {
+        if segs.len() > self.seg_max() as usize {
+            return Err(Fail::IoErr);
+        }
         let len: u64 = segs.iter().map(|s| s.1 as u64).sum();
-        if !len.is_multiple_of(SECTOR) {
+        if !len.is_multiple_of(SECTOR) || len > MAX_REQUEST_BYTES {
             return Err(Fail::IoErr);
         }
         self.check_range(sector, len)
     }
 
     fn check_range(&self, sector: u64, len: u64) -> Result<u64, Fail> {
-        let capacity = self.node.size() / SECTOR * SECTOR;
+        let capacity = self.size / SECTOR * SECTOR;
         let offset = sector.checked_mul(SECTOR).ok_or(Fail::IoErr)?;
         match offset.checked_add(len) {
             Some(end) if end <= capacity => Ok(offset),
@@ -310,17 +331,25 @@ impl VirtioBlock {
     }
 }
 
-/// Collects the chain's descriptors, refusing truncated chains (loops,
-/// chains longer than the queue or indirect table, unreadable descriptors).
-fn collect(chain: Chain<'_>) -> Result<Vec<Descriptor>, ChainError> {
-    let descs: Vec<Descriptor> = chain.collect();
-    match descs.last() {
-        None => Err(ChainError::Malformed("empty or unreadable chain")),
-        Some(d) if d.has_next() => Err(ChainError::Malformed(
-            "chain loops, exceeds the queue or leaves guest memory",
-        )),
-        Some(_) => Ok(descs),
+/// A used length: the data bytes plus the status byte (a chain holds at
+/// most 4 GiB, so this fits; anything else is refused).
+fn used_len(data: u64) -> Result<u32, Fail> {
+    u32::try_from(data)
+        .ok()
+        .filter(|&n| n < u32::MAX)
+        .ok_or(Fail::IoErr)
+}
+
+/// The status byte's address: the last byte of the chain's last
+/// descriptor, which must be writable.
+fn status_addr(descs: &[Descriptor]) -> Result<GuestAddress, ChainError> {
+    let last = descs.last().ok_or(ChainError::NoStatus)?;
+    if !last.is_write_only() || last.len() == 0 {
+        return Err(ChainError::NoStatus);
     }
+    last.addr()
+        .checked_add(u64::from(last.len()) - 1)
+        .ok_or(ChainError::NoStatus)
 }
 
 /// Reads `out.len()` bytes from the start of `segs`; returns the segments
@@ -455,7 +484,7 @@ impl VirtioDevice for VirtioBlock {
         ]
         .iter()
         .fold(0u64, |f, &b| f | 1 << b);
-        if self.node.read_only() {
+        if self.read_only {
             f |= 1 << VIRTIO_BLK_F_RO;
         } else {
             if self.cfg.discard {
@@ -498,21 +527,12 @@ impl VirtioDevice for VirtioBlock {
         self.writeback.store(1, Ordering::Relaxed);
     }
 
-    fn process_chain(
-        &self,
-        mem: &GuestMemoryMmap,
-        chain: Chain<'_>,
-        _features: u64,
-    ) -> Result<u32, ChainError> {
-        let descs = collect(chain)?;
-        let last = descs[descs.len() - 1];
-        if !last.is_write_only() || last.len() == 0 {
-            return Err(ChainError::NoStatus);
-        }
-        let status_addr = last
-            .addr()
-            .checked_add(u64::from(last.len()) - 1)
-            .ok_or(ChainError::NoStatus)?;
+    fn release(&self) {
+        self.node.write().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    fn process(&self, mem: &GuestMemoryMmap, descs: &[Descriptor]) -> Result<u32, ChainError> {
+        let status_addr = status_addr(descs)?;
         let mut readable = Segments::new();
         let mut writable = Segments::new();
         for (i, d) in descs.iter().enumerate() {
@@ -537,6 +557,12 @@ impl VirtioDevice for VirtioBlock {
         };
         mem.write_obj(status, status_addr)
             .map_err(|_| ChainError::NoStatus)?;
-        Ok(written.saturating_add(1))
+        Ok(written + 1)
+    }
+
+    fn fail(&self, mem: &GuestMemoryMmap, descs: &[Descriptor]) -> Result<u32, ChainError> {
+        mem.write_obj(VIRTIO_BLK_S_IOERR, status_addr(descs)?)
+            .map_err(|_| ChainError::NoStatus)?;
+        Ok(1)
     }
 }

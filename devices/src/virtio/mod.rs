@@ -3,26 +3,29 @@
 //! [`VirtioPciDevice`] is the PCI function (configuration space, a 64-bit
 //! memory BAR holding the common, ISR, device and notify structures and the
 //! MSI-X table and PBA); it drives a [`VirtioDevice`] such as
-//! [`block::VirtioBlock`]. Queue notifications are served by
-//! [`VirtioQueues::process_queue`], which the VMM calls from an I/O thread
-//! when the queue's ioeventfd fires; interrupts leave through one
-//! [`Interrupt`](crate::Interrupt) per MSI-X vector.
+//! [`block::VirtioBlock`]. Each queue has its own thread, woken by the
+//! queue's kick eventfd (which the VMM registers as a KVM ioeventfd), that
+//! hands requests to the shared request workers; see [`queues`] for who owns
+//! what. Interrupts leave through one [`Interrupt`](crate::Interrupt) per
+//! MSI-X vector.
 
 pub mod block;
 mod msix;
 mod pci;
+pub mod queues;
 #[cfg(test)]
 mod tests;
 
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryMmap;
 
 pub use msix::{MsixEntry, MSIX_ENTRY_SIZE};
 pub use pci::{
-    VirtioPciDevice, VirtioQueues, BAR_SIZE, COMMON_CFG_OFFSET, DEVICE_CFG_OFFSET, ISR_OFFSET,
-    MSIX_PBA_OFFSET, MSIX_TABLE_OFFSET, NOTIFY_OFFSET, NOTIFY_OFF_MULTIPLIER, VIRTIO_PCI_BAR,
-    VIRTIO_PCI_VENDOR_ID,
+    VirtioPciDevice, BAR_SIZE, COMMON_CFG_OFFSET, DEVICE_CFG_OFFSET, ISR_OFFSET, MSIX_PBA_OFFSET,
+    MSIX_TABLE_OFFSET, NOTIFY_OFFSET, NOTIFY_OFF_MULTIPLIER, VIRTIO_PCI_BAR, VIRTIO_PCI_VENDOR_ID,
 };
+pub use queues::{FaultReporter, VirtioQueues};
 
 /// Feature bit: indirect descriptors (`VIRTIO_F_RING_INDIRECT_DESC`).
 pub const VIRTIO_F_RING_INDIRECT_DESC: u32 = 28;
@@ -56,6 +59,15 @@ pub enum VirtioError {
     /// The PCI configuration space could not be built.
     #[error("PCI configuration: {0}")]
     Pci(#[from] crate::pci::PciError),
+    /// Creating the queues' eventfds or threads failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
     /// Wrong number of interrupts for the MSI-X vectors.
     #[error("{got} interrupts given for {want} MSI-X vectors")]
     Interrupts {
@@ -101,13 +113,15 @@ pub trait VirtioDevice: Send + Sync {
     fn write_config(&self, offset: u64, data: &[u8]);
     /// Returns device-specific state to its initial values (device reset).
     fn reset(&self) {}
-    /// Serves one request. Returns the number of bytes written into the
-    /// chain's writable buffers (the used length), or why the chain is
-    /// unusable. `features` are the negotiated features.
-    fn process_chain(
-        &self,
-        mem: &GuestMemoryMmap,
-        chain: Chain<'_>,
-        features: u64,
-    ) -> Result<u32, ChainError>;
+    /// Serves one request, the descriptors of one chain (on a request
+    /// worker; several run at once). Returns the number of bytes written
+    /// into the chain's writable buffers (the used length), or why the chain
+    /// is unusable.
+    fn process(&self, mem: &GuestMemoryMmap, chain: &[Descriptor]) -> Result<u32, ChainError>;
+    /// Completes a request the device could not serve (its handler failed)
+    /// with the device type's error status; returns the used length.
+    fn fail(&self, mem: &GuestMemoryMmap, chain: &[Descriptor]) -> Result<u32, ChainError>;
+    /// Lets go of the device's backend: called once no request can run any
+    /// more (the device is being removed).
+    fn release(&self) {}
 }

@@ -1,19 +1,19 @@
 //! The virtio 1.x modern PCI transport (no legacy interface).
 
-use std::sync::atomic::{AtomicU16, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
-use rayon::prelude::*;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use virtio_queue::QueueT;
+use vm_memory::GuestMemoryMmap;
 
-use super::msix::{copy_out, Msix, MsixEntry, MSIX_ENTRY_SIZE};
+use super::msix::{copy_out, Msix, MSIX_ENTRY_SIZE};
+use super::queues::{lock, FaultReporter, VirtioQueues};
 use super::{
-    Chain, ChainError, VirtioDevice, VirtioError, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER_OK,
-    STATUS_FEATURES_OK, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
-    VIRTIO_MSI_NO_VECTOR,
+    VirtioDevice, VirtioError, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
+    VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1, VIRTIO_MSI_NO_VECTOR,
 };
 use crate::pci::{BarKind, BarRegion, PciConfiguration, PciDevice, PciIds};
+use crate::workers::WorkerPool;
 use crate::{BusDevice, Interrupt};
 
 /// PCI vendor ID of virtio devices.
@@ -48,180 +48,6 @@ const VIRTIO_PCI_CAP_NOTIFY_CFG: u8 = 2;
 const VIRTIO_PCI_CAP_ISR_CFG: u8 = 3;
 const VIRTIO_PCI_CAP_DEVICE_CFG: u8 = 4;
 
-const ISR_QUEUE: u8 = 1;
-const ISR_CONFIG: u8 = 2;
-const AVAIL_F_NO_INTERRUPT: u16 = 1;
-
-fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-struct QueueSlot {
-    queue: Queue,
-    vector: u16,
-    broken: bool,
-}
-
-/// The part of a virtio PCI device that I/O threads use: the virtqueues,
-/// negotiated features, ISR and MSI-X delivery. Each queue has its own lock,
-/// so different queues are served in parallel.
-pub struct VirtioQueues {
-    device: Arc<dyn VirtioDevice>,
-    mem: GuestMemoryMmap,
-    queues: Vec<Mutex<QueueSlot>>,
-    msix: Mutex<Msix>,
-    isr: AtomicU8,
-    status: AtomicU8,
-    features: AtomicU64,
-    config_vector: AtomicU16,
-}
-
-impl VirtioQueues {
-    /// Serves every available request on queue `index` (after a
-    /// notification) and interrupts the driver as the queue's suppression
-    /// settings ask. Returns the number of requests completed. A protocol
-    /// violation stops the queue and sets `DEVICE_NEEDS_RESET`; nothing the
-    /// guest writes makes this panic.
-    pub fn process_queue(&self, index: usize) -> usize {
-        let status = self.status.load(Ordering::Acquire);
-        if status & STATUS_DRIVER_OK == 0 || status & STATUS_DEVICE_NEEDS_RESET != 0 {
-            return 0;
-        }
-        let Some(slot) = self.queues.get(index) else {
-            return 0;
-        };
-        let mut slot = lock(slot);
-        if slot.broken || !slot.queue.ready() {
-            return 0;
-        }
-        let mut done = 0;
-        let result = self.run_queue(&mut slot, &mut done);
-        let notify = match result {
-            Ok(()) => done > 0 && self.needs_notification(&mut slot.queue),
-            Err(_) => {
-                slot.broken = true;
-                drop(slot);
-                self.mark_broken();
-                return done;
-            }
-        };
-        if notify {
-            self.isr.fetch_or(ISR_QUEUE, Ordering::AcqRel);
-            let vector = slot.vector;
-            drop(slot);
-            lock(&self.msix).trigger(vector);
-        }
-        done
-    }
-
-    /// Serves the queue in batches: every request available at once is
-    /// served concurrently (the driver may complete them in any order; it
-    /// waits for completions before issuing dependent requests or flushes),
-    /// so one queue with many requests in flight keeps several cores busy.
-    fn run_queue(&self, slot: &mut QueueSlot, done: &mut usize) -> Result<(), ChainError> {
-        let mem = &self.mem;
-        let features = self.features.load(Ordering::Acquire);
-        let bad = |_| ChainError::Malformed("rings outside guest memory");
-        let size = slot.queue.size();
-        loop {
-            slot.queue.disable_notification(mem).map_err(bad)?;
-            loop {
-                let batch: Vec<Chain<'_>> = match slot.queue.iter(mem) {
-                    Ok(it) => it.take(usize::from(size)).collect(),
-                    Err(_) => return Err(ChainError::Malformed("available ring index")),
-                };
-                if batch.is_empty() {
-                    break;
-                }
-                if batch.iter().any(|c| c.head_index() >= size) {
-                    return Err(ChainError::Malformed("head index beyond the queue"));
-                }
-                let served: Vec<(u16, Result<u32, ChainError>)> = if batch.len() == 1 {
-                    batch
-                        .into_iter()
-                        .map(|c| (c.head_index(), self.device.process_chain(mem, c, features)))
-                        .collect()
-                } else {
-                    batch
-                        .into_par_iter()
-                        .map(|c| (c.head_index(), self.device.process_chain(mem, c, features)))
-                        .collect()
-                };
-                for (head, result) in served {
-                    let len = result?;
-                    slot.queue.add_used(mem, head, len).map_err(bad)?;
-                    *done += 1;
-                }
-            }
-            if !slot.queue.enable_notification(mem).map_err(bad)? {
-                return Ok(());
-            }
-        }
-    }
-
-    fn needs_notification(&self, queue: &mut Queue) -> bool {
-        if queue.event_idx_enabled() {
-            return queue.needs_notification(&self.mem).unwrap_or(true);
-        }
-        let flags: u16 = self
-            .mem
-            .read_obj(GuestAddress(queue.avail_ring()))
-            .unwrap_or(0);
-        u16::from_le(flags) & AVAIL_F_NO_INTERRUPT == 0
-    }
-
-    fn mark_broken(&self) {
-        let old = self
-            .status
-            .fetch_or(STATUS_DEVICE_NEEDS_RESET, Ordering::AcqRel);
-        if old & STATUS_DEVICE_NEEDS_RESET == 0 && old & STATUS_DRIVER_OK != 0 {
-            self.isr.fetch_or(ISR_CONFIG, Ordering::AcqRel);
-            lock(&self.msix).trigger(self.config_vector.load(Ordering::Acquire));
-        }
-    }
-
-    /// The device status byte.
-    pub fn status(&self) -> u8 {
-        self.status.load(Ordering::Acquire)
-    }
-
-    /// The features the driver accepted.
-    pub fn driver_features(&self) -> u64 {
-        self.features.load(Ordering::Acquire)
-    }
-
-    /// Whether queue `index` was stopped for a protocol violation.
-    pub fn queue_broken(&self, index: usize) -> bool {
-        self.queues.get(index).is_some_and(|q| lock(q).broken)
-    }
-
-    /// MSI-X table entry `vector` as programmed (for KVM GSI routing).
-    pub fn msix_entry(&self, vector: u16) -> Option<MsixEntry> {
-        lock(&self.msix).entries.get(usize::from(vector)).copied()
-    }
-
-    /// Whether MSI-X is enabled and not function-masked.
-    pub fn msix_enabled(&self) -> bool {
-        let m = lock(&self.msix);
-        m.enabled && !m.function_mask
-    }
-
-    fn reset(&self) {
-        self.status.store(0, Ordering::Release);
-        self.features.store(0, Ordering::Release);
-        self.isr.store(0, Ordering::Release);
-        self.config_vector
-            .store(VIRTIO_MSI_NO_VECTOR, Ordering::Release);
-        for q in &self.queues {
-            let mut q = lock(q);
-            q.queue.reset();
-            q.vector = VIRTIO_MSI_NO_VECTOR;
-            q.broken = false;
-        }
-        self.device.reset();
-    }
-}
-
 /// A virtio device on PCI: configuration space with the virtio and MSI-X
 /// capabilities, and the BAR (as a [`BusDevice`] at the BAR's address).
 pub struct VirtioPciDevice {
@@ -237,12 +63,15 @@ pub struct VirtioPciDevice {
 impl VirtioPciDevice {
     /// Wraps `device` with its BAR at `bar_addr` (aligned to [`BAR_SIZE`]),
     /// guest memory `mem` and one interrupt per MSI-X vector: vector 0..n
-    /// for anything the driver assigns, `num_queues + 1` in all.
+    /// for anything the driver assigns, `num_queues + 1` in all. Starts one
+    /// queue thread per queue, named `{label}-q{n}`; requests run on `pool`.
     pub fn new(
         device: Arc<dyn VirtioDevice>,
         mem: GuestMemoryMmap,
         interrupts: Vec<Arc<dyn Interrupt>>,
         bar_addr: u64,
+        pool: &Arc<WorkerPool>,
+        label: &str,
     ) -> Result<Self, VirtioError> {
         let nq = usize::from(device.num_queues());
         if nq == 0 || nq > MAX_QUEUES {
@@ -300,48 +129,35 @@ impl VirtioPciDevice {
             config.add_capability(&cap, &[])?;
         }
 
-        let mut queues = Vec::with_capacity(nq);
-        for _ in 0..nq {
-            let queue = Queue::new(qmax)
-                .map_err(|e| VirtioError::InvalidConfig(format!("queue size {qmax}: {e}")))?;
-            queues.push(Mutex::new(QueueSlot {
-                queue,
-                vector: VIRTIO_MSI_NO_VECTOR,
-                broken: false,
-            }));
-        }
         let offered = device.features()
             | 1 << VIRTIO_F_VERSION_1
             | 1 << VIRTIO_F_RING_INDIRECT_DESC
             | 1 << VIRTIO_F_RING_EVENT_IDX;
+        let io = |what: &'static str| move |source| VirtioError::Io { what, source };
+        let shared = Arc::new(
+            VirtioQueues::new(device, mem, Msix::new(interrupts), qmax, pool, label)
+                .map_err(io("creating the queues"))?,
+        );
+        shared.start().map_err(io("starting the queue threads"))?;
         Ok(Self {
             config,
             msix_cap,
             offered,
-            shared: Arc::new(VirtioQueues {
-                device,
-                mem,
-                queues,
-                msix: Mutex::new(Msix::new(interrupts)),
-                isr: AtomicU8::new(0),
-                status: AtomicU8::new(0),
-                features: AtomicU64::new(0),
-                config_vector: AtomicU16::new(VIRTIO_MSI_NO_VECTOR),
-            }),
+            shared,
             device_feature_select: 0,
             driver_feature_select: 0,
             queue_select: 0,
         })
     }
 
-    /// The queues, for the I/O threads.
+    /// The queues (shared with the queue threads and the workers).
     pub fn queues(&self) -> Arc<VirtioQueues> {
         self.shared.clone()
     }
 
-    /// Serves queue `index`; see [`VirtioQueues::process_queue`].
-    pub fn process_queue(&self, index: usize) -> usize {
-        self.shared.process_queue(index)
+    /// Where device failures are reported (default: stderr).
+    pub fn set_fault_reporter(&self, reporter: FaultReporter) {
+        self.shared.set_fault_reporter(reporter);
     }
 
     /// The features offered to the driver.
@@ -385,7 +201,7 @@ impl VirtioPciDevice {
         b[0x15] = 0; // config_generation: the configuration never changes under the driver
         put(&mut b, 0x16, &self.queue_select.to_le_bytes());
         if let Some(q) = s.queues.get(usize::from(self.queue_select)) {
-            let q = lock(q);
+            let q = lock(&q.slot);
             put(&mut b, 0x18, &q.queue.size().to_le_bytes());
             put(&mut b, 0x1a, &q.vector.to_le_bytes());
             put(&mut b, 0x1c, &u16::from(q.queue.ready()).to_le_bytes());
@@ -430,7 +246,7 @@ impl VirtioPciDevice {
                 let Some(q) = s.queues.get(usize::from(self.queue_select)) else {
                     return;
                 };
-                let mut q = lock(q);
+                let mut q = lock(&q.slot);
                 if offset == 0x1a && data.len() == 2 {
                     q.vector = vector(v);
                     return;
@@ -483,7 +299,7 @@ impl VirtioPciDevice {
             let event_idx =
                 s.features.load(Ordering::Acquire) & (1 << VIRTIO_F_RING_EVENT_IDX) != 0;
             for q in &s.queues {
-                let mut q = lock(q);
+                let mut q = lock(&q.slot);
                 q.queue.set_event_idx(event_idx);
                 if q.queue.ready() && !q.queue.is_valid(&s.mem) {
                     q.broken = true;
@@ -492,6 +308,14 @@ impl VirtioPciDevice {
             }
         }
         s.status.store(new, Ordering::Release);
+        if activate {
+            // Requests the driver queued before DRIVER_OK are served now.
+            for q in 0..s.queues.len() {
+                if let Some(kick) = s.kick_eventfd(q) {
+                    let _ = kick.write(1);
+                }
+            }
+        }
     }
 
     fn msix_control_changed(&mut self) {
@@ -499,6 +323,12 @@ impl VirtioPciDevice {
         let enabled = ctrl & (1 << 15) != 0;
         let masked = ctrl & (1 << 14) != 0;
         lock(&self.shared.msix).set_control(enabled, masked);
+    }
+}
+
+impl Drop for VirtioPciDevice {
+    fn drop(&mut self) {
+        self.shared.shutdown();
     }
 }
 
@@ -549,10 +379,15 @@ impl BusDevice for VirtioPciDevice {
                 self.shared.device.write_config(o - DEVICE_CFG_OFFSET, data)
             }
             o if (NOTIFY_OFFSET..NOTIFY_OFFSET + REGION_SIZE).contains(&o) => {
-                // Normally an ioeventfd catches this; without one, serve the
-                // queue here.
+                // Normally an ioeventfd catches this; without one, wake the
+                // queue's thread (requests never run on a vCPU).
                 let q = (o - NOTIFY_OFFSET) / u64::from(NOTIFY_OFF_MULTIPLIER);
-                self.shared.process_queue(q as usize);
+                if let Some(kick) = usize::try_from(q)
+                    .ok()
+                    .and_then(|q| self.shared.kick_eventfd(q))
+                {
+                    let _ = kick.write(1);
+                }
             }
             o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
                 lock(&self.shared.msix).write_table(o - MSIX_TABLE_OFFSET, data)

@@ -2,6 +2,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use ::block::{BlockError, BlockNode};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -9,6 +10,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::block::*;
 use super::*;
 use crate::pci::PciDevice;
+use crate::workers::WorkerPool;
 use crate::{BusDevice, Interrupt};
 
 const MEM_REGION: u64 = 0x10_0000;
@@ -33,6 +35,8 @@ struct MemNode {
     data: Mutex<Vec<u8>>,
     ro: bool,
     fail: AtomicBool,
+    /// A bug in the block layer: every access panics.
+    panics: AtomicBool,
     flushes: AtomicUsize,
 }
 
@@ -42,10 +46,15 @@ impl MemNode {
             data: Mutex::new(vec![0; size]),
             ro,
             fail: AtomicBool::new(false),
+            panics: AtomicBool::new(false),
             flushes: AtomicUsize::new(0),
         })
     }
     fn check(&self, offset: u64, len: u64) -> ::block::Result<()> {
+        assert!(
+            !self.panics.load(Ordering::SeqCst),
+            "injected block layer bug"
+        );
         if self.fail.load(Ordering::SeqCst) {
             return Err(BlockError::Graph("injected".into()));
         }
@@ -109,10 +118,29 @@ struct Guest {
     qs: Vec<Q>,
     /// Node errors the device reported (for QMP `BLOCK_IO_ERROR`).
     errors: Arc<Mutex<Vec<IoOperation>>>,
+    /// Device failures reported.
+    faults: Arc<Mutex<Vec<String>>>,
+    pool: Arc<WorkerPool>,
+}
+
+/// Waits (up to 10 s, a hang guard) until `done` holds.
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
 }
 
 impl Guest {
     fn new(node: Arc<MemNode>, num_queues: u16) -> Self {
+        Self::with_pool(node, num_queues, WorkerPool::new(4, "vtest").unwrap())
+    }
+
+    fn with_pool(node: Arc<MemNode>, num_queues: u16, pool: Arc<WorkerPool>) -> Self {
         let mem = GuestMemoryMmap::from_ranges(&[
             (GuestAddress(0), MEM_REGION as usize),
             (GuestAddress(MEM_REGION), MEM_REGION as usize),
@@ -137,7 +165,12 @@ impl Guest {
             .iter()
             .map(|c| c.clone() as Arc<dyn Interrupt>)
             .collect();
-        let dev = VirtioPciDevice::new(blk, mem.clone(), ints, BAR_ADDR).unwrap();
+        let dev = VirtioPciDevice::new(blk, mem.clone(), ints, BAR_ADDR, &pool, "vtest").unwrap();
+        let faults: Arc<Mutex<Vec<String>>> = Arc::default();
+        let seen = faults.clone();
+        dev.set_fault_reporter(Box::new(move |what| {
+            seen.lock().unwrap().push(what.to_string())
+        }));
         let qs = (0..u64::from(num_queues))
             .map(|i| {
                 let base = 0x1000 + i * 0x4000;
@@ -158,6 +191,8 @@ impl Guest {
             node,
             qs,
             errors,
+            faults,
+            pool,
         }
     }
 
@@ -258,6 +293,7 @@ impl Guest {
             q.avail_idx = 0;
         }
         self.mem.write_obj(0u16, GuestAddress(avail + 2)).unwrap();
+        self.mem.write_obj(0u16, GuestAddress(used + 2)).unwrap();
     }
 
     fn put_desc(&self, table: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
@@ -334,12 +370,27 @@ impl Guest {
         bufs.push((status, 1, F_WRITE));
         let head = self.submit(q, &bufs);
         let before = self.used_idx(q);
-        assert_eq!(self.dev.process_queue(q), 1);
+        self.serve(q, 1);
         let idx = self.used_idx(q);
         assert_eq!(idx, before.wrapping_add(1));
         let (id, used_len) = self.used_elem(q, before);
         assert_eq!(id, u32::from(head));
         (self.mem.read_obj(GuestAddress(status)).unwrap(), used_len)
+    }
+
+    /// Notifies queue `q` (the notify register, as without an ioeventfd) and
+    /// waits until `n` more requests have completed and none is in flight.
+    fn serve(&mut self, q: usize, n: u16) {
+        let target = self.used_idx(q).wrapping_add(n);
+        self.notify(q);
+        let qs = self.dev.queues();
+        wait_until("the requests to complete", || {
+            self.used_idx(q) == target && qs.in_flight(q) == 0
+        });
+    }
+
+    fn notify(&mut self, q: usize) {
+        self.bar_w(VirtioPciDevice::notify_offset(q as u16), q as u64, 2);
     }
 
     fn irq(&self, v: usize) -> usize {
@@ -562,11 +613,11 @@ fn multiqueue_indirect_and_msix_masking() {
             ],
         );
     }
-    std::thread::scope(|s| {
-        for q in 0..2 {
-            let qs = qs.clone();
-            s.spawn(move || assert_eq!(qs.process_queue(q), 1));
-        }
+    // Both queues notified at once: each has its own thread.
+    g.notify(0);
+    g.notify(1);
+    wait_until("both queues", || {
+        g.used_idx(0) == 2 && g.used_idx(1) == 2 && qs.in_flight(0) + qs.in_flight(1) == 0
     });
     assert_eq!(g.read(0xa_0000, 1024), a);
     assert_eq!(g.read(0xa_1000, 1024), b);
@@ -580,7 +631,7 @@ fn multiqueue_indirect_and_msix_masking() {
     g.put_desc(table, 2, 0xc_1000, 512, F_WRITE | F_NEXT, 3);
     g.put_desc(table, 3, hdr + 0x100, 1, F_WRITE, 0);
     g.submit(0, &[(table, 64, F_INDIRECT)]);
-    assert_eq!(g.dev.process_queue(0), 1);
+    g.serve(0, 1);
     let n = g.used_idx(0);
     assert_eq!(g.used_elem(0, n - 1).1, 1025);
     assert_eq!(g.read(0xc_0000, 512), a[..512]);
@@ -626,7 +677,7 @@ fn event_idx_suppression() {
         g.write_header(hdr, VIRTIO_BLK_T_FLUSH, 0);
         g.submit(0, &[(hdr, 16, 0), (hdr + 0x100, 1, F_WRITE)]);
     }
-    assert_eq!(g.dev.process_queue(0), 2);
+    g.serve(0, 2);
     assert_eq!(g.irq(1), 3);
     assert_eq!(g.mem.read_obj::<u16>(avail_event).unwrap(), 6);
 
@@ -687,7 +738,7 @@ fn hostile_requests_get_ioerr() {
     // A header shorter than 16 bytes.
     let hdr = g.qs[0].scratch;
     g.submit(0, &[(hdr, 8, 0), (hdr + 0x100, 1, F_WRITE)]);
-    assert_eq!(g.dev.process_queue(0), 1);
+    g.serve(0, 1);
     assert_eq!(g.mem.read_obj::<u8>(GuestAddress(hdr + 0x100)).unwrap(), 1);
     assert!(g.node.data.lock().unwrap().iter().all(|&b| b == 0));
     // The queue still works.
@@ -740,18 +791,22 @@ fn hostile_chains_break_the_queue() {
         let mut g = Guest::new(MemNode::new(DISK, false), 2);
         g.init(ALL);
         attack(&mut g);
-        g.dev.process_queue(0);
-        assert!(g.dev.queues().queue_broken(0), "{name}");
+        g.notify(0);
+        let qs = g.dev.queues();
+        wait_until(name, || qs.queue_broken(0) && g.irq(0) == 1);
         assert!(g.status() & STATUS_DEVICE_NEEDS_RESET != 0, "{name}");
         assert_eq!(g.irq(0), 1, "{name}: config interrupt");
         assert_eq!(g.bar_r(ISR_OFFSET, 1), 2, "{name}: ISR config bit");
         assert_eq!(g.bar_r(ISR_OFFSET, 1), 0, "{name}: ISR clears on read");
         // Nothing more is served until reset, on any queue.
-        g.dev.process_queue(0);
+        let used = g.used_idx(0);
+        g.notify(0);
         let hdr = g.qs[1].scratch;
         g.write_header(hdr, VIRTIO_BLK_T_FLUSH, 0);
         g.submit(1, &[(hdr, 16, 0), (hdr + 0x100, 1, F_WRITE)]);
-        assert_eq!(g.dev.process_queue(1), 0, "{name}");
+        g.notify(1);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!((g.used_idx(0), g.used_idx(1)), (used, 0), "{name}");
         // Reset and re-initialise: the device works again.
         g.init(ALL);
         assert!(!g.dev.queues().queue_broken(0));
@@ -763,7 +818,67 @@ fn hostile_chains_break_the_queue() {
     g.qs[0].used = 2 * MEM_REGION - 0x10;
     g.init(ALL);
     assert!(g.status() & STATUS_DEVICE_NEEDS_RESET != 0);
-    assert_eq!(g.dev.process_queue(0), 0);
+    let hdr = g.qs[0].scratch;
+    g.write_header(hdr, VIRTIO_BLK_T_FLUSH, 0);
+    g.submit(0, &[(hdr, 16, 0), (hdr + 0x100, 1, F_WRITE)]);
+    g.notify(0);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(g.dev.queues().in_flight(0), 0, "nothing served");
+    assert_eq!(g.node.flushes.load(Ordering::SeqCst), 0, "nothing served");
+}
+
+/// A request whose handler panics (a block layer bug) fails with IOERR, the
+/// device asks for a reset (status bit and configuration interrupt) and says
+/// why once; until the reset every request fails at once instead of hanging.
+/// The shared workers and another device go on; after the reset the device
+/// works again.
+#[test]
+fn a_panicking_request_fails_safe() {
+    let mut g = Guest::new(MemNode::new(DISK, false), 2);
+    let mut other = Guest::with_pool(MemNode::new(DISK, false), 1, g.pool.clone());
+    g.init(ALL);
+    other.init(ALL);
+    let buf = 0x8_0000;
+    g.fill(buf, 4096, 3);
+    assert_eq!(g.req(0, VIRTIO_BLK_T_OUT, 0, buf, 4096).0, VIRTIO_BLK_S_OK);
+
+    g.node.panics.store(true, Ordering::SeqCst);
+    assert_eq!(
+        g.req(0, VIRTIO_BLK_T_OUT, 8, buf, 4096).0,
+        VIRTIO_BLK_S_IOERR
+    );
+    wait_until("the configuration interrupt", || g.irq(0) == 1);
+    assert!(g.status() & STATUS_DEVICE_NEEDS_RESET != 0);
+    assert!(g.bar_r(ISR_OFFSET, 1) & 2 != 0, "ISR: configuration change");
+    // Every later request, on any queue, fails at once.
+    for q in [1, 0, 1] {
+        assert_eq!(g.req(q, VIRTIO_BLK_T_IN, 0, buf, 512).0, VIRTIO_BLK_S_IOERR);
+    }
+    let faults = g.faults.lock().unwrap().clone();
+    assert_eq!(faults.len(), 1, "reported once: {faults:?}");
+    assert!(
+        faults[0].contains("injected block layer bug") && faults[0].contains("reset"),
+        "{faults:?}"
+    );
+
+    // The workers survived: another device on them is served.
+    other.fill(buf, 4096, 9);
+    assert_eq!(
+        other.req(0, VIRTIO_BLK_T_OUT, 0, buf, 4096).0,
+        VIRTIO_BLK_S_OK
+    );
+    assert_eq!(
+        other.req(0, VIRTIO_BLK_T_IN, 0, buf, 4096).0,
+        VIRTIO_BLK_S_OK
+    );
+    assert_eq!(other.status() & STATUS_DEVICE_NEEDS_RESET, 0);
+
+    // The guest resets the device (the bug is gone): it works again.
+    g.node.panics.store(false, Ordering::SeqCst);
+    g.init(ALL);
+    assert_eq!(g.status() & STATUS_DEVICE_NEEDS_RESET, 0);
+    assert_eq!(g.req(1, VIRTIO_BLK_T_IN, 0, buf, 4096).0, VIRTIO_BLK_S_OK);
+    assert_eq!(g.read(buf, 4096)[..16], g.node.data.lock().unwrap()[..16]);
 }
 
 #[test]
@@ -815,7 +930,7 @@ fn a_batch_of_requests_completes_each_one() {
         want.push(g.fill(data, 4096, i as u8 + 1));
         heads.push(g.submit(0, &[(hdr, 16, 0), (data, 4096, 0), (status, 1, F_WRITE)]));
     }
-    assert_eq!(g.dev.process_queue(0), n as usize);
+    g.serve(0, n as u16);
     assert_eq!(g.used_idx(0), n as u16);
     let used: Vec<u32> = (0..n as u16).map(|k| g.used_elem(0, k).0).collect();
     let mut expect: Vec<u32> = heads.iter().map(|&h| u32::from(h)).collect();
@@ -856,7 +971,7 @@ fn overlapping_read_buffers_are_served_safely() {
             (status, 1, F_WRITE),
         ],
     );
-    assert_eq!(g.dev.process_queue(0), 1);
+    g.serve(0, 1);
     let st: u8 = g.mem.read_obj(GuestAddress(status)).unwrap();
     assert_eq!(st, VIRTIO_BLK_S_OK);
     assert_eq!(g.read(0x7_0000, 512), vec![0x22; 512]);

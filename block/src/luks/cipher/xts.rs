@@ -1,9 +1,12 @@
 //! XTS (IEEE 1619) over whole 512-byte sectors, for 16-byte block ciphers.
 //!
-//! The sector's IV (from the IV generator) is the tweak. All 32 block
-//! tweaks of a sector are computed first, so that the data blocks go through
-//! the cipher's multi-block path (8 blocks at a time with AES-NI) instead of
-//! one block at a time. Sectors are whole blocks: no ciphertext stealing.
+//! The sector's IV (from the IV generator) is the tweak. Sectors are whole
+//! blocks: no ciphertext stealing.
+//!
+//! This is the generic implementation, over any block cipher: all 32 block
+//! tweaks of a sector are computed first, so that the data blocks go
+//! through the cipher's multi-block path (8 blocks at a time with AES-NI).
+//! AES-XTS has a faster one where the CPU has VAES/AVX-512 (`xts_vaes.rs`).
 
 use cipher::consts::U16;
 use cipher::{Block, BlockDecrypt, BlockEncrypt, BlockSizeUser};

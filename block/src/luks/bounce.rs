@@ -1,0 +1,54 @@
+//! Bounce buffers for encrypting writes: the ciphertext of at most
+//! [`CHUNK`] bytes of one request at a time, whatever the request's size or
+//! how the guest laid out its buffers. Buffers are reused (taken and given
+//! back whole, so nothing is borrowed across a request) and at most
+//! [`KEEP`] idle ones are kept.
+
+use std::ops::{Deref, DerefMut};
+use std::sync::Mutex;
+
+/// The largest piece of a request encrypted at once.
+pub const CHUNK: usize = 1 << 20;
+/// Idle buffers kept for reuse.
+const KEEP: usize = 16;
+
+static FREE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+/// A buffer of `len` bytes (at most [`CHUNK`]), given back when dropped.
+pub struct Bounce {
+    buf: Vec<u8>,
+    len: usize,
+}
+
+impl Bounce {
+    /// A buffer of `len` bytes; its contents are unspecified.
+    pub fn take(len: usize) -> Bounce {
+        assert!(len <= CHUNK, "bounce buffers hold at most {CHUNK} bytes");
+        let reused = FREE.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let buf = reused.unwrap_or_else(|| vec![0u8; CHUNK]);
+        Bounce { buf, len }
+    }
+}
+
+impl Deref for Bounce {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl DerefMut for Bounce {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[..self.len]
+    }
+}
+
+impl Drop for Bounce {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        let mut free = FREE.lock().unwrap_or_else(|e| e.into_inner());
+        if free.len() < KEEP {
+            free.push(buf);
+        }
+    }
+}

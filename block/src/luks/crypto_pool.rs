@@ -1,0 +1,132 @@
+//! The crypto threads: a rayon pool that encrypts and decrypts the pieces of
+//! large requests in parallel.
+//!
+//! Its tasks only run the cipher over the buffers handed to them: no I/O, no
+//! lock, nothing that could pick up another request. A caller outside any
+//! rayon pool (a request worker, an image tool thread) blocks in
+//! [`for_each_piece`] until its pieces are done without running anything
+//! else meanwhile, so whatever it holds cannot be taken again on its thread.
+//! A caller that is itself a rayon worker (of any pool) runs the pieces
+//! inline instead: waiting there would let rayon run other work on it.
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+/// Requests at least this large are split across the crypto threads.
+pub const PARALLEL_MIN: usize = 128 << 10;
+/// Bytes each crypto task handles (a multiple of every sector size).
+pub const PIECE: usize = 64 << 10;
+
+static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
+
+fn pool() -> Option<&'static rayon::ThreadPool> {
+    POOL.get_or_init(|| {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if threads < 2 {
+            return None;
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("crypto-{i}"))
+            .build()
+            .ok()
+    })
+    .as_ref()
+}
+
+/// Work on whole sectors that can be cut into smaller pieces.
+pub trait Piece: Send + Sized {
+    /// Bytes covered.
+    fn len(&self) -> usize;
+    /// Whether it covers nothing.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The first `at` bytes and the rest.
+    fn split_at(self, at: usize) -> (Self, Self);
+}
+
+impl Piece for &mut [u8] {
+    fn len(&self) -> usize {
+        <[u8]>::len(self)
+    }
+    fn split_at(self, at: usize) -> (Self, Self) {
+        self.split_at_mut(at)
+    }
+}
+
+/// Runs `f(sector, piece)` over every job `(first sector, piece)`, where
+/// `sector_size` divides every piece's length: inline for small totals,
+/// else cut into [`PIECE`]-sized pieces on the crypto threads. Returns once
+/// all ran.
+pub fn for_each_piece<P, F>(jobs: Vec<(u64, P)>, sector_size: usize, f: F)
+where
+    P: Piece,
+    F: Fn(u64, P) + Sync,
+{
+    let total: usize = jobs.iter().map(|(_, p)| p.len()).sum();
+    let pool = pool().filter(|_| total >= PARALLEL_MIN && rayon::current_thread_index().is_none());
+    let Some(pool) = pool else {
+        for (sector, piece) in jobs {
+            f(sector, piece);
+        }
+        return;
+    };
+    let per_piece = (PIECE / sector_size) as u64;
+    let mut pieces: Vec<(u64, P)> = Vec::with_capacity(total.div_ceil(PIECE) + jobs.len());
+    for (mut sector, mut piece) in jobs {
+        while piece.len() > PIECE {
+            let (head, rest) = piece.split_at(PIECE);
+            pieces.push((sector, head));
+            sector += per_piece;
+            piece = rest;
+        }
+        pieces.push((sector, piece));
+    }
+    pool.install(|| pieces.into_par_iter().for_each(|(s, p)| f(s, p)));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_piece_once_with_its_sector() {
+        let mut a = vec![0u8; 3 * PIECE + 512];
+        let mut b = vec![0u8; 1024];
+        let jobs = vec![(10u64, &mut a[..]), (5000, &mut b[..])];
+        for_each_piece(jobs, 512, |sector, piece: &mut [u8]| {
+            for (i, s) in piece.chunks_mut(512).enumerate() {
+                s[..8].copy_from_slice(&(sector + i as u64).to_le_bytes());
+                s[8] += 1;
+            }
+        });
+        for (buf, first) in [(&a, 10u64), (&b, 5000)] {
+            for (i, s) in buf.chunks(512).enumerate() {
+                assert_eq!(s[..8], (first + i as u64).to_le_bytes(), "sector {i}");
+                assert_eq!(s[8], 1, "sector {i} done once");
+            }
+        }
+    }
+
+    #[test]
+    fn inside_a_rayon_pool_runs_inline() {
+        let other = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .expect("pool");
+        let mut a = vec![0u8; 4 * PIECE];
+        let here = other.install(|| {
+            let me = std::thread::current().id();
+            let same = std::sync::atomic::AtomicBool::new(true);
+            for_each_piece(vec![(0, &mut a[..])], 512, |_, _: &mut [u8]| {
+                if std::thread::current().id() != me {
+                    same.store(false, std::sync::atomic::Ordering::SeqCst);
+                }
+            });
+            same.into_inner()
+        });
+        assert!(here, "no piece may leave a rayon worker's thread");
+    }
+}
