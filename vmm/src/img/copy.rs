@@ -1,15 +1,21 @@
-//! The copy behind `img convert`, shaped as qemu-img's: `workers` requests in
-//! flight (`-m`), each worker reading a chunk of the source into its own
-//! buffer and writing it to the target; writes in source order unless
-//! out-of-order writes are allowed (`-W`); zero runs skipped or written as
-//! zeroes (`-S`); one flush at the end, so that a completed copy is durable.
-//! Meanwhile a helper thread starts the writeback of the target's host files
-//! every few MiB, so that the disk is busy while the CPUs are.
+//! The copy behind `img convert`, shaped as qemu-img's: at most `workers`
+//! reads and writes at once (`-m`), over chunks read into a bounded set of
+//! buffers; writes in source order, one at a time, unless out-of-order writes
+//! are allowed (`-W`); zero runs skipped or written as zeroes (`-S`); one
+//! flush at the end, so that a completed copy is durable. Meanwhile a helper
+//! thread starts the writeback of the target's host files every few MiB, so
+//! that the disk is busy while the CPUs are.
+//!
+//! Each worker takes whatever is next: the chunk whose turn it is to be
+//! written, if it has been read, else a new chunk to read, else it waits. So
+//! the worker that has just written goes straight on to the next write when
+//! its data is there, and nobody has to be woken for it.
 //!
 //! Workers are plain threads, never tasks of the crypto thread pool: a worker
 //! blocked in a node's parallel encryption cannot be handed another request.
-//! Memory is bounded by `workers` chunk buffers.
+//! Memory is bounded by `workers + 1` chunk buffers.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::sync::{Condvar, Mutex, MutexGuard};
 
@@ -43,7 +49,7 @@ pub struct Copy<'a> {
     pub dst: &'a NodeRef,
     /// Bytes to copy from offset 0.
     pub size: u64,
-    /// Requests in flight.
+    /// Reads and writes at once.
     pub workers: usize,
     /// Each write starts only after the previous one (in source order) ended.
     pub in_order: bool,
@@ -55,12 +61,31 @@ pub struct Copy<'a> {
     pub progress: bool,
 }
 
+/// A chunk read and waiting to be written.
+struct Chunk {
+    buf: Vec<u8>,
+    len: usize,
+    /// Its data and zero runs.
+    runs: Vec<(bool, usize)>,
+}
+
+/// What a worker does next.
+enum Task {
+    Read(u64, usize, Vec<u8>),
+    Write(u64, Chunk),
+}
+
 /// What the workers share.
 struct State {
     /// Start of the next chunk to claim.
     next: u64,
-    /// With in-order writes: the chunk whose write may start.
+    /// With in-order writes: the chunk whose write may start (the end of
+    /// the last write that ended).
     write_turn: u64,
+    /// Chunks read, by offset.
+    ready: BTreeMap<u64, Chunk>,
+    /// Buffers no chunk holds (allocated on first use).
+    free: Vec<Vec<u8>>,
     /// Bytes copied so far, for the progress line.
     done: u64,
     /// Percentage last shown.
@@ -86,6 +111,8 @@ impl Copy<'_> {
             state: Mutex::new(State {
                 next: 0,
                 write_turn: 0,
+                ready: BTreeMap::new(),
+                free: Vec::new(),
                 done: 0,
                 shown: -1.0,
                 running: 0,
@@ -95,7 +122,14 @@ impl Copy<'_> {
         };
         let chunks = self.size.div_ceil(CHUNK as u64);
         let workers = (self.workers as u64).clamp(1, chunks.max(1)) as usize;
-        shared.lock().running = workers;
+        {
+            let mut st = shared.lock();
+            st.running = workers;
+            // One more than the workers, so that a chunk can wait for its turn
+            // while the next is read; one alone for a strictly serial copy.
+            let buffers = if workers == 1 { 1 } else { workers + 1 };
+            st.free.resize_with(buffers, Vec::new);
+        }
         let files = writeback::host_files(self.dst);
         std::thread::scope(|s| {
             for _ in 0..workers {
@@ -131,66 +165,90 @@ impl Shared<'_> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// One worker: claims chunks, reads them, writes them (in turn).
+    /// One worker: reads and writes chunks until none is left.
     fn work(&self) {
         let job = self.job;
-        let mut buf = Vec::new();
-        let mut runs = Vec::new();
+        let mut st = self.lock();
         loop {
-            let (offset, len) = {
-                let mut st = self.lock();
-                if st.error.is_some() || st.next >= job.size {
-                    return;
-                }
-                let offset = st.next;
-                let len = (job.size - offset).min(CHUNK as u64) as usize;
-                st.next += len as u64;
-                (offset, len)
+            let (guard, task) = self.next_task(st);
+            let Some(task) = task else {
+                return;
             };
-            if buf.is_empty() {
-                buf = vec![0u8; CHUNK];
-            }
-            let data = &mut buf[..len];
-            let read = job
-                .src
-                .read_at(offset, data)
-                .map_err(|source| ImgError::Copy {
-                    what: "reading",
-                    offset,
-                    source,
-                });
-            let result = read.and_then(|()| {
-                // Find the zero runs before waiting: the turn is for writing only.
-                job.sparse.runs(data, offset, &mut runs);
-                if job.in_order && !self.wait_turn(offset) {
-                    return Ok(());
+            drop(guard);
+            let result = match task {
+                Task::Read(offset, len, mut buf) => {
+                    if buf.is_empty() {
+                        buf = vec![0u8; CHUNK];
+                    }
+                    let read = job.src.read_at(offset, &mut buf[..len]);
+                    let mut runs = Vec::new();
+                    if read.is_ok() {
+                        job.sparse.runs(&buf[..len], offset, &mut runs);
+                    }
+                    st = self.lock();
+                    read.map(|()| {
+                        st.ready.insert(offset, Chunk { buf, len, runs });
+                    })
+                    .map_err(|source| ImgError::Copy {
+                        what: "reading",
+                        offset,
+                        source,
+                    })
                 }
-                self.write(offset, data, &runs)
-            });
-            let mut st = self.lock();
-            if job.in_order {
-                st.write_turn = offset + len as u64;
-                self.turn.notify_all();
-            }
+                Task::Write(offset, chunk) => {
+                    let written = self.write(offset, &chunk.buf[..chunk.len], &chunk.runs);
+                    st = self.lock();
+                    st.free.push(chunk.buf);
+                    // The turn passes once the write has ended (the chunk left
+                    // `ready` when it was taken, so no one else could write).
+                    st.write_turn = offset + chunk.len as u64;
+                    written.map(|()| self.advance(&mut st, chunk.len as u64))
+                }
+            };
             if let Err(e) = result {
                 st.error.get_or_insert(e);
-                self.turn.notify_all();
             }
-            if st.error.is_some() {
-                return;
-            }
-            self.advance(&mut st, len as u64);
+            self.turn.notify_all();
         }
     }
 
-    /// Waits until the write of the chunk at `offset` may start; false when
-    /// another worker failed meanwhile.
-    fn wait_turn(&self, offset: u64) -> bool {
-        let mut st = self.lock();
-        while st.write_turn != offset && st.error.is_none() {
+    /// Waits for the next task: the write whose turn it is (any ready chunk
+    /// with `-W`), else a new read if a buffer is free (each worker does one
+    /// request at a time, so there are never more than `workers`). None once
+    /// there is nothing left for this worker: every chunk claimed and none
+    /// waiting, or a failure.
+    fn next_task<'g>(
+        &'g self,
+        mut st: MutexGuard<'g, State>,
+    ) -> (MutexGuard<'g, State>, Option<Task>) {
+        let job = self.job;
+        loop {
+            if st.error.is_some() {
+                return (st, None);
+            }
+            let writable = if job.in_order {
+                let turn = st.write_turn;
+                st.ready.contains_key(&turn).then_some(turn)
+            } else {
+                st.ready.keys().next().copied()
+            };
+            if let Some(offset) = writable {
+                let chunk = st.ready.remove(&offset).expect("chunk is ready");
+                return (st, Some(Task::Write(offset, chunk)));
+            }
+            if st.next < job.size {
+                if let Some(buf) = st.free.pop() {
+                    let offset = st.next;
+                    let len = (job.size - offset).min(CHUNK as u64) as usize;
+                    st.next += len as u64;
+                    return (st, Some(Task::Read(offset, len, buf)));
+                }
+            }
+            if st.next >= job.size && st.ready.is_empty() {
+                return (st, None);
+            }
             st = self.turn.wait(st).unwrap_or_else(|e| e.into_inner());
         }
-        st.error.is_none()
     }
 
     /// Writes one chunk: its data runs, and its zero runs unless the target
@@ -240,7 +298,6 @@ impl Shared<'_> {
     fn advance(&self, st: &mut State, len: u64) {
         let job = self.job;
         st.done += len;
-        self.turn.notify_all();
         if !job.progress {
             return;
         }
@@ -298,6 +355,9 @@ mod tests {
         fail_at: Option<u64>,
         writing: AtomicUsize,
         most_writing: AtomicUsize,
+        /// Requests under way on this disk and any sharing the counter.
+        busy: Arc<AtomicUsize>,
+        most_busy: Arc<AtomicUsize>,
     }
 
     impl Disk {
@@ -310,7 +370,18 @@ mod tests {
                 fail_at: None,
                 writing: AtomicUsize::new(0),
                 most_writing: AtomicUsize::new(0),
+                busy: Arc::new(AtomicUsize::new(0)),
+                most_busy: Arc::new(AtomicUsize::new(0)),
             }
+        }
+
+        /// Counts a request as under way for its duration.
+        fn busy<T>(&self, f: impl FnOnce() -> T) -> T {
+            let now = self.busy.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_busy.fetch_max(now, Ordering::SeqCst);
+            let r = f();
+            self.busy.fetch_sub(1, Ordering::SeqCst);
+            r
         }
 
         fn check(&self, offset: u64, len: usize) -> block::Result<()> {
@@ -339,7 +410,7 @@ mod tests {
             false
         }
         fn read_at(&self, offset: u64, buf: &mut [u8]) -> block::Result<()> {
-            std::thread::sleep((self.read_delay)(offset));
+            self.busy(|| std::thread::sleep((self.read_delay)(offset)));
             self.check(offset, buf.len())?;
             let d = self.data.lock().unwrap();
             buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
@@ -348,7 +419,7 @@ mod tests {
         fn write_at(&self, offset: u64, buf: &[u8]) -> block::Result<()> {
             let now = self.writing.fetch_add(1, Ordering::SeqCst) + 1;
             self.most_writing.fetch_max(now, Ordering::SeqCst);
-            std::thread::sleep(self.write_delay);
+            self.busy(|| std::thread::sleep(self.write_delay));
             let r = self.check(offset, buf.len()).map(|()| {
                 let mut d = self.data.lock().unwrap();
                 d[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
@@ -457,6 +528,31 @@ mod tests {
             dst.most_writing.load(Ordering::SeqCst) > 1,
             "writes never overlapped"
         );
+    }
+
+    #[test]
+    fn never_more_requests_at_once_than_workers() {
+        for (workers, in_order) in [(1, true), (2, true), (4, true), (2, false), (5, false)] {
+            let src = Arc::new(Disk {
+                read_delay: |_| Duration::from_millis(3),
+                ..Disk::new(noise(SIZE, 5))
+            });
+            let dst = Arc::new(Disk {
+                write_delay: Duration::from_millis(3),
+                busy: src.busy.clone(),
+                most_busy: src.most_busy.clone(),
+                ..Disk::new(vec![0; SIZE])
+            });
+            copy(&src, &dst, workers, in_order).unwrap();
+            let most = src.most_busy.load(Ordering::SeqCst);
+            assert!(
+                most <= workers,
+                "{workers} workers: {most} requests at once"
+            );
+            if workers > 1 {
+                assert!(most > 1, "{workers} workers: requests never overlapped");
+            }
+        }
     }
 
     #[test]
