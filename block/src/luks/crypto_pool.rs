@@ -9,20 +9,55 @@
 //! A caller that is itself a rayon worker (of any pool) runs the pieces
 //! inline instead: waiting there would let rayon run other work on it.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
 /// Requests at least this large are split across the crypto threads.
 pub const PARALLEL_MIN: usize = 128 << 10;
-/// Bytes each crypto task handles (a multiple of every sector size).
+/// Least bytes a crypto task handles (a multiple of every sector size).
 pub const PIECE: usize = 64 << 10;
 
 static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
+/// Callers inside [`for_each_piece`] right now.
+static CALLERS: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts a caller for as long as it lives.
+struct Caller;
+
+impl Caller {
+    /// Enters; returns the guard and how many callers there are with this one.
+    fn enter() -> (Caller, usize) {
+        (Caller, CALLERS.fetch_add(1, Ordering::AcqRel) + 1)
+    }
+}
+
+impl Drop for Caller {
+    fn drop(&mut self) {
+        CALLERS.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Sets the number of crypto threads (1: every piece runs on its caller's
+/// thread) before the first large request; later calls change nothing and
+/// return false. The default is one per host CPU.
+pub fn set_threads(threads: usize) -> bool {
+    let mut set = false;
+    POOL.get_or_init(|| {
+        set = true;
+        build(threads)
+    });
+    set
+}
 
 fn pool() -> Option<&'static rayon::ThreadPool> {
-    POOL.get_or_init(|| {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    POOL.get_or_init(|| build(std::thread::available_parallelism().map_or(1, |n| n.get())))
+        .as_ref()
+}
+
+fn build(threads: usize) -> Option<rayon::ThreadPool> {
+    {
         if threads < 2 {
             return None;
         }
@@ -31,8 +66,7 @@ fn pool() -> Option<&'static rayon::ThreadPool> {
             .thread_name(|i| format!("crypto-{i}"))
             .build()
             .ok()
-    })
-    .as_ref()
+    }
 }
 
 /// Work on whole sectors that can be cut into smaller pieces.
@@ -57,27 +91,36 @@ impl Piece for &mut [u8] {
 }
 
 /// Runs `f(sector, piece)` over every job `(first sector, piece)`, where
-/// `sector_size` divides every piece's length: inline for small totals,
-/// else cut into [`PIECE`]-sized pieces on the crypto threads. Returns once
-/// all ran.
+/// `sector_size` divides every piece's length. Inline for small totals, and
+/// when as many callers as there are crypto threads are already at work (they
+/// keep the cores busy; handing pieces around would only cost wake-ups);
+/// else cut into one piece per crypto thread (at least [`PIECE`] bytes each)
+/// on the crypto threads. Returns once all ran.
 pub fn for_each_piece<P, F>(jobs: Vec<(u64, P)>, sector_size: usize, f: F)
 where
     P: Piece,
     F: Fn(u64, P) + Sync,
 {
     let total: usize = jobs.iter().map(|(_, p)| p.len()).sum();
-    let pool = pool().filter(|_| total >= PARALLEL_MIN && rayon::current_thread_index().is_none());
+    let (_caller, callers) = Caller::enter();
+    let pool = pool().filter(|p| {
+        total >= PARALLEL_MIN
+            && callers < p.current_num_threads()
+            && rayon::current_thread_index().is_none()
+    });
     let Some(pool) = pool else {
         for (sector, piece) in jobs {
             f(sector, piece);
         }
         return;
     };
-    let per_piece = (PIECE / sector_size) as u64;
-    let mut pieces: Vec<(u64, P)> = Vec::with_capacity(total.div_ceil(PIECE) + jobs.len());
+    let share = total.div_ceil(pool.current_num_threads());
+    let piece_len = share.next_multiple_of(PIECE).max(PIECE);
+    let per_piece = (piece_len / sector_size) as u64;
+    let mut pieces: Vec<(u64, P)> = Vec::with_capacity(total.div_ceil(piece_len) + jobs.len());
     for (mut sector, mut piece) in jobs {
-        while piece.len() > PIECE {
-            let (head, rest) = piece.split_at(PIECE);
+        while piece.len() > piece_len {
+            let (head, rest) = piece.split_at(piece_len);
             pieces.push((sector, head));
             sector += per_piece;
             piece = rest;

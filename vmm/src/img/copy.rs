@@ -122,6 +122,12 @@ impl Copy<'_> {
         };
         let chunks = self.size.div_ceil(CHUNK as u64);
         let workers = (self.workers as u64).clamp(1, chunks.max(1)) as usize;
+        // With a request in flight per core the cores are busy already:
+        // crypto helpers would only take turns with the workers.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if workers >= cores {
+            block::luks::crypto_pool::set_threads(1);
+        }
         {
             let mut st = shared.lock();
             st.running = workers;
