@@ -694,3 +694,94 @@ fn convert_flushes_the_target_last() {
         );
     }
 }
+
+/// `-t`/`-T` cache modes do what they say, as in qemu-img: `none` opens with O_DIRECT,
+/// `unsafe` leaves out the final flush, `writethrough` flushes every write; a bad mode is qemu-img's error.
+#[test]
+fn cache_modes_are_applied() {
+    if !require(&["qemu-img", "strace"]) {
+        return;
+    }
+    let s = Scratch::new("cache-modes");
+    let size = 4 << 20;
+    s.write("src.raw", &pattern(65, size));
+    let trace = |args: &[&str]| -> String {
+        let mut all = vec![
+            "-f",
+            "-y",
+            "-qq",
+            "-e",
+            "trace=openat,pwrite64,pwritev,fsync,fdatasync",
+            "-o",
+            "trace.txt",
+            CRYPTVM,
+            "img",
+        ];
+        all.extend(args);
+        let _ = std::fs::remove_file(s.join("new.raw"));
+        run("strace", &all, Some(s.path())).ok();
+        String::from_utf8(read(&s.join("trace.txt"))).expect("utf-8 trace")
+    };
+    let new_raw = |t: &str| -> Vec<String> {
+        t.lines()
+            .filter(|l| l.contains("/new.raw"))
+            .map(str::to_string)
+            .collect()
+    };
+    let flushes = |calls: &[String]| calls.iter().filter(|l| l.contains("fdatasync(")).count();
+    let writes = |calls: &[String]| calls.iter().filter(|l| l.contains("pwrite")).count();
+
+    let t = trace(&["convert", "-t", "none", "-O", "raw", "src.raw", "new.raw"]);
+    let calls = new_raw(&t);
+    assert!(
+        calls
+            .iter()
+            .any(|l| l.contains("openat(") && l.contains("O_DIRECT")),
+        "-t none: the target is opened with O_DIRECT:\n{t}"
+    );
+    let t = trace(&["convert", "-T", "none", "-O", "raw", "src.raw", "new.raw"]);
+    assert!(
+        t.lines()
+            .any(|l| l.contains("src.raw") && l.contains("openat(") && l.contains("O_DIRECT")),
+        "-T none: the source is opened with O_DIRECT:\n{t}"
+    );
+    let calls = new_raw(&trace(&["convert", "-O", "raw", "src.raw", "new.raw"]));
+    assert!(flushes(&calls) >= 1, "writeback: one flush at the end");
+    let calls = new_raw(&trace(&[
+        "convert", "-t", "unsafe", "-O", "raw", "src.raw", "new.raw",
+    ]));
+    assert_eq!(flushes(&calls), 0, "-t unsafe: flushes are left out");
+    assert!(writes(&calls) >= 1);
+    let calls = new_raw(&trace(&[
+        "convert",
+        "-t",
+        "writethrough",
+        "-O",
+        "raw",
+        "src.raw",
+        "new.raw",
+    ]));
+    assert!(
+        flushes(&calls) >= writes(&calls),
+        "-t writethrough: every write flushed ({} writes, {} flushes)",
+        writes(&calls),
+        flushes(&calls)
+    );
+    // A bad mode: qemu-img's words.
+    cryptvm(s.path(), ["img", "bench", "-t", "fast", "src.raw"])
+        .clean_error(1, &["Invalid cache option: fast"]);
+    // On tmpfs (O_DIRECT only since Linux 6.6) both tools succeed or fail alike.
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() {
+        let dir = tempfile::tempdir_in(shm).expect("tmpfs folder");
+        let img = dir.path().join("t.raw");
+        std::fs::write(&img, vec![0u8; 1 << 20]).expect("image");
+        let img = img.to_str().unwrap();
+        let theirs = run("qemu-img", ["bench", "-t", "none", "-c", "1", img], None);
+        let ours = cryptvm(dir.path(), ["img", "bench", "-t", "none", "-c", "1", img]);
+        assert_eq!(
+            ours.status, theirs.status,
+            "cryptvm img bench -t none on tmpfs fails as qemu-img's does:\n{ours}"
+        );
+    }
+}

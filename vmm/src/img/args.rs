@@ -3,6 +3,8 @@
 
 use std::collections::VecDeque;
 
+use super::cache::CacheMode;
+
 /// A command-line error (bad or missing option).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -44,6 +46,10 @@ pub struct Args {
     pub short_flags: Vec<char>,
     /// Positional arguments.
     pub positional: Vec<String>,
+    /// `-t`: cache mode of the image written (or the only image).
+    pub cache: Option<CacheMode>,
+    /// `-T`: cache mode of the source image(s).
+    pub src_cache: Option<CacheMode>,
 }
 
 impl Args {
@@ -100,8 +106,8 @@ impl Args {
                             'F' => a.format2 = Some(v),
                             'O' => a.output_format = Some(v),
                             'o' => a.options.push(v),
-                            // Cache modes and similar tuning values are accepted and validated by name only.
-                            't' | 'T' => check_cache_mode(&v)?,
+                            't' => a.cache = Some(CacheMode::parse(&v).map_err(ArgError)?),
+                            'T' => a.src_cache = Some(CacheMode::parse(&v).map_err(ArgError)?),
                             other => a.short.push((other, v)),
                         }
                         break;
@@ -138,13 +144,6 @@ fn output_is_json(value: &str) -> Result<bool, ArgError> {
         other => Err(ArgError(format!(
             "--output must be used with human or json as argument, not '{other}'"
         ))),
-    }
-}
-
-fn check_cache_mode(mode: &str) -> Result<(), ArgError> {
-    match mode {
-        "none" | "writeback" | "writethrough" | "directsync" | "unsafe" => Ok(()),
-        _ => Err(ArgError(format!("Invalid cache option: {mode}"))),
     }
 }
 

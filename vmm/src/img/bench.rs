@@ -80,6 +80,7 @@ pub fn run(argv: &[String]) -> Result<u8> {
         OpenMode {
             read_only: !write,
             no_io: false,
+            cache: a.cache,
         },
     )?;
     let size = image.node.size();

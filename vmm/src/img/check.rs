@@ -55,6 +55,7 @@ pub fn run(argv: &[String]) -> Result<u8> {
         OpenMode {
             read_only: repair == Repair::None,
             no_io: false,
+            cache: a.src_cache,
         },
     )?;
     let report = check(file.node.clone(), repair)?;

@@ -17,6 +17,7 @@ pub fn run(argv: &[String]) -> Result<u8> {
     let mode = OpenMode {
         read_only: true,
         no_io: false,
+        cache: a.src_cache,
     };
     let one = open(
         image_options(first, a.image_opts, a.format.as_deref())?,

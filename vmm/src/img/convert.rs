@@ -8,6 +8,7 @@ use block::keyval;
 use block::options::{parse_size, Opts};
 use serde_json::json;
 
+use super::cache::CacheMode;
 use super::copy::{default_workers, Copy, MAX_WORKERS};
 use super::create::{create_luks, luks_options};
 use super::image::{image_options, load_objects, open, OpenMode};
@@ -35,6 +36,7 @@ pub fn run(argv: &[String]) -> Result<u8> {
         OpenMode {
             read_only: true,
             no_io: false,
+            cache: a.src_cache,
         },
     )?;
     let src_size = source.node.size();
@@ -53,6 +55,7 @@ pub fn run(argv: &[String]) -> Result<u8> {
                 OpenMode {
                     read_only: false,
                     no_io: false,
+                    cache: a.cache,
                 },
             )?,
             false,
@@ -68,7 +71,7 @@ pub fn run(argv: &[String]) -> Result<u8> {
                 o.finish()?;
                 block::file::create_file(path, src_size)?;
                 let opts = json!({"driver": "raw", "file": {"driver": "file", "filename": dst}});
-                let opened = open_new(opts, &secrets)?;
+                let opened = open_new(opts, &secrets, a.cache)?;
                 (opened, true)
             }
             "qcow2" => {
@@ -77,7 +80,7 @@ pub fn run(argv: &[String]) -> Result<u8> {
                 block::qcow2::create(path, Some(src_size), &opts)?;
                 let target =
                     json!({"driver": "qcow2", "file": {"driver": "file", "filename": dst}});
-                let opened = open_new(target, &secrets)?;
+                let opened = open_new(target, &secrets, a.cache)?;
                 // A new qcow2 image reads as zeros unless it has a backing file.
                 (opened, opts.backing_file.is_none())
             }
@@ -102,7 +105,7 @@ pub fn run(argv: &[String]) -> Result<u8> {
                     "",
                 )?;
                 let target = json!({"driver": "luks", "key-secret": key_secret, "file": {"driver": "file", "filename": dst}});
-                let opened = open_new(target, &secrets)?;
+                let opened = open_new(target, &secrets, a.cache)?;
                 (opened, false)
             }
             other => {
@@ -193,6 +196,7 @@ impl Tuning {
 fn open_new(
     options: serde_json::Value,
     secrets: &block::SecretStore,
+    cache: Option<CacheMode>,
 ) -> Result<super::image::Image> {
     let serde_json::Value::Object(map) = options else {
         return Err(ImgError::Msg("target options must be an object".into()));
@@ -203,6 +207,7 @@ fn open_new(
         OpenMode {
             read_only: false,
             no_io: false,
+            cache,
         },
     )
 }

@@ -223,6 +223,7 @@ fn backing_size(path: &Path, opts: &qcow2::CreateOptions, secrets: &SecretStore)
         super::image::OpenMode {
             read_only: true,
             no_io: true,
+            cache: None,
         },
     )?;
     Ok(image.node.size())

@@ -7,6 +7,7 @@ use block::blockdev::OpenContext;
 use block::{keyval, BlockError, BlockGraph, NodeRef, SecretStore};
 use serde_json::{json, Map, Value};
 
+use super::cache::CacheMode;
 use super::{ImgError, Result};
 
 /// An opened image: its top node (which holds its children).
@@ -34,6 +35,8 @@ pub struct OpenMode {
     pub read_only: bool,
     /// Metadata only: encrypted images need no key.
     pub no_io: bool,
+    /// `-t`/`-T`: the cache mode, if one was given.
+    pub cache: Option<CacheMode>,
 }
 
 /// Turns an image name into `blockdev-add` options.
@@ -155,7 +158,10 @@ fn probe(path: &Path) -> Result<&'static str> {
 }
 
 /// Opens an image given its options.
-pub fn open(opts: Map<String, Value>, secrets: &SecretStore, mode: OpenMode) -> Result<Image> {
+pub fn open(mut opts: Map<String, Value>, secrets: &SecretStore, mode: OpenMode) -> Result<Image> {
+    if let Some(cache) = mode.cache {
+        cache.apply(&mut opts);
+    }
     let ctx = OpenContext {
         secrets,
         base_dir: None,
@@ -167,6 +173,10 @@ pub fn open(opts: Map<String, Value>, secrets: &SecretStore, mode: OpenMode) -> 
         .add("", Value::Object(opts), &ctx, true)
         .map_err(strip_empty_path)?;
     let node = graph.get(&name).expect("node just added");
+    let node = match mode.cache {
+        Some(cache) => cache.wrap(node),
+        None => node,
+    };
     Ok(Image { node })
 }
 

@@ -21,6 +21,7 @@ pub fn run(argv: &[String]) -> Result<u8> {
         OpenMode {
             read_only: true,
             no_io: true,
+            cache: a.cache,
         },
     )?;
     let info = node_info(&image.node);
