@@ -3,55 +3,67 @@
 
 use std::collections::VecDeque;
 
-/// Hands out consecutive pieces of a scatter-gather list.
-pub struct SgCursor<'a> {
-    bufs: VecDeque<&'a mut [u8]>,
+/// A buffer (or a pair of them) that can be cut in two at a byte offset.
+pub trait Split: Send + Sized {
+    /// Bytes covered.
+    fn len(&self) -> usize;
+    /// Whether it covers nothing.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The first `at` bytes and the rest.
+    fn split_at(self, at: usize) -> (Self, Self);
 }
 
-impl<'a> SgCursor<'a> {
+impl Split for &mut [u8] {
+    fn len(&self) -> usize {
+        <[u8]>::len(self)
+    }
+    fn split_at(self, at: usize) -> (Self, Self) {
+        self.split_at_mut(at)
+    }
+}
+
+impl Split for &[u8] {
+    fn len(&self) -> usize {
+        <[u8]>::len(self)
+    }
+    fn split_at(self, at: usize) -> (Self, Self) {
+        <[u8]>::split_at(self, at)
+    }
+}
+
+/// Hands out consecutive pieces of a scatter-gather list of `B`s.
+pub struct Cursor<B> {
+    bufs: VecDeque<B>,
+}
+
+/// A cursor over buffers to fill.
+pub type SgCursor<'a> = Cursor<&'a mut [u8]>;
+/// A cursor over buffers to read from.
+pub type SgSlices<'a> = Cursor<&'a [u8]>;
+
+impl<'a> Cursor<&'a mut [u8]> {
     /// A cursor at the start of `bufs`.
     pub fn new(bufs: &'a mut [&mut [u8]]) -> Self {
         Self {
             bufs: bufs.iter_mut().map(|b| &mut **b).collect(),
         }
     }
-
-    /// The next `len` bytes, as slices of the list (fewer when it ends).
-    pub fn take(&mut self, mut len: usize) -> Vec<&'a mut [u8]> {
-        let mut out = Vec::new();
-        while len > 0 {
-            let Some(front) = self.bufs.pop_front() else {
-                break;
-            };
-            if front.len() <= len {
-                len -= front.len();
-                out.push(front);
-            } else {
-                let (head, tail) = front.split_at_mut(len);
-                out.push(head);
-                self.bufs.push_front(tail);
-                len = 0;
-            }
-        }
-        out
-    }
 }
 
-/// Hands out consecutive pieces of a read-only scatter-gather list.
-pub struct SgSlices<'a> {
-    bufs: VecDeque<&'a [u8]>,
-}
-
-impl<'a> SgSlices<'a> {
+impl<'a> Cursor<&'a [u8]> {
     /// A cursor at the start of `bufs`.
     pub fn new(bufs: &[&'a [u8]]) -> Self {
         Self {
             bufs: bufs.iter().copied().collect(),
         }
     }
+}
 
-    /// The next `len` bytes, as slices of the list (fewer when it ends).
-    pub fn take(&mut self, mut len: usize) -> Vec<&'a [u8]> {
+impl<B: Split> Cursor<B> {
+    /// The next `len` bytes, as pieces of the list (fewer when it ends).
+    pub fn take(&mut self, mut len: usize) -> Vec<B> {
         let mut out = Vec::new();
         while len > 0 {
             let Some(front) = self.bufs.pop_front() else {

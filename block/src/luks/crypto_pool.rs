@@ -14,6 +14,8 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+use crate::sg::Split;
+
 /// Requests at least this large are split across the crypto threads.
 pub const PARALLEL_MIN: usize = 128 << 10;
 /// Least bytes a crypto task handles (a multiple of every sector size).
@@ -69,27 +71,6 @@ fn build(threads: usize) -> Option<rayon::ThreadPool> {
     }
 }
 
-/// Work on whole sectors that can be cut into smaller pieces.
-pub trait Piece: Send + Sized {
-    /// Bytes covered.
-    fn len(&self) -> usize;
-    /// Whether it covers nothing.
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    /// The first `at` bytes and the rest.
-    fn split_at(self, at: usize) -> (Self, Self);
-}
-
-impl Piece for &mut [u8] {
-    fn len(&self) -> usize {
-        <[u8]>::len(self)
-    }
-    fn split_at(self, at: usize) -> (Self, Self) {
-        self.split_at_mut(at)
-    }
-}
-
 /// Runs `f(sector, piece)` over every job `(first sector, piece)`, where
 /// `sector_size` divides every piece's length. Inline for small totals, and
 /// when as many callers as there are crypto threads are already at work (they
@@ -98,7 +79,7 @@ impl Piece for &mut [u8] {
 /// on the crypto threads. Returns once all ran.
 pub fn for_each_piece<P, F>(jobs: Vec<(u64, P)>, sector_size: usize, f: F)
 where
-    P: Piece,
+    P: Split,
     F: Fn(u64, P) + Sync,
 {
     let total: usize = jobs.iter().map(|(_, p)| p.len()).sum();

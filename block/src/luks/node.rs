@@ -5,12 +5,12 @@
 use serde_json::{json, Value};
 
 use super::bounce::{Bounce, CHUNK};
-use super::crypto_pool::{for_each_piece, Piece};
+use super::crypto_pool::for_each_piece;
 use super::{new_sector_cipher, unlock, IvGenAlg, LuksError, LuksHeader, SectorCipher};
 use crate::blockdev::OpenContext;
 use crate::node::{check_range, total_len, write_zeroes_by_writing, BlockNode, NodeRef};
 use crate::options::Opts;
-use crate::sg::SgCursor;
+use crate::sg::{SgCursor, Split};
 use crate::{BlockError, Result, SECTOR_SIZE};
 
 /// Bytes in a payload sector (the unit of the IV).
@@ -257,7 +257,7 @@ enum Encrypt<'a> {
     InPlace(&'a mut [u8]),
 }
 
-impl Piece for Encrypt<'_> {
+impl Split for Encrypt<'_> {
     fn len(&self) -> usize {
         match self {
             Encrypt::From(_, dst) | Encrypt::InPlace(dst) => dst.len(),

@@ -108,8 +108,8 @@ pub struct VirtioQueues {
 }
 
 impl VirtioQueues {
-    /// Queues of `sizes` (one per queue) over `device`, their requests run by
-    /// `pool`; the queue threads are started by [`VirtioQueues::start`].
+    /// `device`'s queues, each of at most `max_size` entries, their requests
+    /// run by `pool`; the queue threads are started by [`VirtioQueues::start`].
     pub(super) fn new(
         device: Arc<dyn VirtioDevice>,
         mem: GuestMemoryMmap,
