@@ -8,7 +8,8 @@
 //! worker. A job runs to completion on its worker: workers never pick up
 //! another job while one is running, so nothing a job holds (a lock, a
 //! buffer) can be taken again on the same thread. A job that panics is
-//! contained by its submitter (see `virtio::queue`); the worker goes on.
+//! contained by its submitter (see `virtio::queues`), and the worker goes on
+//! in any case.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -100,8 +101,13 @@ impl Drop for WorkerPool {
         lock(&self.shared.sched).stopping = true;
         self.shared.wake.notify_all();
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        // The last reference may go on a worker (a job's captures dropped
+        // after it ran): that worker ends by itself once this returns.
+        let me = std::thread::current().id();
         for t in threads {
-            let _ = t.join();
+            if t.thread().id() != me {
+                let _ = t.join();
+            }
         }
     }
 }
@@ -128,7 +134,9 @@ fn work(shared: &Shared) {
                 s = shared.wake.wait(s).unwrap_or_else(|e| e.into_inner());
             }
         };
-        job();
+        // Submitters contain their own panics (and report them); this keeps
+        // the worker alive whatever a job does.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
     }
 }
 
@@ -231,6 +239,27 @@ mod tests {
         assert_eq!(order[0], "a0");
         assert_eq!(order[1], "a", "lane A's next job was queued first");
         assert_eq!(order[2], "b", "lane B waited for one job of A, not five");
+    }
+
+    #[test]
+    fn the_last_reference_may_go_on_a_worker() {
+        let pool = WorkerPool::new(2, "wlast").expect("pool");
+        let lane = pool.lane();
+        let (tx, rx) = mpsc::channel();
+        let (gate_tx, gate_rx) = mpsc::channel::<()>();
+        let held = Arc::new(lane);
+        let inner = held.clone();
+        drop(pool);
+        held.submit(Box::new(move || {
+            gate_rx.recv().expect("gate");
+            // Now this job holds the pool's last reference (through its lane).
+            drop(inner);
+            tx.send(()).expect("send");
+        }));
+        drop(held);
+        gate_tx.send(()).expect("open");
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("the job ran and the pool went without a deadlock");
     }
 
     #[test]
