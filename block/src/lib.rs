@@ -6,6 +6,7 @@ pub mod blockdev;
 pub mod error;
 pub mod file;
 pub mod graph;
+pub mod info;
 pub mod keyval;
 pub mod luks;
 pub mod node;

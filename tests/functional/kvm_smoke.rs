@@ -14,9 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
-use vmm::layout;
-use vmm::vcpu::EntryPoint;
-use vmm::vm::{ExitReason, Vm, VmParams};
+use vmm::arch::x86_64::layout;
+use vmm::vstate::vcpu::EntryPoint;
+use vmm::vstate::vm::{ExitReason, Vm, VmParams};
 
 /// What every guest prints: "Hello\n", then an unmapped port's read (0xff), then an
 /// unmapped MMIO read (low byte 0xff).

@@ -110,7 +110,7 @@ impl MutEventSubscriber for StdinInput {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let mut buf = [0u8; 64];
         let n = if events.event_set().contains(EventSet::IN) {
-            crate::terminal::read_stdin(&mut buf)
+            crate::cli::terminal::read_stdin(&mut buf)
         } else {
             Ok(0)
         };

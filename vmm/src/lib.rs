@@ -1,25 +1,22 @@
 //! cryptvm's virtual machine monitor and its command-line front ends.
+//!
+//! - [`vstate`]: KVM itself: the VM, its vCPUs, guest memory, CPUID, MSI routing.
+//! - [`arch`]: the x86_64 machine: memory layout, kernel loading, ACPI tables.
+//! - [`device_manager`]: the PCI disks, their BARs and doorbells, hot plug.
+//! - [`control`]: what QMP can ask of a running VM, and the queries' answers.
+//! - [`config`]: the VM's configuration, from the JSON file and the options.
+//! - [`qmp`]: the QMP server and its protocol.
+//! - [`cli`]: `cryptvm run` and `cryptvm ctl`.
+//!
+//! The image tool, `cryptvm img`, is its own crate (`img`), over `block` alone.
 
-pub mod acpi;
-pub mod boot;
-pub mod calibrate;
+pub mod arch;
+pub mod cli;
 pub mod config;
 pub mod control;
-pub mod cpuid;
-pub mod ctl;
+pub mod device_manager;
 pub mod event_loop;
-pub mod img;
-pub mod layout;
-pub mod machine;
-pub mod memory;
-pub mod msi;
-pub mod pci_bars;
 pub mod qmp;
-pub mod queries;
-pub mod run;
-pub mod terminal;
-pub mod vcpu;
-pub mod virtio_blk_pci;
-pub mod vm;
+pub mod vstate;
 
-pub use calibrate::kvm_speed;
+pub use vstate::calibrate::kvm_speed;

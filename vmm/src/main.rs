@@ -5,9 +5,9 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let code = match args.first().map(String::as_str) {
-        Some("img") => vmm::img::main(&args[1..]),
-        Some("run") => vmm::run::main(&args[1..]),
-        Some("ctl") => vmm::ctl::main(&args[1..]),
+        Some("img") => img::main(&args[1..]),
+        Some("run") => vmm::cli::run::main(&args[1..]),
+        Some("ctl") => vmm::cli::ctl::main(&args[1..]),
         Some("--version") | Some("-V") => {
             println!("cryptvm {}", env!("CARGO_PKG_VERSION"));
             0

@@ -6,6 +6,9 @@
 //! [`Machine`]'s state, before the PCI root, before a PCI device. So the
 //! state lock is never held while notifying the guest.
 
+pub mod pci_bars;
+pub mod virtio_blk;
+
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -17,11 +20,11 @@ use devices::pci::{PciRoot, SharedPciDevice};
 use devices::virtio::block::IoOperation;
 use devices::WorkerPool;
 
-use crate::memory::GuestMemoryMmap;
-use crate::msi::MsiRouter;
-use crate::pci_bars::PciBars;
-use crate::queries;
-use crate::virtio_blk_pci::{BlkProps, DeviceEnv, VirtioBlkPci};
+use crate::control::queries;
+use crate::device_manager::pci_bars::PciBars;
+use crate::device_manager::virtio_blk::{BlkProps, DeviceEnv, VirtioBlkPci};
+use crate::vstate::memory::GuestMemoryMmap;
+use crate::vstate::msi::MsiRouter;
 
 /// How a control request failed (QMP maps these to its error classes).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -455,10 +458,10 @@ mod tests {
 
     /// A machine on a real KVM VM (no vCPUs run), or None without KVM.
     fn rig() -> Option<Rig> {
-        let kvm = crate::vm::open_kvm().ok()?;
+        let kvm = crate::vstate::vm::open_kvm().ok()?;
         let vm = Arc::new(kvm.create_vm().expect("VM"));
         vm.create_irq_chip().expect("irqchip");
-        let memory = crate::memory::create_guest_memory(16 << 20).expect("memory");
+        let memory = crate::vstate::memory::create_guest_memory(16 << 20).expect("memory");
         let mmio = Arc::new(RwLock::new(Bus::new()));
         let machine = Machine::new(MachineParams {
             cpus: 2,

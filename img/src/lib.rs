@@ -17,8 +17,6 @@ mod writeback;
 use block::BlockError;
 
 pub use args::{ArgError, Args};
-pub(crate) use image::display_name;
-pub(crate) use info::node_info;
 
 /// What can make an `img` sub-command fail.
 #[derive(Debug, thiserror::Error)]

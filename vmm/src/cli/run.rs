@@ -11,15 +11,15 @@ use devices::WorkerPool;
 use serde_json::json;
 use vm_memory::GuestAddress;
 
-use crate::acpi::AcpiLayout;
-use crate::boot::{self, BootSpec};
+use crate::arch::x86_64::acpi::AcpiLayout;
+use crate::arch::x86_64::boot::{self, BootSpec};
+use crate::arch::x86_64::layout;
+use crate::cli::terminal::RawMode;
 use crate::config::{SerialConfig, VmConfig};
-use crate::control::VmControl;
-use crate::layout;
-use crate::machine::{Machine, MachineParams};
+use crate::control::vm_control::VmControl;
+use crate::device_manager::{Machine, MachineParams};
 use crate::qmp::{EventBus, QmpServer};
-use crate::terminal::RawMode;
-use crate::vm::{ExitReason, Vm, VmParams};
+use crate::vstate::vm::{ExitReason, Vm, VmParams};
 
 const USAGE: &str =
     "usage: cryptvm run [--config vm.json] [--kernel PATH] [--initrd PATH] [--cmdline STR]
@@ -212,10 +212,10 @@ pub fn acpi_layout(vm: &Vm) -> AcpiLayout {
     }
 }
 
-/// Writes the ACPI tables (`vmm::acpi`) into guest memory; returns the RSDP address for
+/// Writes the ACPI tables (`vmm::arch::x86_64::acpi`) into guest memory; returns the RSDP address for
 /// `boot_params.acpi_rsdp_addr` / PVH `rsdp_paddr`.
 fn create_acpi_tables(vm: &Vm) -> Result<Option<GuestAddress>, String> {
-    crate::acpi::create_acpi_tables(vm.memory(), &acpi_layout(vm))
+    crate::arch::x86_64::acpi::create_acpi_tables(vm.memory(), &acpi_layout(vm))
         .map(Some)
         .map_err(|e| format!("writing the ACPI tables: {e}"))
 }

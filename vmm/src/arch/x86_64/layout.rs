@@ -62,7 +62,7 @@ pub const CMDLINE_MAX_SIZE: usize = 2048;
 pub const EBDA_START: u64 = 0x9_fc00;
 /// End of the real-mode RAM (the VGA hole starts here).
 pub const EBDA_END: u64 = 0xa_0000;
-/// ACPI tables, RSDP first (`tables_base` of [`crate::acpi`]).
+/// ACPI tables, RSDP first (`tables_base` of [`crate::arch::x86_64::acpi`]).
 pub const ACPI_TABLES_START: u64 = 0xe_0000;
 /// Room for the ACPI tables (up to 1 MiB).
 pub const ACPI_TABLES_SIZE: u64 = HIGH_RAM_START - ACPI_TABLES_START;

@@ -7,9 +7,9 @@ use serde_json::{json, Map, Value};
 
 use devices::acpi::Ged;
 
-use crate::machine::{ControlError, Machine};
+use crate::device_manager::{ControlError, Machine};
 use crate::qmp::{EventBus, QmpBackend, QmpError};
-use crate::vm::{ExitReason, ExitState};
+use crate::vstate::vm::{ExitReason, ExitState};
 
 /// QMP's handle on a running VM.
 pub struct VmControl {

@@ -191,18 +191,6 @@ fn strip_empty_path(e: BlockError) -> ImgError {
     }
 }
 
-/// The host file name behind a node (through `file` children), as qemu-img shows it.
-pub fn display_name(node: &NodeRef) -> String {
-    if let Some(f) = node.filename() {
-        return f.to_string();
-    }
-    node.children()
-        .into_iter()
-        .find(|(role, _)| *role == "file")
-        .map(|(_, c)| display_name(&c))
-        .unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

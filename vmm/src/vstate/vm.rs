@@ -20,13 +20,13 @@ use devices::pci::{PciConfigIo, PciConfigMmio, PciRoot};
 use devices::serial::Serial;
 use devices::{Bus, Interrupt};
 
+use crate::arch::x86_64::layout;
+use crate::device_manager::pci_bars::PciBars;
+use crate::device_manager::HotplugNotifier;
 use crate::event_loop::{EventLoop, StdinInput, Subscriber};
-use crate::layout;
-use crate::machine::HotplugNotifier;
-use crate::memory::{self, GuestMemoryMmap};
-use crate::msi::MsiRouter;
-use crate::pci_bars::PciBars;
-use crate::vcpu::{self, EntryPoint, Vcpu};
+use crate::vstate::memory::{self, GuestMemoryMmap};
+use crate::vstate::msi::MsiRouter;
+use crate::vstate::vcpu::{self, EntryPoint, Vcpu};
 
 /// Environment variable naming the KVM device (default `/dev/kvm`); tests point it at a
 /// missing file to check the "no KVM" error.
@@ -435,7 +435,7 @@ impl Vm {
         if self.kvm.check_extension(Cap::TscDeadlineTimer) {
             // KVM emulates the TSC-deadline LAPIC timer but leaves the CPUID bit to the
             // VMM (as QEMU and Firecracker set it): cheaper timer programming.
-            crate::cpuid::set_tsc_deadline(&mut supported);
+            crate::vstate::cpuid::set_tsc_deadline(&mut supported);
         }
         let mut vcpus = Vec::with_capacity(usize::from(self.cpus));
         for id in 0..self.cpus {

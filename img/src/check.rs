@@ -4,7 +4,9 @@
 use block::qcow2::{check, CheckReport, Repair};
 use serde_json::json;
 
-use super::image::{display_name, image_options, load_objects, open, OpenMode};
+use block::info::display_name;
+
+use super::image::{image_options, load_objects, open, OpenMode};
 use super::{Args, ImgError, Result};
 
 /// Runs `img check`: exit 0 clean, 2 corruptions, 3 leaks only, as qemu-img.

@@ -240,7 +240,7 @@ mod tests {
 
     #[test]
     fn vectors_on_kvm_get_distinct_gsis_and_free_them() {
-        let Ok(kvm) = crate::vm::open_kvm() else {
+        let Ok(kvm) = crate::vstate::vm::open_kvm() else {
             return; // no KVM on this machine: the routing unit tests above still ran
         };
         let vm = kvm.create_vm().expect("create VM");

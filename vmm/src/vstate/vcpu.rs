@@ -11,9 +11,9 @@ use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::layout;
-use crate::memory::GuestMemoryMmap;
-use crate::vm::{ExitReason, ExitState};
+use crate::arch::x86_64::layout;
+use crate::vstate::memory::GuestMemoryMmap;
+use crate::vstate::vm::{ExitReason, ExitState};
 use devices::{lock_device, Bus};
 
 /// Where and how the boot vCPU starts.
@@ -215,7 +215,7 @@ pub fn configure_vcpu(
     supported_cpuid: &CpuId,
     entry: Option<EntryPoint>,
 ) -> Result<(), VcpuError> {
-    let cpuid = crate::cpuid::vcpu_cpuid(supported_cpuid, id, cpus)
+    let cpuid = crate::vstate::cpuid::vcpu_cpuid(supported_cpuid, id, cpus)
         .map_err(|msg| VcpuError::Other { id, msg })?;
     fd.set_cpuid2(&cpuid)
         .map_err(kvm_err(id, "setting CPUID"))?;

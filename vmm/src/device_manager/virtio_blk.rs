@@ -11,9 +11,9 @@ use devices::virtio::block::{BlockConfig, IoErrorReporter, VirtioBlock};
 use devices::virtio::{FaultReporter, VirtioPciDevice, VirtioQueues, BAR_SIZE};
 use devices::{Interrupt, SharedDevice, WorkerPool};
 
-use crate::memory::GuestMemoryMmap;
-use crate::msi::{MsiRouter, MsiVector};
-use crate::pci_bars::{Doorbell, PciBars};
+use crate::device_manager::pci_bars::{Doorbell, PciBars};
+use crate::vstate::memory::GuestMemoryMmap;
+use crate::vstate::msi::{MsiRouter, MsiVector};
 
 /// The one device model `device_add` knows.
 pub const DRIVER: &str = "virtio-blk-pci";
@@ -272,10 +272,10 @@ pub enum DeviceError {
     Virtio(#[from] devices::virtio::VirtioError),
     /// MSI set-up.
     #[error(transparent)]
-    Msi(#[from] crate::msi::MsiError),
+    Msi(#[from] crate::vstate::msi::MsiError),
     /// BAR placement.
     #[error(transparent)]
-    Bar(#[from] crate::pci_bars::BarError),
+    Bar(#[from] crate::device_manager::pci_bars::BarError),
 }
 
 impl VirtioBlkPci {

@@ -1,9 +1,10 @@
 //! `cryptvm img info`: what `qemu-img info` shows, in text or JSON.
 
-use block::NodeRef;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
-use super::image::{display_name, image_options, load_objects, open, OpenMode};
+use block::info::node_info;
+
+use super::image::{image_options, load_objects, open, OpenMode};
 use super::size::human;
 use super::{Args, ImgError, Result};
 
@@ -34,39 +35,6 @@ pub fn run(argv: &[String]) -> Result<u8> {
         print!("{}", human_info(&info, 0));
     }
     Ok(0)
-}
-
-/// `ImageInfo` of a node, shaped as qemu-img's JSON.
-pub(crate) fn node_info(node: &NodeRef) -> Value {
-    // As qemu-img info, which opens images without their backing chain.
-    let children: Vec<Value> = node
-        .children()
-        .into_iter()
-        .filter(|(role, _)| *role != "backing")
-        .map(|(role, child)| json!({"name": role, "info": node_info(&child)}))
-        .collect();
-    let mut m = Map::new();
-    m.insert("children".into(), Value::Array(children));
-    m.insert("virtual-size".into(), json!(node.size()));
-    m.insert("filename".into(), json!(display_name(node)));
-    m.insert("format".into(), json!(node.driver()));
-    if let Some(actual) = node.allocated_size() {
-        m.insert("actual-size".into(), json!(actual));
-    }
-    let specific = match node.driver() {
-        "file" => json!({"type": "file", "data": {}}),
-        _ => node.info(),
-    };
-    if !specific.is_null() {
-        m.insert("format-specific".into(), specific);
-    }
-    if node.driver() == "luks" {
-        m.insert("encrypted".into(), json!(true));
-    }
-    m.insert("dirty-flag".into(), json!(false));
-    // Driver fields (cluster-size, backing file, a set dirty flag) last, so they win.
-    m.extend(node.image_info());
-    Value::Object(m)
 }
 
 /// The text form, indented by `level` * 4 spaces.

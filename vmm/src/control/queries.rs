@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 use block::{BlockGraph, NodeRef};
 use devices::pci::{BarKind, PciRoot, NUM_SLOTS};
 
-use crate::img::{display_name, node_info};
+use block::info::{display_name, node_info};
 
 /// QEMU's `BlockDeviceInfo` of node `name`.
 pub fn block_device_info(name: &str, node: &NodeRef, flat: bool) -> Value {

@@ -16,9 +16,9 @@ use linux_loader::loader::{
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use crate::layout;
-use crate::memory::GuestMemoryMmap;
-use crate::vcpu::EntryPoint;
+use crate::arch::x86_64::layout;
+use crate::vstate::memory::GuestMemoryMmap;
+use crate::vstate::vcpu::EntryPoint;
 
 /// What to boot.
 #[derive(Debug, Clone)]
@@ -294,7 +294,7 @@ mod tests {
     use super::*;
 
     fn mem(size: u64) -> GuestMemoryMmap {
-        crate::memory::create_guest_memory(size).unwrap()
+        crate::vstate::memory::create_guest_memory(size).unwrap()
     }
 
     /// A minimal ELF64 with one PT_LOAD segment at `paddr` and optionally a PVH note.

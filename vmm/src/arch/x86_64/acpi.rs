@@ -5,7 +5,7 @@
 //!
 //! ```no_run
 //! # use vm_memory::{GuestAddress, GuestMemoryMmap};
-//! use vmm::acpi::{create_acpi_tables, AcpiLayout};
+//! use vmm::arch::x86_64::acpi::{create_acpi_tables, AcpiLayout};
 //! # let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
 //! let layout = AcpiLayout {
 //!     cpus: 2,
@@ -20,7 +20,7 @@
 //!     tables_base: 0xe_0000,
 //! };
 //! let rsdp = create_acpi_tables(&mem, &layout)?; // boot_params.acpi_rsdp_addr
-//! # Ok::<(), vmm::acpi::AcpiError>(())
+//! # Ok::<(), vmm::arch::x86_64::acpi::AcpiError>(())
 //! ```
 //!
 //! Interrupt contract with the VMM: the MADT describes one IOAPIC at

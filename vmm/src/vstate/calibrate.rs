@@ -7,9 +7,9 @@ use std::time::Instant;
 
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::layout;
-use crate::vcpu::EntryPoint;
-use crate::vm::{ExitReason, Vm, VmError, VmParams};
+use crate::arch::x86_64::layout;
+use crate::vstate::vcpu::EntryPoint;
+use crate::vstate::vm::{ExitReason, Vm, VmError, VmParams};
 
 /// Loop iterations of the calibration guest (two instructions each).
 const LOOP_ITERATIONS: u32 = 250_000;

@@ -1,0 +1,3 @@
+//! What is specific to the guest's architecture.
+
+pub mod x86_64;
