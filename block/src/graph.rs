@@ -12,7 +12,7 @@ use crate::blockdev::{open_driver, ChildResolver, Common, OpenContext};
 use crate::keyval;
 use crate::node::NodeRef;
 use crate::options::Opts;
-use crate::{BlockError, Result};
+use crate::{BlockError, GraphError, Result};
 
 struct Entry {
     node: NodeRef,
@@ -179,13 +179,17 @@ impl BlockGraph {
 
     /// Records that `user` (a device id) uses node `name`.
     pub fn attach(&mut self, name: &str, user: &str) -> Result<NodeRef> {
-        let entry = self.nodes.get_mut(name).ok_or_else(|| {
-            BlockError::Graph(format!("Cannot find device='' nor node-name='{name}'"))
-        })?;
+        let entry = self
+            .nodes
+            .get_mut(name)
+            .ok_or_else(|| GraphError::NoDeviceNorNode(name.to_string()))?;
         if let Some(other) = entry.users.first() {
-            return Err(BlockError::Graph(format!(
-                "Permission conflict on node '{name}': permissions 'write' are both required by block device '{other}' (uses node '{name}' as 'root' child) and unshared by block device '{user}' (uses node '{name}' as 'root' child)."
-            )));
+            return Err(GraphError::PermissionConflict {
+                node: name.to_string(),
+                holder: other.clone(),
+                user: user.to_string(),
+            }
+            .into());
         }
         entry.users.push(user.to_string());
         Ok(entry.node.clone())
@@ -201,21 +205,22 @@ impl BlockGraph {
     /// Removes node `name` (`blockdev-del`) and the inline children that only
     /// it used. Refused while a device or another node uses it.
     pub fn remove(&mut self, name: &str) -> Result<()> {
-        let entry = self.nodes.get(name).ok_or_else(|| {
-            BlockError::Graph(format!("Failed to find node with node-name='{name}'"))
-        })?;
+        let entry = self
+            .nodes
+            .get(name)
+            .ok_or_else(|| GraphError::NotFound(name.to_string()))?;
         if entry.implicit {
-            return Err(BlockError::Graph(format!(
-                "Node {name} is not owned by the monitor"
-            )));
+            return Err(GraphError::NotOwned(name.to_string()).into());
         }
         if !entry.users.is_empty() {
-            return Err(BlockError::Graph(format!("Node {name} is in use")));
+            return Err(GraphError::InUse(name.to_string()).into());
         }
         if let Some(parent) = self.parents_of(name).first() {
-            return Err(BlockError::Graph(format!(
-                "Node {name} is in use by node '{parent}'"
-            )));
+            return Err(GraphError::InUseBy {
+                node: name.to_string(),
+                parent: parent.to_string(),
+            }
+            .into());
         }
         self.remove_tree(name);
         Ok(())

@@ -16,7 +16,7 @@ pub mod raw;
 pub mod secret;
 pub mod sg;
 
-pub use error::{BlockError, Result};
+pub use error::{BlockError, ErrorKind, GraphError, Result};
 pub use graph::BlockGraph;
 pub use node::{BlockNode, NodeRef};
 pub use secret::SecretStore;

@@ -58,7 +58,7 @@ pub trait BlockNode: Send + Sync {
     /// format drivers grow their image file this way or by writing past its end.
     fn resize(&self, size: u64) -> Result<()> {
         let _ = size;
-        Err(BlockError::Graph(format!(
+        Err(BlockError::NotSupported(format!(
             "'{}' nodes cannot be resized",
             self.driver()
         )))

@@ -98,7 +98,7 @@ impl LuksNode {
 
     fn cipher(&self) -> Result<&dyn SectorCipher> {
         self.cipher.as_deref().ok_or_else(|| {
-            BlockError::Graph("luks node was opened without a key: no I/O possible".into())
+            BlockError::NotSupported("luks node was opened without a key: no I/O possible".into())
         })
     }
 

@@ -8,8 +8,9 @@ use super::header::{AUTOCLEAR_BITMAPS, EXT_BITMAPS};
 use super::meta::{ClusterKind, Meta, MAX_L1_BYTES, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
 use super::node::read_header;
 use super::storage::Storage;
+use super::Qcow2Error;
 use crate::node::NodeRef;
-use crate::{BlockError, Result};
+use crate::Result;
 use std::sync::Arc;
 
 /// What to repair.
@@ -458,9 +459,10 @@ pub(super) fn check_meta(m: &mut Meta, repair: Repair) -> Result<CheckReport> {
     let cs = m.cs;
     let nb = m.storage.len().div_ceil(cs);
     if nb > MAX_CHECK_CLUSTERS {
-        return Err(BlockError::Graph(format!(
-            "qcow2: the image file has {nb} clusters, too many to check"
-        )));
+        return Err(Qcow2Error::Unsupported(format!(
+            "the image file has {nb} clusters, too many to check"
+        ))
+        .into());
     }
     m.l2_cache.clear_clean();
     let saved_floor = m.alloc_floor;

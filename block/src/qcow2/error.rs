@@ -56,13 +56,8 @@ impl Qcow2Error {
 }
 
 impl From<Qcow2Error> for BlockError {
-    fn from(e: Qcow2Error) -> Self {
-        let kind = match e {
-            Qcow2Error::Unsupported(_) => std::io::ErrorKind::Unsupported,
-            Qcow2Error::CorruptReadOnly => std::io::ErrorKind::PermissionDenied,
-            _ => std::io::ErrorKind::InvalidData,
-        };
-        BlockError::io("qcow2", std::io::Error::new(kind, e))
+    fn from(source: Qcow2Error) -> Self {
+        BlockError::Qcow2 { node: None, source }
     }
 }
 

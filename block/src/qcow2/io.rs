@@ -32,13 +32,13 @@ impl Qcow2Node {
     pub(super) fn io_read_guard(&self) -> Result<std::sync::RwLockReadGuard<'_, ()>> {
         self.io_lock
             .read()
-            .map_err(|_| BlockError::Graph("qcow2: I/O lock poisoned".into()))
+            .map_err(|_| BlockError::Poisoned("qcow2: I/O lock"))
     }
 
     fn io_write_guard(&self) -> Result<std::sync::RwLockWriteGuard<'_, ()>> {
         self.io_lock
             .write()
-            .map_err(|_| BlockError::Graph("qcow2: I/O lock poisoned".into()))
+            .map_err(|_| BlockError::Poisoned("qcow2: I/O lock"))
     }
 
     /// Before the first change of the image: clears the autoclear bits and,

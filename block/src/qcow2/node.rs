@@ -198,14 +198,11 @@ impl Qcow2Node {
             common: common.clone(),
         };
         Self::open_image(file, backing, &opts).map_err(|e| match e {
-            BlockError::Io { what, source } if what == "qcow2" => {
-                // Name the node's key path, if it has one (not for a top-level image).
-                let what = match o.path() {
-                    "" => "qcow2".to_string(),
-                    path => format!("{path}: qcow2"),
-                };
-                BlockError::io(what, source)
-            }
+            // Name the node's key path, if it has one (not for a top-level image).
+            BlockError::Qcow2 { node: None, source } if !o.path().is_empty() => BlockError::Qcow2 {
+                node: Some(o.path().to_string()),
+                source,
+            },
             other => other,
         })
     }
@@ -323,7 +320,7 @@ impl Qcow2Node {
     pub(super) fn lock_meta(&self) -> Result<MutexGuard<'_, Meta>> {
         self.meta
             .lock()
-            .map_err(|_| BlockError::Graph("qcow2: metadata lock poisoned by a panic".into()))
+            .map_err(|_| BlockError::Poisoned("qcow2: metadata lock"))
     }
 
     /// Cluster size in bytes.
@@ -347,7 +344,7 @@ impl Qcow2Node {
         let _io = self
             .io_lock
             .write()
-            .map_err(|_| BlockError::Graph("qcow2: I/O lock poisoned".into()))?;
+            .map_err(|_| BlockError::Poisoned("qcow2: I/O lock"))?;
         let mut m = self.lock_meta()?;
         if m.writable {
             m.flush_all()?;
@@ -366,7 +363,7 @@ impl Qcow2Node {
         let _io = self
             .io_lock
             .write()
-            .map_err(|_| BlockError::Graph("qcow2: I/O lock poisoned".into()))?;
+            .map_err(|_| BlockError::Poisoned("qcow2: I/O lock"))?;
         let mut m = self.lock_meta()?;
         m.flush_all()?;
         m.mark_clean()
@@ -457,12 +454,11 @@ fn open_backing_file(
         auto_read_only: false,
         ..parent.common.clone()
     };
-    let file = open_file_node(&path, &common).map_err(|e| {
-        BlockError::Graph(format!(
-            "Could not open backing file '{}': {e}",
-            path.display()
-        ))
-    })?;
+    let backing_error = |e: BlockError| BlockError::Backing {
+        path: path.display().to_string(),
+        source: Box::new(e),
+    };
+    let file = open_file_node(&path, &common).map_err(backing_error)?;
     let format = match format {
         Some(f) => f.to_string(),
         None => probe_format(&file)?,
@@ -476,12 +472,8 @@ fn open_backing_file(
                 common,
                 ..parent.clone()
             };
-            let node = Qcow2Node::open_depth(file, Backing::Auto, &o, depth + 1).map_err(|e| {
-                BlockError::Graph(format!(
-                    "Could not open backing file '{}': {e}",
-                    path.display()
-                ))
-            })?;
+            let node = Qcow2Node::open_depth(file, Backing::Auto, &o, depth + 1)
+                .map_err(backing_error)?;
             Ok(Arc::new(node))
         }
         "raw" => {
@@ -552,7 +544,7 @@ impl BlockNode for Qcow2Node {
         let _io = self
             .io_lock
             .write()
-            .map_err(|_| BlockError::Graph("qcow2: I/O lock poisoned".into()))?;
+            .map_err(|_| BlockError::Poisoned("qcow2: I/O lock"))?;
         self.lock_meta()?.flush_all()
     }
 

@@ -193,9 +193,10 @@ impl Qcow2Node {
         while m.inflight.overlaps(first, end) {
             self.alloc_waits
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            m = self.alloc_done.wait(m).map_err(|_| {
-                BlockError::Graph("qcow2: metadata lock poisoned by a panic".into())
-            })?;
+            m = self
+                .alloc_done
+                .wait(m)
+                .map_err(|_| BlockError::Poisoned("qcow2: metadata lock"))?;
         }
         Ok(m)
     }

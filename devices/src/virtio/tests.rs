@@ -56,7 +56,10 @@ impl MemNode {
             "injected block layer bug"
         );
         if self.fail.load(Ordering::SeqCst) {
-            return Err(BlockError::Graph("injected".into()));
+            return Err(BlockError::io(
+                "injected",
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
         }
         ::block::node::check_range("mem", self.size(), offset, len)
     }
