@@ -83,6 +83,22 @@ pub struct OpenContext<'a> {
     pub no_io: bool,
     /// Open every node read-only.
     pub read_only: bool,
+    /// Which backing files named inside images may be opened.
+    pub backing_files: BackingFiles,
+}
+
+/// Which backing files a qcow2 header may name and have opened, when the
+/// options do not name the backing node themselves (`"backing": "node"`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BackingFiles {
+    /// Only regular files inside the image's own folder tree (symbolic
+    /// links resolved): what a VMM opening untrusted images needs, since a
+    /// guest reads its backing file through unallocated clusters.
+    #[default]
+    Contained,
+    /// Any regular file or block device the header names, as qemu-img
+    /// does; absolute names get a warning on stderr.
+    Any,
 }
 
 /// Resolves a child option (a node-name reference or an inline definition).

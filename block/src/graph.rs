@@ -328,6 +328,7 @@ mod tests {
                 base_dir: Some(self.dir.path()),
                 no_io: false,
                 read_only: false,
+                backing_files: crate::blockdev::BackingFiles::Contained,
             }
         }
     }

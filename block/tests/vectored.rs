@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use block::blockdev::OpenContext;
+use block::blockdev::{BackingFiles, OpenContext};
 use block::{BlockGraph, NodeRef, SecretStore};
 use serde_json::{json, Value};
 
@@ -37,6 +37,7 @@ fn open(dir: &Path, secrets: &SecretStore, args: Value) -> NodeRef {
         base_dir: Some(dir),
         no_io: false,
         read_only: false,
+        backing_files: BackingFiles::Contained,
     };
     let name = graph.add("t", args, &ctx, true).expect("open");
     graph.get(&name).expect("node")

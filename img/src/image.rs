@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use block::blockdev::OpenContext;
+use block::blockdev::{BackingFiles, OpenContext};
 use block::{keyval, BlockError, BlockGraph, NodeRef, SecretStore};
 use serde_json::{json, Map, Value};
 
@@ -167,6 +167,8 @@ pub fn open(mut opts: Map<String, Value>, secrets: &SecretStore, mode: OpenMode)
         base_dir: None,
         no_io: mode.no_io,
         read_only: mode.read_only,
+        // As qemu-img: the user chose the image.
+        backing_files: BackingFiles::Any,
     };
     let mut graph = BlockGraph::new();
     let name = graph

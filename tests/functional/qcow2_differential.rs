@@ -11,7 +11,7 @@ mod common;
 
 use std::path::Path;
 
-use block::blockdev::OpenContext;
+use block::blockdev::{BackingFiles, OpenContext};
 use block::{BlockGraph, NodeRef, SecretStore};
 use common::{require, run};
 use serde_json::json;
@@ -68,6 +68,7 @@ fn open_qcow2(path: &Path) -> NodeRef {
         base_dir: None,
         no_io: false,
         read_only: false,
+        backing_files: BackingFiles::Contained,
     };
     let mut graph = BlockGraph::new();
     let opts = json!({

@@ -13,7 +13,7 @@ use super::header::{CompressionType, Header, INCOMPAT_DIRTY, INCOMPAT_EXTL2};
 use super::layout::{check_features, check_layout, is_marked_corrupt};
 use super::meta::Meta;
 use super::storage::Storage;
-use crate::blockdev::{Common, OpenContext};
+use crate::blockdev::{BackingFiles, Common, OpenContext};
 use crate::node::{check_range, total_len, BlockNode, NodeRef};
 use crate::options::Opts;
 use crate::{BlockError, Result};
@@ -57,6 +57,8 @@ pub struct Qcow2Options {
     pub base_dir: Option<PathBuf>,
     /// Common options given to automatically opened backing files.
     pub common: Common,
+    /// Which backing files the header may name.
+    pub backing_files: BackingFiles,
 }
 
 /// An open qcow2 image.
@@ -195,6 +197,7 @@ impl Qcow2Node {
             refcount_cache_size,
             host_path,
             base_dir: ctx.base_dir.map(Path::to_path_buf),
+            backing_files: ctx.backing_files,
             common: common.clone(),
         };
         Self::open_image(file, backing, &opts).map_err(|e| match e {
@@ -419,6 +422,48 @@ fn open_file_node(path: &Path, common: &Common) -> Result<NodeRef> {
     Ok(Arc::new(node))
 }
 
+/// Refuses a backing file the policy does not allow: outside the image's
+/// folder tree (`Contained`), or not a regular file (a FIFO would block
+/// the opening thread; a device is a host disk) unless `Any` allows a
+/// block device.
+fn check_backing_file(path: &Path, folder: Option<&Path>, policy: BackingFiles) -> Result<()> {
+    let refuse = |msg: String| -> Result<()> { Err(Qcow2Error::Unsupported(msg).into()) };
+    let real = std::fs::canonicalize(path).map_err(|e| BlockError::io("resolving", e))?;
+    let meta = std::fs::metadata(&real).map_err(|e| BlockError::io("reading its status", e))?;
+    let kind = meta.file_type();
+    match policy {
+        BackingFiles::Any => {
+            if path.is_absolute() {
+                eprintln!(
+                    "warning: following the absolute backing file name '{}'",
+                    path.display()
+                );
+            }
+            if !kind.is_file() && !std::os::unix::fs::FileTypeExt::is_block_device(&kind) {
+                return refuse("not a regular file or block device".into());
+            }
+        }
+        BackingFiles::Contained => {
+            if !kind.is_file() {
+                return refuse("not a regular file".into());
+            }
+            let inside = match folder.map(std::fs::canonicalize) {
+                Some(Ok(dir)) => real.starts_with(dir),
+                _ => false,
+            };
+            if !inside {
+                return refuse(
+                    "outside the image's folder: backing files named by an image are only \
+                     followed inside it; name the backing node with the \"backing\" option \
+                     to use another"
+                        .into(),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Opens the backing file named in a header, read-only, relative to the
 /// image's folder; the format comes from the header or is probed.
 fn open_backing_file(
@@ -440,15 +485,21 @@ fn open_backing_file(
         .into());
     }
     let rel = Path::new(name);
-    let path = if rel.is_absolute() {
-        rel.to_path_buf()
-    } else {
-        match (&parent.host_path, &parent.base_dir) {
-            (Some(p), _) => p.parent().unwrap_or(Path::new(".")).join(rel),
-            (None, Some(d)) => d.join(rel),
-            (None, None) => rel.to_path_buf(),
-        }
+    let folder = match (&parent.host_path, &parent.base_dir) {
+        (Some(p), _) => Some(p.parent().unwrap_or(Path::new(".")).to_path_buf()),
+        (None, Some(d)) => Some(d.clone()),
+        (None, None) => None,
     };
+    let path = match &folder {
+        Some(dir) if rel.is_relative() => dir.join(rel),
+        _ => rel.to_path_buf(),
+    };
+    check_backing_file(&path, folder.as_deref(), parent.backing_files).map_err(|e| {
+        BlockError::Backing {
+            path: path.display().to_string(),
+            source: Box::new(e),
+        }
+    })?;
     let common = Common {
         read_only: true,
         auto_read_only: false,

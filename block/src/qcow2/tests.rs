@@ -757,6 +757,7 @@ fn graph_options_and_backing_choices() {
         base_dir: Some(dir),
         no_io: false,
         read_only: false,
+        backing_files: crate::blockdev::BackingFiles::Contained,
     };
     let mut g = BlockGraph::new();
     let file = json!({"driver": "file", "filename": "top.qcow2"});

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use block::blockdev::OpenContext;
+use block::blockdev::{BackingFiles, OpenContext};
 use block::luks::{create_with_iterations, CreateOptions, PbkdfIterations};
 use block::{BlockGraph, SecretStore};
 use devices::pci::PciDevice;
@@ -116,6 +116,7 @@ pub fn open_stack(images: &Images) -> (BlockGraph, block::NodeRef) {
         base_dir: None,
         no_io: false,
         read_only: false,
+        backing_files: BackingFiles::Contained,
     };
     let mut graph = BlockGraph::new();
     for args in [

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde_json::{json, Map, Value};
 
-use block::blockdev::OpenContext;
+use block::blockdev::{BackingFiles, OpenContext};
 use block::{BlockGraph, SecretStore};
 use devices::pci::{PciRoot, SharedPciDevice};
 use devices::virtio::block::IoOperation;
@@ -187,6 +187,7 @@ impl Machine {
             base_dir,
             no_io: false,
             read_only: false,
+            backing_files: BackingFiles::Contained,
         };
         graph
             .add(path, Value::Object(args.clone()), &ctx, false)
