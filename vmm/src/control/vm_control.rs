@@ -9,7 +9,7 @@ use devices::acpi::Ged;
 
 use crate::device_manager::{ControlError, Machine};
 use crate::qmp::{EventBus, QmpBackend, QmpError};
-use crate::vstate::vm::{ExitReason, ExitState};
+use crate::vstate::exit::{ExitReason, ExitState};
 
 /// QMP's handle on a running VM.
 pub struct VmControl {

@@ -2,23 +2,25 @@
 //! over it. The config file (cold plug, before boot) and QMP (hot plug while
 //! the guest runs) go through the same methods.
 //!
-//! Lock order: the hotplug register block (a vCPU ejecting a slot) before
-//! [`Machine`]'s state, before the PCI root, before a PCI device. So the
-//! state lock is never held while notifying the guest.
+//! Guest ejects arrive on the `hotplug` thread ([`hotplug`]), never on a vCPU.
+//! Lock order: [`Machine`]'s state before the PCI root, before a PCI device;
+//! the state lock is never held while notifying the guest or flushing.
 
+mod hotplug;
 pub mod pci_bars;
 pub mod virtio_blk;
 
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use serde_json::{json, Map, Value};
 
 use block::blockdev::{BackingFiles, OpenContext};
 use block::{BlockGraph, SecretStore};
+use devices::acpi::Ged;
 use devices::pci::{PciRoot, SharedPciDevice};
 use devices::virtio::block::IoOperation;
-use devices::WorkerPool;
+use devices::{Bus, WorkerPool};
 
 use crate::control::queries;
 use crate::device_manager::pci_bars::PciBars;
@@ -117,6 +119,7 @@ pub struct Machine {
     params: MachineParams,
     state: Mutex<State>,
     hotplug: Mutex<Option<Arc<dyn HotplugNotifier>>>,
+    teardown: Mutex<Option<hotplug::Teardown>>,
     events: Arc<Mutex<Option<EventSink>>>,
 }
 
@@ -125,18 +128,38 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Machine {
-    /// A machine with no secrets, nodes or disks.
+    /// A machine with no secrets, nodes or disks; BARs the guest moves are
+    /// remapped by `params.bars`.
     pub fn new(params: MachineParams) -> Arc<Machine> {
+        let bars = params.bars.clone();
+        lock(&params.pci_root)
+            .set_bar_observer(Box::new(move |slot, old, new| bars.moved(slot, old, new)));
         Arc::new(Machine {
             params,
             state: Mutex::new(State::default()),
             hotplug: Mutex::new(None),
+            teardown: Mutex::new(None),
             events: Arc::default(),
         })
     }
 
-    /// Enables hot plug: from now on added disks are announced to the guest
-    /// and `device_del` asks the guest to eject.
+    /// Enables ACPI PCI hotplug: places the hotplug registers on `mmio`,
+    /// announces disks added from now on through `ged`, and tears down the
+    /// disks the guest ejects on the `hotplug` thread.
+    pub fn enable_hotplug(
+        self: &Arc<Self>,
+        mmio: &RwLock<Bus>,
+        ged: Arc<Mutex<Ged>>,
+    ) -> std::io::Result<()> {
+        let (notifier, teardown) = hotplug::start(Arc::downgrade(self), mmio, ged)?;
+        *lock(&self.teardown) = Some(teardown);
+        self.set_hotplug(notifier);
+        Ok(())
+    }
+
+    /// Announces disks added from now on through `notifier`, and lets
+    /// `device_del` ask the guest to eject ([`Machine::enable_hotplug`] uses
+    /// ACPI; tests record).
     pub fn set_hotplug(&self, notifier: Arc<dyn HotplugNotifier>) {
         *lock(&self.hotplug) = Some(notifier);
     }
@@ -336,7 +359,8 @@ impl Machine {
     }
 
     /// The guest ejected `slot`: release the device and its node, and tell
-    /// the QMP clients. Called from the vCPU that wrote the eject register.
+    /// the QMP clients. Runs on the `hotplug` thread; the PCI root and the
+    /// MMIO bus (which vCPUs use) are held only to unmap the device.
     pub fn eject(&self, slot: u8) {
         let disk = {
             let mut state = lock(&self.state);
@@ -358,17 +382,16 @@ impl Machine {
         let drive = disk.device.props.drive.clone();
         // Stops the queue threads and waits for the requests in flight,
         // without holding the state lock (QMP goes on meanwhile); the node
-        // stays attached, so nobody can delete it until no thread can reach it.
+        // stays attached, so nobody can delete it until no thread can reach
+        // it and it is written back.
         drop(disk);
-        {
-            let mut state = lock(&self.state);
-            state.graph.detach(&drive, &user);
-            if let Some(node) = state.graph.get(&drive) {
-                if let Err(e) = node.flush() {
-                    eprintln!("cryptvm: flushing '{drive}' after unplug: {e}");
-                }
+        let node = lock(&self.state).graph.get(&drive);
+        if let Some(node) = node {
+            if let Err(e) = node.flush() {
+                eprintln!("cryptvm: flushing '{drive}' after unplug: {e}");
             }
         }
+        lock(&self.state).graph.detach(&drive, &user);
         // As QEMU: the virtio backend first, then the device.
         if let Some(id) = id {
             self.emit("DEVICE_DELETED", json!({ "path": user }));
@@ -379,6 +402,10 @@ impl Machine {
 
     /// Stops every disk and writes back every node (the VM is ending).
     pub fn shutdown(&self) {
+        let teardown = lock(&self.teardown).take();
+        if let Some(teardown) = teardown {
+            teardown.stop();
+        }
         let mut state = lock(&self.state);
         state.disks.clear();
         for name in state.graph.names() {
@@ -427,9 +454,7 @@ mod tests {
     use super::*;
     use block::BlockNode;
     use devices::virtio::VirtioPciDevice;
-    use devices::Bus;
     use serde_json::json;
-    use std::sync::RwLock;
     use std::time::{Duration, Instant};
     use vm_memory::{Bytes, GuestAddress};
 
@@ -615,10 +640,21 @@ mod tests {
         );
     }
 
-    /// A 1 MiB block node whose writes have a bug (panic) or are slow (50 ms).
+    /// A 1 MiB block node whose writes have a bug (panic) or are slow (50 ms),
+    /// or whose flush is slow.
     enum TestNode {
         Panics,
         Slow,
+        SlowFlush(Arc<FlushProbe>),
+    }
+
+    /// What a [`TestNode::SlowFlush`] saw: when its 1.5 s flush ran, and on
+    /// which thread.
+    #[derive(Default)]
+    struct FlushProbe {
+        started: std::sync::atomic::AtomicBool,
+        done: std::sync::atomic::AtomicBool,
+        thread: Mutex<Option<String>>,
     }
 
     impl BlockNode for TestNode {
@@ -639,10 +675,18 @@ mod tests {
             match self {
                 TestNode::Panics => panic!("injected fault in the block layer"),
                 TestNode::Slow => std::thread::sleep(Duration::from_millis(50)),
+                TestNode::SlowFlush(_) => {}
             }
             Ok(())
         }
         fn flush(&self) -> block::Result<()> {
+            if let TestNode::SlowFlush(probe) = self {
+                use std::sync::atomic::Ordering::SeqCst;
+                *lock(&probe.thread) = std::thread::current().name().map(str::to_string);
+                probe.started.store(true, SeqCst);
+                std::thread::sleep(Duration::from_millis(1500));
+                probe.done.store(true, SeqCst);
+            }
             Ok(())
         }
         fn discard(&self, _offset: u64, _len: u64) -> block::Result<()> {
@@ -891,5 +935,128 @@ mod tests {
         assert!(worst < Duration::from_millis(250), "QMP waited {worst:?}");
         d.wait_used(40);
         m.shutdown();
+    }
+
+    /// Issue 11: a guest's eject is torn down off the vCPU thread. A real
+    /// vCPU writes B0EJ for a disk whose flush takes 1.5 s, then counts in
+    /// a loop; the count must go on while the flush runs (before, the flush
+    /// ran inside the vCPU's MMIO write and the guest stood still).
+    #[test]
+    fn the_vcpu_runs_guest_code_while_an_ejected_disk_flushes() {
+        use crate::arch::x86_64::layout;
+        use crate::vstate::exit::ExitReason;
+        use crate::vstate::vcpu::EntryPoint;
+        use crate::vstate::vm::{Vm, VmParams};
+        use std::sync::atomic::Ordering::SeqCst;
+
+        if crate::vstate::vm::open_kvm().is_err() {
+            return; // no KVM here
+        }
+        let vm = Vm::new(VmParams {
+            cpus: 1,
+            memory: 16 << 20,
+            serial_out: Box::new(std::io::sink()),
+            serial_input: false,
+        })
+        .expect("VM");
+        let machine = Machine::new(MachineParams {
+            cpus: 1,
+            memory: vm.memory().clone(),
+            router: vm.msi_router().clone(),
+            bars: PciBars::new(vm.fd().clone(), vm.mmio_bus().clone()),
+            pci_root: vm.pci_root().clone(),
+            window: layout::mmio64_window(16 << 20),
+            workers: WorkerPool::new(2, "io-test").expect("workers"),
+        });
+        machine
+            .enable_hotplug(vm.mmio_bus(), vm.ged().clone())
+            .expect("hotplug");
+        let events: Arc<Mutex<Vec<(String, Value)>>> = Arc::default();
+        let seen = events.clone();
+        machine.set_event_sink(Arc::new(move |e, d| lock(&seen).push((e.to_string(), d))));
+        let probe = Arc::new(FlushProbe::default());
+        insert(
+            &machine,
+            "slow",
+            Arc::new(TestNode::SlowFlush(probe.clone())),
+        );
+        machine
+            .device_add(&args(json!({"driver": "virtio-blk-pci", "drive": "slow",
+                                      "id": "vd0", "num-queues": 1})))
+            .expect("device_add");
+        let slot = lock(&machine.state).disks[0].device.slot;
+        machine.device_del("vd0").expect("device_del");
+
+        // mov eax, B0EJ; mov dword [rax], 1 << slot; mov ebx, COUNTER;
+        // 1: inc qword [rbx]; jmp 1b
+        let counter = layout::HIGH_RAM_START + 0x1000;
+        let mut code = vec![0xb8];
+        code.extend(((layout::PCIHP_START + devices::acpi::PCIHP_B0EJ) as u32).to_le_bytes());
+        code.extend([0xc7, 0x00]);
+        code.extend((1u32 << slot).to_le_bytes());
+        code.push(0xbb);
+        code.extend((counter as u32).to_le_bytes());
+        code.extend([0x48, 0xff, 0x03, 0xeb, 0xfb]);
+        vm.memory()
+            .write_slice(&code, GuestAddress(layout::HIGH_RAM_START))
+            .expect("code");
+
+        let memory = vm.memory().clone();
+        let exit = vm.exit_state().clone();
+        let watch_probe = probe.clone();
+        let watcher = std::thread::spawn(move || {
+            let start = Instant::now();
+            let count = || memory.read_obj::<u64>(GuestAddress(counter)).unwrap();
+            let mut during = None;
+            while start.elapsed() < Duration::from_secs(30) {
+                if watch_probe.started.load(SeqCst) && during.is_none() {
+                    let before = count();
+                    std::thread::sleep(Duration::from_millis(300));
+                    let after = count();
+                    during = Some((before, after, watch_probe.done.load(SeqCst)));
+                }
+                if watch_probe.done.load(SeqCst) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            exit.request(ExitReason::Quit);
+            during
+        });
+        let reason = vm
+            .run(EntryPoint::Linux64 {
+                entry: layout::HIGH_RAM_START,
+                boot_params: layout::ZERO_PAGE_START,
+            })
+            .expect("running the VM");
+        assert_eq!(reason, ExitReason::Quit);
+        let (before, after, flush_over) = watcher
+            .join()
+            .expect("watcher")
+            .expect("the ejected disk was never flushed");
+        assert!(!flush_over, "the flush ended before the guest was watched");
+        assert!(
+            after > before,
+            "the vCPU stood still during the teardown's flush ({before} -> {after})"
+        );
+        let thread = lock(&probe.thread).clone();
+        assert_eq!(
+            thread.as_deref(),
+            Some("hotplug"),
+            "the flush ran on {thread:?}"
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while lock(&events).len() < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let events = lock(&events).clone();
+        assert_eq!(
+            events
+                .last()
+                .map(|(e, d)| (e.as_str(), d["device"].clone())),
+            Some(("DEVICE_DELETED", json!("vd0"))),
+            "{events:?}"
+        );
+        machine.shutdown();
     }
 }
