@@ -39,8 +39,8 @@ impl VmControl {
 
 fn qmp_error(e: ControlError) -> QmpError {
     match e {
-        ControlError::Generic(msg) => QmpError::generic(msg),
         ControlError::DeviceNotFound(msg) => QmpError::device_not_found(msg),
+        other => QmpError::generic(other.to_string()),
     }
 }
 

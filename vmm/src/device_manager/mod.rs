@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use serde_json::{json, Map, Value};
 
 use block::blockdev::{BackingFiles, OpenContext};
-use block::{BlockGraph, SecretStore};
+use block::{BlockError, BlockGraph, ErrorKind, SecretStore};
 use devices::acpi::Ged;
 use devices::pci::{PciRoot, SharedPciDevice};
 use devices::virtio::block::IoOperation;
@@ -24,19 +24,59 @@ use devices::{Bus, WorkerPool};
 
 use crate::control::queries;
 use crate::device_manager::pci_bars::PciBars;
-use crate::device_manager::virtio_blk::{BlkProps, DeviceEnv, VirtioBlkPci};
+use crate::device_manager::virtio_blk::{BlkProps, DeviceEnv, DeviceError, VirtioBlkPci};
 use crate::vstate::memory::GuestMemoryMmap;
 use crate::vstate::msi::MsiRouter;
 
-/// How a control request failed (QMP maps these to its error classes).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// How a control request failed: a kind ([`ControlError::kind`]) plus the
+/// message QEMU gives; QMP maps [`ControlError::DeviceNotFound`] to its
+/// `DeviceNotFound` class and everything else to `GenericError`.
+#[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    /// Anything but a missing device (`GenericError`).
+    /// The block layer refused (a node, a secret, a permission conflict).
+    #[error(transparent)]
+    Block(#[from] BlockError),
+    /// A device could not be created (a property, MSI-X, its BAR).
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// A request QEMU would refuse in these words (duplicate id, bad drive).
     #[error("{0}")]
-    Generic(String),
+    Invalid(String),
+    /// A slot, device or object is busy (all slots taken, unplug pending).
+    #[error("{0}")]
+    Busy(String),
+    /// Not possible on this machine (hot plug before it is enabled).
+    #[error("{0}")]
+    NotSupported(String),
     /// No device with that id (`DeviceNotFound`).
     #[error("{0}")]
     DeviceNotFound(String),
+    /// No object with that id.
+    #[error("{0}")]
+    ObjectNotFound(String),
+}
+
+/// Two errors are equal when they are the same variant with the same message
+/// (sources are not comparable).
+impl PartialEq for ControlError {
+    fn eq(&self, other: &Self) -> bool {
+        std::mem::discriminant(self) == std::mem::discriminant(other)
+            && self.to_string() == other.to_string()
+    }
+}
+
+impl ControlError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Block(e) => e.kind(),
+            Self::Device(DeviceError::Property(_)) | Self::Invalid(_) => ErrorKind::InvalidArgument,
+            Self::Device(_) => ErrorKind::Internal,
+            Self::Busy(_) => ErrorKind::InUse,
+            Self::NotSupported(_) => ErrorKind::NotSupported,
+            Self::DeviceNotFound(_) | Self::ObjectNotFound(_) => ErrorKind::NotFound,
+        }
+    }
 }
 
 /// Sends a QMP event to the sink, if there is one (the lock is not held
@@ -46,10 +86,6 @@ fn emit_to(events: &Mutex<Option<EventSink>>, event: &str, data: Value) {
     if let Some(sink) = sink {
         sink(event, data);
     }
-}
-
-fn generic(msg: impl Into<String>) -> ControlError {
-    ControlError::Generic(msg.into())
 }
 
 /// Tells the guest about slots that change (ACPI PCI hotplug).
@@ -185,7 +221,7 @@ impl Machine {
             .secrets
             .add(path, Value::Object(args.clone()), base_dir)
             .map(drop)
-            .map_err(|e| generic(e.to_string()))
+            .map_err(ControlError::Block)
     }
 
     /// `object-del`.
@@ -193,7 +229,7 @@ impl Machine {
         lock(&self.state)
             .secrets
             .remove(id)
-            .map_err(|_| generic(format!("object '{id}' not found")))
+            .map_err(|_| ControlError::ObjectNotFound(format!("object '{id}' not found")))
     }
 
     /// `blockdev-add`; see [`Machine::object_add`] for `path` and `base_dir`.
@@ -215,17 +251,14 @@ impl Machine {
         graph
             .add(path, Value::Object(args.clone()), &ctx, false)
             .map(drop)
-            .map_err(|e| generic(e.to_string()))
+            .map_err(ControlError::Block)
     }
 
     /// `blockdev-del`: refused while a device or another node uses the node.
     pub fn blockdev_del(&self, node_name: &str) -> Result<(), ControlError> {
         let mut state = lock(&self.state);
         let node = state.graph.get(node_name);
-        state
-            .graph
-            .remove(node_name)
-            .map_err(|e| generic(e.to_string()))?;
+        state.graph.remove(node_name).map_err(ControlError::Block)?;
         if let Some(node) = node {
             // Write back caches (qcow2 metadata) before the files close.
             if let Err(e) = node.flush() {
@@ -238,7 +271,7 @@ impl Machine {
     /// `device_add` (a `virtio-blk-pci` disk). Before boot the guest finds
     /// it while enumerating; afterwards it is hot-plugged and announced.
     pub fn device_add(&self, args: &Map<String, Value>) -> Result<(), ControlError> {
-        let props = BlkProps::parse(args, self.params.cpus).map_err(|e| generic(e.to_string()))?;
+        let props = BlkProps::parse(args, self.params.cpus).map_err(DeviceError::from)?;
         let slot = {
             let mut state = lock(&self.state);
             self.create_disk(&mut state, props)?
@@ -253,34 +286,36 @@ impl Machine {
     fn create_disk(&self, state: &mut State, props: BlkProps) -> Result<u8, ControlError> {
         if let Some(id) = &props.id {
             if state.disks.iter().any(|d| d.id() == Some(id)) {
-                return Err(generic(format!("Duplicate device ID '{id}'")));
+                return Err(ControlError::Invalid(format!("Duplicate device ID '{id}'")));
             }
         }
         let root = &self.params.pci_root;
         let slot = match props.slot {
             Some(slot) => {
                 if lock(root).device(slot).is_some() {
-                    return Err(generic(format!(
+                    return Err(ControlError::Busy(format!(
                         "PCI: slot {slot} function 0 not available for virtio-blk-pci, in use"
                     )));
                 }
                 slot
             }
             None => lock(root).free_slot().map_err(|_| {
-                generic("PCI: no slot/function available for virtio-blk-pci, all in use")
+                ControlError::Busy(
+                    "PCI: no slot/function available for virtio-blk-pci, all in use".into(),
+                )
             })?,
         };
         let user = user_name(&props, slot);
         let drive = props.drive.clone();
         if state.graph.get(&drive).is_none() {
-            return Err(generic(format!(
+            return Err(ControlError::Invalid(format!(
                 "Property 'virtio-blk-device.drive' can't find value '{drive}'"
             )));
         }
         let node = state
             .graph
             .attach(&drive, &user)
-            .map_err(|e| generic(e.to_string()))?;
+            .map_err(ControlError::Block)?;
         let events = self.events.clone();
         let node_name = drive.clone();
         let fault_events = self.events.clone();
@@ -318,13 +353,13 @@ impl Machine {
             Ok(d) => d,
             Err(e) => {
                 state.graph.detach(&drive, &user);
-                return Err(generic(e.to_string()));
+                return Err(e.into());
             }
         };
         let pci: SharedPciDevice = device.pci.clone();
         if let Err(e) = lock(root).add_device(slot, pci) {
             state.graph.detach(&drive, &user);
-            return Err(generic(e.to_string()));
+            return Err(ControlError::Busy(e.to_string()));
         }
         state.disks.push(Disk {
             device,
@@ -336,9 +371,9 @@ impl Machine {
     /// `device_del`: asks the guest to eject the device; it is removed (and
     /// `DEVICE_DELETED` sent) when the guest does.
     pub fn device_del(&self, id: &str) -> Result<(), ControlError> {
-        let notifier = lock(&self.hotplug)
-            .clone()
-            .ok_or_else(|| generic("Bus 'pci.0' does not support hotplugging"))?;
+        let notifier = lock(&self.hotplug).clone().ok_or_else(|| {
+            ControlError::NotSupported("Bus 'pci.0' does not support hotplugging".into())
+        })?;
         let slot = {
             let mut state = lock(&self.state);
             let disk = state
@@ -347,7 +382,7 @@ impl Machine {
                 .find(|d| d.id() == Some(id))
                 .ok_or_else(|| ControlError::DeviceNotFound(format!("Device '{id}' not found")))?;
             if disk.unplugging {
-                return Err(generic(format!(
+                return Err(ControlError::Busy(format!(
                     "Device {id} is already in the process of unplug"
                 )));
             }
@@ -550,8 +585,8 @@ mod tests {
 
         // QEMU's refusals.
         let generic = |e: ControlError| match e {
-            ControlError::Generic(msg) => msg,
-            other => panic!("expected GenericError, got {other:?}"),
+            ControlError::DeviceNotFound(_) => panic!("expected GenericError, got {e:?}"),
+            other => other.to_string(),
         };
         let dup = generic(m.device_add(&args(disk.clone())).unwrap_err());
         assert_eq!(dup, "Duplicate device ID 'vd0'");
@@ -646,6 +681,8 @@ mod tests {
         Panics,
         Slow,
         SlowFlush(Arc<FlushProbe>),
+        /// Writes fail as on a full host disk (ENOSPC).
+        Full,
     }
 
     /// What a [`TestNode::SlowFlush`] saw: when its 1.5 s flush ran, and on
@@ -676,6 +713,12 @@ mod tests {
                 TestNode::Panics => panic!("injected fault in the block layer"),
                 TestNode::Slow => std::thread::sleep(Duration::from_millis(50)),
                 TestNode::SlowFlush(_) => {}
+                TestNode::Full => {
+                    return Err(BlockError::io(
+                        "writing 'full.img'",
+                        std::io::Error::from_raw_os_error(libc::ENOSPC),
+                    ))
+                }
             }
             Ok(())
         }
@@ -1058,5 +1101,57 @@ mod tests {
             "{events:?}"
         );
         machine.shutdown();
+    }
+
+    /// Issue 11: a write failing with ENOSPC is reported as BLOCK_IO_ERROR
+    /// with `nospace: true` (QEMU's meaning: the host ran out of space), and
+    /// control errors carry kinds, not only messages.
+    #[test]
+    fn a_full_host_disk_is_reported_as_nospace_and_errors_have_kinds() {
+        let Some(r) = rig() else {
+            return;
+        };
+        let m = &r.machine;
+        insert(m, "full", Arc::new(TestNode::Full));
+        m.device_add(&args(json!({"driver": "virtio-blk-pci", "drive": "full",
+                                   "id": "vd0", "num-queues": 1, "queue-size": QSIZE})))
+            .expect("device_add");
+        let mut d = BusDriver::new(&r, "vd0", 0x10_0000);
+        let status = d.queue(0, 1, 0, 0x40_0000);
+        d.notify();
+        d.wait_used(1);
+        assert_eq!(
+            d.mem.read_obj::<u8>(GuestAddress(status)).unwrap(),
+            1,
+            "IOERR"
+        );
+        let events = lock(&r.events).clone();
+        let (_, report) = events
+            .iter()
+            .find(|(e, _)| e == "BLOCK_IO_ERROR")
+            .unwrap_or_else(|| panic!("no BLOCK_IO_ERROR: {events:?}"));
+        assert_eq!(report["nospace"], true, "{report}");
+        assert_eq!(report["operation"], "write", "{report}");
+        assert_eq!(report["node-name"], "full", "{report}");
+
+        let in_use = m.blockdev_del("full").unwrap_err();
+        assert_eq!(in_use.kind(), ErrorKind::InUse, "{in_use}");
+        let missing = m.device_del("nope").unwrap_err();
+        assert_eq!(missing.kind(), ErrorKind::NotFound, "{missing}");
+        let dup = m
+            .device_add(&args(
+                json!({"driver": "virtio-blk-pci", "drive": "full", "id": "vd0"}),
+            ))
+            .unwrap_err();
+        assert_eq!(dup.kind(), ErrorKind::InvalidArgument, "{dup}");
+        let bad = m
+            .blockdev_add(
+                "",
+                &args(json!({"node-name": "x", "driver": "file", "filename": "/nonexistent/x"})),
+                None,
+            )
+            .unwrap_err();
+        assert_eq!(bad.kind(), ErrorKind::NotFound, "{bad}");
+        m.shutdown();
     }
 }
