@@ -872,6 +872,19 @@ mod tests {
             .expect("insert node");
     }
 
+    /// A rig with `node` as disk `vd0` (one queue of [`QSIZE`]), driven from
+    /// guest memory at 1 MiB.
+    fn one_disk(name: &str, node: TestNode) -> Option<(Rig, BusDriver)> {
+        let r = rig()?;
+        insert(&r.machine, name, Arc::new(node));
+        r.machine
+            .device_add(&args(json!({"driver": "virtio-blk-pci", "drive": name,
+                                      "id": "vd0", "num-queues": 1, "queue-size": QSIZE})))
+            .expect("device_add");
+        let d = BusDriver::new(&r, "vd0", 0x10_0000);
+        Some((r, d))
+    }
+
     /// The injected fault: a request handler panics. The guest gets IOERR and
     /// DEVICE_NEEDS_RESET, QMP gets a BLOCK_IO_ERROR naming the node and why,
     /// and the VMM goes on: QMP queries answer, the other disk reads and
@@ -942,15 +955,10 @@ mod tests {
     /// (40 writes of 50 ms: a 2 s backlog); asserted under 250 ms each.
     #[test]
     fn qmp_answers_while_a_queue_is_busy() {
-        let Some(r) = rig() else {
+        let Some((r, mut d)) = one_disk("slow", TestNode::Slow) else {
             return;
         };
         let m = &r.machine;
-        insert(m, "slow", Arc::new(TestNode::Slow));
-        m.device_add(&args(json!({"driver": "virtio-blk-pci", "drive": "slow",
-                                   "id": "vd0", "num-queues": 1, "queue-size": QSIZE})))
-            .expect("device_add");
-        let mut d = BusDriver::new(&r, "vd0", 0x10_0000);
         for k in 0..20 {
             d.queue(k, 1, u64::from(k) * 8, 0x40_0000);
         }
@@ -1108,15 +1116,10 @@ mod tests {
     /// control errors carry kinds, not only messages.
     #[test]
     fn a_full_host_disk_is_reported_as_nospace_and_errors_have_kinds() {
-        let Some(r) = rig() else {
+        let Some((r, mut d)) = one_disk("full", TestNode::Full) else {
             return;
         };
         let m = &r.machine;
-        insert(m, "full", Arc::new(TestNode::Full));
-        m.device_add(&args(json!({"driver": "virtio-blk-pci", "drive": "full",
-                                   "id": "vd0", "num-queues": 1, "queue-size": QSIZE})))
-            .expect("device_add");
-        let mut d = BusDriver::new(&r, "vd0", 0x10_0000);
         let status = d.queue(0, 1, 0, 0x40_0000);
         d.notify();
         d.wait_used(1);
