@@ -65,13 +65,29 @@ const MAX_CHECK_CLUSTERS: u64 = 1 << 28;
 /// Most bytes of the snapshot table or bitmap directory read.
 const MAX_DIRECTORY_BYTES: u64 = 64 << 20;
 
+/// Most messages a check keeps; the rest are counted in a last line (a hostile
+/// image can have billions of leaked clusters).
+pub const MAX_CHECK_MESSAGES: usize = 10_000;
+
 struct Counter<'a> {
     m: &'a mut Meta,
     expected: Vec<u32>,
     r: CheckReport,
+    /// Messages not kept (past [`MAX_CHECK_MESSAGES`]).
+    suppressed: u64,
 }
 
 impl Counter<'_> {
+    /// Keeps a message, or counts it once [`MAX_CHECK_MESSAGES`] are kept
+    /// (then it is not even formatted).
+    fn note(&mut self, message: impl FnOnce() -> String) {
+        if self.r.messages.len() < MAX_CHECK_MESSAGES {
+            self.r.messages.push(message());
+        } else {
+            self.suppressed += 1;
+        }
+    }
+
     fn inc(&mut self, off: u64, len: u64) {
         if len == 0 {
             return;
@@ -81,7 +97,7 @@ impl Counter<'_> {
         let last = (off.saturating_add(len) - 1) / cs;
         if last >= self.expected.len() as u64 {
             self.r.corruptions += 1;
-            self.r.messages.push(format!(
+            self.note(|| format!(
                 "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {off:#x} size {len:#x}"
             ));
             return;
@@ -98,9 +114,7 @@ impl Counter<'_> {
             Ok(()) => Some(b),
             Err(e) => {
                 self.r.check_errors += 1;
-                self.r
-                    .messages
-                    .push(format!("ERROR reading metadata at {off:#x}: {e}"));
+                self.note(|| format!("ERROR reading metadata at {off:#x}: {e}"));
                 None
             }
         }
@@ -115,9 +129,9 @@ impl Counter<'_> {
         let cs = self.m.cs;
         if l1_size * 8 > MAX_L1_BYTES || !l1_off.is_multiple_of(cs) {
             self.r.corruptions += 1;
-            self.r.messages.push(format!(
-                "ERROR: L1 table at {l1_off:#x} with {l1_size} entries is invalid"
-            ));
+            self.note(|| {
+                format!("ERROR: L1 table at {l1_off:#x} with {l1_size} entries is invalid")
+            });
             return;
         }
         self.inc(l1_off, l1_size * 8);
@@ -134,9 +148,11 @@ impl Counter<'_> {
             }
             if !l2_off.is_multiple_of(cs) {
                 self.r.corruptions += 1;
-                self.r.messages.push(format!(
+                self.note(|| {
+                    format!(
                     "ERROR l2_offset={l2_off:#x}: Table is not cluster aligned; L1 entry corrupted"
-                ));
+                )
+                });
                 continue;
             }
             self.inc(l2_off, cs);
@@ -164,10 +180,12 @@ impl Counter<'_> {
             if e & OFLAG_COMPRESSED != 0 && e & OFLAG_COPIED != 0 {
                 {
                     self.r.corruptions += 1;
-                    self.r.messages.push(format!(
-                        "ERROR: coffset={:#x}: Compressed cluster has the copied flag set",
-                        e & !OFLAG_COPIED
-                    ));
+                    self.note(|| {
+                        format!(
+                            "ERROR: coffset={:#x}: Compressed cluster has the copied flag set",
+                            e & !OFLAG_COPIED
+                        )
+                    });
                 }
             }
             match self.m.classify(e) {
@@ -192,10 +210,12 @@ impl Counter<'_> {
                 Ok(_) => {}
                 Err(_) => {
                     self.r.corruptions += 1;
-                    self.r.messages.push(format!(
+                    self.note(|| {
+                        format!(
                         "ERROR offset={:#x}: Cluster is not properly aligned; L2 entry corrupted",
                         e & OFFSET_MASK
-                    ));
+                    )
+                    });
                 }
             }
         }
@@ -211,9 +231,7 @@ impl Counter<'_> {
         for _ in 0..n {
             if at - off > MAX_DIRECTORY_BYTES || !self.in_file(at + 39) {
                 self.r.corruptions += 1;
-                self.r
-                    .messages
-                    .push("ERROR: snapshot table is truncated or too large".into());
+                self.note(|| "ERROR: snapshot table is truncated or too large".into());
                 return;
             }
             let Some(e) = self.read(at, 40) else {
@@ -245,9 +263,7 @@ impl Counter<'_> {
         if dir_size > MAX_DIRECTORY_BYTES || dir_size == 0 || !self.in_file(dir_off + dir_size - 1)
         {
             self.r.corruptions += 1;
-            self.r
-                .messages
-                .push("ERROR: bitmap directory is invalid".into());
+            self.note(|| "ERROR: bitmap directory is invalid".into());
             return;
         }
         self.inc(dir_off, dir_size);
@@ -302,16 +318,14 @@ impl Counter<'_> {
             }
             if !off.is_multiple_of(cs) {
                 self.r.corruptions += 1;
-                self.r.messages.push(format!(
+                self.note(|| format!(
                     "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
                 ));
                 continue;
             }
             if !self.in_file(off) {
                 self.r.corruptions += 1;
-                self.r
-                    .messages
-                    .push(format!("ERROR refcount block {i} is outside image"));
+                self.note(|| format!("ERROR refcount block {i} is outside image"));
                 continue;
             }
             self.inc(off, cs);
@@ -325,11 +339,19 @@ impl Counter<'_> {
         // Clusters past the end of the file can only be covered by refblocks.
         let covered = (self.m.reftable.len() as u64).saturating_mul(self.m.rb_entries);
         let mut i = 0u64;
+        // Past the file end, each refcount block is compared once: a table
+        // repeating one block would otherwise make the walk as long as the
+        // table can address, whatever the image's real size.
+        let mut seen_blocks = std::collections::HashSet::new();
         while i < nb.max(covered) {
             if i >= nb && i.is_multiple_of(self.m.rb_entries) {
                 // Skip refblocks that do not exist (all zero) past the file end.
                 match self.m.refblock_offset(i / self.m.rb_entries) {
                     Ok(0) | Err(_) => {
+                        i += self.m.rb_entries;
+                        continue;
+                    }
+                    Ok(off) if !seen_blocks.insert(off) => {
                         i += self.m.rb_entries;
                         continue;
                     }
@@ -341,9 +363,7 @@ impl Counter<'_> {
                 Ok(v) => v,
                 Err(e) => {
                     self.r.check_errors += 1;
-                    self.r
-                        .messages
-                        .push(format!("ERROR: cannot get refcount of cluster {i}: {e}"));
+                    self.note(|| format!("ERROR: cannot get refcount of cluster {i}: {e}"));
                     i += 1;
                     continue;
                 }
@@ -355,14 +375,10 @@ impl Counter<'_> {
                 let leak = stored > exp;
                 if leak {
                     self.r.leaks += 1;
-                    self.r.messages.push(format!(
-                        "Leaked cluster {i} refcount={stored} reference={exp}"
-                    ));
+                    self.note(|| format!("Leaked cluster {i} refcount={stored} reference={exp}"));
                 } else {
                     self.r.corruptions += 1;
-                    self.r.messages.push(format!(
-                        "ERROR cluster {i} refcount={stored} reference={exp}"
-                    ));
+                    self.note(|| format!("ERROR cluster {i} refcount={stored} reference={exp}"));
                 }
                 let fix = match repair {
                     Repair::All => true,
@@ -399,9 +415,11 @@ impl Counter<'_> {
             let rc = self.m.refcount(l2_off / cs)?;
             if (rc == 1) != (l1e & OFLAG_COPIED != 0) {
                 self.r.corruptions += 1;
-                self.r.messages.push(format!(
+                self.note(|| {
+                    format!(
                     "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} refcount={rc}"
-                ));
+                )
+                });
                 if fix {
                     let new = if rc == 1 {
                         l1e | OFLAG_COPIED
@@ -430,9 +448,9 @@ impl Counter<'_> {
                 let rc = self.m.refcount(host / cs)?;
                 if (rc == 1) != (e & OFLAG_COPIED != 0) {
                     self.r.corruptions += 1;
-                    self.r.messages.push(format!(
-                        "ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc}"
-                    ));
+                    self.note(|| {
+                        format!("ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc}")
+                    });
                     if fix {
                         let new = if rc == 1 {
                             e | OFLAG_COPIED
@@ -476,6 +494,7 @@ pub(super) fn check_meta(m: &mut Meta, repair: Repair) -> Result<CheckReport> {
             total_clusters: size.div_ceil(cs),
             ..CheckReport::default()
         },
+        suppressed: 0,
     };
     c.inc(0, cs);
     c.walk_l1(l1_off, l1_size, true);
@@ -488,6 +507,12 @@ pub(super) fn check_meta(m: &mut Meta, repair: Repair) -> Result<CheckReport> {
     result?;
     if repair != Repair::None {
         c.m.flush_all()?;
+    }
+    if c.suppressed > 0 {
+        let n = c.suppressed;
+        c.r.messages.push(format!(
+            "... and {n} more messages like these (only the first {MAX_CHECK_MESSAGES} are shown)"
+        ));
     }
     Ok(c.r)
 }

@@ -364,6 +364,27 @@ impl Meta {
 
     // ----- refcounts -----
 
+    /// Refuses a refcount table in which two entries name the same refcount
+    /// block: one block of all-ones refcounts repeated over the whole table
+    /// would make every cluster look used, and the free-cluster search walk
+    /// ~10^13 clusters. (QEMU's `check` reports it; opening to write refuses.)
+    pub fn check_reftable_unique(&self) -> Result<()> {
+        let mut seen = std::collections::HashMap::new();
+        for (i, e) in self.reftable.iter().enumerate() {
+            let off = e & OFFSET_MASK;
+            if off == 0 {
+                continue;
+            }
+            if let Some(first) = seen.insert(off, i) {
+                return Err(corrupt(format!(
+                    "refcount table entries {first} and {i} both point at the refcount \
+                     block at offset {off:#x}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Offset of the refcount block for refcount table index `i` (0: none).
     pub fn refblock_offset(&self, i: u64) -> Result<u64> {
         let Some(&e) = self.reftable.get(i as usize) else {

@@ -268,6 +268,9 @@ impl Qcow2Node {
             writable,
             lazy,
         )?;
+        if writable {
+            meta.check_reftable_unique()?;
+        }
         if writable && dirty {
             // Refcounts may be stale: rebuild them before any allocation.
             let report = check::check_meta(&mut meta, Repair::All)?;
