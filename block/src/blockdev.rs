@@ -100,6 +100,8 @@ pub struct NodeNames {
     pub defined: Vec<(String, String)>,
     /// (key path of the child option, the node-name it refers to).
     pub referenced: Vec<(String, String)>,
+    /// (key path of a `key-secret`, the secret id it refers to).
+    pub secrets: Vec<(String, String)>,
 }
 
 /// Checks `blockdev-add` arguments without opening anything (a config is
@@ -126,6 +128,11 @@ fn check_node(mut o: Opts, top: bool, names: &mut NodeNames) -> Result<()> {
             ));
         }
         names.defined.push((o.key_path("node-name"), name));
+    }
+    if keys.keys.contains(&"key-secret") {
+        if let Some(id) = o.str("key-secret")? {
+            names.secrets.push((o.key_path("key-secret"), id));
+        }
     }
     for &child in keys.children {
         match o.take(child) {
