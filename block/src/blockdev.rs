@@ -76,10 +76,7 @@ pub fn check_node_keys(o: &Opts, need_name: bool) -> Result<DriverKeys> {
         Some(other) => {
             return Err(o.error(
                 "driver",
-                format!(
-                    "expected a string, got {}",
-                    crate::options::kind(other)
-                ),
+                format!("expected a string, got {}", crate::options::kind(other)),
             ))
         }
     };
@@ -138,7 +135,9 @@ fn check_node(mut o: Opts, top: bool, names: &mut NodeNames) -> Result<()> {
         match o.take(child) {
             None | Some(Value::Null) => {}
             Some(Value::String(name)) => names.referenced.push((o.key_path(child), name)),
-            Some(Value::Object(map)) => check_node(Opts::new(o.key_path(child), map), false, names)?,
+            Some(Value::Object(map)) => {
+                check_node(Opts::new(o.key_path(child), map), false, names)?
+            }
             Some(other) => {
                 return Err(o.error(
                     child,

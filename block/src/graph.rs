@@ -337,6 +337,77 @@ mod tests {
         }
     }
 
+    /// Every driver declares its keys: a misspelt one is named before the
+    /// mandatory key it stands for is missed, and before any file is opened;
+    /// errors without a key say which options they are about.
+    #[test]
+    fn misspelt_keys_are_named_first() {
+        let f = Fixture::new();
+        let mut g = BlockGraph::new();
+        let err = |g: &mut BlockGraph, v: Value| {
+            g.add("blockdevs[0]", v, &f.ctx(), false)
+                .unwrap_err()
+                .to_string()
+        };
+        let cases = [
+            (
+                json!({"node-name": "a", "driver": "file", "filenmae": "a.img"}),
+                "blockdevs[0].filenmae: unknown option",
+            ),
+            (
+                json!({"node-name": "a", "driver": "raw", "fiel": "x",
+                       "file": {"driver": "file", "filename": "a.img"}}),
+                "blockdevs[0].fiel: unknown option",
+            ),
+            (
+                json!({"node-name": "a", "driver": "luks", "key-secert": "s",
+                       "file": {"driver": "file", "filename": "a.img"}}),
+                "blockdevs[0].key-secert: unknown option",
+            ),
+            (
+                json!({"node-name": "a", "driver": "qcow2", "lazy-refcount": true,
+                       "file": {"driver": "file", "filename": "missing.img"}}),
+                "blockdevs[0].lazy-refcount: unknown option",
+            ),
+            (
+                json!({"node-name": "a", "driver": "file", "filename": "a.img",
+                       "cache": {"drect": true}}),
+                "blockdevs[0].cache.drect: unknown option",
+            ),
+            (
+                json!({"driver": "file", "filenmae": "a.img"}),
+                "blockdevs[0].filenmae: unknown option",
+            ),
+            (
+                json!({"node-name": "a", "driver": "file"}),
+                "blockdevs[0].filename: missing mandatory option",
+            ),
+            (
+                json!({"node-name": "a", "driver": "luks", "key-secret": "s",
+                       "file": {"driver": "file", "filename": "a.img"}}),
+                "blockdevs[0]: ",
+            ),
+        ];
+        for (v, want) in cases {
+            let got = err(&mut g, v.clone());
+            assert!(got.starts_with(want), "{v}: {got}");
+        }
+        assert_eq!(g.names().count(), 0);
+        let checked = crate::blockdev::check_options(
+            "blockdevs[1]",
+            json!({"node-name": "q", "driver": "qcow2", "backing": "base",
+                   "file": {"node-name": "qf", "driver": "file", "filename": "a.img"}})
+            .as_object()
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            checked.referenced,
+            [("blockdevs[1].backing".to_string(), "base".to_string())]
+        );
+        assert_eq!(checked.defined.len(), 2);
+    }
+
     #[test]
     fn references_and_inline_children() {
         let f = Fixture::new();

@@ -256,12 +256,16 @@ mod tests {
         let o = opts(json!({"driver": "file", "filenmae": "a"}));
         let allowed: &[&[&str]] = &[&["driver"], &["filename", "aio"]];
         assert_eq!(
-            o.check_keys(allowed, &["filename"]).unwrap_err().to_string(),
+            o.check_keys(allowed, &["filename"])
+                .unwrap_err()
+                .to_string(),
             "blockdevs[1].filenmae: unknown option"
         );
         let o = opts(json!({"driver": "file"}));
         assert_eq!(
-            o.check_keys(allowed, &["filename"]).unwrap_err().to_string(),
+            o.check_keys(allowed, &["filename"])
+                .unwrap_err()
+                .to_string(),
             "blockdevs[1].filename: missing mandatory option"
         );
         let o = opts(json!({"driver": "file", "filename": "a"}));

@@ -128,8 +128,7 @@ impl SecretStore {
         args: Value,
         base_dir: Option<&std::path::Path>,
     ) -> Result<String> {
-        self.add_opts(path, args, base_dir)
-            .map_err(|e| e.at(path))
+        self.add_opts(path, args, base_dir).map_err(|e| e.at(path))
     }
 
     fn add_opts(

@@ -249,7 +249,10 @@ fn run_without_kvm(dir: &Path, args: &[&str]) -> common::Run {
         .output()
         .unwrap();
     common::Run {
-        cmd: format!("CRYPTVM_KVM_DEVICE=/nonexistent/kvm cryptvm run {}", args.join(" ")),
+        cmd: format!(
+            "CRYPTVM_KVM_DEVICE=/nonexistent/kvm cryptvm run {}",
+            args.join(" ")
+        ),
         status: out.status.code(),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -334,19 +337,39 @@ fn config_errors_come_before_kvm() {
     let blockdev = "driver=file,node-name=r,filename=disk.raw";
     let line_cases: [(&[&str], &str); 7] = [
         (
-            &["--blockdev", blockdev, "--device", "virtio-blk-pci,drive=r,num-queues=9999"],
+            &[
+                "--blockdev",
+                blockdev,
+                "--device",
+                "virtio-blk-pci,drive=r,num-queues=9999",
+            ],
             "devices[0]: Property virtio-blk-pci.num-queues doesn't take value 9999",
         ),
         (
-            &["--blockdev", blockdev, "--device", "virtio-blk-pci,drive=r,queue-size=2048"],
+            &[
+                "--blockdev",
+                blockdev,
+                "--device",
+                "virtio-blk-pci,drive=r,queue-size=2048",
+            ],
             "devices[0]: invalid queue-size property (2048)",
         ),
         (
-            &["--blockdev", blockdev, "--device", "virtio-blk-pci,drive=r,num-queus=2"],
+            &[
+                "--blockdev",
+                blockdev,
+                "--device",
+                "virtio-blk-pci,drive=r,num-queus=2",
+            ],
             "devices[0]: Property 'virtio-blk-pci.num-queus' not found",
         ),
         (
-            &["--blockdev", blockdev, "--device", "virtio-blk-pci,drive=rr"],
+            &[
+                "--blockdev",
+                blockdev,
+                "--device",
+                "virtio-blk-pci,drive=rr",
+            ],
             "devices[0]: Property 'virtio-blk-device.drive' can't find value 'rr'",
         ),
         (
@@ -385,6 +408,5 @@ fn config_errors_come_before_kvm() {
         format!(r#"{{"blockdevs": [{raw}], "devices": [{}]}}"#, disk("")),
     )
     .unwrap();
-    run_without_kvm(d, &["--kernel", "vmlinux", "--config", "vm.json"])
-        .clean_error(1, &["no KVM"]);
+    run_without_kvm(d, &["--kernel", "vmlinux", "--config", "vm.json"]).clean_error(1, &["no KVM"]);
 }

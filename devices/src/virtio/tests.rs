@@ -965,14 +965,13 @@ fn property_limits_are_checked_once_with_qemu_words() {
         cfg(1, 2).validate().unwrap_err().to_string(),
         "invalid queue-size property (2), must be > 2"
     );
-    assert_eq!(
-        cfg(1, 100).validate().unwrap_err().property(),
-        "queue-size"
-    );
+    assert_eq!(cfg(1, 100).validate().unwrap_err().property(), "queue-size");
     let node: ::block::NodeRef = MemNode::new(DISK, false);
     assert!(matches!(
         VirtioBlock::new(node, cfg(600, 256)),
-        Err(crate::virtio::VirtioError::BlockConfig(BlockConfigError::NumQueues(600)))
+        Err(crate::virtio::VirtioError::BlockConfig(
+            BlockConfigError::NumQueues(600)
+        ))
     ));
 }
 

@@ -198,12 +198,11 @@ impl VmConfig {
         }
         for (i, Entry { args, .. }) in self.devices.iter().enumerate() {
             let path = spec_path("devices", i);
-            let props = BlkProps::parse(args, self.cpus).map_err(|source| {
-                ColdPlugError::Property {
+            let props =
+                BlkProps::parse(args, self.cpus).map_err(|source| ColdPlugError::Property {
                     path: path.clone(),
                     source,
-                }
-            })?;
+                })?;
             // In the order the machine checks them when it adds the device.
             if let Some(id) = &props.id {
                 if plan.devices.iter().any(|d| d.props.id.as_ref() == Some(id)) {
@@ -238,7 +237,10 @@ mod tests {
     }
 
     fn refused(v: Value) -> String {
-        config(v).cold_plug().expect_err("must be refused").to_string()
+        config(v)
+            .cold_plug()
+            .expect_err("must be refused")
+            .to_string()
     }
 
     const RAW: &str = "disk.raw";

@@ -202,7 +202,13 @@ fn expect_object<'a>(v: &'a Value, path: &str) -> Result<&'a Map<String, Value>,
 
 /// The keys of the config file, of its `machine` and of its `boot`.
 const TOP_KEYS: &[&str] = &[
-    "machine", "boot", "objects", "blockdevs", "devices", "qmp", "serial",
+    "machine",
+    "boot",
+    "objects",
+    "blockdevs",
+    "devices",
+    "qmp",
+    "serial",
 ];
 const MACHINE_KEYS: &[&str] = &["cpus", "memory", "io-workers"];
 const BOOT_KEYS: &[&str] = &["kernel", "initrd", "cmdline"];

@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::{Map, Value};
 
-use block::NodeRef;
 use block::options::{check_keys, KeyError};
+use block::NodeRef;
 use devices::virtio::block::{BlockConfig, BlockConfigError, IoErrorReporter, VirtioBlock};
 use devices::virtio::{FaultReporter, VirtioPciDevice, VirtioQueues, BAR_SIZE};
 use devices::{Interrupt, SharedDevice, WorkerPool};
@@ -91,7 +91,9 @@ impl BlkProps {
         }
         // Every key known before any is read: a misspelt one is named.
         check_keys(args.keys(), &[PROPERTIES], &[]).map_err(|e| match e {
-            KeyError::Unexpected(key) => PropertyError(format!("Property '{DRIVER}.{key}' not found")),
+            KeyError::Unexpected(key) => {
+                PropertyError(format!("Property '{DRIVER}.{key}' not found"))
+            }
             KeyError::Missing(key) => PropertyError(format!("Parameter '{key}' is missing")),
         })?;
         let mut props = BlkProps {
@@ -403,6 +405,43 @@ mod tests {
         assert!(!p.config.discard && p.config.write_zeroes);
         assert_eq!(p.config.serial, "SN1");
         assert_eq!(p.slot, Some(7));
+    }
+
+    /// The limits are the device's (one check, in the devices crate), the
+    /// words QEMU's; an unknown property is named before anything is read.
+    #[test]
+    fn limits_are_the_devices() {
+        let e = |v| parse(v).expect_err("must fail").0;
+        let d = |extra: Value| {
+            let mut v = json!({"driver": "virtio-blk-pci", "drive": "d"});
+            v.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            v
+        };
+        assert_eq!(MAX_QUEUES, 511);
+        let p = parse(d(json!({"num-queues": 511, "queue-size": 1024}))).expect("parse");
+        assert_eq!((p.config.num_queues, p.config.queue_size), (511, 1024));
+        assert_eq!(
+            e(d(json!({"num-queues": 512}))),
+            "Property virtio-blk-pci.num-queues doesn't take value 512 (minimum: 1, maximum: 511)"
+        );
+        assert_eq!(
+            e(d(json!({"queue-size": 2048}))),
+            "invalid queue-size property (2048), must be a power of 2 (max 1024)"
+        );
+        assert_eq!(
+            e(d(json!({"queue-size": 2}))),
+            "invalid queue-size property (2), must be > 2"
+        );
+        assert_eq!(
+            e(d(json!({"num-queues": "x", "num-queus": 2}))),
+            "Property 'virtio-blk-pci.num-queus' not found"
+        );
+        assert_eq!(
+            e(d(json!({"logical_block_size": 65536}))),
+            "Property virtio-blk-pci.logical_block_size doesn't take value 65536 (minimum: 512, maximum: 32768)"
+        );
     }
 
     #[test]
