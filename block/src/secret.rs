@@ -121,17 +121,7 @@ impl SecretStore {
 
     /// Adds an object from `object-add` arguments (`qom-type`, `id`, ...);
     /// relative `file` paths resolve against `base_dir`. Returns the id.
-    /// Errors that do not name a key say `path` (`objects[0]: ...`).
     pub fn add(
-        &mut self,
-        path: &str,
-        args: Value,
-        base_dir: Option<&std::path::Path>,
-    ) -> Result<String> {
-        self.add_opts(path, args, base_dir).map_err(|e| e.at(path))
-    }
-
-    fn add_opts(
         &mut self,
         path: &str,
         args: Value,

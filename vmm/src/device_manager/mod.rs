@@ -162,7 +162,7 @@ impl Machine {
             .secrets
             .add(path, Value::Object(args.clone()), base_dir)
             .map(drop)
-            .map_err(|e| generic(e.to_string()))
+            .map_err(|e| generic(e.at(path).to_string()))
     }
 
     /// `object-del`.
