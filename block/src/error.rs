@@ -191,9 +191,10 @@ impl BlockError {
             Self::Io { source, .. } => io_kind(source),
             Self::ReadOnly(_) => ErrorKind::PermissionDenied,
             Self::Luks(e) => match e {
-                L::NotLuks | L::InvalidArgument(_) | L::KeyLength { .. } => {
-                    ErrorKind::InvalidArgument
-                }
+                L::NotLuks
+                | L::InvalidArgument(_)
+                | L::KeyLength { .. }
+                | L::KdfTooCostly { .. } => ErrorKind::InvalidArgument,
                 L::Luks2Unsupported | L::UnsupportedVersion(_) | L::Unsupported(_) => {
                     ErrorKind::NotSupported
                 }

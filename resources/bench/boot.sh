@@ -27,9 +27,7 @@ CPUS="${CPUS:-2}"
 MEM_MIB="${MEM_MIB:-256}"
 QEMU_MACHINE="${QEMU_MACHINE:-pc}"
 
-for tool in qemu-system-x86_64 cpio; do
-    command -v "$tool" >/dev/null || { echo "boot.sh: $tool is not installed" >&2; exit 1; }
-done
+require_tools qemu-system-x86_64 cpio
 
 cryptvm_note=
 if ! release_cryptvm; then

@@ -45,9 +45,7 @@ source "$ROOT/resources/bench/lib.sh"
 # shellcheck source=resources/bench/limits.sh
 source "$ROOT/resources/bench/limits.sh"
 
-for tool in qemu-img qemu-system-x86_64 python3 openssl dd; do
-    command -v "$tool" >/dev/null || { echo "convert.sh: $tool is not installed" >&2; exit 1; }
-done
+require_tools qemu-img qemu-system-x86_64 python3 openssl dd
 release_cryptvm || { echo "convert.sh: cryptvm does not build" >&2; exit 1; }
 
 BYTES=$((SIZE_MIB << 20))

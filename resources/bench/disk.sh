@@ -34,9 +34,7 @@ CPUS="${CPUS:-2}"
 MEM_MIB="${MEM_MIB:-256}"
 RANDJOBS="${RANDJOBS:-4}"
 
-for tool in qemu-system-x86_64 qemu-img python3 cpio; do
-    command -v "$tool" >/dev/null || { echo "disk.sh: $tool is not installed" >&2; exit 1; }
-done
+require_tools qemu-system-x86_64 qemu-img python3 cpio
 
 # One line per result: VMM REP DISK WORKLOAD MBPS IOPS ERRORS GUEST_SECS L1_SECS.
 results() {

@@ -31,9 +31,7 @@ ROUNDS="${ROUNDS:-4}"
 CPUS="${CPUS:-2}"
 MEM_MIB="${MEM_MIB:-256}"
 
-for tool in qemu-system-x86_64 qemu-img python3 cpio; do
-    command -v "$tool" >/dev/null || { echo "hotplug.sh: $tool is not installed" >&2; exit 1; }
-done
+require_tools qemu-system-x86_64 qemu-img python3 cpio
 
 # No ctl without cryptvm: nothing can be measured.
 release_cryptvm || { echo "hotplug.sh: cryptvm does not build" >&2; exit 1; }

@@ -1,6 +1,15 @@
 # Shared by the benchmarks that boot guests in the L1 test host (boot.sh, disk.sh,
 # hotplug.sh); sourced after ROOT is set.
 
+# require_tools TOOL...: fails, naming the calling script, unless every TOOL is on PATH.
+require_tools() {
+    local tool
+    for tool in "$@"; do
+        command -v "$tool" >/dev/null ||
+            { echo "$(basename "$0"): $tool is not installed" >&2; exit 1; }
+    done
+}
+
 # release_cryptvm: sets CRYPTVM to a release build of this tree unless it is already
 # set; fails when cryptvm does not build.
 release_cryptvm() {

@@ -55,9 +55,7 @@ source "$ROOT/resources/bench/lib.sh"
 # shellcheck source=resources/bench/limits.sh
 source "$ROOT/resources/bench/limits.sh"
 
-for tool in qemu-img qemu-io qemu-storage-daemon python3 openssl dd; do
-    command -v "$tool" >/dev/null || { echo "qcow2.sh: $tool is not installed" >&2; exit 1; }
-done
+require_tools qemu-img qemu-io qemu-storage-daemon python3 openssl dd
 release_cryptvm || { echo "qcow2.sh: cryptvm does not build" >&2; exit 1; }
 
 tmpfs_base=/dev/shm

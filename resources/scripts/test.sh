@@ -18,6 +18,9 @@ cargo fmt --all --check
 echo "== cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
+echo "== module cycles in vmm/src (resources/scripts/module-deps.py)"
+resources/scripts/module-deps.py --check
+
 echo "== cargo test --workspace"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT

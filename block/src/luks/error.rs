@@ -50,6 +50,20 @@ pub enum LuksError {
         got: usize,
     },
 
+    /// Trying the passphrase on every active slot would cost more PBKDF2
+    /// iterations than allowed (a hostile header can ask for 8 x 2^32).
+    #[error(
+        "The keyslots' key derivation costs {total} PBKDF2 iterations, more than the \
+         limit of {limit}; to open a header you trust, raise the luks option \
+         'kdf-iterations-limit'"
+    )]
+    KdfTooCostly {
+        /// Iterations over every active slot (slot key and master key digest).
+        total: u64,
+        /// The limit in force.
+        limit: u64,
+    },
+
     /// The passphrase opens none of the active key slots.
     #[error("Invalid password, cannot unlock any keyslot")]
     WrongPassphrase,

@@ -20,4 +20,4 @@ pub use create::{create, create_with_iterations, CreateOptions, NewVolume, Pbkdf
 pub use error::LuksError;
 pub use hash::HashAlg;
 pub use header::{KeySlot, LuksHeader};
-pub use keyslot::{unlock, MasterKey};
+pub use keyslot::{unlock, unlock_within, MasterKey, DEFAULT_KDF_ITERATIONS_LIMIT};

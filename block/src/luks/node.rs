@@ -6,7 +6,10 @@ use serde_json::{json, Value};
 
 use super::bounce::{Bounce, CHUNK};
 use super::crypto_pool::for_each_piece;
-use super::{new_sector_cipher, unlock, IvGenAlg, LuksError, LuksHeader, SectorCipher};
+use super::{
+    new_sector_cipher, unlock_within, IvGenAlg, LuksError, LuksHeader, SectorCipher,
+    DEFAULT_KDF_ITERATIONS_LIMIT,
+};
 use crate::blockdev::{DriverKeys, OpenContext};
 use crate::node::{check_range, total_len, write_zeroes_by_writing, BlockNode, NodeRef};
 use crate::options::Opts;
@@ -32,7 +35,7 @@ impl LuksNode {
     /// The options of a `luks` node (`key-secret` is needed unless the node
     /// is opened for its metadata only).
     pub const KEYS: DriverKeys = DriverKeys {
-        keys: &["file", "header", "key-secret"],
+        keys: &["file", "header", "key-secret", "kdf-iterations-limit"],
         required: &["file"],
         children: &["file", "header"],
     };
@@ -47,6 +50,9 @@ impl LuksNode {
         ctx: &OpenContext<'_>,
     ) -> Result<Self> {
         let key_secret = o.str("key-secret")?;
+        let kdf_limit = o
+            .u64("kdf-iterations-limit")?
+            .unwrap_or(DEFAULT_KDF_ITERATIONS_LIMIT);
         let header_src: &NodeRef = header_node.as_ref().unwrap_or(&payload);
         let detached = header_node.is_some();
         let mut buf = vec![0u8; LuksHeader::SIZE];
@@ -90,7 +96,7 @@ impl LuksNode {
                     .read_at(off, out)
                     .map_err(|e| std::io::Error::other(e.to_string()))
             };
-            let master_key = unlock(&header, &passphrase, &mut read)?;
+            let master_key = unlock_within(&header, &passphrase, &mut read, kdf_limit)?;
             Some(new_sector_cipher(&header.spec, &master_key)?)
         };
         Ok(Self {

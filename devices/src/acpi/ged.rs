@@ -20,8 +20,8 @@
 use std::io;
 use std::sync::Arc;
 
-use super::{take_byte, ByteRegisters};
-use crate::{BusDevice, Interrupt};
+use super::{bus_device_by_bytes, take_byte, ByteRegisters};
+use crate::Interrupt;
 
 /// Bytes of MMIO the GED occupies.
 pub const GED_LEN: u64 = 0x10;
@@ -124,19 +124,12 @@ impl ByteRegisters for Ged {
     }
 }
 
-impl BusDevice for Ged {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        self.read_bytes(offset, data);
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        self.write_bytes(offset, data);
-    }
-}
+bus_device_by_bytes!(Ged);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::BusDevice;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
 

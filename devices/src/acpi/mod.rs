@@ -15,6 +15,23 @@ pub use pcihp::{
     PciHotplug, PCIHP_B0EJ, PCIHP_LEN, PCIHP_PCID, PCIHP_PCIU, PCIHP_PSEG, PCIHP_SLOTS,
 };
 
+/// Implements [`crate::BusDevice`] for a [`ByteRegisters`] type: every
+/// access, whatever its size, goes byte by byte.
+macro_rules! bus_device_by_bytes {
+    ($t:ty) => {
+        impl $crate::BusDevice for $t {
+            fn read(&mut self, offset: u64, data: &mut [u8]) {
+                self.read_bytes(offset, data);
+            }
+
+            fn write(&mut self, offset: u64, data: &[u8]) {
+                self.write_bytes(offset, data);
+            }
+        }
+    };
+}
+use bus_device_by_bytes;
+
 /// A register block that behaves byte by byte, whatever the access size.
 trait ByteRegisters {
     /// The byte at `offset` (reads may have side effects, e.g. clear-on-read).

@@ -27,8 +27,7 @@
 use std::fmt;
 use std::ops::RangeInclusive;
 
-use super::{take_byte, ByteRegisters};
-use crate::BusDevice;
+use super::{bus_device_by_bytes, take_byte, ByteRegisters};
 
 /// Bytes of MMIO the register block occupies.
 pub const PCIHP_LEN: u64 = 16;
@@ -174,19 +173,12 @@ impl ByteRegisters for PciHotplug {
     }
 }
 
-impl BusDevice for PciHotplug {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        self.read_bytes(offset, data);
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        self.write_bytes(offset, data);
-    }
-}
+bus_device_by_bytes!(PciHotplug);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::BusDevice;
     use std::sync::{Arc, Mutex};
 
     fn hp() -> (PciHotplug, Arc<Mutex<Vec<u8>>>) {

@@ -71,8 +71,8 @@ const WRITEBACK_OFFSET: u64 = 0x20;
 pub const VIRTIO_QUEUE_MAX: u16 = 1024;
 /// The most request queues a virtio-blk device may have here: virtio's
 /// limit, or the virtio PCI transport's MSI-X room if lower (511).
-pub const MAX_QUEUES: u16 = if super::pci::MAX_QUEUES < VIRTIO_QUEUE_MAX {
-    super::pci::MAX_QUEUES
+pub const MAX_QUEUES: u16 = if super::transport::pci::MAX_QUEUES < VIRTIO_QUEUE_MAX {
+    super::transport::pci::MAX_QUEUES
 } else {
     VIRTIO_QUEUE_MAX
 };

@@ -6,26 +6,24 @@
 //! [`block::VirtioBlock`]. Each queue has its own thread, woken by the
 //! queue's kick eventfd (which the VMM registers as a KVM ioeventfd), that
 //! hands requests to the shared request workers; see [`queues`] for who owns
-//! what. Interrupts leave through one [`Interrupt`](crate::Interrupt) per
+//! what (all three in [`transport`]). Interrupts leave through one [`Interrupt`](crate::Interrupt) per
 //! MSI-X vector.
 
 pub mod block;
-mod msix;
-mod pci;
-pub mod queues;
 #[cfg(test)]
 mod tests;
+pub mod transport;
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryMmap;
 
-pub use msix::{MsixEntry, MSIX_ENTRY_SIZE};
-pub use pci::{
+pub use transport::msix::{MsixEntry, MSIX_ENTRY_SIZE};
+pub use transport::pci::{
     VirtioPciDevice, BAR_SIZE, COMMON_CFG_OFFSET, DEVICE_CFG_OFFSET, ISR_OFFSET, MSIX_PBA_OFFSET,
     MSIX_TABLE_OFFSET, NOTIFY_OFFSET, NOTIFY_OFF_MULTIPLIER, VIRTIO_PCI_BAR, VIRTIO_PCI_VENDOR_ID,
 };
-pub use queues::{FaultReporter, VirtioQueues};
+pub use transport::queues::{self, FaultReporter, VirtioQueues};
 
 /// Feature bit: indirect descriptors (`VIRTIO_F_RING_INDIRECT_DESC`).
 pub const VIRTIO_F_RING_INDIRECT_DESC: u32 = 28;

@@ -18,6 +18,7 @@ use crate::cli::terminal::RawMode;
 use crate::config::coldplug::ColdPlug;
 use crate::config::{SerialConfig, VmConfig};
 use crate::control::vm_control::VmControl;
+use crate::device_manager::pci_bars::PciBars;
 use crate::device_manager::{Machine, MachineParams};
 use crate::qmp::{EventBus, QmpServer};
 use crate::vstate::vm::{ExitReason, Vm, VmParams};
@@ -156,7 +157,7 @@ fn build_machine(vm: &Vm, config: &VmConfig, plan: &ColdPlug) -> Result<Arc<Mach
         cpus: vm.cpus(),
         memory: vm.memory().clone(),
         router: vm.msi_router().clone(),
-        bars: vm.pci_bars().clone(),
+        bars: PciBars::new(vm.fd().clone(), vm.mmio_bus().clone()),
         pci_root: vm.pci_root().clone(),
         window: layout::mmio64_window(vm.memory_size()),
         workers: WorkerPool::new(config.io_workers(), "io-w")
@@ -178,13 +179,9 @@ fn build_machine(vm: &Vm, config: &VmConfig, plan: &ColdPlug) -> Result<Arc<Mach
             .device_add_props(d.props.clone())
             .map_err(|e| format!("{}: {e}", d.path))?;
     }
-    let weak = Arc::downgrade(&machine);
-    let notifier = vm.acpi_hotplug(Box::new(move |slot| {
-        if let Some(machine) = weak.upgrade() {
-            machine.eject(slot);
-        }
-    }));
-    machine.set_hotplug(notifier);
+    machine
+        .enable_hotplug(vm.mmio_bus(), vm.ged().clone())
+        .map_err(|e| format!("starting PCI hotplug: {e}"))?;
     Ok(machine)
 }
 

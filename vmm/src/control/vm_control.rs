@@ -9,7 +9,7 @@ use devices::acpi::Ged;
 
 use crate::device_manager::{ControlError, Machine};
 use crate::qmp::{EventBus, QmpBackend, QmpError};
-use crate::vstate::vm::{ExitReason, ExitState};
+use crate::vstate::exit::{ExitReason, ExitState};
 
 /// QMP's handle on a running VM.
 pub struct VmControl {
@@ -39,8 +39,8 @@ impl VmControl {
 
 fn qmp_error(e: ControlError) -> QmpError {
     match e {
-        ControlError::Generic(msg) => QmpError::generic(msg),
         ControlError::DeviceNotFound(msg) => QmpError::device_not_found(msg),
+        other => QmpError::generic(other.to_string()),
     }
 }
 

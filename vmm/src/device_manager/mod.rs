@@ -2,39 +2,81 @@
 //! over it. The config file (cold plug, before boot) and QMP (hot plug while
 //! the guest runs) go through the same methods.
 //!
-//! Lock order: the hotplug register block (a vCPU ejecting a slot) before
-//! [`Machine`]'s state, before the PCI root, before a PCI device. So the
-//! state lock is never held while notifying the guest.
+//! Guest ejects arrive on the `hotplug` thread ([`hotplug`]), never on a vCPU.
+//! Lock order: [`Machine`]'s state before the PCI root, before a PCI device;
+//! the state lock is never held while notifying the guest or flushing.
 
+mod hotplug;
 pub mod pci_bars;
 pub mod virtio_blk;
 
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use serde_json::{json, Map, Value};
 
 use block::blockdev::{BackingFiles, OpenContext};
-use block::{BlockGraph, SecretStore};
+use block::{BlockError, BlockGraph, ErrorKind, SecretStore};
+use devices::acpi::Ged;
 use devices::pci::{PciRoot, SharedPciDevice};
 use devices::virtio::block::IoOperation;
-use devices::WorkerPool;
+use devices::{Bus, WorkerPool};
 
 use crate::control::queries;
 use crate::device_manager::pci_bars::PciBars;
-use crate::device_manager::virtio_blk::{BlkProps, DeviceEnv, VirtioBlkPci};
+use crate::device_manager::virtio_blk::{BlkProps, DeviceEnv, DeviceError, VirtioBlkPci};
 use crate::vstate::memory::GuestMemoryMmap;
 use crate::vstate::msi::MsiRouter;
 
-/// How a control request failed (QMP maps these to its error classes).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// How a control request failed: a kind ([`ControlError::kind`]) plus the
+/// message QEMU gives; QMP maps [`ControlError::DeviceNotFound`] to its
+/// `DeviceNotFound` class and everything else to `GenericError`.
+#[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    /// Anything but a missing device (`GenericError`).
+    /// The block layer refused (a node, a secret, a permission conflict).
+    #[error(transparent)]
+    Block(#[from] BlockError),
+    /// A device could not be created (a property, MSI-X, its BAR).
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// A request QEMU would refuse in these words (duplicate id, bad drive).
     #[error("{0}")]
-    Generic(String),
+    Invalid(String),
+    /// A slot, device or object is busy (all slots taken, unplug pending).
+    #[error("{0}")]
+    Busy(String),
+    /// Not possible on this machine (hot plug before it is enabled).
+    #[error("{0}")]
+    NotSupported(String),
     /// No device with that id (`DeviceNotFound`).
     #[error("{0}")]
     DeviceNotFound(String),
+    /// No object with that id.
+    #[error("{0}")]
+    ObjectNotFound(String),
+}
+
+/// Two errors are equal when they are the same variant with the same message
+/// (sources are not comparable).
+impl PartialEq for ControlError {
+    fn eq(&self, other: &Self) -> bool {
+        std::mem::discriminant(self) == std::mem::discriminant(other)
+            && self.to_string() == other.to_string()
+    }
+}
+
+impl ControlError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Block(e) => e.kind(),
+            Self::Device(DeviceError::Property(_)) | Self::Invalid(_) => ErrorKind::InvalidArgument,
+            Self::Device(_) => ErrorKind::Internal,
+            Self::Busy(_) => ErrorKind::InUse,
+            Self::NotSupported(_) => ErrorKind::NotSupported,
+            Self::DeviceNotFound(_) | Self::ObjectNotFound(_) => ErrorKind::NotFound,
+        }
+    }
 }
 
 /// Sends a QMP event to the sink, if there is one (the lock is not held
@@ -44,10 +86,6 @@ fn emit_to(events: &Mutex<Option<EventSink>>, event: &str, data: Value) {
     if let Some(sink) = sink {
         sink(event, data);
     }
-}
-
-fn generic(msg: impl Into<String>) -> ControlError {
-    ControlError::Generic(msg.into())
 }
 
 /// Tells the guest about slots that change (ACPI PCI hotplug).
@@ -117,6 +155,7 @@ pub struct Machine {
     params: MachineParams,
     state: Mutex<State>,
     hotplug: Mutex<Option<Arc<dyn HotplugNotifier>>>,
+    teardown: Mutex<Option<hotplug::Teardown>>,
     events: Arc<Mutex<Option<EventSink>>>,
 }
 
@@ -125,18 +164,38 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Machine {
-    /// A machine with no secrets, nodes or disks.
+    /// A machine with no secrets, nodes or disks; BARs the guest moves are
+    /// remapped by `params.bars`.
     pub fn new(params: MachineParams) -> Arc<Machine> {
+        let bars = params.bars.clone();
+        lock(&params.pci_root)
+            .set_bar_observer(Box::new(move |slot, old, new| bars.moved(slot, old, new)));
         Arc::new(Machine {
             params,
             state: Mutex::new(State::default()),
             hotplug: Mutex::new(None),
+            teardown: Mutex::new(None),
             events: Arc::default(),
         })
     }
 
-    /// Enables hot plug: from now on added disks are announced to the guest
-    /// and `device_del` asks the guest to eject.
+    /// Enables ACPI PCI hotplug: places the hotplug registers on `mmio`,
+    /// announces disks added from now on through `ged`, and tears down the
+    /// disks the guest ejects on the `hotplug` thread.
+    pub fn enable_hotplug(
+        self: &Arc<Self>,
+        mmio: &RwLock<Bus>,
+        ged: Arc<Mutex<Ged>>,
+    ) -> std::io::Result<()> {
+        let (notifier, teardown) = hotplug::start(Arc::downgrade(self), mmio, ged)?;
+        *lock(&self.teardown) = Some(teardown);
+        self.set_hotplug(notifier);
+        Ok(())
+    }
+
+    /// Announces disks added from now on through `notifier`, and lets
+    /// `device_del` ask the guest to eject ([`Machine::enable_hotplug`] uses
+    /// ACPI; tests record).
     pub fn set_hotplug(&self, notifier: Arc<dyn HotplugNotifier>) {
         *lock(&self.hotplug) = Some(notifier);
     }
@@ -162,7 +221,7 @@ impl Machine {
             .secrets
             .add(path, Value::Object(args.clone()), base_dir)
             .map(drop)
-            .map_err(|e| generic(e.at(path).to_string()))
+            .map_err(|e| ControlError::Block(e.at(path)))
     }
 
     /// `object-del`.
@@ -170,7 +229,7 @@ impl Machine {
         lock(&self.state)
             .secrets
             .remove(id)
-            .map_err(|_| generic(format!("object '{id}' not found")))
+            .map_err(|_| ControlError::ObjectNotFound(format!("object '{id}' not found")))
     }
 
     /// `blockdev-add`; see [`Machine::object_add`] for `path` and `base_dir`.
@@ -192,17 +251,14 @@ impl Machine {
         graph
             .add(path, Value::Object(args.clone()), &ctx, false)
             .map(drop)
-            .map_err(|e| generic(e.to_string()))
+            .map_err(ControlError::Block)
     }
 
     /// `blockdev-del`: refused while a device or another node uses the node.
     pub fn blockdev_del(&self, node_name: &str) -> Result<(), ControlError> {
         let mut state = lock(&self.state);
         let node = state.graph.get(node_name);
-        state
-            .graph
-            .remove(node_name)
-            .map_err(|e| generic(e.to_string()))?;
+        state.graph.remove(node_name).map_err(ControlError::Block)?;
         if let Some(node) = node {
             // Write back caches (qcow2 metadata) before the files close.
             if let Err(e) = node.flush() {
@@ -215,7 +271,7 @@ impl Machine {
     /// `device_add` (a `virtio-blk-pci` disk). Before boot the guest finds
     /// it while enumerating; afterwards it is hot-plugged and announced.
     pub fn device_add(&self, args: &Map<String, Value>) -> Result<(), ControlError> {
-        let props = BlkProps::parse(args, self.params.cpus).map_err(|e| generic(e.to_string()))?;
+        let props = BlkProps::parse(args, self.params.cpus).map_err(DeviceError::from)?;
         self.device_add_props(props)
     }
 
@@ -236,34 +292,36 @@ impl Machine {
     fn create_disk(&self, state: &mut State, props: BlkProps) -> Result<u8, ControlError> {
         if let Some(id) = &props.id {
             if state.disks.iter().any(|d| d.id() == Some(id)) {
-                return Err(generic(format!("Duplicate device ID '{id}'")));
+                return Err(ControlError::Invalid(format!("Duplicate device ID '{id}'")));
             }
         }
         let root = &self.params.pci_root;
         let slot = match props.slot {
             Some(slot) => {
                 if lock(root).device(slot).is_some() {
-                    return Err(generic(format!(
+                    return Err(ControlError::Busy(format!(
                         "PCI: slot {slot} function 0 not available for virtio-blk-pci, in use"
                     )));
                 }
                 slot
             }
             None => lock(root).free_slot().map_err(|_| {
-                generic("PCI: no slot/function available for virtio-blk-pci, all in use")
+                ControlError::Busy(
+                    "PCI: no slot/function available for virtio-blk-pci, all in use".into(),
+                )
             })?,
         };
         let user = user_name(&props, slot);
         let drive = props.drive.clone();
         if state.graph.get(&drive).is_none() {
-            return Err(generic(format!(
+            return Err(ControlError::Invalid(format!(
                 "Property 'virtio-blk-device.drive' can't find value '{drive}'"
             )));
         }
         let node = state
             .graph
             .attach(&drive, &user)
-            .map_err(|e| generic(e.to_string()))?;
+            .map_err(ControlError::Block)?;
         let events = self.events.clone();
         let node_name = drive.clone();
         let fault_events = self.events.clone();
@@ -301,13 +359,13 @@ impl Machine {
             Ok(d) => d,
             Err(e) => {
                 state.graph.detach(&drive, &user);
-                return Err(generic(e.to_string()));
+                return Err(e.into());
             }
         };
         let pci: SharedPciDevice = device.pci.clone();
         if let Err(e) = lock(root).add_device(slot, pci) {
             state.graph.detach(&drive, &user);
-            return Err(generic(e.to_string()));
+            return Err(ControlError::Busy(e.to_string()));
         }
         state.disks.push(Disk {
             device,
@@ -319,9 +377,9 @@ impl Machine {
     /// `device_del`: asks the guest to eject the device; it is removed (and
     /// `DEVICE_DELETED` sent) when the guest does.
     pub fn device_del(&self, id: &str) -> Result<(), ControlError> {
-        let notifier = lock(&self.hotplug)
-            .clone()
-            .ok_or_else(|| generic("Bus 'pci.0' does not support hotplugging"))?;
+        let notifier = lock(&self.hotplug).clone().ok_or_else(|| {
+            ControlError::NotSupported("Bus 'pci.0' does not support hotplugging".into())
+        })?;
         let slot = {
             let mut state = lock(&self.state);
             let disk = state
@@ -330,7 +388,7 @@ impl Machine {
                 .find(|d| d.id() == Some(id))
                 .ok_or_else(|| ControlError::DeviceNotFound(format!("Device '{id}' not found")))?;
             if disk.unplugging {
-                return Err(generic(format!(
+                return Err(ControlError::Busy(format!(
                     "Device {id} is already in the process of unplug"
                 )));
             }
@@ -342,7 +400,8 @@ impl Machine {
     }
 
     /// The guest ejected `slot`: release the device and its node, and tell
-    /// the QMP clients. Called from the vCPU that wrote the eject register.
+    /// the QMP clients. Runs on the `hotplug` thread; the PCI root and the
+    /// MMIO bus (which vCPUs use) are held only to unmap the device.
     pub fn eject(&self, slot: u8) {
         let disk = {
             let mut state = lock(&self.state);
@@ -364,17 +423,16 @@ impl Machine {
         let drive = disk.device.props.drive.clone();
         // Stops the queue threads and waits for the requests in flight,
         // without holding the state lock (QMP goes on meanwhile); the node
-        // stays attached, so nobody can delete it until no thread can reach it.
+        // stays attached, so nobody can delete it until no thread can reach
+        // it and it is written back.
         drop(disk);
-        {
-            let mut state = lock(&self.state);
-            state.graph.detach(&drive, &user);
-            if let Some(node) = state.graph.get(&drive) {
-                if let Err(e) = node.flush() {
-                    eprintln!("cryptvm: flushing '{drive}' after unplug: {e}");
-                }
+        let node = lock(&self.state).graph.get(&drive);
+        if let Some(node) = node {
+            if let Err(e) = node.flush() {
+                eprintln!("cryptvm: flushing '{drive}' after unplug: {e}");
             }
         }
+        lock(&self.state).graph.detach(&drive, &user);
         // As QEMU: the virtio backend first, then the device.
         if let Some(id) = id {
             self.emit("DEVICE_DELETED", json!({ "path": user }));
@@ -385,6 +443,10 @@ impl Machine {
 
     /// Stops every disk and writes back every node (the VM is ending).
     pub fn shutdown(&self) {
+        let teardown = lock(&self.teardown).take();
+        if let Some(teardown) = teardown {
+            teardown.stop();
+        }
         let mut state = lock(&self.state);
         state.disks.clear();
         for name in state.graph.names() {
@@ -433,9 +495,7 @@ mod tests {
     use super::*;
     use block::BlockNode;
     use devices::virtio::VirtioPciDevice;
-    use devices::Bus;
     use serde_json::json;
-    use std::sync::RwLock;
     use std::time::{Duration, Instant};
     use vm_memory::{Bytes, GuestAddress};
 
@@ -531,8 +591,8 @@ mod tests {
 
         // QEMU's refusals.
         let generic = |e: ControlError| match e {
-            ControlError::Generic(msg) => msg,
-            other => panic!("expected GenericError, got {other:?}"),
+            ControlError::DeviceNotFound(_) => panic!("expected GenericError, got {e:?}"),
+            other => other.to_string(),
         };
         let dup = generic(m.device_add(&args(disk.clone())).unwrap_err());
         assert_eq!(dup, "Duplicate device ID 'vd0'");
@@ -621,10 +681,23 @@ mod tests {
         );
     }
 
-    /// A 1 MiB block node whose writes have a bug (panic) or are slow (50 ms).
+    /// A 1 MiB block node whose writes have a bug (panic) or are slow (50 ms),
+    /// or whose flush is slow.
     enum TestNode {
         Panics,
         Slow,
+        SlowFlush(Arc<FlushProbe>),
+        /// Writes fail as on a full host disk (ENOSPC).
+        Full,
+    }
+
+    /// What a [`TestNode::SlowFlush`] saw: when its 1.5 s flush ran, and on
+    /// which thread.
+    #[derive(Default)]
+    struct FlushProbe {
+        started: std::sync::atomic::AtomicBool,
+        done: std::sync::atomic::AtomicBool,
+        thread: Mutex<Option<String>>,
     }
 
     impl BlockNode for TestNode {
@@ -645,10 +718,24 @@ mod tests {
             match self {
                 TestNode::Panics => panic!("injected fault in the block layer"),
                 TestNode::Slow => std::thread::sleep(Duration::from_millis(50)),
+                TestNode::SlowFlush(_) => {}
+                TestNode::Full => {
+                    return Err(BlockError::io(
+                        "writing 'full.img'",
+                        std::io::Error::from_raw_os_error(libc::ENOSPC),
+                    ))
+                }
             }
             Ok(())
         }
         fn flush(&self) -> block::Result<()> {
+            if let TestNode::SlowFlush(probe) = self {
+                use std::sync::atomic::Ordering::SeqCst;
+                *lock(&probe.thread) = std::thread::current().name().map(str::to_string);
+                probe.started.store(true, SeqCst);
+                std::thread::sleep(Duration::from_millis(1500));
+                probe.done.store(true, SeqCst);
+            }
             Ok(())
         }
         fn discard(&self, _offset: u64, _len: u64) -> block::Result<()> {
@@ -791,6 +878,19 @@ mod tests {
             .expect("insert node");
     }
 
+    /// A rig with `node` as disk `vd0` (one queue of [`QSIZE`]), driven from
+    /// guest memory at 1 MiB.
+    fn one_disk(name: &str, node: TestNode) -> Option<(Rig, BusDriver)> {
+        let r = rig()?;
+        insert(&r.machine, name, Arc::new(node));
+        r.machine
+            .device_add(&args(json!({"driver": "virtio-blk-pci", "drive": name,
+                                      "id": "vd0", "num-queues": 1, "queue-size": QSIZE})))
+            .expect("device_add");
+        let d = BusDriver::new(&r, "vd0", 0x10_0000);
+        Some((r, d))
+    }
+
     /// The injected fault: a request handler panics. The guest gets IOERR and
     /// DEVICE_NEEDS_RESET, QMP gets a BLOCK_IO_ERROR naming the node and why,
     /// and the VMM goes on: QMP queries answer, the other disk reads and
@@ -861,15 +961,10 @@ mod tests {
     /// (40 writes of 50 ms: a 2 s backlog); asserted under 250 ms each.
     #[test]
     fn qmp_answers_while_a_queue_is_busy() {
-        let Some(r) = rig() else {
+        let Some((r, mut d)) = one_disk("slow", TestNode::Slow) else {
             return;
         };
         let m = &r.machine;
-        insert(m, "slow", Arc::new(TestNode::Slow));
-        m.device_add(&args(json!({"driver": "virtio-blk-pci", "drive": "slow",
-                                   "id": "vd0", "num-queues": 1, "queue-size": QSIZE})))
-            .expect("device_add");
-        let mut d = BusDriver::new(&r, "vd0", 0x10_0000);
         for k in 0..20 {
             d.queue(k, 1, u64::from(k) * 8, 0x40_0000);
         }
@@ -896,6 +991,176 @@ mod tests {
         assert!(left > 5, "the backlog drained too soon to show anything");
         assert!(worst < Duration::from_millis(250), "QMP waited {worst:?}");
         d.wait_used(40);
+        m.shutdown();
+    }
+
+    /// Issue 11: a guest's eject is torn down off the vCPU thread. A real
+    /// vCPU writes B0EJ for a disk whose flush takes 1.5 s, then counts in
+    /// a loop; the count must go on while the flush runs (before, the flush
+    /// ran inside the vCPU's MMIO write and the guest stood still).
+    #[test]
+    fn the_vcpu_runs_guest_code_while_an_ejected_disk_flushes() {
+        use crate::arch::x86_64::layout;
+        use crate::vstate::exit::ExitReason;
+        use crate::vstate::vcpu::EntryPoint;
+        use crate::vstate::vm::{Vm, VmParams};
+        use std::sync::atomic::Ordering::SeqCst;
+
+        if crate::vstate::vm::open_kvm().is_err() {
+            return; // no KVM here
+        }
+        let vm = Vm::new(VmParams {
+            cpus: 1,
+            memory: 16 << 20,
+            serial_out: Box::new(std::io::sink()),
+            serial_input: false,
+        })
+        .expect("VM");
+        let machine = Machine::new(MachineParams {
+            cpus: 1,
+            memory: vm.memory().clone(),
+            router: vm.msi_router().clone(),
+            bars: PciBars::new(vm.fd().clone(), vm.mmio_bus().clone()),
+            pci_root: vm.pci_root().clone(),
+            window: layout::mmio64_window(16 << 20),
+            workers: WorkerPool::new(2, "io-test").expect("workers"),
+        });
+        machine
+            .enable_hotplug(vm.mmio_bus(), vm.ged().clone())
+            .expect("hotplug");
+        let events: Arc<Mutex<Vec<(String, Value)>>> = Arc::default();
+        let seen = events.clone();
+        machine.set_event_sink(Arc::new(move |e, d| lock(&seen).push((e.to_string(), d))));
+        let probe = Arc::new(FlushProbe::default());
+        insert(
+            &machine,
+            "slow",
+            Arc::new(TestNode::SlowFlush(probe.clone())),
+        );
+        machine
+            .device_add(&args(json!({"driver": "virtio-blk-pci", "drive": "slow",
+                                      "id": "vd0", "num-queues": 1})))
+            .expect("device_add");
+        let slot = lock(&machine.state).disks[0].device.slot;
+        machine.device_del("vd0").expect("device_del");
+
+        // mov eax, B0EJ; mov dword [rax], 1 << slot; mov ebx, COUNTER;
+        // 1: inc qword [rbx]; jmp 1b
+        let counter = layout::HIGH_RAM_START + 0x1000;
+        let mut code = vec![0xb8];
+        code.extend(((layout::PCIHP_START + devices::acpi::PCIHP_B0EJ) as u32).to_le_bytes());
+        code.extend([0xc7, 0x00]);
+        code.extend((1u32 << slot).to_le_bytes());
+        code.push(0xbb);
+        code.extend((counter as u32).to_le_bytes());
+        code.extend([0x48, 0xff, 0x03, 0xeb, 0xfb]);
+        vm.memory()
+            .write_slice(&code, GuestAddress(layout::HIGH_RAM_START))
+            .expect("code");
+
+        let memory = vm.memory().clone();
+        let exit = vm.exit_state().clone();
+        let watch_probe = probe.clone();
+        let watcher = std::thread::spawn(move || {
+            let start = Instant::now();
+            let count = || memory.read_obj::<u64>(GuestAddress(counter)).unwrap();
+            let mut during = None;
+            while start.elapsed() < Duration::from_secs(30) {
+                if watch_probe.started.load(SeqCst) && during.is_none() {
+                    let before = count();
+                    std::thread::sleep(Duration::from_millis(300));
+                    let after = count();
+                    during = Some((before, after, watch_probe.done.load(SeqCst)));
+                }
+                if watch_probe.done.load(SeqCst) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            exit.request(ExitReason::Quit);
+            during
+        });
+        let reason = vm
+            .run(EntryPoint::Linux64 {
+                entry: layout::HIGH_RAM_START,
+                boot_params: layout::ZERO_PAGE_START,
+            })
+            .expect("running the VM");
+        assert_eq!(reason, ExitReason::Quit);
+        let (before, after, flush_over) = watcher
+            .join()
+            .expect("watcher")
+            .expect("the ejected disk was never flushed");
+        assert!(!flush_over, "the flush ended before the guest was watched");
+        assert!(
+            after > before,
+            "the vCPU stood still during the teardown's flush ({before} -> {after})"
+        );
+        let thread = lock(&probe.thread).clone();
+        assert_eq!(
+            thread.as_deref(),
+            Some("hotplug"),
+            "the flush ran on {thread:?}"
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while lock(&events).len() < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let events = lock(&events).clone();
+        assert_eq!(
+            events
+                .last()
+                .map(|(e, d)| (e.as_str(), d["device"].clone())),
+            Some(("DEVICE_DELETED", json!("vd0"))),
+            "{events:?}"
+        );
+        machine.shutdown();
+    }
+
+    /// Issue 11: a write failing with ENOSPC is reported as BLOCK_IO_ERROR
+    /// with `nospace: true` (QEMU's meaning: the host ran out of space), and
+    /// control errors carry kinds, not only messages.
+    #[test]
+    fn a_full_host_disk_is_reported_as_nospace_and_errors_have_kinds() {
+        let Some((r, mut d)) = one_disk("full", TestNode::Full) else {
+            return;
+        };
+        let m = &r.machine;
+        let status = d.queue(0, 1, 0, 0x40_0000);
+        d.notify();
+        d.wait_used(1);
+        assert_eq!(
+            d.mem.read_obj::<u8>(GuestAddress(status)).unwrap(),
+            1,
+            "IOERR"
+        );
+        let events = lock(&r.events).clone();
+        let (_, report) = events
+            .iter()
+            .find(|(e, _)| e == "BLOCK_IO_ERROR")
+            .unwrap_or_else(|| panic!("no BLOCK_IO_ERROR: {events:?}"));
+        assert_eq!(report["nospace"], true, "{report}");
+        assert_eq!(report["operation"], "write", "{report}");
+        assert_eq!(report["node-name"], "full", "{report}");
+
+        let in_use = m.blockdev_del("full").unwrap_err();
+        assert_eq!(in_use.kind(), ErrorKind::InUse, "{in_use}");
+        let missing = m.device_del("nope").unwrap_err();
+        assert_eq!(missing.kind(), ErrorKind::NotFound, "{missing}");
+        let dup = m
+            .device_add(&args(
+                json!({"driver": "virtio-blk-pci", "drive": "full", "id": "vd0"}),
+            ))
+            .unwrap_err();
+        assert_eq!(dup.kind(), ErrorKind::InvalidArgument, "{dup}");
+        let bad = m
+            .blockdev_add(
+                "",
+                &args(json!({"node-name": "x", "driver": "file", "filename": "/nonexistent/x"})),
+                None,
+            )
+            .unwrap_err();
+        assert_eq!(bad.kind(), ErrorKind::NotFound, "{bad}");
         m.shutdown();
     }
 }

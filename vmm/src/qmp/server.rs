@@ -33,6 +33,14 @@ const QUEUE_LEN: usize = 1024;
 /// Bytes read from a client at a time.
 const READ_CHUNK: usize = 64 << 10;
 
+/// A client must finish `qmp_capabilities` within this long of connecting, or is
+/// disconnected (so idle connections cannot hold all [`MAX_CLIENTS`] places).
+pub const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A client that does not read its replies and events for this long (its socket
+/// buffer full) is disconnected.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long `quit` waits for its reply to be written before stopping the VM.
 const QUIT_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -65,6 +73,32 @@ pub enum QmpServerError {
     /// Creating the server's thread or wake-up descriptors failed.
     #[error("starting the QMP server: {0}")]
     Start(#[source] io::Error),
+}
+
+/// QMP over TCP is unauthenticated and `blockdev-add` opens host files: the host
+/// must be named (QEMU's `tcp::PORT` means every interface), and anything but a
+/// loopback address gets a warning.
+fn check_tcp_host(address: &str, host: &str, port: u16) -> Result<(), QmpServerError> {
+    if host.is_empty() {
+        return Err(QmpServerError::InvalidAddress {
+            address: address.to_string(),
+            reason: format!(
+                "no host: QMP is unauthenticated, so name the interface \
+                 (tcp:127.0.0.1:{port}, or tcp:0.0.0.0:{port} to listen on every one)"
+            ),
+        });
+    }
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !loopback {
+        eprintln!(
+            "cryptvm: warning: QMP on '{address}' is reachable from other machines and \
+             unauthenticated; anyone who connects controls the VM and can open host files"
+        );
+    }
+    Ok(())
 }
 
 /// A message for a client's writer thread.
@@ -130,6 +164,9 @@ impl QmpServer {
             address: address.to_string(),
             reason,
         })?;
+        if let Address::Tcp(host, port) = &parsed {
+            check_tcp_host(address, host, *port)?;
+        }
         let listener = Listener::bind(&parsed).map_err(|e| match (e, &parsed) {
             (ListenError::NotASocket, Address::Unix(p)) => QmpServerError::NotASocket(p.clone()),
             (ListenError::InUse, Address::Unix(p)) => QmpServerError::InUse(p.clone()),
@@ -322,6 +359,14 @@ fn serve_client(shared: &Shared, id: u64, mut stream: Stream) {
     let Ok(writer_stream) = stream.try_clone() else {
         return;
     };
+    if writer_stream
+        .set_write_timeout(Some(WRITE_TIMEOUT))
+        .is_err()
+    {
+        return;
+    }
+    // Until negotiation, every read waits only for what is left of the deadline.
+    let mut deadline = Some(std::time::Instant::now() + NEGOTIATION_TIMEOUT);
     let spawned = std::thread::Builder::new()
         .name(format!("qmp-writer-{id}"))
         .spawn(move || write_loop(outgoing, writer_stream));
@@ -333,6 +378,12 @@ fn serve_client(shared: &Shared, id: u64, mut stream: Stream) {
     let mut buf = vec![0u8; READ_CHUNK];
     let mut messages = Vec::new();
     loop {
+        if let Some(deadline) = deadline {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+                return;
+            }
+        }
         let n = match stream.read(&mut buf) {
             Ok(0) => return,
             Ok(n) => n,
@@ -344,6 +395,11 @@ fn serve_client(shared: &Shared, id: u64, mut stream: Stream) {
             let (reply, effect) = session.handle(message, &*shared.backend, &shared.dispatch);
             let line = Outgoing::Line(format!("{}\r\n", writer::to_json(&reply)).into());
             if effect == Effect::Negotiated {
+                // Negotiated clients may wait for events as long as they like.
+                deadline = None;
+                if stream.set_read_timeout(None).is_err() {
+                    return;
+                }
                 let Ok(events_stream) = stream.try_clone() else {
                     return;
                 };

@@ -88,6 +88,17 @@ impl Client {
         self.line()
     }
 
+    /// Whether the connection is closed (a read returns end of stream at once).
+    fn try_line_now(&mut self) -> bool {
+        self.stream
+            .set_read_timeout(Some(Duration::from_millis(10)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let closed = matches!(self.stream.read(&mut buf), Ok(0));
+        self.stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        closed
+    }
+
     /// Whether a line arrives within `wait`.
     fn quiet_for(&mut self, wait: Duration) -> bool {
         self.stream.set_read_timeout(Some(wait)).unwrap();
@@ -555,4 +566,54 @@ fn tcp_listener() {
     assert!(c.line().ends_with(r#""event": "POWERDOWN"}"#));
     drop(server);
     assert_eq!(c.try_line(), None);
+}
+
+/// Issue 12: `tcp::PORT` (every interface, unauthenticated) is refused; the host
+/// must be named.
+#[test]
+fn tcp_without_a_host_is_refused() {
+    let e =
+        QmpServer::start("tcp::0", Arc::new(FakeBackend::default()), EventBus::new()).unwrap_err();
+    match &e {
+        QmpServerError::InvalidAddress { reason, .. } => {
+            assert!(reason.contains("no host"), "{reason}");
+            assert!(reason.contains("tcp:127.0.0.1:0"), "{reason}");
+        }
+        other => panic!("expected InvalidAddress, got {other:?}"),
+    }
+}
+
+/// Issue 12: a client that connects and never negotiates is disconnected after
+/// NEGOTIATION_TIMEOUT (before, 128 of them locked everyone out for good); one
+/// that negotiated stays, however long it waits for events.
+#[test]
+fn clients_that_never_negotiate_time_out() {
+    let f = Fixture::new();
+    let mut negotiated = Client::negotiated(f.address());
+    let start = Instant::now();
+    let mut idle = Client::greeted(f.address());
+    let mut trickle = Client::greeted(f.address());
+    // A byte every second keeps no client alive past the deadline.
+    let mut closed_at = None;
+    while start.elapsed() < super::server::NEGOTIATION_TIMEOUT + Duration::from_secs(8) {
+        let _ = trickle.stream.write_all(b" ");
+        if idle.try_line_now() {
+            closed_at = Some(start.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let closed_at = closed_at.expect("the idle client is still connected");
+    assert!(
+        closed_at >= super::server::NEGOTIATION_TIMEOUT - Duration::from_secs(1),
+        "closed too early: {closed_at:?}"
+    );
+    assert_eq!(
+        trickle.try_line(),
+        None,
+        "the trickling client is disconnected too"
+    );
+    assert!(negotiated
+        .cmd(r#"{"execute":"query-status"}"#)
+        .contains("running"));
 }

@@ -2,6 +2,7 @@
 
 pub mod calibrate;
 pub mod cpuid;
+pub mod exit;
 pub mod memory;
 pub mod msi;
 pub mod vcpu;

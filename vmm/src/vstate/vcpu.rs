@@ -12,8 +12,8 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::arch::x86_64::layout;
+use crate::vstate::exit::{ExitReason, ExitState};
 use crate::vstate::memory::GuestMemoryMmap;
-use crate::vstate::vm::{ExitReason, ExitState};
 use devices::{lock_device, Bus};
 
 /// Where and how the boot vCPU starts.

@@ -4,7 +4,6 @@
 
 use std::ffi::CString;
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Once, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -14,16 +13,15 @@ use kvm_ioctls::{Cap, Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use devices::acpi::{Ged, PciHotplug, PowerEvent, GED_EVENT_PCI_HOTPLUG, GED_LEN, PCIHP_LEN};
+use devices::acpi::{Ged, PowerEvent, GED_LEN};
 use devices::i8042::I8042;
 use devices::pci::{PciConfigIo, PciConfigMmio, PciRoot};
 use devices::serial::Serial;
 use devices::{Bus, Interrupt};
 
 use crate::arch::x86_64::layout;
-use crate::device_manager::pci_bars::PciBars;
-use crate::device_manager::HotplugNotifier;
 use crate::event_loop::{EventLoop, StdinInput, Subscriber};
+pub use crate::vstate::exit::{ExitReason, ExitState};
 use crate::vstate::memory::{self, GuestMemoryMmap};
 use crate::vstate::msi::MsiRouter;
 use crate::vstate::vcpu::{self, EntryPoint, Vcpu};
@@ -33,19 +31,6 @@ use crate::vstate::vcpu::{self, EntryPoint, Vcpu};
 pub const KVM_DEVICE_ENV: &str = "CRYPTVM_KVM_DEVICE";
 /// The KVM device when [`KVM_DEVICE_ENV`] is not set.
 pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
-
-/// Why the guest stopped (each ends `cryptvm run` with status 0).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExitReason {
-    /// ACPI power off (S5) or a KVM shutdown system event.
-    PowerOff,
-    /// Reset: i8042 0xfe, the ACPI reset register, or a KVM reset system event.
-    Reset,
-    /// `KVM_EXIT_SHUTDOWN` (triple fault) or a halted vCPU with no irqchip.
-    Shutdown,
-    /// QMP `quit`.
-    Quit,
-}
 
 /// Why the VM could not be built or run.
 #[derive(Debug, thiserror::Error)]
@@ -83,63 +68,6 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
-/// How the VM is shut down and reports its outcome: the first request wins; every vCPU
-/// and the waiting thread see `stopping()`.
-pub struct ExitState {
-    stop: AtomicBool,
-    outcome: Mutex<Option<Result<ExitReason, String>>>,
-    evt: EventFd,
-}
-
-impl ExitState {
-    fn new() -> std::io::Result<Self> {
-        Ok(ExitState {
-            stop: AtomicBool::new(false),
-            outcome: Mutex::new(None),
-            evt: EventFd::new(0)?,
-        })
-    }
-
-    fn set(&self, outcome: Result<ExitReason, String>) {
-        let mut slot = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
-        if slot.is_none() {
-            *slot = Some(outcome);
-        }
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = self.evt.write(1);
-    }
-
-    /// The guest asked to stop for `reason`.
-    pub fn request(&self, reason: ExitReason) {
-        self.set(Ok(reason));
-    }
-
-    /// The VMM failed.
-    pub fn fail(&self, msg: String) {
-        self.set(Err(msg));
-    }
-
-    /// Whether the VM is stopping.
-    pub fn stopping(&self) -> bool {
-        self.stop.load(Ordering::SeqCst)
-    }
-
-    /// Blocks until someone requested the VM to stop; returns the first request.
-    fn wait(&self) -> Result<ExitReason, String> {
-        loop {
-            if let Some(outcome) = self
-                .outcome
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone()
-            {
-                return outcome;
-            }
-            let _ = self.evt.read();
-        }
-    }
-}
-
 /// An interrupt line delivered through a KVM irqfd (`KVM_IRQFD` on a GSI).
 pub struct IrqFd {
     evt: EventFd,
@@ -148,39 +76,6 @@ pub struct IrqFd {
 impl Interrupt for IrqFd {
     fn trigger(&self) -> std::io::Result<()> {
         self.evt.write(1)
-    }
-}
-
-/// ACPI PCI hotplug: slot bits in the hotplug registers plus the GED interrupt.
-struct AcpiHotplug {
-    pcihp: Arc<Mutex<PciHotplug>>,
-    ged: Arc<Mutex<Ged>>,
-}
-
-impl AcpiHotplug {
-    fn notify(&self) {
-        let mut ged = self.ged.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = ged.notify(GED_EVENT_PCI_HOTPLUG) {
-            eprintln!("cryptvm: raising the PCI hotplug interrupt: {e}");
-        }
-    }
-}
-
-impl HotplugNotifier for AcpiHotplug {
-    fn plugged(&self, slot: u8) {
-        self.pcihp
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .plug(slot);
-        self.notify();
-    }
-
-    fn unplug_requested(&self, slot: u8) {
-        self.pcihp
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .request_unplug(slot);
-        self.notify();
     }
 }
 
@@ -209,15 +104,9 @@ pub struct Vm {
     serial: Arc<Mutex<Serial>>,
     serial_input: bool,
     ged: Arc<Mutex<Ged>>,
-    pcihp: Arc<Mutex<PciHotplug>>,
-    eject: EjectHandler,
     pci_root: Arc<Mutex<PciRoot>>,
     router: Arc<MsiRouter>,
-    bars: Arc<PciBars>,
 }
-
-/// Who is told when the guest ejects a PCI slot (set once the machine exists).
-type EjectHandler = Arc<Mutex<Option<Box<dyn Fn(u8) + Send>>>>;
 
 /// Opens the KVM device named by [`KVM_DEVICE_ENV`] (default `/dev/kvm`).
 pub fn open_kvm() -> Result<Kvm, VmError> {
@@ -282,16 +171,6 @@ impl Vm {
         mmio.insert(layout::GED_START, GED_LEN, ged.clone())
             .map_err(bus_err)?;
 
-        let eject: EjectHandler = Arc::new(Mutex::new(None));
-        let eject_handler = eject.clone();
-        let pcihp = Arc::new(Mutex::new(PciHotplug::new(Box::new(move |slot| {
-            if let Some(handler) = &*eject_handler.lock().unwrap_or_else(|e| e.into_inner()) {
-                handler(slot);
-            }
-        }))));
-        mmio.insert(layout::PCIHP_START, PCIHP_LEN, pcihp.clone())
-            .map_err(bus_err)?;
-
         let pci_root = Arc::new(Mutex::new(PciRoot::new()));
         pio.insert(
             layout::PCI_CONFIG_IO_PORT,
@@ -309,14 +188,6 @@ impl Vm {
         let fd = Arc::new(fd);
         let mmio_bus = Arc::new(RwLock::new(mmio));
         let router = MsiRouter::new(fd.clone());
-        let bars = PciBars::new(fd.clone(), mmio_bus.clone());
-        let observer_bars = bars.clone();
-        pci_root
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .set_bar_observer(Box::new(move |slot, old, new| {
-                observer_bars.moved(slot, old, new)
-            }));
 
         Ok(Vm {
             fd,
@@ -330,32 +201,14 @@ impl Vm {
             serial,
             serial_input: params.serial_input,
             ged,
-            pcihp,
-            eject,
             pci_root,
             router,
-            bars,
         })
     }
 
     /// MSI routing for device interrupts.
     pub fn msi_router(&self) -> &Arc<MsiRouter> {
         &self.router
-    }
-
-    /// BAR mappings of PCI devices.
-    pub fn pci_bars(&self) -> &Arc<PciBars> {
-        &self.bars
-    }
-
-    /// ACPI PCI hotplug towards the guest; `on_eject` runs (on a vCPU
-    /// thread) when the guest ejects a slot it was asked to release.
-    pub fn acpi_hotplug(&self, on_eject: Box<dyn Fn(u8) + Send>) -> Arc<dyn HotplugNotifier> {
-        *self.eject.lock().unwrap_or_else(|e| e.into_inner()) = Some(on_eject);
-        Arc::new(AcpiHotplug {
-            pcihp: self.pcihp.clone(),
-            ged: self.ged.clone(),
-        })
     }
 
     /// Guest RAM.

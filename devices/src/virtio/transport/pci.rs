@@ -8,11 +8,11 @@ use vm_memory::GuestMemoryMmap;
 
 use super::msix::{copy_out, Msix, MSIX_ENTRY_SIZE};
 use super::queues::{lock, FaultReporter, VirtioQueues};
-use super::{
+use crate::pci::{BarKind, BarRegion, PciConfiguration, PciDevice, PciIds};
+use crate::virtio::{
     VirtioDevice, VirtioError, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
     VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1, VIRTIO_MSI_NO_VECTOR,
 };
-use crate::pci::{BarKind, BarRegion, PciConfiguration, PciDevice, PciIds};
 use crate::workers::WorkerPool;
 use crate::{BusDevice, Interrupt};
 

@@ -43,7 +43,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 // Lock order: a queue's slot before the MSI-X state.
 use super::msix::Msix;
-use super::{
+use crate::virtio::{
     Chain, ChainError, VirtioDevice, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER_OK,
     VIRTIO_MSI_NO_VECTOR,
 };
@@ -480,7 +480,7 @@ impl VirtioQueues {
     }
 
     /// MSI-X table entry `vector` as programmed (for KVM GSI routing).
-    pub fn msix_entry(&self, vector: u16) -> Option<super::MsixEntry> {
+    pub fn msix_entry(&self, vector: u16) -> Option<super::msix::MsixEntry> {
         lock(&self.msix).entries.get(usize::from(vector)).copied()
     }
 
