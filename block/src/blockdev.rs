@@ -3,14 +3,158 @@
 
 use std::path::Path;
 
+use serde_json::{Map, Value};
+
 use crate::file::FileNode;
 use crate::luks::node::LuksNode;
 use crate::node::NodeRef;
-use crate::options::Opts;
+use crate::options::{Opts, MISSING_OPTION};
 use crate::qcow2::{Backing, Qcow2Node};
 use crate::raw::RawNode;
 use crate::secret::SecretStore;
 use crate::{BlockError, Result};
+
+/// The keys QEMU's `BlockdevOptions` base gives every node, whatever its driver.
+pub const COMMON_KEYS: &[&str] = &[
+    "node-name",
+    "driver",
+    "read-only",
+    "auto-read-only",
+    "cache",
+    "discard",
+    "detect-zeroes",
+    "force-share",
+];
+
+/// The keys of the `cache` object.
+pub const CACHE_KEYS: &[&str] = &["direct", "no-flush"];
+
+/// What a driver declares about its options beyond [`COMMON_KEYS`], so that
+/// an unknown key is reported by name before a mandatory one is missed
+/// ([`Opts::check_keys`]), and so that options can be checked without
+/// opening anything ([`check_options`]).
+#[derive(Clone, Copy, Debug)]
+pub struct DriverKeys {
+    /// Every key the driver reads.
+    pub keys: &'static [&'static str],
+    /// The keys it cannot do without.
+    pub required: &'static [&'static str],
+    /// The keys naming a child node (a node-name, or an inline definition).
+    pub children: &'static [&'static str],
+}
+
+/// The keys of `driver`'s nodes; `None` for a driver `blockdev-add` does not know.
+pub fn driver_keys(driver: &str) -> Option<DriverKeys> {
+    Some(match driver {
+        "file" | "host_device" => FileNode::KEYS,
+        "raw" => RawNode::KEYS,
+        "luks" => LuksNode::KEYS,
+        "qcow2" => Qcow2Node::KEYS,
+        _ => return None,
+    })
+}
+
+/// The error for a `driver` no node can have.
+pub fn unknown_driver(o: &Opts, driver: &str) -> BlockError {
+    o.error(
+        "driver",
+        format!(
+            "Invalid parameter '{driver}' (supported drivers: {})",
+            DRIVERS.join(", ")
+        ),
+    )
+}
+
+/// Checks the keys of the node whose options `o` holds, before anything is
+/// read from them: its driver, then any key neither the node base nor the
+/// driver knows, then the driver's mandatory keys (and `node-name` when
+/// `need_name`). Returns the driver's keys.
+pub fn check_node_keys(o: &Opts, need_name: bool) -> Result<DriverKeys> {
+    let driver = match o.get("driver") {
+        None => return Err(o.error("driver", MISSING_OPTION)),
+        Some(Value::String(d)) => d.clone(),
+        Some(other) => {
+            return Err(o.error(
+                "driver",
+                format!("expected a string, got {}", crate::options::kind(other)),
+            ))
+        }
+    };
+    let keys = driver_keys(&driver).ok_or_else(|| unknown_driver(o, &driver))?;
+    let mut required = keys.required.to_vec();
+    if need_name {
+        required.insert(0, "node-name");
+    }
+    o.check_keys(&[COMMON_KEYS, keys.keys], &required)?;
+    Ok(keys)
+}
+
+/// The node-names one `blockdev-add` defines and refers to, found by
+/// [`check_options`].
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct NodeNames {
+    /// (key path of the `node-name`, the name) of the node and its inline children.
+    pub defined: Vec<(String, String)>,
+    /// (key path of the child option, the node-name it refers to).
+    pub referenced: Vec<(String, String)>,
+    /// (key path of a `key-secret`, the secret id it refers to).
+    pub secrets: Vec<(String, String)>,
+}
+
+/// Checks `blockdev-add` arguments without opening anything (a config is
+/// checked so before the VM exists): every node's driver, unknown keys (by
+/// name) before missing mandatory ones, node-names, and the shape of child
+/// options, inline children included. `path` prefixes the key paths in
+/// errors. The references found are for the caller to resolve.
+pub fn check_options(path: &str, args: &Map<String, Value>) -> Result<NodeNames> {
+    let map = crate::keyval::unflatten(args.clone())
+        .map_err(|e| BlockError::option(path, e.to_string()))?;
+    let mut names = NodeNames::default();
+    check_node(Opts::new(path, map), true, &mut names)?;
+    Ok(names)
+}
+
+fn check_node(mut o: Opts, top: bool, names: &mut NodeNames) -> Result<()> {
+    let keys = check_node_keys(&o, top)?;
+    if let Some(name) = o.str("node-name")? {
+        crate::graph::check_node_name(&name).map_err(|msg| o.error("node-name", msg))?;
+        if names.defined.iter().any(|(_, n)| *n == name) {
+            return Err(o.error(
+                "node-name",
+                format!("Duplicate nodes with node-name='{name}'"),
+            ));
+        }
+        names.defined.push((o.key_path("node-name"), name));
+    }
+    if keys.keys.contains(&"key-secret") {
+        if let Some(id) = o.str("key-secret")? {
+            names.secrets.push((o.key_path("key-secret"), id));
+        }
+    }
+    for &child in keys.children {
+        match o.take(child) {
+            None | Some(Value::Null) => {}
+            Some(Value::String(name)) => names.referenced.push((o.key_path(child), name)),
+            Some(Value::Object(map)) => {
+                check_node(Opts::new(o.key_path(child), map), false, names)?
+            }
+            Some(other) => {
+                return Err(o.error(
+                    child,
+                    format!(
+                        "expected a node-name or an object, got {}",
+                        crate::options::kind(&other)
+                    ),
+                ))
+            }
+        }
+    }
+    if let Some(cache) = o.take("cache") {
+        let c = Opts::from_value(o.key_path("cache"), cache)?;
+        c.check_keys(&[CACHE_KEYS], &[])?;
+    }
+    Ok(())
+}
 
 /// Options QEMU's `BlockdevOptions` base gives every driver.
 #[derive(Clone, Debug, Default)]
@@ -37,6 +181,7 @@ impl Common {
         common.auto_read_only = o.bool("auto-read-only")?.unwrap_or(false);
         if let Some(cache) = o.take("cache") {
             let mut c = Opts::from_value(o.key_path("cache"), cache)?;
+            c.check_keys(&[CACHE_KEYS], &[])?;
             if let Some(d) = c.bool("direct")? {
                 common.cache_direct = d;
             }
@@ -121,7 +266,7 @@ pub fn open_driver(
     let mut required_child = |o: &mut Opts, key: &str| -> Result<NodeRef> {
         children
             .child(o, key, common)?
-            .ok_or_else(|| o.error(key, "missing mandatory option"))
+            .ok_or_else(|| o.error(key, MISSING_OPTION))
     };
     Ok(match driver {
         "file" | "host_device" => std::sync::Arc::new(FileNode::open(o, common, ctx.base_dir)?),
@@ -159,15 +304,7 @@ pub fn open_driver(
             };
             std::sync::Arc::new(Qcow2Node::open(o, file, backing, common, ctx)?)
         }
-        other => {
-            return Err(o.error(
-                "driver",
-                format!(
-                    "Invalid parameter '{other}' (supported drivers: {})",
-                    DRIVERS.join(", ")
-                ),
-            ))
-        }
+        other => return Err(unknown_driver(o, other)),
     })
 }
 

@@ -73,6 +73,16 @@ pub enum BlockError {
     /// The node's driver cannot do this (`'raw' nodes cannot be resized`).
     #[error("{0}")]
     NotSupported(String),
+    /// An error about the options at `path` (`blockdevs[1]`, `objects[0]`)
+    /// whose own words do not say where; see [`BlockError::at`].
+    #[error("{path}: {source}")]
+    At {
+        /// Key path of the options.
+        path: String,
+        /// What is wrong.
+        #[source]
+        source: Box<BlockError>,
+    },
     /// A lock was poisoned by a panic in another request; `what` names it.
     #[error("{0}: lock poisoned by a panic")]
     Poisoned(&'static str),
@@ -208,7 +218,7 @@ impl BlockError {
                 | Q::Overlap { .. }
                 | Q::OverlapFree { .. } => ErrorKind::Corrupt,
             },
-            Self::Backing { source, .. } => source.kind(),
+            Self::Backing { source, .. } | Self::At { source, .. } => source.kind(),
             Self::Graph(e) => match e {
                 GraphError::NoDeviceNorNode(_) | GraphError::NotFound(_) => ErrorKind::NotFound,
                 GraphError::InUse(_) | GraphError::InUseBy { .. } => ErrorKind::InUse,
@@ -228,8 +238,22 @@ impl BlockError {
                 source.raw_os_error()
             }
             Self::Secret(crate::secret::SecretError::File { source, .. }) => source.raw_os_error(),
-            Self::Backing { source, .. } => source.errno(),
+            Self::Backing { source, .. } | Self::At { source, .. } => source.errno(),
             _ => None,
+        }
+    }
+
+    /// This error, saying that it is about the options at `path` unless it
+    /// already names a key (an option error, a qcow2 error with its node's
+    /// path) or `path` is empty (QMP's arguments have no path).
+    pub fn at(self, path: &str) -> Self {
+        match self {
+            _ if path.is_empty() => self,
+            Self::Option { .. } | Self::Qcow2 { node: Some(_), .. } | Self::At { .. } => self,
+            other => Self::At {
+                path: path.to_string(),
+                source: Box::new(other),
+            },
         }
     }
 

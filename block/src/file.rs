@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use crate::blockdev::Common;
+use crate::blockdev::{Common, DriverKeys};
 use crate::node::{check_range, total_len, write_zeroes_by_writing, BlockNode};
 use crate::options::Opts;
 use crate::{BlockError, Result};
@@ -34,6 +34,13 @@ pub struct FileNode {
 }
 
 impl FileNode {
+    /// The options of a `file` (and `host_device`) node.
+    pub const KEYS: DriverKeys = DriverKeys {
+        keys: &["filename", "aio", "locking"],
+        required: &["filename"],
+        children: &[],
+    };
+
     /// Opens a `file` node from its driver-specific options.
     pub fn open(o: &mut Opts, common: &Common, base_dir: Option<&Path>) -> Result<Self> {
         let filename = o.req_str("filename")?;

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use crate::blockdev::{open_driver, ChildResolver, Common, OpenContext};
+use crate::blockdev::{check_node_keys, open_driver, ChildResolver, Common, OpenContext};
 use crate::keyval;
 use crate::node::NodeRef;
 use crate::options::Opts;
@@ -59,7 +59,9 @@ impl BlockGraph {
             }
         };
         let mut added = Vec::new();
-        let result = self.add_opts(Opts::new(path, map), ctx, None, anonymous_ok, &mut added);
+        let result = self
+            .add_opts(Opts::new(path, map), ctx, None, anonymous_ok, &mut added)
+            .map_err(|e| e.at(path));
         if result.is_err() {
             // Undo the inline children opened before the failure.
             for name in added.iter().rev() {
@@ -77,6 +79,8 @@ impl BlockGraph {
         anonymous_ok: bool,
         added: &mut Vec<String>,
     ) -> Result<String> {
+        // The keys first: a misspelt one is named, not reported missing.
+        check_node_keys(&o, parent.is_none() && !anonymous_ok)?;
         let name = match o.str("node-name")? {
             Some(name) => {
                 check_node_name(&name).map_err(|msg| o.error("node-name", msg))?;
@@ -89,7 +93,7 @@ impl BlockGraph {
                 name
             }
             None if parent.is_some() || anonymous_ok => self.implicit_name(),
-            None => return Err(o.error("node-name", "missing mandatory option")),
+            None => return Err(o.error("node-name", crate::options::MISSING_OPTION)),
         };
         let driver = o.req_str("driver")?;
         let common = Common::parse(&mut o, parent, ctx.read_only)?;
@@ -287,7 +291,7 @@ impl ChildResolver for Resolver<'_, '_> {
 }
 
 /// QEMU's node-name rule: a letter, then letters, digits, `-`, `.` or `_`; at most 31 bytes.
-fn check_node_name(name: &str) -> std::result::Result<(), String> {
+pub(crate) fn check_node_name(name: &str) -> std::result::Result<(), String> {
     let valid = name.len() <= 31
         && name.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
         && name
@@ -331,6 +335,77 @@ mod tests {
                 backing_files: crate::blockdev::BackingFiles::Contained,
             }
         }
+    }
+
+    /// Every driver declares its keys: a misspelt one is named before the
+    /// mandatory key it stands for is missed, and before any file is opened;
+    /// errors without a key say which options they are about.
+    #[test]
+    fn misspelt_keys_are_named_first() {
+        let f = Fixture::new();
+        let mut g = BlockGraph::new();
+        let err = |g: &mut BlockGraph, v: Value| {
+            g.add("blockdevs[0]", v, &f.ctx(), false)
+                .unwrap_err()
+                .to_string()
+        };
+        let cases = [
+            (
+                json!({"node-name": "a", "driver": "file", "filenmae": "a.img"}),
+                "blockdevs[0].filenmae: unknown option",
+            ),
+            (
+                json!({"node-name": "a", "driver": "raw", "fiel": "x",
+                       "file": {"driver": "file", "filename": "a.img"}}),
+                "blockdevs[0].fiel: unknown option",
+            ),
+            (
+                json!({"node-name": "a", "driver": "luks", "key-secert": "s",
+                       "file": {"driver": "file", "filename": "a.img"}}),
+                "blockdevs[0].key-secert: unknown option",
+            ),
+            (
+                json!({"node-name": "a", "driver": "qcow2", "lazy-refcount": true,
+                       "file": {"driver": "file", "filename": "missing.img"}}),
+                "blockdevs[0].lazy-refcount: unknown option",
+            ),
+            (
+                json!({"node-name": "a", "driver": "file", "filename": "a.img",
+                       "cache": {"drect": true}}),
+                "blockdevs[0].cache.drect: unknown option",
+            ),
+            (
+                json!({"driver": "file", "filenmae": "a.img"}),
+                "blockdevs[0].filenmae: unknown option",
+            ),
+            (
+                json!({"node-name": "a", "driver": "file"}),
+                "blockdevs[0].filename: missing mandatory option",
+            ),
+            (
+                json!({"node-name": "a", "driver": "luks", "key-secret": "s",
+                       "file": {"driver": "file", "filename": "a.img"}}),
+                "blockdevs[0]: ",
+            ),
+        ];
+        for (v, want) in cases {
+            let got = err(&mut g, v.clone());
+            assert!(got.starts_with(want), "{v}: {got}");
+        }
+        assert_eq!(g.names().count(), 0);
+        let checked = crate::blockdev::check_options(
+            "blockdevs[1]",
+            json!({"node-name": "q", "driver": "qcow2", "backing": "base",
+                   "file": {"node-name": "qf", "driver": "file", "filename": "a.img"}})
+            .as_object()
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            checked.referenced,
+            [("blockdevs[1].backing".to_string(), "base".to_string())]
+        );
+        assert_eq!(checked.defined.len(), 2);
     }
 
     #[test]

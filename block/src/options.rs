@@ -1,8 +1,15 @@
-//! Typed access to QMP-style option objects, with errors that name the key path.
+//! Typed access to QMP-style option objects, with errors that name the key path,
+//! and [`check_keys`]: the one check of an argument object's keys that block
+//! options, QMP command arguments and device properties all use.
 
 use serde_json::{Map, Value};
 
 use crate::{BlockError, Result};
+
+/// What the block layer says about an option no driver knows.
+const UNKNOWN_OPTION: &str = "unknown option";
+/// What the block layer says about a mandatory option that is absent.
+pub(crate) const MISSING_OPTION: &str = "missing mandatory option";
 
 /// An option object being consumed: every key must be taken, and whatever is
 /// left when [`Opts::finish`] runs is an unknown option.
@@ -69,7 +76,7 @@ impl Opts {
     /// A mandatory string.
     pub fn req_str(&mut self, key: &str) -> Result<String> {
         self.str(key)?
-            .ok_or_else(|| self.error(key, "missing mandatory option"))
+            .ok_or_else(|| self.error(key, MISSING_OPTION))
     }
 
     /// An optional boolean (`true`/`false`, or the strings `on`/`off`/`true`/`false`).
@@ -105,12 +112,74 @@ impl Opts {
         }
     }
 
+    /// Checks the keys left with [`check_keys`]: an unknown one is reported
+    /// first (`path.key: unknown option`), then a missing `required` one
+    /// (`path.key: missing mandatory option`). Drivers call it before reading
+    /// their options, so a misspelt key is named instead of reported missing.
+    pub fn check_keys(&self, allowed: &[&[&str]], required: &[&str]) -> Result<()> {
+        check_keys(self.map.keys(), allowed, required).map_err(|e| self.key_error(&e))
+    }
+
+    /// The [`BlockError`] for `e`, in the block layer's words.
+    pub fn key_error(&self, e: &KeyError) -> BlockError {
+        match e {
+            KeyError::Unexpected(k) => self.error(k, UNKNOWN_OPTION),
+            KeyError::Missing(k) => self.error(k, MISSING_OPTION),
+        }
+    }
+
+    /// The value at `key`, left in place.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.map.get(key)
+    }
+
     /// Fails if any key was not taken.
     pub fn finish(self) -> Result<()> {
         match self.map.keys().next() {
             None => Ok(()),
-            Some(key) => Err(self.error(key, "unknown option")),
+            Some(key) => Err(self.error(key, UNKNOWN_OPTION)),
         }
+    }
+}
+
+/// Why [`check_keys`] refused an argument object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyError {
+    /// A key that none of the allowed lists has (QEMU: "Parameter 'KEY' is
+    /// unexpected", or for a device "Property 'DRIVER.KEY' not found").
+    Unexpected(String),
+    /// A mandatory key is absent (QEMU: "Parameter 'KEY' is missing").
+    Missing(String),
+}
+
+impl KeyError {
+    /// The key the error is about.
+    pub fn key(&self) -> &str {
+        match self {
+            KeyError::Unexpected(k) | KeyError::Missing(k) => k,
+        }
+    }
+}
+
+/// The one check of an argument object's keys (block driver options, QMP
+/// arguments, device properties): the first of `keys` (in the order given)
+/// that no list in `allowed` has is reported by name, before the first of
+/// `required` that `keys` lacks.
+pub fn check_keys<'k>(
+    keys: impl IntoIterator<Item = &'k String>,
+    allowed: &[&[&str]],
+    required: &[&str],
+) -> std::result::Result<(), KeyError> {
+    let keys: Vec<&String> = keys.into_iter().collect();
+    if let Some(k) = keys
+        .iter()
+        .find(|k| !allowed.iter().any(|list| list.contains(&k.as_str())))
+    {
+        return Err(KeyError::Unexpected((*k).clone()));
+    }
+    match required.iter().find(|r| !keys.iter().any(|k| k == *r)) {
+        Some(r) => Err(KeyError::Missing((*r).to_string())),
+        None => Ok(()),
     }
 }
 
@@ -180,6 +249,37 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("missing mandatory"));
+    }
+
+    #[test]
+    fn unknown_keys_come_before_missing_ones() {
+        let o = opts(json!({"driver": "file", "filenmae": "a"}));
+        let allowed: &[&[&str]] = &[&["driver"], &["filename", "aio"]];
+        assert_eq!(
+            o.check_keys(allowed, &["filename"])
+                .unwrap_err()
+                .to_string(),
+            "blockdevs[1].filenmae: unknown option"
+        );
+        let o = opts(json!({"driver": "file"}));
+        assert_eq!(
+            o.check_keys(allowed, &["filename"])
+                .unwrap_err()
+                .to_string(),
+            "blockdevs[1].filename: missing mandatory option"
+        );
+        let o = opts(json!({"driver": "file", "filename": "a"}));
+        assert!(o.check_keys(allowed, &["filename"]).is_ok());
+        let keys = ["b".to_string(), "z".to_string(), "y".to_string()];
+        assert_eq!(
+            check_keys(&keys, &[&["b"]], &["a"]),
+            Err(KeyError::Unexpected("z".into())),
+            "the first unknown key in the order given"
+        );
+        assert_eq!(
+            check_keys(&keys[..1], &[&["b"]], &["a"]),
+            Err(KeyError::Missing("a".into()))
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 use serde_json::json;
 
+use crate::blockdev::DriverKeys;
 use crate::node::{check_range, total_len, BlockNode, NodeRef};
 use crate::options::Opts;
 use crate::{BlockError, Result};
@@ -15,6 +16,13 @@ pub struct RawNode {
 }
 
 impl RawNode {
+    /// The options of a `raw` node.
+    pub const KEYS: DriverKeys = DriverKeys {
+        keys: &["file", "offset", "size"],
+        required: &["file"],
+        children: &["file"],
+    };
+
     /// Opens a `raw` node over `child` from its driver-specific options.
     pub fn open(o: &mut Opts, child: NodeRef, read_only: bool) -> Result<Self> {
         let offset = o.u64("offset")?.unwrap_or(0);

@@ -49,6 +49,47 @@ pub enum SecretError {
     NotUtf8(String),
 }
 
+/// The keys of a `secret` object.
+pub const SECRET_KEYS: &[&str] = &["qom-type", "id", "data", "file", "format", "keyid", "iv"];
+
+/// Checks `object-add` arguments without reading anything (a config is
+/// checked so before the VM exists): the `qom-type`, then unknown keys by
+/// name before a missing `id`. `path` prefixes key paths in errors. Returns
+/// the id.
+pub fn check_object(path: &str, args: &Value) -> Result<String> {
+    check_object_opts(&Opts::from_value(path, args.clone())?)
+}
+
+fn check_object_opts(o: &Opts) -> Result<String> {
+    match o.get("qom-type") {
+        None => return Err(o.error("qom-type", crate::options::MISSING_OPTION)),
+        Some(Value::String(t)) if t == "secret" => {}
+        Some(Value::String(t)) => {
+            return Err(o.error(
+                "qom-type",
+                format!("object type '{t}' is not supported (only 'secret')"),
+            ))
+        }
+        Some(other) => {
+            return Err(o.error(
+                "qom-type",
+                format!("expected a string, got {}", crate::options::kind(other)),
+            ))
+        }
+    }
+    o.check_keys(&[SECRET_KEYS], &["id"])?;
+    match o.get("id") {
+        Some(Value::String(id)) => Ok(id.clone()),
+        other => Err(o.error(
+            "id",
+            format!(
+                "expected a string, got {}",
+                other.map_or("null", crate::options::kind)
+            ),
+        )),
+    }
+}
+
 /// The bytes of one secret, wiped when dropped.
 #[derive(Clone)]
 pub struct Secret(Zeroizing<Vec<u8>>);
@@ -87,13 +128,8 @@ impl SecretStore {
         base_dir: Option<&std::path::Path>,
     ) -> Result<String> {
         let mut o = Opts::from_value(path, args)?;
-        let qom_type = o.req_str("qom-type")?;
-        if qom_type != "secret" {
-            return Err(o.error(
-                "qom-type",
-                format!("object type '{qom_type}' is not supported (only 'secret')"),
-            ));
-        }
+        check_object_opts(&o)?;
+        o.take("qom-type");
         let id = o.req_str("id")?;
         if self.secrets.contains_key(&id) {
             return Err(SecretError::Duplicate(id).into());

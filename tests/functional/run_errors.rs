@@ -236,3 +236,177 @@ fn bad_disk_config() {
     );
     assert!(before == after, "a failed run changed an image");
 }
+
+/// `cryptvm run ARGS` in `dir` with a KVM device that does not exist: whatever it
+/// reports was found before /dev/kvm would have been opened.
+fn run_without_kvm(dir: &Path, args: &[&str]) -> common::Run {
+    let out = std::process::Command::new(common::CRYPTVM)
+        .current_dir(dir)
+        .arg("run")
+        .args(args)
+        .env("CRYPTVM_KVM_DEVICE", "/nonexistent/kvm")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    common::Run {
+        cmd: format!(
+            "CRYPTVM_KVM_DEVICE=/nonexistent/kvm cryptvm run {}",
+            args.join(" ")
+        ),
+        status: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Every config error is reported, naming its entry and key, before /dev/kvm is opened
+/// (the run has a KVM path that does not exist and still gets the config error), from
+/// the config file and from the command line. A misspelt blockdev key is named, not
+/// reported as the mandatory key it should have been. No image file needs to exist:
+/// nothing is opened before the config is checked.
+#[test]
+fn config_errors_come_before_kvm() {
+    let dir = setup();
+    let d = dir.path();
+    let raw = r#"{"node-name": "r", "driver": "file", "filename": "disk.raw"}"#;
+    let disk = |extra: &str| format!(r#"{{"driver": "virtio-blk-pci", "drive": "r"{extra}}}"#);
+    let file_cases = [
+        (
+            format!(
+                r#"{{"blockdevs": [{raw}], "devices": [{}]}}"#,
+                disk(r#", "num-queues": 0"#)
+            ),
+            "devices[0]: Property virtio-blk-pci.num-queues doesn't take value 0",
+        ),
+        (
+            format!(
+                r#"{{"blockdevs": [{raw}], "devices": [{}]}}"#,
+                disk(r#", "queue-size": 100"#)
+            ),
+            "devices[0]: invalid queue-size property (100), must be a power of 2 (max 1024)",
+        ),
+        (
+            format!(
+                r#"{{"blockdevs": [{raw}], "devices": [{}]}}"#,
+                disk(r#", "colour": "blue""#)
+            ),
+            "devices[0]: Property 'virtio-blk-pci.colour' not found",
+        ),
+        (
+            format!(
+                r#"{{"blockdevs": [{raw}], "devices": [{}]}}"#,
+                r#"{"driver": "virtio-blk-pci", "drive": "nope"}"#
+            ),
+            "devices[0]: Property 'virtio-blk-device.drive' can't find value 'nope'",
+        ),
+        (
+            format!(
+                r#"{{"blockdevs": [{raw}], "devices": [{}, {}]}}"#,
+                disk(r#", "id": "d0""#),
+                disk(r#", "id": "d0""#)
+            ),
+            "devices[1]: Duplicate device ID 'd0'",
+        ),
+        (
+            r#"{"blockdevs": [{"node-name": "r", "driver": "file", "filenmae": "disk.raw"}]}"#
+                .to_string(),
+            "blockdevs[0].filenmae: unknown option",
+        ),
+        (
+            r#"{"objects": [{"qom-type": "secret", "id": "s0", "data": "x"}],
+                "blockdevs": [{"node-name": "l", "driver": "luks", "key-secert": "s0",
+                               "file": {"driver": "file", "filename": "disk.luks"}}]}"#
+                .to_string(),
+            "blockdevs[0].key-secert: unknown option",
+        ),
+    ];
+    let check = |r: common::Run, want: &str| {
+        r.clean_error(1, &[want]);
+        assert!(
+            !r.stderr.contains("KVM") && !r.stderr.contains("missing"),
+            "the config error must come first, by the key's name:\n{r}"
+        );
+    };
+    for (text, want) in &file_cases {
+        std::fs::write(d.join("vm.json"), text).unwrap();
+        check(
+            run_without_kvm(d, &["--kernel", "vmlinux", "--config", "vm.json"]),
+            want,
+        );
+    }
+    let blockdev = "driver=file,node-name=r,filename=disk.raw";
+    let line_cases: [(&[&str], &str); 7] = [
+        (
+            &[
+                "--blockdev",
+                blockdev,
+                "--device",
+                "virtio-blk-pci,drive=r,num-queues=9999",
+            ],
+            "devices[0]: Property virtio-blk-pci.num-queues doesn't take value 9999",
+        ),
+        (
+            &[
+                "--blockdev",
+                blockdev,
+                "--device",
+                "virtio-blk-pci,drive=r,queue-size=2048",
+            ],
+            "devices[0]: invalid queue-size property (2048)",
+        ),
+        (
+            &[
+                "--blockdev",
+                blockdev,
+                "--device",
+                "virtio-blk-pci,drive=r,num-queus=2",
+            ],
+            "devices[0]: Property 'virtio-blk-pci.num-queus' not found",
+        ),
+        (
+            &[
+                "--blockdev",
+                blockdev,
+                "--device",
+                "virtio-blk-pci,drive=rr",
+            ],
+            "devices[0]: Property 'virtio-blk-device.drive' can't find value 'rr'",
+        ),
+        (
+            &[
+                "--blockdev",
+                blockdev,
+                "--device",
+                "virtio-blk-pci,drive=r,id=d0",
+                "--device",
+                "virtio-blk-pci,drive=r,id=d0",
+            ],
+            "devices[1]: Duplicate device ID 'd0'",
+        ),
+        (
+            &["--blockdev", "driver=file,node-name=r,filenmae=disk.raw"],
+            "blockdevs[0].filenmae: unknown option",
+        ),
+        (
+            &[
+                "--object",
+                "secret,id=s0,data=x",
+                "--blockdev",
+                "driver=luks,node-name=l,key-secert=s0,file.driver=file,file.filename=disk.luks",
+            ],
+            "blockdevs[0].key-secert: unknown option",
+        ),
+    ];
+    for (args, want) in line_cases {
+        let mut all = vec!["--kernel", "vmlinux"];
+        all.extend(args);
+        check(run_without_kvm(d, &all), want);
+    }
+    // A good config gets as far as the KVM device, which is missing.
+    std::fs::write(
+        d.join("vm.json"),
+        format!(r#"{{"blockdevs": [{raw}], "devices": [{}]}}"#, disk("")),
+    )
+    .unwrap();
+    run_without_kvm(d, &["--kernel", "vmlinux", "--config", "vm.json"]).clean_error(1, &["no KVM"]);
+}

@@ -10,7 +10,7 @@ use super::{
     new_sector_cipher, unlock_within, IvGenAlg, LuksError, LuksHeader, SectorCipher,
     DEFAULT_KDF_ITERATIONS_LIMIT,
 };
-use crate::blockdev::OpenContext;
+use crate::blockdev::{DriverKeys, OpenContext};
 use crate::node::{check_range, total_len, write_zeroes_by_writing, BlockNode, NodeRef};
 use crate::options::Opts;
 use crate::sg::{SgCursor, Split};
@@ -32,6 +32,14 @@ pub struct LuksNode {
 }
 
 impl LuksNode {
+    /// The options of a `luks` node (`key-secret` is needed unless the node
+    /// is opened for its metadata only).
+    pub const KEYS: DriverKeys = DriverKeys {
+        keys: &["file", "header", "key-secret", "kdf-iterations-limit"],
+        required: &["file"],
+        children: &["file", "header"],
+    };
+
     /// Opens a `luks` node: parses and checks the header, unlocks a key slot
     /// with `key-secret`, and builds the payload cipher.
     pub fn open(

@@ -13,7 +13,7 @@ use super::header::{CompressionType, Header, INCOMPAT_DIRTY, INCOMPAT_EXTL2};
 use super::layout::{check_features, check_layout, is_marked_corrupt};
 use super::meta::Meta;
 use super::storage::Storage;
-use crate::blockdev::{BackingFiles, Common, OpenContext};
+use crate::blockdev::{BackingFiles, Common, DriverKeys, OpenContext};
 use crate::node::{check_range, total_len, BlockNode, NodeRef};
 use crate::options::Opts;
 use crate::{BlockError, Result};
@@ -149,6 +149,30 @@ pub(super) fn read_header(storage: &Storage) -> Result<Header> {
 }
 
 impl Qcow2Node {
+    /// The options of a `qcow2` node (some accepted for compatibility with
+    /// QEMU only, `data-file` and `encrypt` to be refused by name).
+    pub const KEYS: DriverKeys = DriverKeys {
+        keys: &[
+            "file",
+            "backing",
+            "lazy-refcounts",
+            "cache-size",
+            "l2-cache-size",
+            "refcount-cache-size",
+            "l2-cache-entry-size",
+            "cache-clean-interval",
+            "pass-discard-request",
+            "pass-discard-snapshot",
+            "pass-discard-other",
+            "discard-no-unref",
+            "overlap-check",
+            "data-file",
+            "encrypt",
+        ],
+        required: &["file"],
+        children: &["file", "backing"],
+    };
+
     /// Opens a `qcow2` node from `blockdev-add` options.
     pub fn open(
         o: &mut Opts,

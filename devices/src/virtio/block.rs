@@ -67,6 +67,75 @@ const SEGMENT_LEN: usize = 16;
 const CONFIG_LEN: usize = 0x3c;
 const WRITEBACK_OFFSET: u64 = 0x20;
 
+/// QEMU's `VIRTIO_QUEUE_MAX`: the most queues virtio lets a device have.
+pub const VIRTIO_QUEUE_MAX: u16 = 1024;
+/// The most request queues a virtio-blk device may have here: virtio's
+/// limit, or the virtio PCI transport's MSI-X room if lower (511).
+pub const MAX_QUEUES: u16 = if super::transport::pci::MAX_QUEUES < VIRTIO_QUEUE_MAX {
+    super::transport::pci::MAX_QUEUES
+} else {
+    VIRTIO_QUEUE_MAX
+};
+/// QEMU's `VIRTQUEUE_MAX_SIZE`: the largest queue (`queue-size`).
+pub const MAX_QUEUE_SIZE: u16 = 1024;
+/// Smallest and largest `logical_block_size`/`physical_block_size`.
+pub const BLOCK_SIZE_RANGE: std::ops::RangeInclusive<u32> = 512..=32768;
+
+/// Which property of a [`BlockConfig`] is out of range, and why; the
+/// messages are QEMU's where QEMU has one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BlockConfigError {
+    /// `num-queues` is 0 or above [`MAX_QUEUES`].
+    #[error("num-queues property doesn't take value {0} (minimum: 1, maximum: {MAX_QUEUES})")]
+    NumQueues(u16),
+    /// `queue-size` is 2 or less.
+    #[error("invalid queue-size property ({0}), must be > 2")]
+    QueueSizeTooSmall(u16),
+    /// `queue-size` is not a power of two or above [`MAX_QUEUE_SIZE`].
+    #[error("invalid queue-size property ({0}), must be a power of 2 (max {MAX_QUEUE_SIZE})")]
+    QueueSize(u16),
+    /// A block size (`name`) outside [`BLOCK_SIZE_RANGE`].
+    #[error("{name} property doesn't take value {value} (minimum: 512, maximum: 32768)")]
+    BlockSizeRange {
+        /// `logical_block_size` or `physical_block_size`.
+        name: &'static str,
+        /// The value given.
+        value: u32,
+    },
+    /// A block size (`name`) that is not a power of two.
+    #[error("{name} property doesn't take value '{value}', it's not a power of 2")]
+    BlockSizePowerOfTwo {
+        /// `logical_block_size` or `physical_block_size`.
+        name: &'static str,
+        /// The value given.
+        value: u32,
+    },
+    /// The physical block is smaller than the logical one.
+    #[error("physical_block_size ({physical}) must be at least logical_block_size ({logical})")]
+    PhysicalBelowLogical {
+        /// `physical_block_size`.
+        physical: u32,
+        /// `logical_block_size`.
+        logical: u32,
+    },
+    /// `serial` is longer than [`VIRTIO_BLK_ID_BYTES`].
+    #[error("serial is longer than {VIRTIO_BLK_ID_BYTES} bytes")]
+    SerialTooLong,
+}
+
+impl BlockConfigError {
+    /// The property the error is about (QEMU's name).
+    pub fn property(&self) -> &'static str {
+        match self {
+            Self::NumQueues(_) => "num-queues",
+            Self::QueueSizeTooSmall(_) | Self::QueueSize(_) => "queue-size",
+            Self::BlockSizeRange { name, .. } | Self::BlockSizePowerOfTwo { name, .. } => name,
+            Self::PhysicalBelowLogical { .. } => "physical_block_size",
+            Self::SerialTooLong => "serial",
+        }
+    }
+}
+
 /// Properties of a virtio-blk device (QEMU's names in brackets).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockConfig {
@@ -84,6 +153,44 @@ pub struct BlockConfig {
     pub discard: bool,
     /// Offer WRITE_ZEROES (`write-zeroes`).
     pub write_zeroes: bool,
+}
+
+impl BlockConfig {
+    /// The one check of a virtio-blk device's properties (the VMM's property
+    /// parser and [`VirtioBlock::new`] both rely on it), in QEMU's order.
+    pub fn validate(&self) -> Result<(), BlockConfigError> {
+        if self.num_queues == 0 || self.num_queues > MAX_QUEUES {
+            return Err(BlockConfigError::NumQueues(self.num_queues));
+        }
+        let qs = self.queue_size;
+        if qs <= 2 {
+            return Err(BlockConfigError::QueueSizeTooSmall(qs));
+        }
+        if !qs.is_power_of_two() || qs > MAX_QUEUE_SIZE {
+            return Err(BlockConfigError::QueueSize(qs));
+        }
+        for (name, value) in [
+            ("logical_block_size", self.logical_block_size),
+            ("physical_block_size", self.physical_block_size),
+        ] {
+            if !BLOCK_SIZE_RANGE.contains(&value) {
+                return Err(BlockConfigError::BlockSizeRange { name, value });
+            }
+            if !value.is_power_of_two() {
+                return Err(BlockConfigError::BlockSizePowerOfTwo { name, value });
+            }
+        }
+        if self.physical_block_size < self.logical_block_size {
+            return Err(BlockConfigError::PhysicalBelowLogical {
+                physical: self.physical_block_size,
+                logical: self.logical_block_size,
+            });
+        }
+        if self.serial.len() > VIRTIO_BLK_ID_BYTES {
+            return Err(BlockConfigError::SerialTooLong);
+        }
+        Ok(())
+    }
 }
 
 impl Default for BlockConfig {
@@ -135,31 +242,7 @@ enum Fail {
 impl VirtioBlock {
     /// A device serving `node` with properties `cfg`.
     pub fn new(node: NodeRef, cfg: BlockConfig) -> Result<Self, VirtioError> {
-        let bad = |m: String| Err(VirtioError::InvalidConfig(m));
-        if cfg.num_queues == 0 {
-            return bad("num-queues must be at least 1".into());
-        }
-        if !cfg.queue_size.is_power_of_two() || cfg.queue_size < 4 {
-            return bad(format!(
-                "queue-size {} is not a power of two >= 4",
-                cfg.queue_size
-            ));
-        }
-        let lbs = cfg.logical_block_size;
-        let pbs = cfg.physical_block_size;
-        if !lbs.is_power_of_two() || !(512..=32768).contains(&lbs) {
-            return bad(format!(
-                "logical_block_size {lbs} is not a power of two in 512..=32768"
-            ));
-        }
-        if !pbs.is_power_of_two() || pbs < lbs || pbs > 32768 {
-            return bad(format!(
-                "physical_block_size {pbs} must be a power of two in {lbs}..=32768"
-            ));
-        }
-        if cfg.serial.len() > VIRTIO_BLK_ID_BYTES {
-            return bad(format!("serial is longer than {VIRTIO_BLK_ID_BYTES} bytes"));
-        }
+        cfg.validate()?;
         Ok(Self {
             size: node.size(),
             read_only: node.read_only(),

@@ -54,6 +54,9 @@ pub enum VirtioError {
     /// A device property is out of range.
     #[error("invalid virtio device configuration: {0}")]
     InvalidConfig(String),
+    /// A virtio-blk property is out of range ([`block::BlockConfig::validate`]).
+    #[error(transparent)]
+    BlockConfig(#[from] block::BlockConfigError),
     /// The PCI configuration space could not be built.
     #[error("PCI configuration: {0}")]
     Pci(#[from] crate::pci::PciError),

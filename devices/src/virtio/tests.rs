@@ -935,6 +935,46 @@ fn bad_properties_are_refused() {
     }
 }
 
+/// One check of the properties, with QEMU's limits and words: num-queues up
+/// to what the PCI transport has vectors for (511), queue-size a power of
+/// two in 4..=1024.
+#[test]
+fn property_limits_are_checked_once_with_qemu_words() {
+    use crate::virtio::block::{BlockConfigError, MAX_QUEUES};
+    let cfg = |nq: u16, qs: u16| BlockConfig {
+        num_queues: nq,
+        queue_size: qs,
+        ..Default::default()
+    };
+    assert_eq!(MAX_QUEUES, 511);
+    assert_eq!(cfg(MAX_QUEUES, 1024).validate(), Ok(()));
+    assert_eq!(cfg(1, 4).validate(), Ok(()));
+    assert_eq!(
+        cfg(MAX_QUEUES + 1, 256).validate(),
+        Err(BlockConfigError::NumQueues(512))
+    );
+    assert_eq!(
+        cfg(0, 256).validate().unwrap_err().to_string(),
+        "num-queues property doesn't take value 0 (minimum: 1, maximum: 511)"
+    );
+    assert_eq!(
+        cfg(1, 2048).validate().unwrap_err().to_string(),
+        "invalid queue-size property (2048), must be a power of 2 (max 1024)"
+    );
+    assert_eq!(
+        cfg(1, 2).validate().unwrap_err().to_string(),
+        "invalid queue-size property (2), must be > 2"
+    );
+    assert_eq!(cfg(1, 100).validate().unwrap_err().property(), "queue-size");
+    let node: ::block::NodeRef = MemNode::new(DISK, false);
+    assert!(matches!(
+        VirtioBlock::new(node, cfg(600, 256)),
+        Err(crate::virtio::VirtioError::BlockConfig(
+            BlockConfigError::NumQueues(600)
+        ))
+    ));
+}
+
 /// Requests made available together are served concurrently and each
 /// completes with its own status and data.
 #[test]

@@ -15,6 +15,7 @@ use crate::arch::x86_64::acpi::AcpiLayout;
 use crate::arch::x86_64::boot::{self, BootSpec};
 use crate::arch::x86_64::layout;
 use crate::cli::terminal::RawMode;
+use crate::config::coldplug::ColdPlug;
 use crate::config::{SerialConfig, VmConfig};
 use crate::control::vm_control::VmControl;
 use crate::device_manager::pci_bars::PciBars;
@@ -61,8 +62,10 @@ fn check_readable(what: &str, path: &Path) -> Result<(), String> {
         .map_err(|e| format!("opening {what} '{}': {e}", path.display()))
 }
 
-/// Builds, boots and runs the VM `config` describes.
+/// Builds, boots and runs the VM `config` describes. The whole config is checked
+/// ([`VmConfig::cold_plug`]) before anything is opened, `/dev/kvm` included.
 pub fn run_config(config: &VmConfig) -> Result<ExitReason, String> {
+    let plan = config.cold_plug().map_err(|e| e.to_string())?;
     let kernel = config
         .kernel
         .as_ref()
@@ -90,7 +93,7 @@ pub fn run_config(config: &VmConfig) -> Result<ExitReason, String> {
     })
     .map_err(|e| e.to_string())?;
 
-    let machine = build_machine(&vm, config)?;
+    let machine = build_machine(&vm, config, &plan)?;
 
     let rsdp = create_acpi_tables(&vm)?;
     let spec = BootSpec {
@@ -147,9 +150,9 @@ fn start_qmp(
     Ok((server, events))
 }
 
-/// The machine with the config's secrets, block nodes and disks (cold plug),
-/// hot plug enabled for what comes later.
-fn build_machine(vm: &Vm, config: &VmConfig) -> Result<Arc<Machine>, String> {
+/// The machine with the config's secrets, block nodes and disks (cold plug of the
+/// checked `plan`), hot plug enabled for what comes later.
+fn build_machine(vm: &Vm, config: &VmConfig, plan: &ColdPlug) -> Result<Arc<Machine>, String> {
     let machine = Machine::new(MachineParams {
         cpus: vm.cpus(),
         memory: vm.memory().clone(),
@@ -160,37 +163,26 @@ fn build_machine(vm: &Vm, config: &VmConfig) -> Result<Arc<Machine>, String> {
         workers: WorkerPool::new(config.io_workers(), "io-w")
             .map_err(|e| format!("starting the I/O workers: {e}"))?,
     });
-    for (i, e) in config.objects.iter().enumerate() {
-        let path = format!("objects[{i}]");
+    // The block layer's errors name the entry (`path`) they are about.
+    for o in &plan.objects {
         machine
-            .object_add(&path, &e.args, e.base_dir.as_deref())
-            .map_err(|e| with_path(&path, e))?;
+            .object_add(&o.path, &o.args, o.base_dir.as_deref())
+            .map_err(|e| e.to_string())?;
     }
-    for (i, e) in config.blockdevs.iter().enumerate() {
-        let path = format!("blockdevs[{i}]");
+    for b in &plan.blockdevs {
         machine
-            .blockdev_add(&path, &e.args, e.base_dir.as_deref())
-            .map_err(|e| with_path(&path, e))?;
+            .blockdev_add(&b.path, &b.args, b.base_dir.as_deref())
+            .map_err(|e| e.to_string())?;
     }
-    for (i, e) in config.devices.iter().enumerate() {
+    for d in &plan.devices {
         machine
-            .device_add(&e.args)
-            .map_err(|e| format!("devices[{i}]: {e}"))?;
+            .device_add_props(d.props.clone())
+            .map_err(|e| format!("{}: {e}", d.path))?;
     }
     machine
         .enable_hotplug(vm.mmio_bus(), vm.ged().clone())
         .map_err(|e| format!("starting PCI hotplug: {e}"))?;
     Ok(machine)
-}
-
-/// `error` naming the config entry `path` it came from (once).
-fn with_path(path: &str, error: impl std::fmt::Display) -> String {
-    let msg = error.to_string();
-    if msg.starts_with(path) {
-        msg
-    } else {
-        format!("{path}: {msg}")
-    }
 }
 
 /// Where the ACPI tables describe the machine's devices and windows for `vm`.

@@ -5,6 +5,8 @@
 //! override, lists append). Errors name the key path (`machine.cpus: expected an
 //! integer`) or the option (`--cpus: ...`).
 
+pub mod coldplug;
+
 use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
@@ -198,6 +200,26 @@ fn expect_object<'a>(v: &'a Value, path: &str) -> Result<&'a Map<String, Value>,
     )
 }
 
+/// The keys of the config file, of its `machine` and of its `boot`.
+const TOP_KEYS: &[&str] = &[
+    "machine",
+    "boot",
+    "objects",
+    "blockdevs",
+    "devices",
+    "qmp",
+    "serial",
+];
+const MACHINE_KEYS: &[&str] = &["cpus", "memory", "io-workers"];
+const BOOT_KEYS: &[&str] = &["kernel", "initrd", "cmdline"];
+
+/// Checks `map`'s keys with the block layer's key checker: an unknown one is named
+/// (`prefix` + key) before anything is read.
+fn check_keys(map: &Map<String, Value>, prefix: &str, allowed: &[&str]) -> Result<(), ConfigError> {
+    block::options::check_keys(map.keys(), &[allowed], &[])
+        .map_err(|e| ConfigError(format!("{prefix}{}: unknown key", e.key())))
+}
+
 fn entries(v: &Value, path: &str, base: Option<&Path>) -> Result<Vec<Entry>, ConfigError> {
     let Value::Array(items) = v else {
         return err(format!(
@@ -244,11 +266,14 @@ impl VmConfig {
             },
             Ok,
         )?;
+        check_keys(top, "", TOP_KEYS)?;
         for (key, v) in top {
             match key.as_str() {
                 "machine" => self.apply_machine(expect_object(v, "machine")?)?,
                 "boot" => {
-                    for (k, v) in expect_object(v, "boot")? {
+                    let boot = expect_object(v, "boot")?;
+                    check_keys(boot, "boot.", BOOT_KEYS)?;
+                    for (k, v) in boot {
                         let path = format!("boot.{k}");
                         match k.as_str() {
                             "kernel" => self.kernel = Some(resolve(base, expect_str(v, &path)?)),
@@ -281,6 +306,7 @@ impl VmConfig {
     }
 
     fn apply_machine(&mut self, machine: &Map<String, Value>) -> Result<(), ConfigError> {
+        check_keys(machine, "machine.", MACHINE_KEYS)?;
         for (k, v) in machine {
             let path = format!("machine.{k}");
             let key_err = |e: String| ConfigError(format!("{path}: {e}"));

@@ -221,7 +221,7 @@ impl Machine {
             .secrets
             .add(path, Value::Object(args.clone()), base_dir)
             .map(drop)
-            .map_err(ControlError::Block)
+            .map_err(|e| ControlError::Block(e.at(path)))
     }
 
     /// `object-del`.
@@ -272,6 +272,12 @@ impl Machine {
     /// it while enumerating; afterwards it is hot-plugged and announced.
     pub fn device_add(&self, args: &Map<String, Value>) -> Result<(), ControlError> {
         let props = BlkProps::parse(args, self.params.cpus).map_err(DeviceError::from)?;
+        self.device_add_props(props)
+    }
+
+    /// `device_add` of properties already parsed with [`BlkProps::parse`]
+    /// (the config's devices, checked before the VM was made).
+    pub fn device_add_props(&self, props: BlkProps) -> Result<(), ControlError> {
         let slot = {
             let mut state = lock(&self.state);
             self.create_disk(&mut state, props)?

@@ -6,8 +6,9 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::{Map, Value};
 
+use block::options::{check_keys, KeyError};
 use block::NodeRef;
-use devices::virtio::block::{BlockConfig, IoErrorReporter, VirtioBlock};
+use devices::virtio::block::{BlockConfig, BlockConfigError, IoErrorReporter, VirtioBlock};
 use devices::virtio::{FaultReporter, VirtioPciDevice, VirtioQueues, BAR_SIZE};
 use devices::{Interrupt, SharedDevice, WorkerPool};
 
@@ -17,13 +18,47 @@ use crate::vstate::msi::{MsiRouter, MsiVector};
 
 /// The one device model `device_add` knows.
 pub const DRIVER: &str = "virtio-blk-pci";
-/// The most queues a device may have (MSI-X table room in the BAR).
-pub const MAX_QUEUES: u16 = 64;
+/// The most queues a device may have (the devices crate's limit: MSI-X
+/// table room in the BAR).
+pub const MAX_QUEUES: u16 = devices::virtio::block::MAX_QUEUES;
+/// The properties of a `virtio-blk-pci` device (with `driver`).
+pub const PROPERTIES: &[&str] = &[
+    "driver",
+    "id",
+    "drive",
+    "serial",
+    "num-queues",
+    "queue-size",
+    "logical_block_size",
+    "physical_block_size",
+    "discard",
+    "write-zeroes",
+    "addr",
+    "bus",
+    "bootindex",
+];
 
 /// A device property error, worded as QEMU words it.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{0}")]
 pub struct PropertyError(pub String);
+
+impl From<BlockConfigError> for PropertyError {
+    fn from(e: BlockConfigError) -> Self {
+        PropertyError(match e {
+            BlockConfigError::NumQueues(n) => format!(
+                "Property {DRIVER}.num-queues doesn't take value {n} (minimum: 1, maximum: {MAX_QUEUES})"
+            ),
+            BlockConfigError::BlockSizeRange { name, value } => format!(
+                "Property {DRIVER}.{name} doesn't take value {value} (minimum: 512, maximum: 32768)"
+            ),
+            BlockConfigError::BlockSizePowerOfTwo { name, value } => format!(
+                "Property {DRIVER}.{name} doesn't take value '{value}', it's not a power of 2"
+            ),
+            other => other.to_string(),
+        })
+    }
+}
 
 fn err<T>(msg: impl Into<String>) -> Result<T, PropertyError> {
     Err(PropertyError(msg.into()))
@@ -54,6 +89,13 @@ impl BlkProps {
         if driver != DRIVER {
             return err(format!("'{driver}' is not a valid device model name"));
         }
+        // Every key known before any is read: a misspelt one is named.
+        check_keys(args.keys(), &[PROPERTIES], &[]).map_err(|e| match e {
+            KeyError::Unexpected(key) => {
+                PropertyError(format!("Property '{DRIVER}.{key}' not found"))
+            }
+            KeyError::Missing(key) => PropertyError(format!("Parameter '{key}' is missing")),
+        })?;
         let mut props = BlkProps {
             id: None,
             drive: String::new(),
@@ -75,21 +117,15 @@ impl BlkProps {
                 }
                 "drive" => drive = Some(string(key, value)?),
                 "serial" => c.serial = string(key, value)?,
-                "num-queues" => c.num_queues = number(key, value, 1, u64::from(MAX_QUEUES))? as u16,
-                "queue-size" => {
-                    let n = number(key, value, 0, u64::from(u16::MAX))?;
-                    if !(4..=1024).contains(&n) || !n.is_power_of_two() {
-                        return err(format!(
-                            "invalid queue-size property ({n}), must be a power of 2 (max 1024)"
-                        ));
-                    }
-                    c.queue_size = n as u16;
-                }
+                // The ranges are the device's (BlockConfig::validate), checked
+                // once all properties are read; here only the type's.
+                "num-queues" => c.num_queues = number(key, value, 0, u64::from(u16::MAX))? as u16,
+                "queue-size" => c.queue_size = number(key, value, 0, u64::from(u16::MAX))? as u16,
                 "logical_block_size" => {
-                    c.logical_block_size = number(key, value, 512, 32768)? as u32
+                    c.logical_block_size = number(key, value, 0, u64::from(u32::MAX))? as u32
                 }
                 "physical_block_size" => {
-                    c.physical_block_size = number(key, value, 512, 32768)? as u32
+                    c.physical_block_size = number(key, value, 0, u64::from(u32::MAX))? as u32
                 }
                 "discard" => c.discard = boolean(key, value)?,
                 "write-zeroes" => c.write_zeroes = boolean(key, value)?,
@@ -111,32 +147,7 @@ impl BlkProps {
             Some(d) if !d.is_empty() => d,
             _ => return err("drive property not set"),
         };
-        let c = &props.config;
-        if !c.queue_size.is_power_of_two() {
-            return err(format!(
-                "invalid queue-size property ({}), must be a power of 2 (max 1024)",
-                c.queue_size
-            ));
-        }
-        if c.physical_block_size < c.logical_block_size {
-            return err(format!(
-                "physical_block_size ({}) must be at least logical_block_size ({})",
-                c.physical_block_size, c.logical_block_size
-            ));
-        }
-        for (name, v) in [
-            ("logical_block_size", c.logical_block_size),
-            ("physical_block_size", c.physical_block_size),
-        ] {
-            if !v.is_power_of_two() {
-                return err(format!(
-                    "Property {DRIVER}.{name} doesn't take value '{v}', it's not a power of 2"
-                ));
-            }
-        }
-        if c.serial.len() > devices::virtio::block::VIRTIO_BLK_ID_BYTES {
-            return err("serial is longer than 20 bytes");
-        }
+        props.config.validate()?;
         Ok(props)
     }
 }
@@ -394,6 +405,43 @@ mod tests {
         assert!(!p.config.discard && p.config.write_zeroes);
         assert_eq!(p.config.serial, "SN1");
         assert_eq!(p.slot, Some(7));
+    }
+
+    /// The limits are the device's (one check, in the devices crate), the
+    /// words QEMU's; an unknown property is named before anything is read.
+    #[test]
+    fn limits_are_the_devices() {
+        let e = |v| parse(v).expect_err("must fail").0;
+        let d = |extra: Value| {
+            let mut v = json!({"driver": "virtio-blk-pci", "drive": "d"});
+            v.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            v
+        };
+        assert_eq!(MAX_QUEUES, 511);
+        let p = parse(d(json!({"num-queues": 511, "queue-size": 1024}))).expect("parse");
+        assert_eq!((p.config.num_queues, p.config.queue_size), (511, 1024));
+        assert_eq!(
+            e(d(json!({"num-queues": 512}))),
+            "Property virtio-blk-pci.num-queues doesn't take value 512 (minimum: 1, maximum: 511)"
+        );
+        assert_eq!(
+            e(d(json!({"queue-size": 2048}))),
+            "invalid queue-size property (2048), must be a power of 2 (max 1024)"
+        );
+        assert_eq!(
+            e(d(json!({"queue-size": 2}))),
+            "invalid queue-size property (2), must be > 2"
+        );
+        assert_eq!(
+            e(d(json!({"num-queues": "x", "num-queus": 2}))),
+            "Property 'virtio-blk-pci.num-queus' not found"
+        );
+        assert_eq!(
+            e(d(json!({"logical_block_size": 65536}))),
+            "Property virtio-blk-pci.logical_block_size doesn't take value 65536 (minimum: 512, maximum: 32768)"
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Mutex;
 
+use block::options::{check_keys, KeyError};
 use serde_json::{json, Map, Value};
 
 use super::writer::qdict_order;
@@ -85,15 +86,15 @@ impl<'a> Args<'a> {
         self.map.get(name)
     }
 
-    /// Fails on the first member (in QEMU's order) that was not asked for.
+    /// Fails on the first member (in QEMU's order) that was not asked for, with the
+    /// block layer's key checker ([`check_keys`]); the members asked for were checked
+    /// one by one before, as QEMU's visitor does.
     pub(crate) fn finish(self) -> Result<(), QmpError> {
-        match qdict_order(self.map)
-            .into_iter()
-            .find(|(k, _)| !self.known.contains(&k.as_str()))
-        {
-            Some((k, _)) => Err(QmpError::generic(format!("Parameter '{k}' is unexpected"))),
-            None => Ok(()),
-        }
+        let order = qdict_order(self.map);
+        check_keys(order.iter().map(|(k, _)| *k), &[&self.known], &[]).map_err(|e| match e {
+            KeyError::Unexpected(k) => QmpError::generic(format!("Parameter '{k}' is unexpected")),
+            KeyError::Missing(k) => QmpError::generic(format!("Parameter '{k}' is missing")),
+        })
     }
 }
 

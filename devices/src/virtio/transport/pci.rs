@@ -39,7 +39,9 @@ pub const NOTIFY_OFF_MULTIPLIER: u32 = 4;
 
 const REGION_SIZE: u64 = 0x1000;
 const COMMON_CFG_LEN: usize = 0x38;
-const MAX_QUEUES: usize = ((MSIX_PBA_OFFSET - MSIX_TABLE_OFFSET) / MSIX_ENTRY_SIZE) as usize - 1;
+/// The most queues a device may have on this transport: one MSI-X vector
+/// each, plus the configuration vector, in the BAR's MSI-X table.
+pub const MAX_QUEUES: u16 = ((MSIX_PBA_OFFSET - MSIX_TABLE_OFFSET) / MSIX_ENTRY_SIZE) as u16 - 1;
 
 const PCI_CAP_ID_VENDOR: u8 = 0x09;
 const PCI_CAP_ID_MSIX: u8 = 0x11;
@@ -74,7 +76,7 @@ impl VirtioPciDevice {
         label: &str,
     ) -> Result<Self, VirtioError> {
         let nq = usize::from(device.num_queues());
-        if nq == 0 || nq > MAX_QUEUES {
+        if nq == 0 || nq > usize::from(MAX_QUEUES) {
             return Err(VirtioError::InvalidConfig(format!(
                 "{nq} queues (1..={MAX_QUEUES} supported)"
             )));
