@@ -18,7 +18,6 @@ use crate::cli::terminal::RawMode;
 use crate::config::coldplug::ColdPlug;
 use crate::config::{SerialConfig, VmConfig};
 use crate::control::vm_control::VmControl;
-use crate::device_manager::pci_bars::PciBars;
 use crate::device_manager::{Machine, MachineParams};
 use crate::qmp::{EventBus, QmpServer};
 use crate::vstate::vm::{ExitReason, Vm, VmParams};
@@ -153,16 +152,9 @@ fn start_qmp(
 /// The machine with the config's secrets, block nodes and disks (cold plug of the
 /// checked `plan`), hot plug enabled for what comes later.
 fn build_machine(vm: &Vm, config: &VmConfig, plan: &ColdPlug) -> Result<Arc<Machine>, String> {
-    let machine = Machine::new(MachineParams {
-        cpus: vm.cpus(),
-        memory: vm.memory().clone(),
-        router: vm.msi_router().clone(),
-        bars: PciBars::new(vm.fd().clone(), vm.mmio_bus().clone()),
-        pci_root: vm.pci_root().clone(),
-        window: layout::mmio64_window(vm.memory_size()),
-        workers: WorkerPool::new(config.io_workers(), "io-w")
-            .map_err(|e| format!("starting the I/O workers: {e}"))?,
-    });
+    let workers = WorkerPool::new(config.io_workers(), "io-w")
+        .map_err(|e| format!("starting the I/O workers: {e}"))?;
+    let machine = Machine::new(MachineParams::for_vm(vm, workers));
     // The block layer's errors name the entry (`path`) they are about.
     for o in &plan.objects {
         machine

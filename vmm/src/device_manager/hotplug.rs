@@ -52,18 +52,14 @@ enum Request {
 /// The `hotplug` thread and the queue the vCPUs feed it through.
 pub(super) struct Teardown {
     requests: Sender<Request>,
-    thread: Option<JoinHandle<()>>,
+    thread: JoinHandle<()>,
 }
 
 impl Teardown {
     /// Asks the thread to finish what is queued, then waits for it.
-    pub(super) fn stop(mut self) {
+    pub(super) fn stop(self) {
         let _ = self.requests.send(Request::Stop);
-        if let Some(thread) = self.thread.take() {
-            if thread.thread().id() != std::thread::current().id() {
-                let _ = thread.join();
-            }
-        }
+        let _ = self.thread.join();
     }
 }
 
@@ -76,10 +72,10 @@ pub(super) fn start(
     ged: Arc<Mutex<Ged>>,
 ) -> std::io::Result<(Arc<dyn HotplugNotifier>, Teardown)> {
     let (requests, queue) = channel();
-    let from_vcpu = Mutex::new(requests.clone());
+    let from_vcpu = requests.clone();
     let pcihp = Arc::new(Mutex::new(PciHotplug::new(Box::new(move |slot| {
         // Only record: a vCPU must not wait for the teardown.
-        let _ = lock(&from_vcpu).send(Request::Ejected(slot));
+        let _ = from_vcpu.send(Request::Ejected(slot));
     }))));
     mmio.write()
         .unwrap_or_else(|e| e.into_inner())
@@ -99,11 +95,5 @@ pub(super) fn start(
             }
         })?;
     let notifier = Arc::new(AcpiHotplug { pcihp, ged });
-    Ok((
-        notifier,
-        Teardown {
-            requests,
-            thread: Some(thread),
-        },
-    ))
+    Ok((notifier, Teardown { requests, thread }))
 }

@@ -22,11 +22,13 @@ use devices::pci::{PciRoot, SharedPciDevice};
 use devices::virtio::block::IoOperation;
 use devices::{Bus, WorkerPool};
 
+use crate::arch::x86_64::layout;
 use crate::control::queries;
 use crate::device_manager::pci_bars::PciBars;
 use crate::device_manager::virtio_blk::{BlkProps, DeviceEnv, DeviceError, VirtioBlkPci};
 use crate::vstate::memory::GuestMemoryMmap;
 use crate::vstate::msi::MsiRouter;
+use crate::vstate::vm::Vm;
 
 /// How a control request failed: a kind ([`ControlError::kind`]) plus the
 /// message QEMU gives; QMP maps [`ControlError::DeviceNotFound`] to its
@@ -116,6 +118,23 @@ pub struct MachineParams {
     pub window: std::ops::Range<u64>,
     /// The request workers every disk's queues share.
     pub workers: Arc<WorkerPool>,
+}
+
+impl MachineParams {
+    /// The parameters that put a machine on `vm`: its vCPU count, RAM, MSI
+    /// routes, PCI root and the 64-bit MMIO window above its RAM, with BARs
+    /// mapped onto its MMIO bus; requests run on `workers`.
+    pub fn for_vm(vm: &Vm, workers: Arc<WorkerPool>) -> Self {
+        MachineParams {
+            cpus: vm.cpus(),
+            memory: vm.memory().clone(),
+            router: vm.msi_router().clone(),
+            bars: PciBars::new(vm.fd().clone(), vm.mmio_bus().clone()),
+            pci_root: vm.pci_root().clone(),
+            window: layout::mmio64_window(vm.memory_size()),
+            workers,
+        }
+    }
 }
 
 struct Disk {
@@ -523,6 +542,14 @@ mod tests {
         disk: String,
     }
 
+    /// The events `machine` sends from now on, as (name, data).
+    fn record_events(machine: &Machine) -> Arc<Mutex<Vec<(String, Value)>>> {
+        let events: Arc<Mutex<Vec<(String, Value)>>> = Arc::default();
+        let seen = events.clone();
+        machine.set_event_sink(Arc::new(move |e, d| lock(&seen).push((e.to_string(), d))));
+        events
+    }
+
     /// A machine on a real KVM VM (no vCPUs run), or None without KVM.
     fn rig() -> Option<Rig> {
         let kvm = crate::vstate::vm::open_kvm().ok()?;
@@ -541,9 +568,7 @@ mod tests {
         });
         let hotplug = Arc::new(Recorder::default());
         machine.set_hotplug(hotplug.clone());
-        let events: Arc<Mutex<Vec<(String, Value)>>> = Arc::default();
-        let seen = events.clone();
-        machine.set_event_sink(Arc::new(move |e, d| lock(&seen).push((e.to_string(), d))));
+        let events = record_events(&machine);
         let dir = tempfile::tempdir().expect("tempdir");
         let disk = dir.path().join("d.raw");
         std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk");
@@ -1016,21 +1041,14 @@ mod tests {
             serial_input: false,
         })
         .expect("VM");
-        let machine = Machine::new(MachineParams {
-            cpus: 1,
-            memory: vm.memory().clone(),
-            router: vm.msi_router().clone(),
-            bars: PciBars::new(vm.fd().clone(), vm.mmio_bus().clone()),
-            pci_root: vm.pci_root().clone(),
-            window: layout::mmio64_window(16 << 20),
-            workers: WorkerPool::new(2, "io-test").expect("workers"),
-        });
+        let machine = Machine::new(MachineParams::for_vm(
+            &vm,
+            WorkerPool::new(2, "io-test").expect("workers"),
+        ));
         machine
             .enable_hotplug(vm.mmio_bus(), vm.ged().clone())
             .expect("hotplug");
-        let events: Arc<Mutex<Vec<(String, Value)>>> = Arc::default();
-        let seen = events.clone();
-        machine.set_event_sink(Arc::new(move |e, d| lock(&seen).push((e.to_string(), d))));
+        let events = record_events(&machine);
         let probe = Arc::new(FlushProbe::default());
         insert(
             &machine,
