@@ -20,7 +20,8 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
+use vmm::control::{Action, Query};
 use vmm::qmp::{EventBus, QmpBackend, QmpError, QmpServer};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -337,55 +338,41 @@ struct StandIn {
 }
 
 impl QmpBackend for StandIn {
-    fn object_add(&self, _: &Map<String, Value>) -> Result<(), QmpError> {
-        Ok(())
+    fn vcpus(&self) -> u8 {
+        1
     }
-    fn object_del(&self, id: &str) -> Result<(), QmpError> {
-        Err(QmpError::generic(format!("object '{id}' not found")))
+
+    fn execute(&self, action: Action) -> Result<Value, QmpError> {
+        match action {
+            Action::ObjectDel(id) => Err(QmpError::generic(format!("object '{id}' not found"))),
+            Action::BlockdevDel(name) => Err(QmpError::generic(format!(
+                "Failed to find node with node-name='{name}'"
+            ))),
+            Action::DeviceAdd(d) => {
+                let id = d.props.id.unwrap_or_default();
+                self.devices.lock().unwrap().push(id);
+                Ok(json!({}))
+            }
+            Action::DeviceDel(id) => {
+                let mut devices = self.devices.lock().unwrap();
+                let Some(i) = devices.iter().position(|d| *d == id) else {
+                    return Err(QmpError::device_not_found(format!(
+                        "Device '{id}' not found"
+                    )));
+                };
+                devices.remove(i);
+                self.events.emit(
+                    "DEVICE_DELETED",
+                    json!({"device": id, "path": format!("/machine/peripheral/{id}")}),
+                );
+                Ok(json!({}))
+            }
+            Action::Query(Query::Status) => Ok(json!({"status": "running", "running": true})),
+            Action::Query(_) => Ok(json!([])),
+            Action::ObjectAdd(_) | Action::BlockdevAdd(_) => Ok(json!({})),
+            Action::SystemPowerdown | Action::Quit => Ok(json!({})),
+        }
     }
-    fn blockdev_add(&self, _: &Map<String, Value>) -> Result<(), QmpError> {
-        Ok(())
-    }
-    fn blockdev_del(&self, node_name: &str) -> Result<(), QmpError> {
-        Err(QmpError::generic(format!(
-            "Failed to find node with node-name='{node_name}'"
-        )))
-    }
-    fn device_add(&self, args: &Map<String, Value>) -> Result<(), QmpError> {
-        let id = args.get("id").and_then(Value::as_str).unwrap_or("");
-        self.devices.lock().unwrap().push(id.to_string());
-        Ok(())
-    }
-    fn device_del(&self, id: &str) -> Result<(), QmpError> {
-        let mut devices = self.devices.lock().unwrap();
-        let Some(i) = devices.iter().position(|d| d == id) else {
-            return Err(QmpError::device_not_found(format!(
-                "Device '{id}' not found"
-            )));
-        };
-        devices.remove(i);
-        self.events.emit(
-            "DEVICE_DELETED",
-            json!({"device": id, "path": format!("/machine/peripheral/{id}")}),
-        );
-        Ok(())
-    }
-    fn query_block(&self) -> Value {
-        json!([])
-    }
-    fn query_named_block_nodes(&self, _flat: bool) -> Value {
-        json!([])
-    }
-    fn query_pci(&self) -> Value {
-        json!([])
-    }
-    fn status(&self) -> &'static str {
-        "running"
-    }
-    fn system_powerdown(&self) -> Result<(), QmpError> {
-        Ok(())
-    }
-    fn quit(&self) {}
 }
 
 fn start_server(dir: &Path) -> (QmpServer, String) {
@@ -622,7 +609,7 @@ fn ctl_against_cryptvm_server() {
     let (_server, sock) = start_server(dir.path());
     let r = ctl(
         &["--socket", &sock],
-        r#"{"execute": "device_add", "arguments": {"driver": "virtio-blk-pci", "id": "d0"}}
+        r#"{"execute": "device_add", "arguments": {"driver": "virtio-blk-pci", "drive": "n0", "id": "d0"}}
 {"execute": "device_del", "arguments": {"id": "d0"}, "id": "del"}
 {"wait-event": "DEVICE_DELETED", "data": {"device": "d0"}}
 "#,
@@ -675,7 +662,7 @@ async def main(address):
     print('greeting', qmp.greeting.QMP.version['qemu']['major'])
     print('status', (await qmp.execute('query-status'))['status'])
     with qmp.listener('DEVICE_DELETED') as listener:
-        await qmp.execute('device_add', {'driver': 'virtio-blk-pci', 'id': 'd0'})
+        await qmp.execute('device_add', {'driver': 'virtio-blk-pci', 'drive': 'n0', 'id': 'd0'})
         await qmp.execute('device_del', {'id': 'd0'})
         event = await asyncio.wait_for(listener.get(), 10)
         print('event', event['event'], event['data']['device'])

@@ -626,7 +626,7 @@ mod tests {
         let f = fixture();
         let sock = f.server.local_address();
         let stdin = r#"
-            {"execute": "device_add", "arguments": {"driver": "virtio-blk-pci", "id": "d0"}, "id": 1}
+            {"execute": "device_add", "arguments": {"driver": "virtio-blk-pci", "drive": "n0", "id": "d0"}, "id": 1}
             {"execute": "device_del", "arguments": {"id": "d0"}}
             {"wait-event": "DEVICE_DELETED", "timeout": 10, "data": {"device": "d0"}}
             {"execute": "query-kvm"}
@@ -735,7 +735,7 @@ mod tests {
                 "--timeout",
                 "0.1",
                 "device_add",
-                r#"{"driver": "slow"}"#,
+                r#"{"driver": "virtio-blk-pci", "drive": "n0", "id": "slow"}"#,
             ],
             "",
         );

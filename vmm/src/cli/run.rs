@@ -18,6 +18,7 @@ use crate::cli::terminal::RawMode;
 use crate::config::coldplug::ColdPlug;
 use crate::config::{SerialConfig, VmConfig};
 use crate::control::vm_control::VmControl;
+use crate::control::Action;
 use crate::device_manager::{Machine, MachineParams};
 use crate::qmp::{EventBus, QmpServer};
 use crate::vstate::vm::{ExitReason, Vm, VmParams};
@@ -92,7 +93,8 @@ pub fn run_config(config: &VmConfig) -> Result<ExitReason, String> {
     })
     .map_err(|e| e.to_string())?;
 
-    let machine = build_machine(&vm, config, &plan)?;
+    let events = EventBus::new();
+    let (machine, control) = build_machine(&vm, config, plan, &events)?;
 
     let rsdp = create_acpi_tables(&vm)?;
     let spec = BootSpec {
@@ -109,12 +111,14 @@ pub fn run_config(config: &VmConfig) -> Result<ExitReason, String> {
         None
     };
     let qmp = match &config.qmp {
-        Some(address) => Some(start_qmp(&vm, &machine, address)?),
+        Some(address) => {
+            Some(QmpServer::start(address, control, events.clone()).map_err(|e| e.to_string())?)
+        }
         None => None,
     };
     let result = vm.run(entry).map_err(|e| e.to_string());
     drop(raw);
-    if let Some((server, events)) = qmp {
+    if let Some(server) = qmp {
         let reason = match result {
             Ok(ExitReason::Reset) => Some("guest-reset"),
             Ok(ExitReason::PowerOff | ExitReason::Shutdown) => Some("guest-shutdown"),
@@ -129,52 +133,39 @@ pub fn run_config(config: &VmConfig) -> Result<ExitReason, String> {
     result
 }
 
-/// Serves QMP on `address` for `machine`; events from the machine go to every client.
-fn start_qmp(
+/// The machine and its control: the config's secrets, block nodes and disks added by
+/// running the checked `plan`'s actions as QMP's are run ([`VmControl::execute`]), hot
+/// plug enabled for what comes later. The machine's events go to `events`.
+fn build_machine(
     vm: &Vm,
-    machine: &Arc<Machine>,
-    address: &str,
-) -> Result<(QmpServer, Arc<EventBus>), String> {
-    let events = EventBus::new();
+    config: &VmConfig,
+    plan: ColdPlug,
+    events: &Arc<EventBus>,
+) -> Result<(Arc<Machine>, Arc<VmControl>), String> {
+    let workers = WorkerPool::new(config.io_workers(), "io-w")
+        .map_err(|e| format!("starting the I/O workers: {e}"))?;
+    let machine = Machine::new(MachineParams::for_vm(vm, workers));
     let sink = events.clone();
     machine.set_event_sink(Arc::new(move |event, data| sink.emit(event, data)));
-    let control = VmControl::new(
+    let control = Arc::new(VmControl::new(
         machine.clone(),
         vm.ged().clone(),
         vm.exit_state().clone(),
         events.clone(),
-    );
-    let server =
-        QmpServer::start(address, Arc::new(control), events.clone()).map_err(|e| e.to_string())?;
-    Ok((server, events))
-}
-
-/// The machine with the config's secrets, block nodes and disks (cold plug of the
-/// checked `plan`), hot plug enabled for what comes later.
-fn build_machine(vm: &Vm, config: &VmConfig, plan: &ColdPlug) -> Result<Arc<Machine>, String> {
-    let workers = WorkerPool::new(config.io_workers(), "io-w")
-        .map_err(|e| format!("starting the I/O workers: {e}"))?;
-    let machine = Machine::new(MachineParams::for_vm(vm, workers));
-    // The block layer's errors name the entry (`path`) they are about.
-    for o in &plan.objects {
-        machine
-            .object_add(&o.path, &o.args, o.base_dir.as_deref())
-            .map_err(|e| e.to_string())?;
-    }
-    for b in &plan.blockdevs {
-        machine
-            .blockdev_add(&b.path, &b.args, b.base_dir.as_deref())
-            .map_err(|e| e.to_string())?;
-    }
-    for d in &plan.devices {
-        machine
-            .device_add_props(d.props.clone())
-            .map_err(|e| format!("{}: {e}", d.path))?;
+    ));
+    for action in plan.actions() {
+        // The block layer's errors about an object or a node name the entry already
+        // (`BlockError::at`); a device's are prefixed with it.
+        let prefix = matches!(action, Action::DeviceAdd(_)).then(|| action.entry().to_owned());
+        control.execute(action).map_err(|e| match &prefix {
+            Some(entry) => format!("{entry}: {e}"),
+            None => e.to_string(),
+        })?;
     }
     machine
         .enable_hotplug(vm.mmio_bus(), vm.ged().clone())
         .map_err(|e| format!("starting PCI hotplug: {e}"))?;
-    Ok(machine)
+    Ok((machine, control))
 }
 
 /// Where the ACPI tables describe the machine's devices and windows for `vm`.

@@ -1,5 +1,6 @@
 //! The config's objects, block nodes and devices checked and typed before anything is
-//! opened (`/dev/kvm` included): what `cryptvm run` cold-plugs once the VM exists.
+//! opened (`/dev/kvm` included): the [`Action`]s `cryptvm run` cold-plugs once the VM
+//! exists.
 //!
 //! Every entry goes through the same checks as its QMP command (`object-add`,
 //! `blockdev-add`, `device_add`): [`block::secret::check_object`],
@@ -8,14 +9,13 @@
 //! here: duplicate ids, node-names and PCI slots, and references (a device's `drive`, a
 //! node's child, a `key-secret`) to something the config does not define.
 
-use std::path::PathBuf;
-
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use block::blockdev::NodeNames;
 use block::BlockError;
 
 use super::{Entry, VmConfig};
+use crate::control::{Action, BlockdevSpec, DeviceSpec, ObjectSpec};
 use crate::device_manager::virtio_blk::{BlkProps, PropertyError};
 
 /// Why the config's objects, block nodes or devices were refused; each names the entry
@@ -94,48 +94,45 @@ pub enum ColdPlugError {
 
 /// One `objects` entry, checked.
 #[derive(Debug, Clone)]
-pub struct ObjectSpec {
-    /// Where it is in the config (`objects[0]`).
-    pub path: String,
+pub struct PlannedObject {
     /// Its id.
     pub id: String,
-    /// The `object-add` arguments.
-    pub args: Map<String, Value>,
-    /// Folder for relative file names.
-    pub base_dir: Option<PathBuf>,
+    /// What adds it.
+    pub spec: ObjectSpec,
 }
 
 /// One `blockdevs` entry, checked.
 #[derive(Debug, Clone)]
-pub struct BlockdevSpec {
-    /// Where it is in the config (`blockdevs[0]`).
-    pub path: String,
+pub struct PlannedBlockdev {
     /// The node-names it defines and refers to.
     pub names: NodeNames,
-    /// The `blockdev-add` arguments.
-    pub args: Map<String, Value>,
-    /// Folder for relative file names.
-    pub base_dir: Option<PathBuf>,
-}
-
-/// One `devices` entry, parsed.
-#[derive(Debug, Clone)]
-pub struct DeviceSpec {
-    /// Where it is in the config (`devices[0]`).
-    pub path: String,
-    /// Its properties.
-    pub props: BlkProps,
+    /// What adds it.
+    pub spec: BlockdevSpec,
 }
 
 /// Everything the config cold-plugs, in order, checked.
 #[derive(Debug, Clone, Default)]
 pub struct ColdPlug {
     /// Secrets.
-    pub objects: Vec<ObjectSpec>,
+    pub objects: Vec<PlannedObject>,
     /// Block nodes.
-    pub blockdevs: Vec<BlockdevSpec>,
+    pub blockdevs: Vec<PlannedBlockdev>,
     /// Disks.
     pub devices: Vec<DeviceSpec>,
+}
+
+impl ColdPlug {
+    /// The actions that make it, in order (secrets, block nodes, disks): what
+    /// [`crate::control::VmControl::execute`] runs, as it runs QMP's.
+    pub fn actions(self) -> impl Iterator<Item = Action> {
+        let objects = self.objects.into_iter().map(|o| Action::ObjectAdd(o.spec));
+        let nodes = self
+            .blockdevs
+            .into_iter()
+            .map(|b| Action::BlockdevAdd(b.spec));
+        let disks = self.devices.into_iter().map(Action::DeviceAdd);
+        objects.chain(nodes).chain(disks)
+    }
 }
 
 fn spec_path(list: &str, i: usize) -> String {
@@ -153,12 +150,12 @@ impl VmConfig {
             if plan.objects.iter().any(|o| o.id == id) {
                 return Err(ColdPlugError::DuplicateObject { path, id });
             }
-            plan.objects.push(ObjectSpec {
+            let spec = ObjectSpec {
                 path,
-                id,
                 args: args.clone(),
                 base_dir: base_dir.clone(),
-            });
+            };
+            plan.objects.push(PlannedObject { id, spec });
         }
         let mut nodes: Vec<String> = Vec::new();
         for (i, Entry { args, base_dir }) in self.blockdevs.iter().enumerate() {
@@ -189,12 +186,12 @@ impl VmConfig {
                     id: id.clone(),
                 });
             }
-            plan.blockdevs.push(BlockdevSpec {
+            let spec = BlockdevSpec {
                 path,
-                names,
                 args: args.clone(),
                 base_dir: base_dir.clone(),
-            });
+            };
+            plan.blockdevs.push(PlannedBlockdev { names, spec });
         }
         for (i, Entry { args, .. }) in self.devices.iter().enumerate() {
             let path = spec_path("devices", i);

@@ -1,7 +1,9 @@
-//! What a control client (QMP) may ask of a running VM, and the answers of
-//! its queries.
+//! What the config's cold plug and a control client (QMP) may ask of a VM: the typed
+//! actions, the one place that runs them, and the answers of its queries.
 
+pub mod action;
 pub mod queries;
 pub mod vm_control;
 
+pub use action::{Action, BlockdevSpec, DeviceSpec, ObjectSpec, Query};
 pub use vm_control::VmControl;

@@ -1,17 +1,18 @@
-//! The running VM as QMP sees it: [`QmpBackend`] over the [`Machine`], the
-//! ACPI power button and the VM's exit state.
+//! The running VM as its config and QMP see it: [`VmControl::execute`] runs every
+//! [`Action`] on the [`Machine`], the ACPI power button and the VM's exit state.
 
 use std::sync::{Arc, Mutex};
 
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use devices::acpi::Ged;
 
+use super::action::{Action, Query};
 use crate::device_manager::{ControlError, Machine};
 use crate::qmp::{EventBus, QmpBackend, QmpError};
 use crate::vstate::exit::{ExitReason, ExitState};
 
-/// QMP's handle on a running VM.
+/// The handle on a VM through which its cold plug and QMP act.
 pub struct VmControl {
     machine: Arc<Machine>,
     ged: Arc<Mutex<Ged>>,
@@ -35,6 +36,48 @@ impl VmControl {
             events,
         }
     }
+
+    /// Runs `action`; its QMP return value (`{}` for those that return nothing).
+    pub fn execute(&self, action: Action) -> Result<Value, ControlError> {
+        let m = &self.machine;
+        let done = |r: Result<(), ControlError>| r.map(|()| json!({}));
+        match action {
+            Action::ObjectAdd(o) => done(m.object_add(&o.path, &o.args, o.base_dir.as_deref())),
+            Action::ObjectDel(id) => done(m.object_del(&id)),
+            Action::BlockdevAdd(b) => done(m.blockdev_add(&b.path, &b.args, b.base_dir.as_deref())),
+            Action::BlockdevDel(name) => done(m.blockdev_del(&name)),
+            Action::DeviceAdd(d) => done(m.device_add(d.props)),
+            Action::DeviceDel(id) => done(m.device_del(&id)),
+            Action::Query(Query::Status) => {
+                let status = if self.exit.stopping() {
+                    "shutdown"
+                } else {
+                    "running"
+                };
+                Ok(json!({"status": status, "running": status == "running"}))
+            }
+            Action::Query(Query::Block) => Ok(m.query_block()),
+            Action::Query(Query::NamedBlockNodes { flat }) => Ok(m.query_named_block_nodes(flat)),
+            Action::Query(Query::Pci) => Ok(m.query_pci()),
+            Action::SystemPowerdown => {
+                self.ged
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .notify_power_button()
+                    .map_err(ControlError::PowerButton)?;
+                self.events.emit("POWERDOWN", Value::Null);
+                Ok(json!({}))
+            }
+            Action::Quit => {
+                self.events.emit(
+                    "SHUTDOWN",
+                    json!({"guest": false, "reason": "host-qmp-quit"}),
+                );
+                self.exit.request(ExitReason::Quit);
+                Ok(json!({}))
+            }
+        }
+    }
 }
 
 fn qmp_error(e: ControlError) -> QmpError {
@@ -45,65 +88,11 @@ fn qmp_error(e: ControlError) -> QmpError {
 }
 
 impl QmpBackend for VmControl {
-    fn object_add(&self, args: &Map<String, Value>) -> Result<(), QmpError> {
-        self.machine.object_add("", args, None).map_err(qmp_error)
+    fn vcpus(&self) -> u8 {
+        self.machine.vcpus()
     }
 
-    fn object_del(&self, id: &str) -> Result<(), QmpError> {
-        self.machine.object_del(id).map_err(qmp_error)
-    }
-
-    fn blockdev_add(&self, args: &Map<String, Value>) -> Result<(), QmpError> {
-        self.machine.blockdev_add("", args, None).map_err(qmp_error)
-    }
-
-    fn blockdev_del(&self, node_name: &str) -> Result<(), QmpError> {
-        self.machine.blockdev_del(node_name).map_err(qmp_error)
-    }
-
-    fn device_add(&self, args: &Map<String, Value>) -> Result<(), QmpError> {
-        self.machine.device_add(args).map_err(qmp_error)
-    }
-
-    fn device_del(&self, id: &str) -> Result<(), QmpError> {
-        self.machine.device_del(id).map_err(qmp_error)
-    }
-
-    fn query_block(&self) -> Value {
-        self.machine.query_block()
-    }
-
-    fn query_named_block_nodes(&self, flat: bool) -> Value {
-        self.machine.query_named_block_nodes(flat)
-    }
-
-    fn query_pci(&self) -> Value {
-        self.machine.query_pci()
-    }
-
-    fn status(&self) -> &'static str {
-        if self.exit.stopping() {
-            "shutdown"
-        } else {
-            "running"
-        }
-    }
-
-    fn system_powerdown(&self) -> Result<(), QmpError> {
-        self.ged
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .notify_power_button()
-            .map_err(|e| QmpError::generic(format!("pressing the power button: {e}")))?;
-        self.events.emit("POWERDOWN", Value::Null);
-        Ok(())
-    }
-
-    fn quit(&self) {
-        self.events.emit(
-            "SHUTDOWN",
-            json!({"guest": false, "reason": "host-qmp-quit"}),
-        );
-        self.exit.request(ExitReason::Quit);
+    fn execute(&self, action: Action) -> Result<Value, QmpError> {
+        VmControl::execute(self, action).map_err(qmp_error)
     }
 }

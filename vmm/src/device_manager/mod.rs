@@ -56,6 +56,9 @@ pub enum ControlError {
     /// No object with that id.
     #[error("{0}")]
     ObjectNotFound(String),
+    /// The ACPI power button could not be pressed (its interrupt).
+    #[error("pressing the power button: {0}")]
+    PowerButton(#[source] std::io::Error),
 }
 
 /// Two errors are equal when they are the same variant with the same message
@@ -73,7 +76,7 @@ impl ControlError {
         match self {
             Self::Block(e) => e.kind(),
             Self::Device(DeviceError::Property(_)) | Self::Invalid(_) => ErrorKind::InvalidArgument,
-            Self::Device(_) => ErrorKind::Internal,
+            Self::Device(_) | Self::PowerButton(_) => ErrorKind::Internal,
             Self::Busy(_) => ErrorKind::InUse,
             Self::NotSupported(_) => ErrorKind::NotSupported,
             Self::DeviceNotFound(_) | Self::ObjectNotFound(_) => ErrorKind::NotFound,
@@ -287,16 +290,10 @@ impl Machine {
         Ok(())
     }
 
-    /// `device_add` (a `virtio-blk-pci` disk). Before boot the guest finds
-    /// it while enumerating; afterwards it is hot-plugged and announced.
-    pub fn device_add(&self, args: &Map<String, Value>) -> Result<(), ControlError> {
-        let props = BlkProps::parse(args, self.params.cpus).map_err(DeviceError::from)?;
-        self.device_add_props(props)
-    }
-
-    /// `device_add` of properties already parsed with [`BlkProps::parse`]
-    /// (the config's devices, checked before the VM was made).
-    pub fn device_add_props(&self, props: BlkProps) -> Result<(), ControlError> {
+    /// `device_add` (a `virtio-blk-pci` disk, its properties parsed with
+    /// [`BlkProps::parse`]). Before boot the guest finds it while enumerating;
+    /// afterwards it is hot-plugged and announced.
+    pub fn device_add(&self, props: BlkProps) -> Result<(), ControlError> {
         let slot = {
             let mut state = lock(&self.state);
             self.create_disk(&mut state, props)?
@@ -493,6 +490,11 @@ impl Machine {
         queries::named_block_nodes(&lock(&self.state).graph, flat)
     }
 
+    /// The vCPUs: a disk's default `num-queues` ([`BlkProps::parse`]).
+    pub fn vcpus(&self) -> u8 {
+        self.params.cpus
+    }
+
     /// `query-pci`.
     pub fn query_pci(&self) -> Value {
         let ids: Vec<(u8, Option<String>)> = lock(&self.state)
@@ -586,6 +588,12 @@ mod tests {
         v.as_object().expect("object").clone()
     }
 
+    /// `device_add` as QMP gives it: the properties parsed, then the disk added.
+    fn add_disk(m: &Machine, v: Value) -> Result<(), ControlError> {
+        let props = BlkProps::parse(&args(v), m.vcpus()).map_err(DeviceError::from)?;
+        m.device_add(props)
+    }
+
     #[test]
     fn hotplug_lifecycle_and_qemu_errors() {
         let Some(r) = rig() else {
@@ -599,7 +607,7 @@ mod tests {
         )
         .expect("blockdev-add");
         let disk = json!({"driver": "virtio-blk-pci", "drive": "f", "id": "vd0", "num-queues": 2});
-        m.device_add(&args(disk.clone())).expect("device_add");
+        add_disk(m, disk.clone()).expect("device_add");
         assert_eq!(
             *lock(&r.hotplug.plugged),
             [1],
@@ -619,11 +627,11 @@ mod tests {
             ControlError::DeviceNotFound(_) => panic!("expected GenericError, got {e:?}"),
             other => other.to_string(),
         };
-        let dup = generic(m.device_add(&args(disk.clone())).unwrap_err());
+        let dup = generic(add_disk(m, disk.clone()).unwrap_err());
         assert_eq!(dup, "Duplicate device ID 'vd0'");
         let mut other = disk.clone();
         other["id"] = json!("vd1");
-        let busy = generic(m.device_add(&args(other)).unwrap_err());
+        let busy = generic(add_disk(m, other).unwrap_err());
         assert_eq!(
             busy,
             "Permission conflict on node 'f': permissions 'write' are both required by block \
@@ -673,7 +681,7 @@ mod tests {
             None,
         )
         .expect("blockdev-add again");
-        m.device_add(&args(disk)).expect("device_add again");
+        add_disk(m, disk).expect("device_add again");
         m.shutdown();
     }
 
@@ -689,9 +697,10 @@ mod tests {
             None,
         )
         .expect("blockdev-add");
-        m.device_add(&args(
+        add_disk(
+            m,
             json!({"driver": "virtio-blk-pci", "drive": "f", "addr": 7}),
-        ))
+        )
         .expect("device_add");
         let bar = m.query_pci()[0]["devices"][1]["regions"][0]["address"]
             .as_u64()
@@ -908,10 +917,12 @@ mod tests {
     fn one_disk(name: &str, node: TestNode) -> Option<(Rig, BusDriver)> {
         let r = rig()?;
         insert(&r.machine, name, Arc::new(node));
-        r.machine
-            .device_add(&args(json!({"driver": "virtio-blk-pci", "drive": name,
-                                      "id": "vd0", "num-queues": 1, "queue-size": QSIZE})))
-            .expect("device_add");
+        add_disk(
+            &r.machine,
+            json!({"driver": "virtio-blk-pci", "drive": name,
+                                      "id": "vd0", "num-queues": 1, "queue-size": QSIZE}),
+        )
+        .expect("device_add");
         let d = BusDriver::new(&r, "vd0", 0x10_0000);
         Some((r, d))
     }
@@ -934,9 +945,12 @@ mod tests {
         )
         .expect("blockdev-add");
         for (id, drive) in [("vd0", "bad"), ("vd1", "good")] {
-            m.device_add(&args(json!({"driver": "virtio-blk-pci", "drive": drive,
-                                       "id": id, "num-queues": 1, "queue-size": QSIZE})))
-                .expect("device_add");
+            add_disk(
+                m,
+                json!({"driver": "virtio-blk-pci", "drive": drive,
+                                       "id": id, "num-queues": 1, "queue-size": QSIZE}),
+            )
+            .expect("device_add");
         }
         let mut bad = BusDriver::new(&r, "vd0", 0x10_0000);
         let mut good = BusDriver::new(&r, "vd1", 0x20_0000);
@@ -1055,10 +1069,11 @@ mod tests {
             "slow",
             Arc::new(TestNode::SlowFlush(probe.clone())),
         );
-        machine
-            .device_add(&args(json!({"driver": "virtio-blk-pci", "drive": "slow",
-                                      "id": "vd0", "num-queues": 1})))
-            .expect("device_add");
+        add_disk(
+            &machine,
+            json!({"driver": "virtio-blk-pci", "drive": "slow", "id": "vd0", "num-queues": 1}),
+        )
+        .expect("device_add");
         let slot = lock(&machine.state).disks[0].device.slot;
         machine.device_del("vd0").expect("device_del");
 
@@ -1165,11 +1180,11 @@ mod tests {
         assert_eq!(in_use.kind(), ErrorKind::InUse, "{in_use}");
         let missing = m.device_del("nope").unwrap_err();
         assert_eq!(missing.kind(), ErrorKind::NotFound, "{missing}");
-        let dup = m
-            .device_add(&args(
-                json!({"driver": "virtio-blk-pci", "drive": "full", "id": "vd0"}),
-            ))
-            .unwrap_err();
+        let dup = add_disk(
+            m,
+            json!({"driver": "virtio-blk-pci", "drive": "full", "id": "vd0"}),
+        )
+        .unwrap_err();
         assert_eq!(dup.kind(), ErrorKind::InvalidArgument, "{dup}");
         let bad = m
             .blockdev_add(

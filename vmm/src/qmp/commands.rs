@@ -1,5 +1,5 @@
 //! The command table: which commands exist, QEMU's argument checks for them, and the
-//! calls into [`QmpBackend`].
+//! [`Action`] each becomes for [`QmpBackend::execute`].
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Mutex;
@@ -9,6 +9,8 @@ use serde_json::{json, Map, Value};
 
 use super::writer::qdict_order;
 use super::{QmpBackend, QmpError};
+use crate::control::{Action, BlockdevSpec, DeviceSpec, ObjectSpec, Query};
+use crate::device_manager::virtio_blk::BlkProps;
 
 /// The QEMU version cryptvm reports in the greeting and `query-version`: the release
 /// whose QMP dialect (error classes and texts, reply shapes) it follows. Clients such
@@ -145,60 +147,21 @@ pub(crate) fn qmp_capabilities(
     Ok(json!({}))
 }
 
-/// A backend call whose arguments have been checked.
-enum Call<'a> {
-    Status,
-    ObjectAdd(&'a Map<String, Value>),
-    ObjectDel(&'a str),
-    BlockdevAdd(&'a Map<String, Value>),
-    BlockdevDel(&'a str),
-    DeviceAdd(&'a Map<String, Value>),
-    DeviceDel(&'a str),
-    QueryBlock,
-    QueryNamedBlockNodes(bool),
-    QueryPci,
-    SystemPowerdown,
-    /// The server calls [`QmpBackend::quit`] once the reply is on its way.
-    Quit,
-}
-
-impl Call<'_> {
-    fn run(self, b: &dyn QmpBackend) -> Result<Value, QmpError> {
-        let done = |r: Result<(), QmpError>| r.map(|()| json!({}));
-        match self {
-            Call::Status => {
-                let status = b.status();
-                Ok(json!({"status": status, "running": status == "running"}))
-            }
-            Call::ObjectAdd(args) => done(b.object_add(args)),
-            Call::ObjectDel(id) => done(b.object_del(id)),
-            Call::BlockdevAdd(args) => done(b.blockdev_add(args)),
-            Call::BlockdevDel(name) => done(b.blockdev_del(name)),
-            Call::DeviceAdd(args) => done(b.device_add(args)),
-            Call::DeviceDel(id) => done(b.device_del(id)),
-            Call::QueryBlock => Ok(b.query_block()),
-            Call::QueryNamedBlockNodes(flat) => Ok(b.query_named_block_nodes(flat)),
-            Call::QueryPci => Ok(b.query_pci()),
-            Call::SystemPowerdown => done(b.system_powerdown()),
-            Call::Quit => Ok(json!({})),
-        }
-    }
-}
-
 /// A command whose arguments have been checked.
-enum Checked<'a> {
+enum Checked {
     /// Answered without the backend.
     Answer(Value),
-    /// To be answered by the backend.
-    Call(Call<'a>),
+    /// To be run by the backend.
+    Do(Action),
 }
 
-/// Checks the arguments of command `name` (after negotiation); `None` when there is no
-/// such command.
-fn check<'a>(name: &str, args: &'a Map<String, Value>) -> Option<Result<Checked<'a>, QmpError>> {
-    use Checked::{Answer, Call as Do};
+/// Checks the arguments of command `name` (after negotiation) and types them for a VM
+/// with `vcpus`; `None` when there is no such command.
+fn check(name: &str, args: &Map<String, Value>, vcpus: u8) -> Option<Result<Checked, QmpError>> {
+    use Checked::{Answer, Do};
     let mut a = Args::new(args);
-    let no_args = |a: Args<'a>, r: Checked<'a>| a.finish().map(|()| r);
+    let no_args = |a: Args<'_>, r: Checked| a.finish().map(|()| r);
+    let owned = || args.clone();
     Some(match name {
         "qmp_capabilities" => qmp_capabilities(args, true).map(Answer),
         "query-version" => no_args(a, Answer(version())),
@@ -207,51 +170,73 @@ fn check<'a>(name: &str, args: &'a Map<String, Value>) -> Option<Result<Checked<
             no_args(a, Answer(Value::Array(list)))
         }
         "query-kvm" => no_args(a, Answer(json!({"enabled": true, "present": true}))),
-        "query-status" => no_args(a, Do(Call::Status)),
-        "query-block" => no_args(a, Do(Call::QueryBlock)),
-        "query-pci" => no_args(a, Do(Call::QueryPci)),
-        "system_powerdown" => no_args(a, Do(Call::SystemPowerdown)),
-        "quit" => no_args(a, Do(Call::Quit)),
-        "object-add" => Ok(Do(Call::ObjectAdd(args))),
-        "blockdev-add" => Ok(Do(Call::BlockdevAdd(args))),
-        "device_add" => Ok(Do(Call::DeviceAdd(args))),
+        "query-status" => no_args(a, Do(Action::Query(Query::Status))),
+        "query-block" => no_args(a, Do(Action::Query(Query::Block))),
+        "query-pci" => no_args(a, Do(Action::Query(Query::Pci))),
+        "system_powerdown" => no_args(a, Do(Action::SystemPowerdown)),
+        "quit" => no_args(a, Do(Action::Quit)),
+        "object-add" => Ok(Do(Action::ObjectAdd(ObjectSpec {
+            path: String::new(),
+            args: owned(),
+            base_dir: None,
+        }))),
+        "blockdev-add" => Ok(Do(Action::BlockdevAdd(BlockdevSpec {
+            path: String::new(),
+            args: owned(),
+            base_dir: None,
+        }))),
+        "device_add" => BlkProps::parse(args, vcpus)
+            .map(|props| {
+                Do(Action::DeviceAdd(DeviceSpec {
+                    path: String::new(),
+                    props,
+                }))
+            })
+            .map_err(|e| QmpError::generic(e.to_string())),
         "object-del" => a
             .required_str("id")
-            .and_then(|id| no_args(a, Do(Call::ObjectDel(id)))),
+            .and_then(|id| no_args(a, Do(Action::ObjectDel(id.to_owned())))),
         "device_del" => a
             .required_str("id")
-            .and_then(|id| no_args(a, Do(Call::DeviceDel(id)))),
+            .and_then(|id| no_args(a, Do(Action::DeviceDel(id.to_owned())))),
         "blockdev-del" => a
             .required_str("node-name")
-            .and_then(|n| no_args(a, Do(Call::BlockdevDel(n)))),
-        "query-named-block-nodes" => a
-            .optional_bool("flat")
-            .and_then(|flat| no_args(a, Do(Call::QueryNamedBlockNodes(flat.unwrap_or(false))))),
+            .and_then(|n| no_args(a, Do(Action::BlockdevDel(n.to_owned())))),
+        "query-named-block-nodes" => a.optional_bool("flat").and_then(|flat| {
+            let flat = flat.unwrap_or(false);
+            no_args(a, Do(Action::Query(Query::NamedBlockNodes { flat })))
+        }),
         _ => return None,
     })
 }
 
 /// Runs command `name` after negotiation; `None` when there is no such command.
-/// `lock` serialises the backend calls of all clients.
+/// `lock` serialises the backend calls of all clients. `quit` only answers here: the
+/// server runs it once the reply is written ([`run`]).
 pub(crate) fn execute(
     name: &str,
     args: &Map<String, Value>,
     backend: &dyn QmpBackend,
     lock: &Mutex<()>,
 ) -> Option<Result<Value, QmpError>> {
-    let call = match check(name, args)? {
+    let action = match check(name, args, backend.vcpus())? {
         Err(e) => return Some(Err(e)),
         Ok(Checked::Answer(value)) => return Some(Ok(value)),
-        Ok(Checked::Call(call)) => call,
+        Ok(Checked::Do(Action::Quit)) => return Some(Ok(json!({}))),
+        Ok(Checked::Do(action)) => action,
     };
     let _serialised = lock.lock().unwrap_or_else(|e| e.into_inner());
-    Some(
-        catch_unwind(AssertUnwindSafe(|| call.run(backend))).unwrap_or_else(|_| {
-            Err(QmpError::generic(format!(
-                "internal error while executing '{name}'"
-            )))
-        }),
-    )
+    Some(run(backend, action))
+}
+
+/// Runs `action` on `backend`, a panic reported as QEMU reports an internal error.
+pub(crate) fn run(backend: &dyn QmpBackend, action: Action) -> Result<Value, QmpError> {
+    let name = action.command();
+    catch_unwind(AssertUnwindSafe(|| backend.execute(action))).unwrap_or_else(|_| {
+        Err(QmpError::generic(format!(
+            "internal error while executing '{name}'"
+        )))
+    })
 }
 
 #[cfg(test)]

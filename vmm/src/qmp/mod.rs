@@ -14,6 +14,8 @@
 
 use std::fmt;
 
+use crate::control::Action;
+
 mod commands;
 mod events;
 mod lexer;
@@ -109,44 +111,22 @@ impl QmpError {
     }
 }
 
-/// What the QMP commands act on (implemented by the running VM).
+/// What the QMP commands act on (implemented by the running VM,
+/// [`crate::control::VmControl`]).
 ///
-/// The server checks the request envelope and the arguments of the commands whose
-/// arguments are fixed (`object-del`, `blockdev-del`, `device_del`,
-/// `query-named-block-nodes`, and no arguments for the others) before calling; the
-/// `*_add` commands get the `arguments` object as sent (empty when absent) and check it
-/// themselves. Calls from all clients are serialised (one at a time, like QEMU's big
-/// lock), on the calling client's thread. A panic in a call is reported to that client
-/// as a `GenericError`.
+/// The server checks the request envelope and each command's arguments and types them
+/// into an [`Action`] before calling: QEMU's checks for the fixed arguments (`id`,
+/// `node-name`, `flat`, none), [`BlkProps::parse`] for `device_add`; `object-add` and
+/// `blockdev-add` carry their `arguments` object as sent (empty when absent), which
+/// the block layer checks when it adds them. Calls from all clients are serialised
+/// (one at a time, like QEMU's big lock), on the calling client's thread; `quit` runs
+/// once its reply is written. A panic in a call is reported to that client as a
+/// `GenericError`.
+///
+/// [`BlkProps::parse`]: crate::device_manager::virtio_blk::BlkProps::parse
 pub trait QmpBackend: Send + Sync {
-    /// `object-add` (secrets): the whole `arguments` object (`qom-type`, `id`, ...).
-    fn object_add(&self, args: &serde_json::Map<String, serde_json::Value>)
-        -> Result<(), QmpError>;
-    /// `object-del`.
-    fn object_del(&self, id: &str) -> Result<(), QmpError>;
-    /// `blockdev-add`: the whole `arguments` object (`driver`, `node-name`, ...).
-    fn blockdev_add(
-        &self,
-        args: &serde_json::Map<String, serde_json::Value>,
-    ) -> Result<(), QmpError>;
-    /// `blockdev-del`.
-    fn blockdev_del(&self, node_name: &str) -> Result<(), QmpError>;
-    /// `device_add`: the whole `arguments` object (`driver`, `id`, `drive`, ...).
-    fn device_add(&self, args: &serde_json::Map<String, serde_json::Value>)
-        -> Result<(), QmpError>;
-    /// `device_del`: starts the unplug; the VM emits `DEVICE_DELETED` when the guest
-    /// has released the device.
-    fn device_del(&self, id: &str) -> Result<(), QmpError>;
-    /// `query-block`'s return value (an array).
-    fn query_block(&self) -> serde_json::Value;
-    /// `query-named-block-nodes`'s return value (an array).
-    fn query_named_block_nodes(&self, flat: bool) -> serde_json::Value;
-    /// `query-pci`'s return value (an array).
-    fn query_pci(&self) -> serde_json::Value;
-    /// "running" etc. for query-status.
-    fn status(&self) -> &'static str;
-    /// `system_powerdown`: presses the ACPI power button.
-    fn system_powerdown(&self) -> Result<(), QmpError>;
-    /// Stops the VM (the reply is sent before the VM goes away).
-    fn quit(&self);
+    /// The VM's vCPUs (a disk's default `num-queues`).
+    fn vcpus(&self) -> u8;
+    /// Runs `action`; its QMP return value.
+    fn execute(&self, action: Action) -> Result<serde_json::Value, QmpError>;
 }

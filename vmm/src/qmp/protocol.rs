@@ -22,7 +22,7 @@ pub(crate) enum Effect {
     None,
     /// Negotiation completed: start sending events.
     Negotiated,
-    /// `quit` succeeded: call [`QmpBackend::quit`] once the reply is sent.
+    /// `quit` succeeded: run [`Action::Quit`] once the reply is sent.
     Quit,
 }
 
@@ -332,7 +332,7 @@ mod tests {
         );
         assert_eq!(
             run(
-                json!({"execute": "device_add", "arguments": {"driver": "virtio-blk-pci", "id": "d0"}})
+                json!({"execute": "device_add", "arguments": {"driver": "virtio-blk-pci", "drive": "n0", "id": "d0"}})
             ),
             r#"{"return": {}}"#
         );

@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
@@ -17,11 +16,13 @@ use serde_json::Value;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::commands;
 use super::lexer::JsonStreamer;
 use super::protocol::{self, Effect, Session};
 use super::transport::{Address, ListenError, Listener, Stream};
 use super::writer;
 use super::{EventBus, QmpBackend};
+use crate::control::Action;
 
 /// Clients served at once; further connections wait in the listen backlog.
 pub const MAX_CLIENTS: usize = 128;
@@ -422,7 +423,7 @@ fn serve_client(shared: &Shared, id: u64, mut stream: Stream) {
                     if queue.send(Outgoing::Flush(ack)).is_ok() {
                         let _ = written.recv_timeout(QUIT_FLUSH_TIMEOUT);
                     }
-                    let _ = catch_unwind(AssertUnwindSafe(|| shared.backend.quit()));
+                    let _ = commands::run(&*shared.backend, Action::Quit);
                 }
             }
         }

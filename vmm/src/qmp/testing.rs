@@ -5,13 +5,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use super::{ErrorClass, EventBus, QmpBackend, QmpError};
+use crate::control::{Action, Query};
 
-/// Keeps a set of device ids. `device_add` with driver `slow` takes half a second, with
-/// driver `panic` panics; `device_del` emits `DEVICE_DELETED` on `events` if set;
-/// `object-add` with `qom-type` `fail` fails with the `class` and `desc` it is given.
+/// Keeps a set of device ids. `device_add` of a device whose id starts with `slow`
+/// takes half a second, with id `panic` panics; `device_del` emits `DEVICE_DELETED` on
+/// `events` if set; `object-add` with `qom-type` `fail` fails with the `class` and
+/// `desc` it is given.
 #[derive(Default)]
 pub(crate) struct FakeBackend {
     devices: Mutex<BTreeSet<String>>,
@@ -31,102 +33,78 @@ impl FakeBackend {
         }
     }
 
-    /// How many times `quit` was called.
+    /// How many times `quit` was run.
     pub(crate) fn quits(&self) -> usize {
         self.quits.load(Ordering::SeqCst)
     }
+}
 
-    fn record(&self, call: &str) {
-        self.calls.lock().unwrap().push(call.to_string());
+fn object_add(args: &serde_json::Map<String, Value>) -> Result<Value, QmpError> {
+    if args.get("qom-type").and_then(Value::as_str) != Some("fail") {
+        return Ok(json!({}));
     }
+    let class = match args.get("class").and_then(Value::as_str) {
+        Some("CommandNotFound") => ErrorClass::CommandNotFound,
+        Some("DeviceNotFound") => ErrorClass::DeviceNotFound,
+        Some("DeviceNotActive") => ErrorClass::DeviceNotActive,
+        Some("KVMMissingCap") => ErrorClass::KVMMissingCap,
+        _ => ErrorClass::GenericError,
+    };
+    let desc = args.get("desc").and_then(Value::as_str).unwrap_or("failed");
+    Err(QmpError::new(class, desc))
 }
 
 impl QmpBackend for FakeBackend {
-    fn object_add(&self, args: &Map<String, Value>) -> Result<(), QmpError> {
-        self.record("object-add");
-        if args.get("qom-type").and_then(Value::as_str) != Some("fail") {
-            return Ok(());
+    fn vcpus(&self) -> u8 {
+        2
+    }
+
+    fn execute(&self, action: Action) -> Result<Value, QmpError> {
+        match &action {
+            Action::Query(_) | Action::Quit => {}
+            other => self.calls.lock().unwrap().push(other.command().to_string()),
         }
-        let class = match args.get("class").and_then(Value::as_str) {
-            Some("CommandNotFound") => ErrorClass::CommandNotFound,
-            Some("DeviceNotFound") => ErrorClass::DeviceNotFound,
-            Some("DeviceNotActive") => ErrorClass::DeviceNotActive,
-            Some("KVMMissingCap") => ErrorClass::KVMMissingCap,
-            _ => ErrorClass::GenericError,
-        };
-        let desc = args.get("desc").and_then(Value::as_str).unwrap_or("failed");
-        Err(QmpError::new(class, desc))
-    }
-
-    fn object_del(&self, id: &str) -> Result<(), QmpError> {
-        self.record("object-del");
-        Err(QmpError::generic(format!("object '{id}' not found")))
-    }
-
-    fn blockdev_add(&self, _args: &Map<String, Value>) -> Result<(), QmpError> {
-        self.record("blockdev-add");
-        Ok(())
-    }
-
-    fn blockdev_del(&self, node_name: &str) -> Result<(), QmpError> {
-        self.record("blockdev-del");
-        Err(QmpError::generic(format!(
-            "Failed to find node with node-name='{node_name}'"
-        )))
-    }
-
-    fn device_add(&self, args: &Map<String, Value>) -> Result<(), QmpError> {
-        self.record("device_add");
-        match args.get("driver").and_then(Value::as_str) {
-            None => return Err(QmpError::generic("Parameter 'driver' is missing")),
-            Some("slow") => std::thread::sleep(Duration::from_millis(500)),
-            Some("panic") => panic!("fake backend panics on request"),
-            Some(_) => {}
+        match action {
+            Action::ObjectAdd(o) => object_add(&o.args),
+            Action::ObjectDel(id) => Err(QmpError::generic(format!("object '{id}' not found"))),
+            Action::BlockdevAdd(_) => Ok(json!({})),
+            Action::BlockdevDel(name) => Err(QmpError::generic(format!(
+                "Failed to find node with node-name='{name}'"
+            ))),
+            Action::DeviceAdd(d) => {
+                let id = d.props.id.unwrap_or_default();
+                if id.starts_with("slow") {
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                if id == "panic" {
+                    panic!("fake backend panics on request");
+                }
+                self.devices.lock().unwrap().insert(id);
+                Ok(json!({}))
+            }
+            Action::DeviceDel(id) => {
+                if !self.devices.lock().unwrap().remove(&id) {
+                    return Err(QmpError::device_not_found(format!(
+                        "Device '{id}' not found"
+                    )));
+                }
+                if let Some(events) = &self.events {
+                    events.emit(
+                        "DEVICE_DELETED",
+                        json!({"device": id, "path": format!("/machine/peripheral/{id}")}),
+                    );
+                }
+                Ok(json!({}))
+            }
+            Action::Query(Query::Status) => Ok(json!({"status": "running", "running": true})),
+            Action::Query(Query::Block) => Ok(json!([])),
+            Action::Query(Query::NamedBlockNodes { flat }) => Ok(json!([{ "flat": flat }])),
+            Action::Query(Query::Pci) => Ok(json!([{"bus": 0, "devices": []}])),
+            Action::SystemPowerdown => Ok(json!({})),
+            Action::Quit => {
+                self.quits.fetch_add(1, Ordering::SeqCst);
+                Ok(json!({}))
+            }
         }
-        if let Some(id) = args.get("id").and_then(Value::as_str) {
-            self.devices.lock().unwrap().insert(id.to_string());
-        }
-        Ok(())
-    }
-
-    fn device_del(&self, id: &str) -> Result<(), QmpError> {
-        self.record("device_del");
-        if !self.devices.lock().unwrap().remove(id) {
-            return Err(QmpError::device_not_found(format!(
-                "Device '{id}' not found"
-            )));
-        }
-        if let Some(events) = &self.events {
-            events.emit(
-                "DEVICE_DELETED",
-                json!({"device": id, "path": format!("/machine/peripheral/{id}")}),
-            );
-        }
-        Ok(())
-    }
-
-    fn query_block(&self) -> Value {
-        json!([])
-    }
-
-    fn query_named_block_nodes(&self, flat: bool) -> Value {
-        json!([{ "flat": flat }])
-    }
-
-    fn query_pci(&self) -> Value {
-        json!([{"bus": 0, "devices": []}])
-    }
-
-    fn status(&self) -> &'static str {
-        "running"
-    }
-
-    fn system_powerdown(&self) -> Result<(), QmpError> {
-        self.record("system_powerdown");
-        Ok(())
-    }
-
-    fn quit(&self) {
-        self.quits.fetch_add(1, Ordering::SeqCst);
     }
 }

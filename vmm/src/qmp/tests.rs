@@ -344,8 +344,8 @@ fn client_that_disconnects_mid_command_does_not_affect_others() {
     let mut other = Client::negotiated(f.address());
     {
         let mut gone = Client::negotiated(f.address());
-        gone.send(r#"{"execute":"device_add","arguments":{"driver":"slow","id":"s0"}}"#);
-        gone.send(r#"{"execute":"device_add","arguments":{"driver":"slow","id":"s1"}}"#);
+        gone.send(r#"{"execute":"device_add","arguments":{"driver":"virtio-blk-pci","drive":"n0","id":"slow0"}}"#);
+        gone.send(r#"{"execute":"device_add","arguments":{"driver":"virtio-blk-pci","drive":"n0","id":"slow1"}}"#);
         // Dropped here, while the first command runs.
     }
     assert_eq!(
@@ -386,7 +386,7 @@ fn a_backend_panic_is_an_error_reply() {
     let f = Fixture::new();
     let mut c = Client::negotiated(f.address());
     let (class, desc) =
-        error_of(&c.cmd(r#"{"execute":"device_add","arguments":{"driver":"panic"}}"#));
+        error_of(&c.cmd(r#"{"execute":"device_add","arguments":{"driver":"virtio-blk-pci","drive":"n0","id":"panic"}}"#));
     assert_eq!(class, "GenericError");
     assert!(desc.contains("internal error"), "{desc}");
     assert!(c
@@ -419,7 +419,7 @@ fn events_only_after_negotiation_and_to_all_clients() {
     );
     // device_del's DEVICE_DELETED (emitted by the backend) reaches everyone.
     assert_eq!(
-        a.cmd(r#"{"execute":"device_add","arguments":{"driver":"virtio-blk-pci","id":"d0"}}"#),
+        a.cmd(r#"{"execute":"device_add","arguments":{"driver":"virtio-blk-pci","drive":"n0","id":"d0"}}"#),
         r#"{"return": {}}"#
     );
     a.send(r#"{"execute":"device_del","arguments":{"id":"d0"},"id":"del"}"#);
