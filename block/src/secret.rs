@@ -107,8 +107,9 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// The secret objects of a VM or an `img` invocation, by id.
-#[derive(Debug, Default)]
+/// The secret objects of a VM or an `img` invocation, by id. A clone's
+/// secrets are zeroized when it is dropped, as the original's are.
+#[derive(Debug, Default, Clone)]
 pub struct SecretStore {
     secrets: BTreeMap<String, Secret>,
 }

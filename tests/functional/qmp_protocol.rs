@@ -933,3 +933,93 @@ fn hotplug_refusals_match_qemu() {
     );
     assert_same_transcripts(&got, &want);
 }
+
+/// QMP answers other clients while a `blockdev-add` unlocks LUKS for seconds: the
+/// unlock holds neither the server's nor the machine's locks (issue 12). The header's
+/// PBKDF2 cost is QEMU's `iter-time=2500` (milliseconds on this machine).
+#[test]
+fn qmp_answers_while_a_luks_unlock_runs() {
+    if !common::require(&["qemu-img"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("slow.luks");
+    common::run(
+        "qemu-img",
+        [
+            "create",
+            "-q",
+            "-f",
+            "luks",
+            "--object",
+            "secret,id=s0,data=pw",
+            "-o",
+            "key-secret=s0,iter-time=2500",
+            image.to_str().unwrap(),
+            "1M",
+        ],
+        None,
+    )
+    .ok();
+    let mut vm = start_vm(dir.path(), "qmp.sock");
+    let address = dir.path().join("qmp.sock").to_str().unwrap().to_string();
+
+    // Client A adds the secret, then the luks node, on its own thread.
+    let a_address = address.clone();
+    let image_name = image.to_str().unwrap().to_string();
+    let unlock = std::thread::spawn(move || {
+        let mut a = Qmp::negotiated(&a_address);
+        let secret =
+            r#"{"execute":"object-add","arguments":{"qom-type":"secret","id":"s0","data":"pw"}}"#;
+        assert_eq!(a.cmd(secret), r#"{"return": {}}"#);
+        let add = json!({"execute": "blockdev-add", "arguments": {
+            "driver": "luks", "node-name": "slow", "key-secret": "s0",
+            "file": {"driver": "file", "filename": image_name}}});
+        let sent = Instant::now();
+        let reply = a.cmd(&add.to_string());
+        (reply, sent, Instant::now())
+    });
+
+    // Client B meanwhile: each answer comes at once, before A's.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut b = Qmp::negotiated(&address);
+    let mut answered = Vec::new();
+    for query in [
+        "query-status",
+        "query-named-block-nodes",
+        "query-pci",
+        "query-block",
+    ] {
+        let asked = Instant::now();
+        let reply = b.cmd(&json!({ "execute": query }).to_string());
+        assert!(reply.starts_with(r#"{"return""#), "{query}: {reply}");
+        assert!(
+            !reply.contains("\"slow\""),
+            "{query} during the unlock: {reply}"
+        );
+        answered.push((query, asked.elapsed(), Instant::now()));
+    }
+    let (reply, sent, replied) = unlock.join().unwrap();
+    assert_eq!(reply, r#"{"return": {}}"#, "blockdev-add:\n{}", vm.log());
+    let unlock_time = replied - sent;
+    assert!(
+        unlock_time > Duration::from_secs(1),
+        "the unlock took only {unlock_time:?}: the header proves nothing"
+    );
+    for (query, took, at) in answered {
+        assert!(
+            at < replied && took < Duration::from_millis(500),
+            "{query} took {took:?}, answered {} during an unlock of {unlock_time:?}",
+            if at < replied {
+                "before it ended"
+            } else {
+                "only after it"
+            }
+        );
+    }
+    // The node is there once the unlock is done.
+    let nodes = b.cmd(r#"{"execute":"query-named-block-nodes"}"#);
+    assert!(nodes.contains(r#""node-name": "slow""#), "{nodes}");
+    assert_eq!(b.cmd(r#"{"execute":"quit"}"#), r#"{"return": {}}"#);
+    assert_eq!(vm.wait_exit(TIMEOUT), Some(0), "{}", vm.log());
+}

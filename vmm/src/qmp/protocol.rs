@@ -1,8 +1,6 @@
 //! One client's QMP session: the greeting, capabilities negotiation, the checks QEMU
 //! makes on a request (`qmp_dispatch()`), and the reply.
 
-use std::sync::Mutex;
-
 use serde_json::{json, Map, Value};
 
 use super::commands;
@@ -39,12 +37,7 @@ impl Session {
     }
 
     /// Handles one message from the client; returns the reply and what to do next.
-    pub(crate) fn handle(
-        &mut self,
-        message: Message,
-        backend: &dyn QmpBackend,
-        lock: &Mutex<()>,
-    ) -> (Value, Effect) {
+    pub(crate) fn handle(&mut self, message: Message, backend: &dyn QmpBackend) -> (Value, Effect) {
         let request = match message {
             Ok(v) => v,
             Err(desc) => return (reply(None, Err(QmpError::generic(desc))), Effect::None),
@@ -80,7 +73,7 @@ impl Session {
                 Err(e) => Err(e),
             }
         } else {
-            match commands::execute(name, &args, backend, lock) {
+            match commands::execute(name, &args, backend) {
                 Some(r) => {
                     if r.is_ok() && name == "quit" {
                         effect = Effect::Quit;
@@ -163,13 +156,12 @@ mod tests {
     /// Feeds `input` through a session; returns the replies as QEMU would print them.
     fn session_replies(session: &mut Session, input: &str) -> Vec<String> {
         let backend = FakeBackend::default();
-        let lock = Mutex::new(());
         let mut streamer = JsonStreamer::new();
         let mut messages = Vec::new();
         streamer.feed(input.as_bytes(), &mut messages);
         messages
             .into_iter()
-            .map(|m| to_json(&session.handle(m, &backend, &lock).0))
+            .map(|m| to_json(&session.handle(m, &backend).0))
             .collect()
     }
 
@@ -322,9 +314,8 @@ mod tests {
     #[test]
     fn backend_errors_and_results_pass_through() {
         let backend = FakeBackend::default();
-        let lock = Mutex::new(());
         let mut s = Session::new();
-        let mut run = |req: Value| to_json(&s.handle(Ok(req), &backend, &lock).0);
+        let mut run = |req: Value| to_json(&s.handle(Ok(req), &backend).0);
         run(json!({"execute": "qmp_capabilities"}));
         assert_eq!(
             run(json!({"execute": "device_del", "arguments": {"id": "nope"}})),
@@ -348,7 +339,7 @@ mod tests {
             run(json!({"execute": "system_powerdown", "arguments": {}})),
             r#"{"return": {}}"#
         );
-        let (reply, effect) = s.handle(Ok(json!({"execute": "quit"})), &backend, &lock);
+        let (reply, effect) = s.handle(Ok(json!({"execute": "quit"})), &backend);
         assert_eq!(to_json(&reply), r#"{"return": {}}"#);
         assert_eq!(effect, Effect::Quit);
         assert_eq!(
@@ -356,7 +347,7 @@ mod tests {
             0,
             "the server calls quit() after the reply"
         );
-        let (reply, _) = s.handle(Ok(json!({"execute": "query-commands"})), &backend, &lock);
+        let (reply, _) = s.handle(Ok(json!({"execute": "query-commands"})), &backend);
         let names: Vec<&str> = reply["return"]
             .as_array()
             .unwrap()

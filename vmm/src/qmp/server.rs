@@ -120,8 +120,6 @@ struct Clients {
 struct Shared {
     backend: Arc<dyn QmpBackend>,
     events: Arc<EventBus>,
-    /// Serialises backend calls across clients (QEMU's big lock).
-    dispatch: Mutex<()>,
     clients: Mutex<Clients>,
     /// Signalled when a client leaves or the server stops.
     changed: Condvar,
@@ -197,7 +195,6 @@ impl QmpServer {
         let shared = Arc::new(Shared {
             backend,
             events,
-            dispatch: Mutex::new(()),
             clients: Mutex::new(Clients {
                 streams: HashMap::new(),
                 stopping: false,
@@ -393,7 +390,7 @@ fn serve_client(shared: &Shared, id: u64, mut stream: Stream) {
         };
         streamer.feed(&buf[..n], &mut messages);
         for message in messages.drain(..) {
-            let (reply, effect) = session.handle(message, &*shared.backend, &shared.dispatch);
+            let (reply, effect) = session.handle(message, &*shared.backend);
             let line = Outgoing::Line(format!("{}\r\n", writer::to_json(&reply)).into());
             if effect == Effect::Negotiated {
                 // Negotiated clients may wait for events as long as they like.
