@@ -1023,3 +1023,95 @@ fn qmp_answers_while_a_luks_unlock_runs() {
     assert_eq!(b.cmd(r#"{"execute":"quit"}"#), r#"{"return": {}}"#);
     assert_eq!(vm.wait_exit(TIMEOUT), Some(0), "{}", vm.log());
 }
+
+/// Mappings of process `pid` from /proc/PID/smaps: (size in bytes, VmFlags).
+fn mappings(pid: u32) -> Vec<(u64, String)> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).expect("smaps");
+    let mut out = Vec::new();
+    let mut size = 0;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ') {
+            if let Some((a, b)) = range.split_once('-') {
+                if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                    size = b - a;
+                    continue;
+                }
+            }
+        }
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            out.push((size, flags.trim().to_string()));
+        }
+    }
+    out
+}
+
+/// A running `cryptvm run` with an open LUKS disk keeps its secrets out of core dumps:
+/// its guest RAM and the pages of the disk's key schedule are `MADV_DONTDUMP`, as
+/// /proc/PID/smaps shows ("dd"); the key pages go with the node (issue 12). (The process is also
+/// non-dumpable: `vmm::core_dumps`' unit test, as root cannot see it from outside.)
+#[test]
+fn guest_ram_and_key_schedules_stay_out_of_core_dumps() {
+    if !common::require(&["qemu-img"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("d.luks");
+    common::run(
+        "qemu-img",
+        [
+            "create",
+            "-q",
+            "-f",
+            "luks",
+            "--object",
+            "secret,id=s0,data=pw",
+            "-o",
+            "key-secret=s0,iter-time=10",
+            image.to_str().unwrap(),
+            "1M",
+        ],
+        None,
+    )
+    .ok();
+    let mut vm = start_vm(dir.path(), "qmp.sock");
+    let address = dir.path().join("qmp.sock").to_str().unwrap().to_string();
+    let pid = vm.child.id();
+    let dont_dump = |m: &[(u64, String)]| -> Vec<u64> {
+        m.iter()
+            .filter(|(_, f)| f.split_whitespace().any(|f| f == "dd"))
+            .map(|(size, _)| *size)
+            .collect()
+    };
+    let before = dont_dump(&mappings(pid));
+    // The 32 MiB of guest RAM (the smallest mapping that holds it).
+    assert!(
+        before.iter().any(|&s| s >= 32 << 20),
+        "no guest RAM mapping is MADV_DONTDUMP: {before:?}"
+    );
+    let mut q = Qmp::negotiated(&address);
+    let secret =
+        r#"{"execute":"object-add","arguments":{"qom-type":"secret","id":"s0","data":"pw"}}"#;
+    assert_eq!(q.cmd(secret), r#"{"return": {}}"#);
+    let add = json!({"execute": "blockdev-add", "arguments": {
+        "driver": "luks", "node-name": "d", "key-secret": "s0",
+        "file": {"driver": "file", "filename": image.to_str().unwrap()}}});
+    assert_eq!(q.cmd(&add.to_string()), r#"{"return": {}}"#);
+    let after = dont_dump(&mappings(pid));
+    let small = |v: &[u64]| v.iter().filter(|&&s| s <= 64 << 10).count();
+    assert!(
+        small(&after) > small(&before),
+        "no new small MADV_DONTDUMP mapping for the key schedule: {before:?} -> {after:?}"
+    );
+    assert_eq!(
+        q.cmd(r#"{"execute":"blockdev-del","arguments":{"node-name":"d"}}"#),
+        r#"{"return": {}}"#
+    );
+    let gone = dont_dump(&mappings(pid));
+    assert_eq!(
+        small(&gone),
+        small(&before),
+        "the key schedule's pages outlive the node: {gone:?}"
+    );
+    assert_eq!(q.cmd(r#"{"execute":"quit"}"#), r#"{"return": {}}"#);
+    assert_eq!(vm.wait_exit(TIMEOUT), Some(0), "{}", vm.log());
+}

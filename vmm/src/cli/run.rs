@@ -36,6 +36,11 @@ pub fn main(args: &[String]) -> u8 {
         println!("{USAGE}");
         return 0;
     }
+    // Before any secret is read: no core dump may carry keys or guest RAM.
+    if let Err(e) = crate::core_dumps::forbid() {
+        eprintln!("cryptvm: making the process non-dumpable: {e}");
+        return 1;
+    }
     let result = VmConfig::from_args(args)
         .map_err(|e| e.to_string())
         .and_then(|config| run_config(&config));
