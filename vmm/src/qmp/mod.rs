@@ -23,6 +23,7 @@ mod parser;
 mod protocol;
 mod server;
 mod transport;
+mod wipe;
 mod writer;
 
 #[cfg(test)]
