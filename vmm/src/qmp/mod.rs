@@ -22,6 +22,7 @@ mod lexer;
 mod parser;
 mod protocol;
 mod server;
+mod throttle;
 mod transport;
 mod wipe;
 mod writer;
