@@ -96,7 +96,7 @@ fn map_aligned(size: usize) -> std::io::Result<*mut u8> {
         // Advice only: without THP the memory simply uses small pages.
         libc::madvise(aligned as *mut libc::c_void, size, libc::MADV_HUGEPAGE);
     }
-    // The guest's plaintext stays out of core dumps (crate::core_dumps).
+    // The guest's plaintext stays out of core dumps (see core_dumps.rs).
     // SAFETY: advice on the range kept above, which is ours.
     if unsafe { libc::madvise(aligned as *mut libc::c_void, size, libc::MADV_DONTDUMP) } != 0 {
         return Err(std::io::Error::last_os_error());
