@@ -29,6 +29,8 @@ qcow2_seed() { # NAME SIZE, then qemu-img create options
     shift 2
     qemu-img create -q -f qcow2 "$@" "$work/$name.qcow2" $size
     { printf "$ops_none"; cat "$work/$name.qcow2"; } >"$out/qcow2/$name"
+    # 64 KiB clusters make `check` walk 32768 refcounts per block: one such seed only.
+    [[ $name == c64k-* ]] && return
     qemu-io -f qcow2 -c "write -P 0xaa 0 64k" -c "write -P 0x55 1M 4k" "$work/$name.qcow2" >/dev/null
     { printf "$ops_some"; cat "$work/$name.qcow2"; } >"$out/qcow2/$name-data"
 }
@@ -36,7 +38,7 @@ if have qemu-img && have qemu-io; then
     qcow2_seed c64k-1g 1G
     qcow2_seed c4k-64m 64M -o cluster_size=4096
     qcow2_seed c512-4m 4M -o cluster_size=512
-    qcow2_seed v2-16m 16M -o compat=0.10
+    qcow2_seed v2-16m 16M -o compat=0.10,cluster_size=4096
     qcow2_seed rc1-16m 16M -o cluster_size=4096,refcount_bits=1
     qcow2_seed rc64-16m 16M -o cluster_size=4096,refcount_bits=64
     qcow2_seed lazy-16m 16M -o cluster_size=4096,lazy_refcounts=on

@@ -1,8 +1,9 @@
 //! An arbitrary image opened as qcow2, read-write, over an in-memory file node
 //! (growing to at most 64 MiB) with an in-memory backing node; then up to 16
-//! reads, writes, write-zeroes, discards, flushes and checks driven by the input;
-//! then `check` with repair (`-r all`) and `close`. Nothing may panic, hang or
-//! allocate without bound.
+//! reads, writes, write-zeroes, discards and flushes driven by the input; then
+//! `check` with repair (`-r all`) and `close`. Nothing may panic, hang or allocate
+//! without bound. (One `check` per run: it compares every entry of every refcount
+//! block, 32768 of them per block, which dominates a run.)
 //!
 //! Input: one byte `n`, then `n % 17` operations of 8 bytes (kind, offset in 512-byte
 //! units as a u32, length in 512-byte units as a u16, pattern byte), then the image.
@@ -64,11 +65,8 @@ fuzz_target!(|data: &[u8]| {
             5 => {
                 let _ = node.discard(offset, len * 8);
             }
-            6 => {
-                let _ = node.flush();
-            }
             _ => {
-                let _ = node.check(Repair::None);
+                let _ = node.flush();
             }
         }
     }

@@ -13,7 +13,8 @@
 # Toolchain: `cargo +nightly` when rustup has a nightly toolchain (AddressSanitizer
 # on); otherwise the default (stable) toolchain with RUSTC_BOOTSTRAP=1, which
 # cargo-fuzz's -Z flags need, also with AddressSanitizer unless FUZZ_SANITIZER says
-# otherwise (`none`). cargo-fuzz is installed (`cargo install cargo-fuzz --locked`)
+# otherwise (`none`); FUZZ_TOOLCHAIN=stable picks the latter even where nightly is
+# installed. cargo-fuzz is installed (`cargo install cargo-fuzz --locked`)
 # if missing. FUZZ_TARGET_DIR: the fuzz crate's target folder (default fuzz/target).
 # FUZZ_KEEP=1 keeps the scratch folder (corpora, logs) even when all passed.
 set -euo pipefail
@@ -23,7 +24,8 @@ secs="${FUZZ_SECS:-30}"
 target_dir="${FUZZ_TARGET_DIR:-$root/fuzz/target}"
 start=$(date +%s)
 
-if command -v rustup >/dev/null 2>&1 && rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+if [[ "${FUZZ_TOOLCHAIN:-}" != stable ]] && command -v rustup >/dev/null 2>&1 \
+    && rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
     cargo=(cargo +nightly)
     channel=nightly
 else
