@@ -111,6 +111,9 @@ pub enum GraphError {
         /// The node that uses it.
         parent: String,
     },
+    /// A node-name was taken while nodes of that name were being opened.
+    #[error("Duplicate nodes with node-name='{0}'")]
+    Duplicate(String),
     /// A second device wants a node that a device already writes.
     #[error("Permission conflict on node '{node}': permissions 'write' are both required by block device '{holder}' (uses node '{node}' as 'root' child) and unshared by block device '{user}' (uses node '{node}' as 'root' child).")]
     PermissionConflict {
@@ -221,7 +224,9 @@ impl BlockError {
             Self::Backing { source, .. } | Self::At { source, .. } => source.kind(),
             Self::Graph(e) => match e {
                 GraphError::NoDeviceNorNode(_) | GraphError::NotFound(_) => ErrorKind::NotFound,
-                GraphError::InUse(_) | GraphError::InUseBy { .. } => ErrorKind::InUse,
+                GraphError::InUse(_) | GraphError::InUseBy { .. } | GraphError::Duplicate(_) => {
+                    ErrorKind::InUse
+                }
                 GraphError::PermissionConflict { .. } | GraphError::NotOwned(_) => {
                     ErrorKind::PermissionDenied
                 }

@@ -4,7 +4,8 @@
 //! names them, resolves child references and refuses removals that would
 //! leave a dangling user.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use serde_json::Value;
 
@@ -14,6 +15,7 @@ use crate::node::NodeRef;
 use crate::options::Opts;
 use crate::{BlockError, GraphError, Result};
 
+#[derive(Clone)]
 struct Entry {
     node: NodeRef,
     /// Node names of this node's children, by role.
@@ -25,10 +27,32 @@ struct Entry {
 }
 
 /// All block nodes of a VM (or of an `img` invocation), by node-name.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct BlockGraph {
     nodes: BTreeMap<String, Entry>,
     next_implicit: u64,
+}
+
+/// New nodes being opened in a copy of a graph, away from whatever guards the
+/// graph itself: [`BlockGraph::stage`], then [`Staging::add`], then
+/// [`BlockGraph::merge`].
+pub struct Staging {
+    /// The node-names the graph had when it was copied.
+    before: BTreeSet<String>,
+    graph: BlockGraph,
+}
+
+impl Staging {
+    /// [`BlockGraph::add`] on the copy.
+    pub fn add(
+        &mut self,
+        path: &str,
+        args: Value,
+        ctx: &OpenContext<'_>,
+        anonymous_ok: bool,
+    ) -> Result<String> {
+        self.graph.add(path, args, ctx, anonymous_ok)
+    }
 }
 
 impl BlockGraph {
@@ -130,6 +154,52 @@ impl BlockGraph {
                 return name;
             }
         }
+    }
+
+    /// A copy of the graph in which to open new nodes ([`BlockGraph::add`]) without
+    /// holding whatever guards this one: a LUKS unlock may take seconds, and the
+    /// VM's other users of the graph must not wait for it. [`BlockGraph::merge`]
+    /// brings the new nodes back. The copy shares the nodes (they are references).
+    pub fn stage(&self) -> Staging {
+        Staging {
+            before: self.nodes.keys().cloned().collect(),
+            graph: self.clone(),
+        }
+    }
+
+    /// Adds the nodes `staging` opened since [`BlockGraph::stage`]. Refused, with
+    /// this graph unchanged (the new nodes are closed), when meanwhile a node-name
+    /// they take was taken or a node they use as a child was removed or replaced.
+    pub fn merge(&mut self, staging: Staging) -> Result<()> {
+        let Staging { before, mut graph } = staging;
+        let new: Vec<String> = graph
+            .nodes
+            .keys()
+            .filter(|name| !before.contains(*name))
+            .cloned()
+            .collect();
+        for name in &new {
+            if self.nodes.contains_key(name) {
+                return Err(GraphError::Duplicate(name.clone()).into());
+            }
+            for (_, child) in &graph.nodes[name].children {
+                let still_there = new.contains(child)
+                    || match (self.nodes.get(child), graph.nodes.get(child)) {
+                        (Some(now), Some(then)) => Arc::ptr_eq(&now.node, &then.node),
+                        _ => false,
+                    };
+                if !still_there {
+                    return Err(GraphError::NoDeviceNorNode(child.clone()).into());
+                }
+            }
+        }
+        for name in new {
+            if let Some(entry) = graph.nodes.remove(&name) {
+                self.nodes.insert(name, entry);
+            }
+        }
+        self.next_implicit = self.next_implicit.max(graph.next_implicit);
+        Ok(())
     }
 
     /// The node called `name`.
@@ -342,7 +412,16 @@ mod tests {
     /// errors without a key say which options they are about.
     #[test]
     fn misspelt_keys_are_named_first() {
-        let f = Fixture::new();
+        let mut f = Fixture::new();
+        // The luks case's secret exists: its error is then about the header (a.img
+        // is no LUKS volume), which has no key.
+        f.secrets
+            .add(
+                "objects[0]",
+                json!({"qom-type": "secret", "id": "s", "data": "x"}),
+                None,
+            )
+            .unwrap();
         let mut g = BlockGraph::new();
         let err = |g: &mut BlockGraph, v: Value| {
             g.add("blockdevs[0]", v, &f.ctx(), false)
@@ -585,5 +664,83 @@ mod tests {
         )
         .unwrap();
         assert!(g.get("ra").unwrap().write_at(0, b"x").is_err());
+    }
+
+    #[test]
+    fn staged_nodes_merge_unless_the_graph_changed_under_them() {
+        let f = Fixture::new();
+        let file = |name: &str, filename: &str| json!({"node-name": name, "driver": "file", "filename": filename});
+        let mut g = BlockGraph::new();
+        g.add("b[0]", file("fa", "a.img"), &f.ctx(), false).unwrap();
+
+        // Opened in the copy: not in the graph until merged; inline children too.
+        let mut s = g.stage();
+        s.add(
+            "b[1]",
+            json!({"node-name": "ra", "driver": "raw", "file": "fa"}),
+            &f.ctx(),
+            false,
+        )
+        .unwrap();
+        s.add(
+            "b[2]",
+            json!({"node-name": "rb", "driver": "raw",
+                   "file": {"driver": "file", "filename": "b.img"}}),
+            &f.ctx(),
+            false,
+        )
+        .unwrap();
+        assert!(g.get("ra").is_none() && g.get("rb").is_none());
+        g.merge(s).unwrap();
+        assert_eq!(g.parents_of("fa"), vec!["ra"]);
+        let inline = g.children_of("rb")[0].1.clone();
+        assert!(g.get(&inline).is_some(), "{inline}");
+
+        // The child was removed meanwhile: refused, nothing added.
+        let mut s = g.stage();
+        s.add(
+            "b[3]",
+            json!({"node-name": "rc", "driver": "raw", "file": "fb"}),
+            &f.ctx(),
+            false,
+        )
+        .unwrap_err(); // (no such node in the copy either)
+        g.add("b[4]", file("fb", "b.img"), &f.ctx(), false).unwrap();
+        let mut s = g.stage();
+        s.add(
+            "b[5]",
+            json!({"node-name": "rc", "driver": "raw", "file": "fb"}),
+            &f.ctx(),
+            false,
+        )
+        .unwrap();
+        g.remove("fb").unwrap();
+        let e = g.merge(s).unwrap_err();
+        assert_eq!(e.to_string(), "Cannot find device='' nor node-name='fb'");
+        assert!(g.get("rc").is_none());
+
+        // ... or removed and added again (another node of that name): refused too.
+        g.add("b[6]", file("fb", "b.img"), &f.ctx(), false).unwrap();
+        let mut s = g.stage();
+        s.add(
+            "b[7]",
+            json!({"node-name": "rc", "driver": "raw", "file": "fb"}),
+            &f.ctx(),
+            false,
+        )
+        .unwrap();
+        g.remove("fb").unwrap();
+        g.add("b[8]", file("fb", "a.img"), &f.ctx(), false).unwrap();
+        assert!(g.merge(s).is_err());
+        assert!(g.get("rc").is_none());
+
+        // The node-name was taken meanwhile.
+        let mut s = g.stage();
+        s.add("b[9]", file("fx", "a.img"), &f.ctx(), false).unwrap();
+        g.add("b[10]", file("fx", "b.img"), &f.ctx(), false)
+            .unwrap();
+        let e = g.merge(s).unwrap_err();
+        assert_eq!(e.to_string(), "Duplicate nodes with node-name='fx'");
+        assert_eq!(e.kind(), crate::ErrorKind::InUse);
     }
 }

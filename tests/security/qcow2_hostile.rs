@@ -696,3 +696,46 @@ fn refcount_table_repeating_one_full_block() {
     assert!(took < LIMIT, "check took {took:?}");
     before.assert_unchanged(&r);
 }
+
+/// A dirty image (incompatible bit 0: refcounts may be stale) that repairing cannot make
+/// whole: its first L2 table pointer leads past the end of the file, and the table it
+/// used to point to is now a leaked cluster. Opening it for writing must refuse before
+/// the repair writes anything (a dry run first): the file stays byte-identical, where a
+/// repair that rebuilt the refcounts and only then found the broken entry had already
+/// written them (issue 12).
+#[test]
+fn dirty_image_that_cannot_be_repaired_is_left_untouched() {
+    if !require(&["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let s = fixture("dirty-broken");
+    let path = s.join("h.qcow2");
+    let mut b = read(&path);
+    let l = Qcow2Layout::parse(&b);
+    let eof = past_eof(&b, &l, false);
+    put_be64(&mut b, l.l1_offset as usize, h::OFLAG_COPIED | eof);
+    let features = get_be64(&b, h::INCOMPATIBLE_FEATURES);
+    put_be64(
+        &mut b,
+        h::INCOMPATIBLE_FEATURES,
+        features | h::INCOMPAT_DIRTY,
+    );
+    std::fs::write(&path, &b).expect("writing the hostile image");
+
+    // QEMU, on a copy, finds the image broken beyond the refcounts too.
+    std::fs::copy(&path, s.join("copy.qcow2")).expect("copy");
+    let (status, report) = qemu_img_check(s.path(), "copy.qcow2");
+    assert_ne!(status, Some(0), "qemu-img check finds nothing: {report:#}");
+    std::fs::remove_file(s.join("copy.qcow2")).expect("cleanup");
+
+    let before = Snapshot::take(s.path());
+    let r = run_limited(
+        &s,
+        &[
+            "img", "convert", "-n", "-f", "raw", "-O", "qcow2", "zero.raw", "h.qcow2",
+        ],
+    );
+    before.assert_unchanged(&r);
+    r.clean_error(1, &["dirty image"]);
+    assert!(r.stderr.contains("nothing was written"), "{r}");
+}

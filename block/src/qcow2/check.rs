@@ -35,6 +35,10 @@ pub struct CheckReport {
     pub check_errors: u64,
     /// Corruptions repaired.
     pub corruptions_fixed: u64,
+    /// Corruptions no repair mode fixes (broken or overlapping table entries, as
+    /// opposed to wrong refcounts and COPIED flags): found by any check, so a dry run
+    /// ([`Repair::None`]) tells whether `-r all` could make the image whole.
+    pub unrepairable: u64,
     /// Leaks repaired.
     pub leaks_fixed: u64,
     /// End of the last used cluster.
@@ -501,6 +505,8 @@ pub(super) fn check_meta(m: &mut Meta, repair: Repair) -> Result<CheckReport> {
     c.walk_snapshots();
     c.walk_refcount_structures();
     c.walk_bitmaps();
+    // Up to here nothing is repaired: what the walks found stays whatever the mode.
+    c.r.unrepairable = c.r.corruptions;
     let result = c.compare(repair).and_then(|_| c.check_copied(repair));
     c.m.alloc_floor = saved_floor;
     c.m.l2_cache.clear_clean();

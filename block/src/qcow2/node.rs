@@ -296,7 +296,17 @@ impl Qcow2Node {
             meta.check_reftable_unique()?;
         }
         if writable && dirty {
-            // Refcounts may be stale: rebuild them before any allocation.
+            // Refcounts may be stale: rebuild them before any allocation. A dry run
+            // first: an image the rebuild cannot make whole is refused untouched.
+            let dry = check::check_meta(&mut meta, Repair::None)?;
+            if dry.unrepairable > 0 {
+                return Err(Qcow2Error::corrupt(format!(
+                    "the dirty image has {} errors that repairing its refcounts cannot \
+                     fix; nothing was written ('qemu-img check' lists them)",
+                    dry.unrepairable
+                ))
+                .into());
+            }
             let report = check::check_meta(&mut meta, Repair::All)?;
             if report.corruptions > report.corruptions_fixed {
                 return Err(Qcow2Error::corrupt(format!(

@@ -176,6 +176,8 @@ struct State {
 pub struct Machine {
     params: MachineParams,
     state: Mutex<State>,
+    /// Held by `blockdev-add` while it opens nodes outside `state`: one opens at a time.
+    opening: Mutex<()>,
     hotplug: Mutex<Option<Arc<dyn HotplugNotifier>>>,
     teardown: Mutex<Option<hotplug::Teardown>>,
     events: Arc<Mutex<Option<EventSink>>>,
@@ -195,6 +197,7 @@ impl Machine {
         Arc::new(Machine {
             params,
             state: Mutex::new(State::default()),
+            opening: Mutex::new(()),
             hotplug: Mutex::new(None),
             teardown: Mutex::new(None),
             events: Arc::default(),
@@ -236,12 +239,12 @@ impl Machine {
     pub fn object_add(
         &self,
         path: &str,
-        args: &Map<String, Value>,
+        args: Map<String, Value>,
         base_dir: Option<&Path>,
     ) -> Result<(), ControlError> {
         lock(&self.state)
             .secrets
-            .add(path, Value::Object(args.clone()), base_dir)
+            .add(path, Value::Object(args), base_dir)
             .map(drop)
             .map_err(|e| ControlError::Block(e.at(path)))
     }
@@ -261,19 +264,28 @@ impl Machine {
         args: &Map<String, Value>,
         base_dir: Option<&Path>,
     ) -> Result<(), ControlError> {
-        let mut state = lock(&self.state);
-        let State { secrets, graph, .. } = &mut *state;
+        // Opening may take long (a LUKS unlock runs its KDF; a file may be slow), so
+        // it runs on a copy of the graph with no lock held that the vCPUs, the disks
+        // or other QMP commands need; only blockdev-adds wait for each other.
+        let _one_at_a_time = lock(&self.opening);
+        let (mut staging, secrets) = {
+            let state = lock(&self.state);
+            (state.graph.stage(), state.secrets.clone())
+        };
         let ctx = OpenContext {
-            secrets,
+            secrets: &secrets,
             base_dir,
             no_io: false,
             read_only: false,
             backing_files: BackingFiles::Contained,
         };
-        graph
+        staging
             .add(path, Value::Object(args.clone()), &ctx, false)
-            .map(drop)
-            .map_err(ControlError::Block)
+            .map_err(ControlError::Block)?;
+        lock(&self.state)
+            .graph
+            .merge(staging)
+            .map_err(|e| ControlError::Block(e.at(path)))
     }
 
     /// `blockdev-del`: refused while a device or another node uses the node.

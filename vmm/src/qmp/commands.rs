@@ -2,7 +2,6 @@
 //! [`Action`] each becomes for [`QmpBackend::execute`].
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Mutex;
 
 use block::options::{check_keys, KeyError};
 use serde_json::{json, Map, Value};
@@ -211,13 +210,11 @@ fn check(name: &str, args: &Map<String, Value>, vcpus: u8) -> Option<Result<Chec
 }
 
 /// Runs command `name` after negotiation; `None` when there is no such command.
-/// `lock` serialises the backend calls of all clients. `quit` only answers here: the
-/// server runs it once the reply is written ([`run`]).
+/// `quit` only answers here: the server runs it once the reply is written ([`run`]).
 pub(crate) fn execute(
     name: &str,
     args: &Map<String, Value>,
     backend: &dyn QmpBackend,
-    lock: &Mutex<()>,
 ) -> Option<Result<Value, QmpError>> {
     let action = match check(name, args, backend.vcpus())? {
         Err(e) => return Some(Err(e)),
@@ -225,7 +222,6 @@ pub(crate) fn execute(
         Ok(Checked::Do(Action::Quit)) => return Some(Ok(json!({}))),
         Ok(Checked::Do(action)) => action,
     };
-    let _serialised = lock.lock().unwrap_or_else(|e| e.into_inner());
     Some(run(backend, action))
 }
 

@@ -24,7 +24,9 @@ mod lexer;
 mod parser;
 mod protocol;
 mod server;
+mod throttle;
 mod transport;
+mod wipe;
 mod writer;
 
 #[cfg(test)]
@@ -120,8 +122,10 @@ impl QmpError {
 /// into an [`Action`] before calling: QEMU's checks for the fixed arguments (`id`,
 /// `node-name`, `flat`, none), [`BlkProps::parse`] for `device_add`; `object-add` and
 /// `blockdev-add` carry their `arguments` object as sent (empty when absent), which
-/// the block layer checks when it adds them. Calls from all clients are serialised
-/// (one at a time, like QEMU's big lock), on the calling client's thread; `quit` runs
+/// the block layer checks when it adds them. Each client's calls run on its own
+/// thread, one after the other; calls of different clients may run at once (unlike
+/// under QEMU's big lock: a `blockdev-add` that unlocks LUKS for seconds must not
+/// stop other clients' queries), so the backend guards its own state. `quit` runs
 /// once its reply is written. A panic in a call is reported to that client as a
 /// `GenericError`.
 ///

@@ -1,8 +1,6 @@
 //! One client's QMP session: the greeting, capabilities negotiation, the checks QEMU
 //! makes on a request (`qmp_dispatch()`), and the reply.
 
-use std::sync::Mutex;
-
 use serde_json::{json, Map, Value};
 
 use super::commands;
@@ -39,24 +37,40 @@ impl Session {
     }
 
     /// Handles one message from the client; returns the reply and what to do next.
-    pub(crate) fn handle(
+    pub(crate) fn handle(&mut self, message: Message, backend: &dyn QmpBackend) -> (Value, Effect) {
+        let mut wipe = Vec::new();
+        let answer = self.answer(message, backend, &mut wipe);
+        // The request and its arguments may hold a passphrase (`object-add`).
+        wipe.into_iter().for_each(block::secret::wipe_json);
+        answer
+    }
+
+    /// [`Session::handle`]; what `wipe` gets is zeroized once the reply is made.
+    fn answer(
         &mut self,
         message: Message,
         backend: &dyn QmpBackend,
-        lock: &Mutex<()>,
+        wipe: &mut Vec<Value>,
     ) -> (Value, Effect) {
         let request = match message {
             Ok(v) => v,
             Err(desc) => return (reply(None, Err(QmpError::generic(desc))), Effect::None),
         };
-        let Value::Object(request) = request else {
-            let e = QmpError::generic("QMP input must be a JSON object");
-            return (reply(None, Err(e)), Effect::None);
+        let request = match request {
+            Value::Object(request) => request,
+            other => {
+                wipe.push(other);
+                let e = QmpError::generic("QMP input must be a JSON object");
+                return (reply(None, Err(e)), Effect::None);
+            }
         };
         let id = request.get("id").cloned();
         let (name, args) = match check_request(&request) {
             Ok(r) => r,
-            Err(e) => return (reply(id, Err(e)), Effect::None),
+            Err(e) => {
+                wipe.push(Value::Object(request));
+                return (reply(id, Err(e)), Effect::None);
+            }
         };
         let mut effect = Effect::None;
         let result = if !self.negotiated {
@@ -80,7 +94,7 @@ impl Session {
                 Err(e) => Err(e),
             }
         } else {
-            match commands::execute(name, &args, backend, lock) {
+            match commands::execute(name, &args, backend) {
                 Some(r) => {
                     if r.is_ok() && name == "quit" {
                         effect = Effect::Quit;
@@ -92,6 +106,8 @@ impl Session {
                 ))),
             }
         };
+        wipe.push(Value::Object(args));
+        wipe.push(Value::Object(request));
         (reply(id, result), effect)
     }
 }
@@ -163,13 +179,12 @@ mod tests {
     /// Feeds `input` through a session; returns the replies as QEMU would print them.
     fn session_replies(session: &mut Session, input: &str) -> Vec<String> {
         let backend = FakeBackend::default();
-        let lock = Mutex::new(());
         let mut streamer = JsonStreamer::new();
         let mut messages = Vec::new();
         streamer.feed(input.as_bytes(), &mut messages);
         messages
             .into_iter()
-            .map(|m| to_json(&session.handle(m, &backend, &lock).0))
+            .map(|m| to_json(&session.handle(m, &backend).0))
             .collect()
     }
 
@@ -322,9 +337,8 @@ mod tests {
     #[test]
     fn backend_errors_and_results_pass_through() {
         let backend = FakeBackend::default();
-        let lock = Mutex::new(());
         let mut s = Session::new();
-        let mut run = |req: Value| to_json(&s.handle(Ok(req), &backend, &lock).0);
+        let mut run = |req: Value| to_json(&s.handle(Ok(req), &backend).0);
         run(json!({"execute": "qmp_capabilities"}));
         assert_eq!(
             run(json!({"execute": "device_del", "arguments": {"id": "nope"}})),
@@ -348,7 +362,7 @@ mod tests {
             run(json!({"execute": "system_powerdown", "arguments": {}})),
             r#"{"return": {}}"#
         );
-        let (reply, effect) = s.handle(Ok(json!({"execute": "quit"})), &backend, &lock);
+        let (reply, effect) = s.handle(Ok(json!({"execute": "quit"})), &backend);
         assert_eq!(to_json(&reply), r#"{"return": {}}"#);
         assert_eq!(effect, Effect::Quit);
         assert_eq!(
@@ -356,7 +370,7 @@ mod tests {
             0,
             "the server calls quit() after the reply"
         );
-        let (reply, _) = s.handle(Ok(json!({"execute": "query-commands"})), &backend, &lock);
+        let (reply, _) = s.handle(Ok(json!({"execute": "query-commands"})), &backend);
         let names: Vec<&str> = reply["return"]
             .as_array()
             .unwrap()
