@@ -4,8 +4,6 @@
 //! wrappers call the very same code on the calling thread. Not part of the supported
 //! API: hidden from the documentation and free to change.
 
-use std::sync::Mutex;
-
 use serde_json::Value;
 
 use super::{lexer, protocol, writer, QmpBackend};
@@ -41,7 +39,6 @@ pub fn greeting() -> Value {
 #[derive(Default)]
 pub struct Session {
     inner: protocol::Session,
-    dispatch: Mutex<()>,
 }
 
 impl Session {
@@ -53,7 +50,7 @@ impl Session {
     /// Handles one message as the server does: the reply, and whether it was a
     /// successful `quit` (after which the server would stop the VM).
     pub fn handle(&mut self, message: Message, backend: &dyn QmpBackend) -> (Value, bool) {
-        let (reply, effect) = self.inner.handle(message, backend, &self.dispatch);
+        let (reply, effect) = self.inner.handle(message, backend);
         (reply, effect == protocol::Effect::Quit)
     }
 }
