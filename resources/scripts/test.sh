@@ -6,9 +6,12 @@
 # rustfmt and clippy (warnings denied), every unit and integration test of the workspace
 # (tests/interop, tests/functional, tests/security run the real peer tools: qemu-img,
 # qemu-io, qemu-system-x86_64, cryptsetup, openssl, python3; with CI=true a missing tool
-# fails its tests, elsewhere they are skipped with a note), then the benchmarks
-# (resources/bench/cipher.sh, convert.sh, qcow2.sh, boot.sh, disk.sh, hotplug.sh), whose
-# figures are printed, not judged. BENCH=0 skips the benchmarks.
+# fails its tests, elsewhere they are skipped with a note), then the fuzz smoke test
+# (resources/scripts/fuzz-smoke.sh: every cargo-fuzz target of fuzz/ built once and run
+# FUZZ_SECS=30 s on its seeds; a crash, timeout or OOM fails the suite), then the
+# benchmarks (resources/bench/cipher.sh, convert.sh, qcow2.sh, boot.sh, disk.sh,
+# hotplug.sh), whose figures are printed, not judged. FUZZ=0 skips the fuzz smoke test,
+# BENCH=0 the benchmarks.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -35,6 +38,11 @@ if [[ $status -ne 0 || $failed -ne 0 ]]; then
     echo "cargo test failed (exit status $status)"
     echo "tests: $passed passed, $failed failed"
     exit 1
+fi
+
+if [[ "${FUZZ:-1}" != 0 ]]; then
+    echo "== resources/scripts/fuzz-smoke.sh"
+    resources/scripts/fuzz-smoke.sh
 fi
 
 # A benchmark that fails is named and the others still run; the suite then fails. One

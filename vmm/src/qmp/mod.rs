@@ -18,6 +18,8 @@ use crate::control::Action;
 
 mod commands;
 mod events;
+#[doc(hidden)]
+pub mod fuzzing;
 mod lexer;
 mod parser;
 mod protocol;

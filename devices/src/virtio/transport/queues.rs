@@ -302,20 +302,7 @@ impl VirtioQueues {
         budget: usize,
         out: &mut Vec<(u16, Vec<Descriptor>)>,
     ) -> Result<(), ChainError> {
-        let bad = |_| ChainError::Malformed("rings outside guest memory");
-        queue.disable_notification(&self.mem).map_err(bad)?;
-        let size = queue.size();
-        let iter = queue
-            .iter(&self.mem)
-            .map_err(|_| ChainError::Malformed("available ring index"))?;
-        for chain in iter.take(budget) {
-            let head = chain.head_index();
-            if head >= size {
-                return Err(ChainError::Malformed("head index beyond the queue"));
-            }
-            out.push((head, collect(chain, usize::from(size))?));
-        }
-        Ok(())
+        pop(&self.mem, queue, budget, out)
     }
 
     /// Runs one request on a worker and completes it.
@@ -493,6 +480,96 @@ impl VirtioQueues {
 
 const KICK: u64 = 0;
 const STOP: u64 = 1;
+
+/// Takes up to `budget` chains of `queue` off the available ring in `mem`.
+fn pop(
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    budget: usize,
+    out: &mut Vec<(u16, Vec<Descriptor>)>,
+) -> Result<(), ChainError> {
+    let bad = |_| ChainError::Malformed("rings outside guest memory");
+    queue.disable_notification(mem).map_err(bad)?;
+    let size = queue.size();
+    let iter = queue
+        .iter(mem)
+        .map_err(|_| ChainError::Malformed("available ring index"))?;
+    for chain in iter.take(budget) {
+        let head = chain.head_index();
+        if head >= size {
+            return Err(ChainError::Malformed("head index beyond the queue"));
+        }
+        out.push((head, collect(chain, usize::from(size))?));
+    }
+    Ok(())
+}
+
+/// Where a split virtqueue lives in guest memory, as the driver programs it.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy)]
+pub struct RingLayout {
+    /// Queue size (entries); the device's maximum if larger.
+    pub size: u16,
+    /// Guest address of the descriptor table.
+    pub desc: u64,
+    /// Guest address of the available ring.
+    pub avail: u64,
+    /// Guest address of the used ring.
+    pub used: u64,
+    /// `VIRTIO_F_RING_EVENT_IDX` negotiated.
+    pub event_idx: bool,
+}
+
+/// Serves the chains on one virtqueue's available ring on the calling thread:
+/// the same chain collection (`pop`: loops, length, indirect tables) and
+/// [`VirtioDevice::process`] that the queue threads and request workers run, then
+/// the used ring entry, but with no threads, eventfds or panic containment, so that
+/// a fuzz target (`fuzz/fuzz_targets/virtio_blk_chain.rs`) sees every panic and runs
+/// deterministically. Nothing public reaches the chain code without the threaded
+/// transport. Stops at `budget` chains or at the first malformed chain (whose error it
+/// returns, as the queue thread would stop the queue); returns each served chain's
+/// head and used length. Not part of the supported API.
+#[doc(hidden)]
+pub fn serve_inline(
+    device: &dyn VirtioDevice,
+    mem: &GuestMemoryMmap,
+    ring: RingLayout,
+    budget: usize,
+) -> Result<Vec<(u16, u32)>, ChainError> {
+    let max = device.queue_max_size();
+    let mut queue = Queue::new(max).map_err(|_| ChainError::Malformed("queue size"))?;
+    queue.set_size(ring.size.min(max));
+    let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
+    let (lo, hi) = split(ring.desc);
+    queue.set_desc_table_address(lo, hi);
+    let (lo, hi) = split(ring.avail);
+    queue.set_avail_ring_address(lo, hi);
+    let (lo, hi) = split(ring.used);
+    queue.set_used_ring_address(lo, hi);
+    queue.set_event_idx(ring.event_idx);
+    queue.set_ready(true);
+    if !queue.is_valid(mem) {
+        return Err(ChainError::Malformed("rings outside guest memory"));
+    }
+    let mut served = Vec::new();
+    let mut left = budget;
+    while left > 0 {
+        let mut batch = Vec::new();
+        pop(mem, &mut queue, left.min(BATCH), &mut batch)?;
+        if batch.is_empty() {
+            break;
+        }
+        left -= batch.len();
+        for (head, descs) in batch {
+            let len = device.process(mem, &descs)?;
+            queue
+                .add_used(mem, head, len)
+                .map_err(|_| ChainError::Malformed("used ring outside guest memory"))?;
+            served.push((head, len));
+        }
+    }
+    Ok(served)
+}
 
 /// Collects a chain's descriptors (at most `max`, the queue size: the
 /// longest chain a driver may make), refusing truncated chains (loops,
