@@ -41,7 +41,7 @@ if [[ $status -ne 0 || $failed -ne 0 ]]; then
 fi
 
 if [[ "${FUZZ:-1}" != 0 ]]; then
-    echo "== resources/scripts/fuzz-smoke.sh"
+    echo "== resources/scripts/fuzz-smoke.sh ($SECONDS s so far)"
     resources/scripts/fuzz-smoke.sh
 fi
 
