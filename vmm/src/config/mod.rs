@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
+use crate::seccomp::SeccompMode;
+
 /// Most vCPUs a VM may have.
 pub const MAX_CPUS: u8 = 32;
 /// Guest RAM when nothing says otherwise.
@@ -90,6 +92,8 @@ pub struct VmConfig {
     /// Request workers shared by every disk queue (`io-workers`); `None`: see
     /// [`VmConfig::io_workers`].
     pub io_workers: Option<usize>,
+    /// Seccomp filters on the VMM's threads (`seccomp`: on, off or log).
+    pub seccomp: SeccompMode,
 }
 
 impl Default for VmConfig {
@@ -106,6 +110,7 @@ impl Default for VmConfig {
             qmp: None,
             serial: SerialConfig::Stdio,
             io_workers: None,
+            seccomp: SeccompMode::Log,
         }
     }
 }
@@ -210,7 +215,7 @@ const TOP_KEYS: &[&str] = &[
     "qmp",
     "serial",
 ];
-const MACHINE_KEYS: &[&str] = &["cpus", "memory", "io-workers"];
+const MACHINE_KEYS: &[&str] = &["cpus", "memory", "io-workers", "seccomp"];
 const BOOT_KEYS: &[&str] = &["kernel", "initrd", "cmdline"];
 
 /// Checks `map`'s keys with the block layer's key checker: an unknown one is named
@@ -344,6 +349,15 @@ impl VmConfig {
                         .and_then(|b| check_memory(b, &text))
                         .map_err(key_err)?;
                 }
+                "seccomp" => {
+                    let text = v.as_str().ok_or_else(|| {
+                        key_err(format!(
+                            "expected \"on\", \"off\" or \"log\", got {}",
+                            block::options::kind(v)
+                        ))
+                    })?;
+                    self.seccomp = SeccompMode::parse(text).map_err(key_err)?;
+                }
                 _ => return err(format!("{path}: unknown key")),
             }
         }
@@ -441,6 +455,7 @@ impl VmConfig {
                 }
             }
             "qmp" => self.qmp = Some(value.to_string()),
+            "seccomp" => self.seccomp = SeccompMode::parse(value).map_err(opt_err)?,
             "serial" => self.serial = parse_serial(value, None).map_err(opt_err)?,
             _ => return err(format!("unknown option '--{name}'")),
         }
@@ -475,6 +490,7 @@ const OPTIONS: &[&str] = &[
     "qmp",
     "serial",
     "io-workers",
+    "seccomp",
 ];
 
 fn parse_serial(text: &str, base: Option<&Path>) -> Result<SerialConfig, String> {
