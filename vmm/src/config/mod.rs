@@ -110,7 +110,7 @@ impl Default for VmConfig {
             qmp: None,
             serial: SerialConfig::Stdio,
             io_workers: None,
-            seccomp: SeccompMode::Log,
+            seccomp: SeccompMode::On,
         }
     }
 }
