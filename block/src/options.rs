@@ -135,10 +135,20 @@ impl Opts {
 
     /// Fails if any key was not taken.
     pub fn finish(self) -> Result<()> {
+        self.check_all_taken()
+    }
+
+    /// [`Opts::finish`], leaving the options in place.
+    pub fn check_all_taken(&self) -> Result<()> {
         match self.map.keys().next() {
             None => Ok(()),
             Some(key) => Err(self.error(key, UNKNOWN_OPTION)),
         }
+    }
+
+    /// The options not taken.
+    pub fn into_map(self) -> Map<String, Value> {
+        self.map
     }
 }
 

@@ -7,7 +7,7 @@ use std::fmt;
 use aes::cipher::{block_padding::NoPadding, BlockDecryptMut, KeyIvInit};
 use base64::Engine;
 use serde_json::Value;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::options::Opts;
 use crate::{BlockError, Result};
@@ -57,7 +57,26 @@ pub const SECRET_KEYS: &[&str] = &["qom-type", "id", "data", "file", "format", "
 /// name before a missing `id`. `path` prefixes key paths in errors. Returns
 /// the id.
 pub fn check_object(path: &str, args: &Value) -> Result<String> {
-    check_object_opts(&Opts::from_value(path, args.clone())?)
+    let o = Opts::from_value(path, args.clone())?;
+    let result = check_object_opts(&o);
+    wipe_json(Value::Object(o.into_map()));
+    result
+}
+
+/// Drops `value`, zeroizing every string in it (keys too) first: the arguments of an
+/// `object-add`, or any JSON a client sent, may hold a passphrase.
+pub fn wipe_json(value: Value) {
+    match value {
+        Value::String(mut s) => s.zeroize(),
+        Value::Array(items) => items.into_iter().for_each(wipe_json),
+        Value::Object(map) => {
+            for (mut key, value) in map {
+                key.zeroize();
+                wipe_json(value);
+            }
+        }
+        Value::Null | Value::Bool(_) | Value::Number(_) => {}
+    }
 }
 
 fn check_object_opts(o: &Opts) -> Result<String> {
@@ -129,7 +148,14 @@ impl SecretStore {
         base_dir: Option<&std::path::Path>,
     ) -> Result<String> {
         let mut o = Opts::from_value(path, args)?;
-        check_object_opts(&o)?;
+        let result = self.add_opts(&mut o, base_dir);
+        // What was not taken (all of it, on an early error) may hold the passphrase.
+        wipe_json(Value::Object(o.into_map()));
+        result
+    }
+
+    fn add_opts(&mut self, o: &mut Opts, base_dir: Option<&std::path::Path>) -> Result<String> {
+        check_object_opts(o)?;
         o.take("qom-type");
         let id = o.req_str("id")?;
         if self.secrets.contains_key(&id) {
@@ -150,7 +176,7 @@ impl SecretStore {
         };
         let keyid = o.str("keyid")?;
         let iv = o.str("iv")?;
-        o.finish()?;
+        o.check_all_taken()?;
 
         let input = match (data, file) {
             (Some(d), None) => d,

@@ -38,7 +38,17 @@ pub fn run(argv: &[String]) -> Result<u8> {
         .unwrap_or_default()
         .to_string();
     if format != "qcow2" {
-        // qemu-img: this message, exit status 63 (ENOTSUP).
+        // As qemu-img: the image is opened first (a wrong passphrase, a missing file
+        // are reported as such), then this message, exit status 63 (ENOTSUP).
+        open(
+            opts,
+            &secrets,
+            OpenMode {
+                read_only: true,
+                no_io: false,
+                cache: a.src_cache,
+            },
+        )?;
         eprintln!("cryptvm img: This image format does not support checks");
         return Ok(63);
     }

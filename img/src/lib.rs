@@ -59,13 +59,38 @@ impl From<block::luks::LuksError> for ImgError {
 /// Result of `img` sub-commands: the exit status on success.
 pub type Result<T, E = ImgError> = std::result::Result<T, E>;
 
+/// `cryptvm img --help`.
+const USAGE: &str = "cryptvm img: a qemu-img compatible image tool (luks, qcow2, raw).  Usage:
+
+  cryptvm img COMMAND [command options]
+
+Commands (options as qemu-img's):
+  bench [-c count] [-d depth] [-f fmt] [--flush-interval=N] [-n] [-o offset] [-q] [-s size] [-S step] [-t cache] [-w] [-U] filename
+  check [--object objectdef] [--image-opts] [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename
+  compare [--object objectdef] [--image-opts] [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2
+  convert [--object objectdef] [--image-opts] [--target-image-opts] [-U] [-C] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] [-o options] [-S sparse_size] [-m num_coroutines] [-W] filename [filename2 [...]] output_filename
+  create [--object objectdef] [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
+  info [--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] [-U] filename
+";
+
 /// Runs `cryptvm img ARGS...` and returns the process exit status.
 pub fn main(argv: &[String]) -> u8 {
+    // As qemu-img (a C program): writing to a closed pipe (`| head`) ends the process
+    // by SIGPIPE. Rust's runtime ignores the signal, which made progress output panic.
+    // SAFETY: restores the default disposition of one signal; no handler runs.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let Some((cmd, rest)) = argv.split_first() else {
-        eprintln!("cryptvm img: missing command (create, info, convert, compare)");
+        eprintln!("cryptvm img: Not enough arguments");
+        eprintln!("Try 'cryptvm img --help' for more info");
         return 1;
     };
     let result = match cmd.as_str() {
+        "--help" | "-h" => {
+            print!("{USAGE}");
+            return 0;
+        }
         "create" => create::run(rest),
         "info" => info::run(rest),
         "convert" => convert::run(rest),

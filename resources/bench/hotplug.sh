@@ -3,7 +3,7 @@
 # guest and the same commands in the same L1 test host (resources/testhost/), in one run.
 #
 #   resources/bench/hotplug.sh              # builds cryptvm in release mode first
-#   CRYPTVM=path/to/cryptvm REPS=2 ROUNDS=4 CPUS=2 resources/bench/hotplug.sh
+#   CRYPTVM=path/to/cryptvm REPS=2 ROUNDS=4 CPUS=2 resources/bench/hotplug.sh   # more boots
 #   KEEP=1 resources/bench/hotplug.sh       # keeps the work folder (consoles, transcripts)
 #
 # The guest boots with no disk and runs the baked "hotplug" scenario
@@ -18,16 +18,16 @@
 #   console line, both in L1's /proc/uptime (10 ms steps; the driver polls the console
 #   file every 10 ms).
 # Also: the seven commands' time (first request to device_add's reply) and device_del's
-# reply to DEVICE_DELETED (the guest's eject). Each VMM boots REPS (2) times, the order
-# alternating, ROUNDS (4) rounds a boot; medians over all rounds, side by side, with the
+# reply to DEVICE_DELETED (the guest's eject). Each VMM boots REPS (1) times, the order
+# alternating, ROUNDS (8) rounds a boot; medians over all rounds, side by side, with the
 # ratio cryptvm/QEMU. Timings inside the TCG test host are emulation timings: only the
 # ratio of one run means something. QEMU: -enable-kvm -M pc -cpu host -nodefaults.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 . "$ROOT/resources/bench/lib.sh"
-REPS="${REPS:-2}"
-ROUNDS="${ROUNDS:-4}"
+REPS="${REPS:-1}"
+ROUNDS="${ROUNDS:-8}"
 CPUS="${CPUS:-2}"
 MEM_MIB="${MEM_MIB:-256}"
 

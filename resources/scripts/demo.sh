@@ -8,7 +8,8 @@ cryptvm="$root/target/release/cryptvm"
 work=${1:-$(mktemp -d)}
 mkdir -p "$work"
 cd "$work"
-"$cryptvm" img create --object secret,id=sec0,data=abc123 -f luks \
+(umask 077; printf %s abc123 > pass.txt)
+"$cryptvm" img create --object secret,id=sec0,file=pass.txt -f luks \
     -o cipher-alg=aes-256,cipher-mode=xts -o key-secret=sec0 \
     -o detached-header=true test-header.img
 "$cryptvm" img create -f qcow2 test-payload.qcow2 1G

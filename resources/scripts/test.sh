@@ -21,7 +21,7 @@ cargo clippy --workspace --all-targets -- -D warnings
 echo "== module cycles in vmm/src (resources/scripts/module-deps.py)"
 resources/scripts/module-deps.py --check
 
-echo "== cargo test --workspace"
+echo "== cargo test --workspace ($SECONDS s so far)"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 set +e
@@ -41,7 +41,7 @@ fi
 # whose emulated test host failed (exit status 75, resources/bench/lib.sh) runs once more.
 bench_failed=()
 bench() {
-    local status=0
+    local status=0 started=$SECONDS
     echo "== resources/bench/$1"
     "resources/bench/$1" || status=$?
     if [[ $status -eq 75 ]]; then
@@ -53,6 +53,7 @@ bench() {
         echo "resources/bench/$1 failed (exit status $status)"
         bench_failed+=("$1")
     fi
+    echo "resources/bench/$1: $((SECONDS - started)) s"
 }
 if [[ "${BENCH:-1}" != 0 ]]; then
     for b in cipher.sh convert.sh qcow2.sh boot.sh disk.sh hotplug.sh; do
@@ -60,7 +61,7 @@ if [[ "${BENCH:-1}" != 0 ]]; then
     done
 fi
 
-echo "tests: $passed passed, $failed failed"
+echo "tests: $passed passed, $failed failed ($SECONDS s in all)"
 if [[ ${#bench_failed[@]} -ne 0 ]]; then
     echo "benchmarks failed: ${bench_failed[*]}"
     exit 1

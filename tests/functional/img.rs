@@ -785,3 +785,86 @@ fn cache_modes_are_applied() {
         );
     }
 }
+
+/// `convert -p | head -c 1`: the closed pipe ends cryptvm as it ends qemu-img (SIGPIPE,
+/// or done first), never a panic or a hang (issue 13).
+#[test]
+fn convert_progress_into_a_closed_pipe_ends_quietly() {
+    let s = Scratch::new("pipe");
+    s.sparse("a.raw", 64 << 20);
+    let script = format!(
+        "timeout 60 '{}' img convert -p -O raw a.raw b.raw 2>err.txt | head -c 1 >/dev/null; \
+         echo ${{PIPESTATUS[0]}}",
+        CRYPTVM
+    );
+    let r = run("bash", ["-c", &script], Some(s.path())).ok();
+    let status = r.stdout.trim();
+    let err = std::fs::read_to_string(s.join("err.txt")).unwrap();
+    assert!(
+        status == "141" || status == "0",
+        "exit status {status} (124: hung; 101: panicked):\n{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// `img --help` prints the usage (exit 0) and names every subcommand; no command at all
+/// is qemu-img's error (issue 13).
+#[test]
+fn help_lists_every_subcommand() {
+    let s = Scratch::new("help");
+    let r = cryptvm(s.path(), ["img", "--help"]).ok();
+    for cmd in ["bench", "check", "compare", "convert", "create", "info"] {
+        assert!(r.stdout.contains(&format!("\n  {cmd} ")), "{cmd}:\n{r}");
+    }
+    let none = cryptvm(s.path(), ["img"]);
+    assert_eq!(none.status, Some(1), "{none}");
+    assert!(
+        none.stderr
+            .starts_with("cryptvm img: Not enough arguments\n"),
+        "{none}"
+    );
+}
+
+/// `check` of a format without checks opens the image first, as qemu-img does: a wrong
+/// passphrase is reported as such, the right one gets "does not support checks" (63).
+#[test]
+fn check_of_a_luks_image_opens_it_first() {
+    if !require(&["qemu-img"]) {
+        return;
+    }
+    let s = Scratch::new("check-luks");
+    s.write("good", b"right");
+    s.write("bad", b"wrong");
+    run(
+        "qemu-img",
+        [
+            "create",
+            "-q",
+            "-f",
+            "luks",
+            "--object",
+            "secret,id=s,file=good",
+            "-o",
+            "key-secret=s,iter-time=10",
+            "l.luks",
+            "1M",
+        ],
+        Some(s.path()),
+    )
+    .ok();
+    let opts = "driver=luks,key-secret=s,file.filename=l.luks";
+    for (pass, status, says) in [
+        ("bad", 1, "Invalid password, cannot unlock any keyslot"),
+        ("good", 63, "This image format does not support checks"),
+    ] {
+        let object = format!("secret,id=s,file={pass}");
+        let args = ["check", "--object", object.as_str(), "--image-opts", opts];
+        let q = run("qemu-img", args, Some(s.path()));
+        assert_eq!(q.status, Some(status), "{q}");
+        assert!(q.stderr.contains(says), "{q}");
+        let ours = cryptvm(s.path(), std::iter::once("img").chain(args));
+        assert_eq!(ours.status, Some(status), "{ours}");
+        assert!(ours.stderr.contains(says), "{ours}");
+        ours.never_shows("right");
+    }
+}

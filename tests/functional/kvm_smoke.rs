@@ -261,3 +261,28 @@ fn cli_runs_a_bzimage_from_a_config_file() {
         EXPECTED
     );
 }
+
+/// `--serial-max-size` caps what the guest writes to a serial console file: the rest is
+/// dropped, said once in the file and on stderr, and the guest runs on (issue 12).
+#[test]
+fn serial_file_output_stops_at_its_size_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = run_kernel(
+        dir.path(),
+        &elf_kernel(&guest_code(Tail::PowerOff), true),
+        &["--serial", "file:console.log", "--serial-max-size", "4"],
+    )
+    .ok();
+    let log = String::from_utf8(std::fs::read(dir.path().join("console.log")).unwrap()).unwrap();
+    assert_eq!(
+        log, "Hell\n[cryptvm: guest output stopped here: serial-max-size is 4 bytes]\n",
+        "{r}"
+    );
+    assert!(r.stderr.contains("serial-max-size limit"), "{r}");
+    let bad = run_kernel(
+        dir.path(),
+        &elf_kernel(&guest_code(Tail::PowerOff), true),
+        &["--serial", "file:console.log", "--serial-max-size", "lots"],
+    );
+    bad.clean_error(1, &["--serial-max-size", "'lots' is not a size"]);
+}

@@ -1023,3 +1023,225 @@ fn qmp_answers_while_a_luks_unlock_runs() {
     assert_eq!(b.cmd(r#"{"execute":"quit"}"#), r#"{"return": {}}"#);
     assert_eq!(vm.wait_exit(TIMEOUT), Some(0), "{}", vm.log());
 }
+
+/// Mappings of process `pid` from /proc/PID/smaps: (size in bytes, VmFlags).
+fn mappings(pid: u32) -> Vec<(u64, String)> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).expect("smaps");
+    let mut out = Vec::new();
+    let mut size = 0;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ') {
+            if let Some((a, b)) = range.split_once('-') {
+                if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                    size = b - a;
+                    continue;
+                }
+            }
+        }
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            out.push((size, flags.trim().to_string()));
+        }
+    }
+    out
+}
+
+/// A running `cryptvm run` with an open LUKS disk keeps its secrets out of core dumps:
+/// its guest RAM and the pages of the disk's key schedule are `MADV_DONTDUMP`, as
+/// /proc/PID/smaps shows ("dd"); the key pages go with the node (issue 12). (The process is also
+/// non-dumpable: `vmm::core_dumps`' unit test, as root cannot see it from outside.)
+#[test]
+fn guest_ram_and_key_schedules_stay_out_of_core_dumps() {
+    if !common::require(&["qemu-img"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("d.luks");
+    common::run(
+        "qemu-img",
+        [
+            "create",
+            "-q",
+            "-f",
+            "luks",
+            "--object",
+            "secret,id=s0,data=pw",
+            "-o",
+            "key-secret=s0,iter-time=10",
+            image.to_str().unwrap(),
+            "1M",
+        ],
+        None,
+    )
+    .ok();
+    let mut vm = start_vm(dir.path(), "qmp.sock");
+    let address = dir.path().join("qmp.sock").to_str().unwrap().to_string();
+    let pid = vm.child.id();
+    let dont_dump = |m: &[(u64, String)]| -> Vec<u64> {
+        m.iter()
+            .filter(|(_, f)| f.split_whitespace().any(|f| f == "dd"))
+            .map(|(size, _)| *size)
+            .collect()
+    };
+    let before = dont_dump(&mappings(pid));
+    // The 32 MiB of guest RAM (the smallest mapping that holds it).
+    assert!(
+        before.iter().any(|&s| s >= 32 << 20),
+        "no guest RAM mapping is MADV_DONTDUMP: {before:?}"
+    );
+    let mut q = Qmp::negotiated(&address);
+    let secret =
+        r#"{"execute":"object-add","arguments":{"qom-type":"secret","id":"s0","data":"pw"}}"#;
+    assert_eq!(q.cmd(secret), r#"{"return": {}}"#);
+    let add = json!({"execute": "blockdev-add", "arguments": {
+        "driver": "luks", "node-name": "d", "key-secret": "s0",
+        "file": {"driver": "file", "filename": image.to_str().unwrap()}}});
+    assert_eq!(q.cmd(&add.to_string()), r#"{"return": {}}"#);
+    let after = dont_dump(&mappings(pid));
+    let small = |v: &[u64]| v.iter().filter(|&&s| s <= 64 << 10).count();
+    assert!(
+        small(&after) > small(&before),
+        "no new small MADV_DONTDUMP mapping for the key schedule: {before:?} -> {after:?}"
+    );
+    assert_eq!(
+        q.cmd(r#"{"execute":"blockdev-del","arguments":{"node-name":"d"}}"#),
+        r#"{"return": {}}"#
+    );
+    let gone = dont_dump(&mappings(pid));
+    assert_eq!(
+        small(&gone),
+        small(&before),
+        "the key schedule's pages outlive the node: {gone:?}"
+    );
+    assert_eq!(q.cmd(r#"{"execute":"quit"}"#), r#"{"return": {}}"#);
+    assert_eq!(vm.wait_exit(TIMEOUT), Some(0), "{}", vm.log());
+}
+
+/// How often `needle` occurs in the readable memory of process `pid`
+/// (/proc/PID/maps and /proc/PID/mem; needs ptrace rights, which root has).
+fn occurrences_in_memory(pid: u32, needle: &[u8]) -> usize {
+    use std::os::unix::fs::FileExt;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).expect("mem");
+    let mut found = 0;
+    for line in maps.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        if !perms.starts_with('r') || line.ends_with("[vvar]") || line.ends_with("[vsyscall]") {
+            continue;
+        }
+        let Some((a, b)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
+            continue;
+        };
+        let mut buf = vec![0u8; (b - a) as usize];
+        if mem.read_exact_at(&mut buf, a).is_err() {
+            continue;
+        }
+        let mut i = 0;
+        while let Some(p) = buf[i..].iter().position(|&c| c == needle[0]) {
+            let at = i + p;
+            if buf[at..].starts_with(needle) {
+                found += 1;
+            }
+            i = at + 1;
+        }
+    }
+    found
+}
+
+/// A passphrase sent over QMP leaves no copy in the VMM once its secret is deleted:
+/// the read buffer, the lexer's buffers, the parsed request and every clone of the
+/// arguments are zeroized (issue 12). The whole memory of `cryptvm run` is searched.
+#[test]
+fn a_deleted_secret_leaves_no_copy_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = start_vm(dir.path(), "qmp.sock");
+    let address = dir.path().join("qmp.sock").to_str().unwrap().to_string();
+    let pid = vm.child.id();
+    // Built here, so that the test's own binary holds no copy either way.
+    let pass: String = ["cRyPtVm", "PaSs", "7f3a9e", "QmPwIpE"].concat();
+    let mut q = Qmp::negotiated(&address);
+    let add = json!({"execute": "object-add",
+                     "arguments": {"qom-type": "secret", "id": "s0", "data": pass}});
+    assert_eq!(q.cmd(&add.to_string()), r#"{"return": {}}"#);
+    assert_eq!(
+        occurrences_in_memory(pid, pass.as_bytes()),
+        1,
+        "the secret store should hold the passphrase once, and nothing else"
+    );
+    // A refused object-add (duplicate id) leaves nothing either.
+    let dup = q.cmd(&add.to_string());
+    assert!(dup.contains("GenericError"), "{dup}");
+    assert_eq!(
+        q.cmd(r#"{"execute":"object-del","arguments":{"id":"s0"}}"#),
+        r#"{"return": {}}"#
+    );
+    assert_eq!(
+        occurrences_in_memory(pid, pass.as_bytes()),
+        0,
+        "copies of a deleted passphrase remain in cryptvm's memory"
+    );
+    assert_eq!(q.cmd(r#"{"execute":"quit"}"#), r#"{"return": {}}"#);
+    assert_eq!(vm.wait_exit(TIMEOUT), Some(0), "{}", vm.log());
+}
+
+/// The same after the passphrase unlocked a LUKS node (the KDF's copies of it) and the
+/// node and the secret were deleted.
+#[test]
+fn a_deleted_secret_leaves_no_copy_after_an_unlock() {
+    if !common::require(&["qemu-img"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pass: String = ["cRyPtVm", "LuKs", "51c0de", "UnLoCk"].concat();
+    let pass_file = dir.path().join("pass");
+    std::fs::write(&pass_file, &pass).unwrap();
+    let image = dir.path().join("d.luks");
+    common::run(
+        "qemu-img",
+        [
+            "create",
+            "-q",
+            "-f",
+            "luks",
+            "--object",
+            &format!("secret,id=s0,file={}", pass_file.display()),
+            "-o",
+            "key-secret=s0,iter-time=10",
+            image.to_str().unwrap(),
+            "1M",
+        ],
+        None,
+    )
+    .ok();
+    std::fs::remove_file(&pass_file).unwrap();
+    let mut vm = start_vm(dir.path(), "qmp.sock");
+    let address = dir.path().join("qmp.sock").to_str().unwrap().to_string();
+    let pid = vm.child.id();
+    let mut q = Qmp::negotiated(&address);
+    let add = json!({"execute": "object-add",
+                     "arguments": {"qom-type": "secret", "id": "s0", "data": pass}});
+    assert_eq!(q.cmd(&add.to_string()), r#"{"return": {}}"#);
+    let node = json!({"execute": "blockdev-add", "arguments": {
+        "driver": "luks", "node-name": "d", "key-secret": "s0",
+        "file": {"driver": "file", "filename": image.to_str().unwrap()}}});
+    assert_eq!(q.cmd(&node.to_string()), r#"{"return": {}}"#);
+    assert_eq!(
+        occurrences_in_memory(pid, pass.as_bytes()),
+        1,
+        "after the unlock, only the secret store should hold the passphrase"
+    );
+    for del in [
+        r#"{"execute":"blockdev-del","arguments":{"node-name":"d"}}"#,
+        r#"{"execute":"object-del","arguments":{"id":"s0"}}"#,
+    ] {
+        assert_eq!(q.cmd(del), r#"{"return": {}}"#, "{del}");
+    }
+    assert_eq!(occurrences_in_memory(pid, pass.as_bytes()), 0);
+    assert_eq!(q.cmd(r#"{"execute":"quit"}"#), r#"{"return": {}}"#);
+    assert_eq!(vm.wait_exit(TIMEOUT), Some(0), "{}", vm.log());
+}

@@ -15,6 +15,7 @@ pub mod arch;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod core_dumps;
 pub mod device_manager;
 pub mod event_loop;
 pub mod qmp;

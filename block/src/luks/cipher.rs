@@ -16,6 +16,7 @@ use twofish::Twofish;
 use zeroize::Zeroizing;
 
 use super::error::LuksError;
+use super::guarded::Guarded;
 use super::hash::{HashAlg, MAX_DIGEST_LEN};
 
 mod ivgen;
@@ -445,7 +446,7 @@ fn build_sector_cipher(
             .then(|| vaes::XtsAes::new(data_key, tweak_key))
             .flatten()
         {
-            return Ok(Box::new(xts_vaes::FastXts::new(aes, ivgen)));
+            return Ok(guarded(xts_vaes::FastXts::new(aes, ivgen)));
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -493,17 +494,53 @@ fn new_ivgen(spec: &CipherSpec, key: &[u8]) -> Result<IvGen, LuksError> {
 /// A single-block encryptor of `alg` (for ESSIV).
 fn new_block_encryptor(alg: CipherAlg, key: &[u8]) -> Result<Box<dyn BlockEncryptor>, LuksError> {
     Ok(match alg {
-        CipherAlg::Aes128 => Box::new(init::<Aes128>(alg.name(), key)?),
-        CipherAlg::Aes192 => Box::new(init::<Aes192>(alg.name(), key)?),
-        CipherAlg::Aes256 => Box::new(init::<Aes256>(alg.name(), key)?),
+        CipherAlg::Aes128 => guarded_block(init::<Aes128>(alg.name(), key)?),
+        CipherAlg::Aes192 => guarded_block(init::<Aes192>(alg.name(), key)?),
+        CipherAlg::Aes256 => guarded_block(init::<Aes256>(alg.name(), key)?),
         CipherAlg::Serpent128 | CipherAlg::Serpent192 | CipherAlg::Serpent256 => {
-            Box::new(init::<Serpent>(alg.name(), key)?)
+            guarded_block(init::<Serpent>(alg.name(), key)?)
         }
         CipherAlg::Twofish128 | CipherAlg::Twofish192 | CipherAlg::Twofish256 => {
-            Box::new(init::<Twofish>(alg.name(), key)?)
+            guarded_block(init::<Twofish>(alg.name(), key)?)
         }
-        CipherAlg::Cast5_128 => Box::new(init::<Cast5>(alg.name(), key)?),
+        CipherAlg::Cast5_128 => guarded_block(init::<Cast5>(alg.name(), key)?),
     })
+}
+
+/// `cipher` boxed, its key schedule in [`Guarded`] pages.
+fn guarded<T: SectorCipher + 'static>(cipher: T) -> Box<dyn SectorCipher> {
+    Box::new(Guarded::new(cipher))
+}
+
+/// `cipher` boxed, its key schedule in [`Guarded`] pages.
+fn guarded_block<T: BlockEncryptor + 'static>(cipher: T) -> Box<dyn BlockEncryptor> {
+    Box::new(GuardedBlock(Guarded::new(cipher)))
+}
+
+/// A single-block encryptor in [`Guarded`] pages (a newtype: every block cipher is
+/// a [`BlockEncryptor`] already).
+struct GuardedBlock<T>(Guarded<T>);
+
+impl<T: BlockEncryptor> BlockEncryptor for GuardedBlock<T> {
+    fn encrypt_one(&self, block: &mut [u8]) {
+        self.0.encrypt_one(block)
+    }
+}
+
+impl<T: SectorCipher> SectorCipher for Guarded<T> {
+    fn encrypt(&self, first_sector: u64, buf: &mut [u8]) {
+        (**self).encrypt(first_sector, buf)
+    }
+    fn decrypt(&self, first_sector: u64, buf: &mut [u8]) {
+        (**self).decrypt(first_sector, buf)
+    }
+    fn encrypt_to(&self, first_sector: u64, src: &[u8], dst: &mut [u8]) {
+        (**self).encrypt_to(first_sector, src, dst)
+    }
+    #[cfg(test)]
+    fn implementation(&self) -> &'static str {
+        (**self).implementation()
+    }
 }
 
 /// Keys a block cipher, mapping a bad key length to an error.
@@ -532,7 +569,7 @@ where
         return build_any::<C>(spec, key, ivgen);
     }
     let (data_key, tweak_key) = key.split_at(key.len() / 2);
-    Ok(Box::new(xts::Xts::new(
+    Ok(guarded(xts::Xts::new(
         init::<C>(spec.alg.name(), data_key)?,
         init::<C>(spec.alg.name(), tweak_key)?,
         ivgen,
@@ -547,9 +584,9 @@ fn build_any<C: ModeCipher>(
 ) -> Result<Box<dyn SectorCipher>, LuksError> {
     let cipher = init::<C>(spec.alg.name(), key)?;
     Ok(match spec.mode {
-        CipherMode::Ecb => Box::new(modes::Ecb::new(cipher)),
-        CipherMode::Cbc => Box::new(modes::Cbc::new(cipher, ivgen)),
-        CipherMode::Ctr => Box::new(modes::Ctr::new(cipher, ivgen)),
+        CipherMode::Ecb => guarded(modes::Ecb::new(cipher)),
+        CipherMode::Cbc => guarded(modes::Cbc::new(cipher, ivgen)),
+        CipherMode::Ctr => guarded(modes::Ctr::new(cipher, ivgen)),
         // validate() rejected XTS with other than 16-byte blocks.
         CipherMode::Xts => {
             return Err(LuksError::unsupported(format!(

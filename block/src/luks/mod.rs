@@ -10,6 +10,7 @@ mod cipher;
 mod create;
 pub mod crypto_pool;
 mod error;
+mod guarded;
 mod hash;
 mod header;
 mod keyslot;

@@ -14,6 +14,7 @@ use vm_memory::GuestAddress;
 use crate::arch::x86_64::acpi::AcpiLayout;
 use crate::arch::x86_64::boot::{self, BootSpec};
 use crate::arch::x86_64::layout;
+use crate::cli::capped_output::CappedOutput;
 use crate::cli::terminal::RawMode;
 use crate::config::coldplug::ColdPlug;
 use crate::config::{SerialConfig, VmConfig};
@@ -27,7 +28,7 @@ const USAGE: &str =
     "usage: cryptvm run [--config vm.json] [--kernel PATH] [--initrd PATH] [--cmdline STR]
                    [--cpus N] [--memory SIZE] [--object OPTS]... [--blockdev OPTS]...
                    [--device OPTS]... [--qmp PATH] [--serial stdio|file:PATH]
-                   [--io-workers N] [--seccomp on|off|log]
+                   [--serial-max-size SIZE] [--io-workers N] [--seccomp on|off|log]
 Boots the kernel and runs the guest until it powers off or reboots (exit status 0).
 The KVM device is /dev/kvm, or the path in $CRYPTVM_KVM_DEVICE.
 --seccomp (default on) filters the system calls of every VMM thread: on ends the
@@ -38,6 +39,11 @@ pub fn main(args: &[String]) -> u8 {
     if args.iter().any(|a| a == "--help" || a == "-h") {
         println!("{USAGE}");
         return 0;
+    }
+    // Before any secret is read: no core dump may carry keys or guest RAM.
+    if let Err(e) = crate::core_dumps::forbid() {
+        eprintln!("cryptvm: making the process non-dumpable: {e}");
+        return 1;
     }
     let result = VmConfig::from_args(args)
         .map_err(|e| e.to_string())
@@ -85,7 +91,10 @@ pub fn run_config(config: &VmConfig) -> Result<ExitReason, String> {
                 .append(true)
                 .open(path)
                 .map_err(|e| format!("opening serial output '{}': {e}", path.display()))?;
-            (Box::new(file), false)
+            (
+                Box::new(CappedOutput::new(file, config.serial_max_size)),
+                false,
+            )
         }
     };
     // Before any thread starts: every thread installs its filter first thing.

@@ -89,6 +89,9 @@ pub struct VmConfig {
     pub qmp: Option<String>,
     /// Serial console destination.
     pub serial: SerialConfig,
+    /// Most bytes of guest output a `file:` serial console takes (`serial-max-size`;
+    /// 0: no limit), so that a guest cannot fill the host's disk.
+    pub serial_max_size: u64,
     /// Request workers shared by every disk queue (`io-workers`); `None`: see
     /// [`VmConfig::io_workers`].
     pub io_workers: Option<usize>,
@@ -109,6 +112,7 @@ impl Default for VmConfig {
             devices: Vec::new(),
             qmp: None,
             serial: SerialConfig::Stdio,
+            serial_max_size: DEFAULT_SERIAL_MAX_SIZE,
             io_workers: None,
             seccomp: SeccompMode::On,
         }
@@ -214,6 +218,7 @@ const TOP_KEYS: &[&str] = &[
     "devices",
     "qmp",
     "serial",
+    "serial-max-size",
 ];
 const MACHINE_KEYS: &[&str] = &["cpus", "memory", "io-workers", "seccomp"];
 const BOOT_KEYS: &[&str] = &["kernel", "initrd", "cmdline"];
@@ -303,6 +308,14 @@ impl VmConfig {
                 "serial" => {
                     self.serial = parse_serial(expect_str(v, key)?, base)
                         .map_err(|e| ConfigError(format!("serial: {e}")))?
+                }
+                "serial-max-size" => {
+                    let text = match v {
+                        Value::Number(n) => n.to_string(),
+                        other => expect_str(other, key)?.to_string(),
+                    };
+                    self.serial_max_size = parse_serial_max_size(&text)
+                        .map_err(|e| ConfigError(format!("serial-max-size: {e}")))?
                 }
                 _ => return err(format!("{key}: unknown key")),
             }
@@ -457,6 +470,9 @@ impl VmConfig {
             "qmp" => self.qmp = Some(value.to_string()),
             "seccomp" => self.seccomp = SeccompMode::parse(value).map_err(opt_err)?,
             "serial" => self.serial = parse_serial(value, None).map_err(opt_err)?,
+            "serial-max-size" => {
+                self.serial_max_size = parse_serial_max_size(value).map_err(opt_err)?
+            }
             _ => return err(format!("unknown option '--{name}'")),
         }
         Ok(())
@@ -489,9 +505,19 @@ const OPTIONS: &[&str] = &[
     "device",
     "qmp",
     "serial",
+    "serial-max-size",
     "io-workers",
     "seccomp",
 ];
+
+/// The default `serial-max-size`: 1 GiB.
+pub const DEFAULT_SERIAL_MAX_SIZE: u64 = 1 << 30;
+
+/// A byte count with qemu-img's suffixes (`64M`), 0 for no limit.
+fn parse_serial_max_size(text: &str) -> Result<u64, String> {
+    block::options::parse_size(text)
+        .ok_or_else(|| format!("'{text}' is not a size (bytes, or with k, M, G, T; 0: no limit)"))
+}
 
 fn parse_serial(text: &str, base: Option<&Path>) -> Result<SerialConfig, String> {
     if text == "stdio" {

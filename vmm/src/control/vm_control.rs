@@ -42,7 +42,7 @@ impl VmControl {
         let m = &self.machine;
         let done = |r: Result<(), ControlError>| r.map(|()| json!({}));
         match action {
-            Action::ObjectAdd(o) => done(m.object_add(&o.path, &o.args, o.base_dir.as_deref())),
+            Action::ObjectAdd(o) => done(m.object_add(&o.path, o.args, o.base_dir.as_deref())),
             Action::ObjectDel(id) => done(m.object_del(&id)),
             Action::BlockdevAdd(b) => done(m.blockdev_add(&b.path, &b.args, b.base_dir.as_deref())),
             Action::BlockdevDel(name) => done(m.blockdev_del(&name)),

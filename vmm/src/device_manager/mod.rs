@@ -239,12 +239,12 @@ impl Machine {
     pub fn object_add(
         &self,
         path: &str,
-        args: &Map<String, Value>,
+        args: Map<String, Value>,
         base_dir: Option<&Path>,
     ) -> Result<(), ControlError> {
         lock(&self.state)
             .secrets
-            .add(path, Value::Object(args.clone()), base_dir)
+            .add(path, Value::Object(args), base_dir)
             .map(drop)
             .map_err(|e| ControlError::Block(e.at(path)))
     }

@@ -15,6 +15,7 @@
 use serde_json::Value;
 
 use super::parser;
+use super::wipe::WipeBuf;
 
 /// Bytes of tokens one message may hold (whitespace between tokens is not counted).
 pub(crate) const MAX_MESSAGE_SIZE: usize = 1 << 20;
@@ -199,10 +200,10 @@ pub(crate) type Message = Result<Value, String>;
 /// Turns a byte stream into messages (QEMU's `JSONMessageParser`).
 pub(crate) struct JsonStreamer {
     state: State,
-    /// The token being lexed.
-    token: Vec<u8>,
-    /// Text of the message's complete tokens, back to back.
-    text: Vec<u8>,
+    /// The token being lexed (wiped: it may be a passphrase).
+    token: WipeBuf,
+    /// Text of the message's complete tokens, back to back (wiped too).
+    text: WipeBuf,
     tokens: Vec<Token>,
     braces: i64,
     brackets: i64,
@@ -219,8 +220,8 @@ impl JsonStreamer {
     pub(crate) fn new() -> Self {
         JsonStreamer {
             state: State::Start,
-            token: Vec::new(),
-            text: Vec::new(),
+            token: WipeBuf::default(),
+            text: WipeBuf::default(),
             tokens: Vec::new(),
             braces: 0,
             brackets: 0,

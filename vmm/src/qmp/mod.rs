@@ -22,7 +22,9 @@ mod lexer;
 mod parser;
 mod protocol;
 mod server;
+mod throttle;
 mod transport;
+mod wipe;
 mod writer;
 
 #[cfg(test)]

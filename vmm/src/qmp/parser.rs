@@ -273,7 +273,9 @@ fn mod_utf8_codepoint(s: &[u8]) -> (Option<u32>, usize) {
 /// A string token (with its quotes) decoded, or the error QEMU reports for it.
 fn parse_string(token: &[u8]) -> Result<String, String> {
     let quote = token.first().copied().unwrap_or(b'"');
-    let mut out = String::new();
+    // Never more bytes than the token: no reallocation leaves a copy of what may be
+    // a passphrase behind.
+    let mut out = String::with_capacity(token.len());
     let mut i = 1;
     while let Some(&b) = token.get(i) {
         if b == quote {

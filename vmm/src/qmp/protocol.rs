@@ -38,18 +38,39 @@ impl Session {
 
     /// Handles one message from the client; returns the reply and what to do next.
     pub(crate) fn handle(&mut self, message: Message, backend: &dyn QmpBackend) -> (Value, Effect) {
+        let mut wipe = Vec::new();
+        let answer = self.answer(message, backend, &mut wipe);
+        // The request and its arguments may hold a passphrase (`object-add`).
+        wipe.into_iter().for_each(block::secret::wipe_json);
+        answer
+    }
+
+    /// [`Session::handle`]; what `wipe` gets is zeroized once the reply is made.
+    fn answer(
+        &mut self,
+        message: Message,
+        backend: &dyn QmpBackend,
+        wipe: &mut Vec<Value>,
+    ) -> (Value, Effect) {
         let request = match message {
             Ok(v) => v,
             Err(desc) => return (reply(None, Err(QmpError::generic(desc))), Effect::None),
         };
-        let Value::Object(request) = request else {
-            let e = QmpError::generic("QMP input must be a JSON object");
-            return (reply(None, Err(e)), Effect::None);
+        let request = match request {
+            Value::Object(request) => request,
+            other => {
+                wipe.push(other);
+                let e = QmpError::generic("QMP input must be a JSON object");
+                return (reply(None, Err(e)), Effect::None);
+            }
         };
         let id = request.get("id").cloned();
         let (name, args) = match check_request(&request) {
             Ok(r) => r,
-            Err(e) => return (reply(id, Err(e)), Effect::None),
+            Err(e) => {
+                wipe.push(Value::Object(request));
+                return (reply(id, Err(e)), Effect::None);
+            }
         };
         let mut effect = Effect::None;
         let result = if !self.negotiated {
@@ -85,6 +106,8 @@ impl Session {
                 ))),
             }
         };
+        wipe.push(Value::Object(args));
+        wipe.push(Value::Object(request));
         (reply(id, result), effect)
     }
 }

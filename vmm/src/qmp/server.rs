@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde_json::Value;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use zeroize::Zeroize;
 
 use super::commands;
 use super::lexer::JsonStreamer;
@@ -382,7 +383,8 @@ fn serve_client(shared: &Shared, id: u64, mut stream: Stream) {
     }
     let mut session = Session::new();
     let mut streamer = JsonStreamer::new();
-    let mut buf = vec![0u8; READ_CHUNK];
+    // What clients send may hold a passphrase: each chunk is zeroed once lexed.
+    let mut buf = zeroize::Zeroizing::new(vec![0u8; READ_CHUNK]);
     let mut messages = Vec::new();
     loop {
         if let Some(deadline) = deadline {
@@ -398,6 +400,7 @@ fn serve_client(shared: &Shared, id: u64, mut stream: Stream) {
             Err(_) => return,
         };
         streamer.feed(&buf[..n], &mut messages);
+        buf[..n].zeroize();
         for message in messages.drain(..) {
             let (reply, effect) = session.handle(message, &*shared.backend);
             let line = Outgoing::Line(format!("{}\r\n", writer::to_json(&reply)).into());

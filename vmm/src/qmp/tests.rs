@@ -617,3 +617,36 @@ fn clients_that_never_negotiate_time_out() {
         .cmd(r#"{"execute":"query-status"}"#)
         .contains("running"));
 }
+
+#[test]
+fn a_flood_of_io_errors_reaches_clients_once_per_second_per_node() {
+    let f = Fixture::new();
+    let mut c = Client::negotiated(f.address());
+    let error = |node: &str, n: u32| {
+        json!({"device": "", "node-name": node, "operation": "write",
+                           "action": "report", "nospace": false, "reason": format!("r{n}")})
+    };
+    let start = Instant::now();
+    for n in 0..10_000 {
+        f.events.emit("BLOCK_IO_ERROR", error("a", n));
+    }
+    f.events.emit("BLOCK_IO_ERROR", error("b", 0));
+    f.events.emit("DEVICE_DELETED", json!({"device": "d0"}));
+    // At once: the first of each node, and the unthrottled event.
+    let first: Vec<String> = (0..3).map(|_| c.line()).collect();
+    assert!(
+        first[0].contains(r#""node-name": "a""#) && first[0].contains("\"r0\""),
+        "{first:?}"
+    );
+    assert!(first[1].contains(r#""node-name": "b""#), "{first:?}");
+    assert!(first[2].contains("DEVICE_DELETED"), "{first:?}");
+    // A second later: the newest of the rest, and nothing else.
+    let last = c.line();
+    let waited = start.elapsed();
+    assert!(last.contains("\"r9999\""), "{last}");
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(3),
+        "the held event came after {waited:?}"
+    );
+    assert!(c.quiet_for(Duration::from_millis(1500)), "more events came");
+}

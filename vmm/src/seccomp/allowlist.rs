@@ -121,20 +121,17 @@ const VCPU_IOCTLS: &[Named] = &[
 /// The terminal: raw mode on and off, its size; `FIONBIO` and `FIOCLEX` as
 /// the standard library sets them on descriptors.
 const TERMINAL_IOCTLS: &[Named] = &[
-    ("TCGETS", libc::TCGETS as u64),
-    ("TCSETS", libc::TCSETS as u64),
-    ("TCSETSW", libc::TCSETSW as u64),
-    ("TCSETSF", libc::TCSETSF as u64),
-    ("TIOCGWINSZ", libc::TIOCGWINSZ as u64),
-    ("FIONBIO", libc::FIONBIO as u64),
-    ("FIOCLEX", libc::FIOCLEX as u64),
+    ("TCGETS", libc::TCGETS),
+    ("TCSETS", libc::TCSETS),
+    ("TCSETSW", libc::TCSETSW),
+    ("TCSETSF", libc::TCSETSF),
+    ("TIOCGWINSZ", libc::TIOCGWINSZ),
+    ("FIONBIO", libc::FIONBIO),
+    ("FIOCLEX", libc::FIOCLEX),
 ];
 
 /// `ioctl`s the standard library makes on sockets (`set_nonblocking`).
-const SOCKET_IOCTLS: &[Named] = &[
-    ("FIONBIO", libc::FIONBIO as u64),
-    ("FIOCLEX", libc::FIOCLEX as u64),
-];
+const SOCKET_IOCTLS: &[Named] = &[("FIONBIO", libc::FIONBIO), ("FIOCLEX", libc::FIOCLEX)];
 
 /// The `prctl` options a thread start makes (the thread's name; the seccomp
 /// filter's `PR_SET_NO_NEW_PRIVS`).
@@ -166,6 +163,9 @@ pub(super) const BASE: &[Allow] = any![
     SYS_mremap,
     SYS_mprotect,
     SYS_madvise,
+    SYS_mlock,
+    SYS_mlock2,
+    SYS_munlock,
     SYS_futex,
     SYS_get_robust_list,
     SYS_set_robust_list,
@@ -398,7 +398,6 @@ pub(super) const NOTABLE: &[(&str, i64)] = &[
     ("geteuid", libc::SYS_geteuid),
     ("rt_sigaction", libc::SYS_rt_sigaction),
     ("sched_setaffinity", libc::SYS_sched_setaffinity),
-    ("mlock", libc::SYS_mlock),
     ("membarrier", libc::SYS_membarrier),
     ("pidfd_open", libc::SYS_pidfd_open),
 ];

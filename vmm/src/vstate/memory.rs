@@ -61,7 +61,7 @@ pub fn create_guest_memory(memory: u64) -> Result<GuestMemoryMmap, MemoryError> 
 }
 
 /// A private anonymous read-write mapping of `size` bytes at a 2 MiB-aligned address,
-/// advised for transparent huge pages.
+/// advised for transparent huge pages and left out of core dumps.
 fn map_aligned(size: usize) -> std::io::Result<*mut u8> {
     let len = size
         .checked_add(HUGE_PAGE)
@@ -95,6 +95,11 @@ fn map_aligned(size: usize) -> std::io::Result<*mut u8> {
         }
         // Advice only: without THP the memory simply uses small pages.
         libc::madvise(aligned as *mut libc::c_void, size, libc::MADV_HUGEPAGE);
+    }
+    // The guest's plaintext stays out of core dumps (crate::core_dumps).
+    // SAFETY: advice on the range kept above, which is ours.
+    if unsafe { libc::madvise(aligned as *mut libc::c_void, size, libc::MADV_DONTDUMP) } != 0 {
+        return Err(std::io::Error::last_os_error());
     }
     Ok(aligned as *mut u8)
 }
