@@ -336,6 +336,9 @@ pub(super) fn own_groups(kind: ThreadKind) -> &'static [&'static [Allow]] {
             SPAWN,
         ],
         ThreadKind::QmpWriter => &[BASE, DESCRIPTORS, POLL, SOCKET, SOCKET_CTL],
+        // Hands held events to the clients' writers (a client gone: its
+        // socket shut down).
+        ThreadKind::QmpEvents => &[BASE, DESCRIPTORS, POLL, SOCKET, SOCKET_CTL],
     }
 }
 

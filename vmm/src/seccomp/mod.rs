@@ -75,11 +75,13 @@ pub enum ThreadKind {
     QmpClient,
     /// A QMP client's writer (`qmp-writer-N`).
     QmpWriter,
+    /// The QMP event bus's thread (`qmp-events`): sends throttled events.
+    QmpEvents,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 10] = [
+    pub const ALL: [ThreadKind; 11] = [
         ThreadKind::Main,
         ThreadKind::Vcpu,
         ThreadKind::EventLoop,
@@ -90,6 +92,7 @@ impl ThreadKind {
         ThreadKind::QmpAccept,
         ThreadKind::QmpClient,
         ThreadKind::QmpWriter,
+        ThreadKind::QmpEvents,
     ];
 
     /// The kind's name (as [`SELFTEST_ENV`] takes it).
@@ -105,6 +108,7 @@ impl ThreadKind {
             ThreadKind::QmpAccept => "qmp-accept",
             ThreadKind::QmpClient => "qmp-client",
             ThreadKind::QmpWriter => "qmp-writer",
+            ThreadKind::QmpEvents => "qmp-events",
         }
     }
 
@@ -184,7 +188,7 @@ pub enum SeccompError {
     #[error("the seccomp filters are set up already")]
     AlreadySetUp,
     /// [`SELFTEST_ENV`] names no thread kind.
-    #[error("{SELFTEST_ENV}: unknown thread kind '{0}' (expected main, vcpu, event-loop, virtio-queue, io-worker, crypto, hotplug, qmp-accept, qmp-client or qmp-writer)")]
+    #[error("{SELFTEST_ENV}: unknown thread kind '{0}' (expected main, vcpu, event-loop, virtio-queue, io-worker, crypto, hotplug, qmp-accept, qmp-client, qmp-writer or qmp-events)")]
     UnknownSelftest(String),
 }
 
