@@ -412,7 +412,16 @@ mod tests {
     /// errors without a key say which options they are about.
     #[test]
     fn misspelt_keys_are_named_first() {
-        let f = Fixture::new();
+        let mut f = Fixture::new();
+        // The luks case's secret exists: its error is then about the header (a.img
+        // is no LUKS volume), which has no key.
+        f.secrets
+            .add(
+                "objects[0]",
+                json!({"qom-type": "secret", "id": "s", "data": "x"}),
+                None,
+            )
+            .unwrap();
         let mut g = BlockGraph::new();
         let err = |g: &mut BlockGraph, v: Value| {
             g.add("blockdevs[0]", v, &f.ctx(), false)

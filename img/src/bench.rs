@@ -82,7 +82,8 @@ pub fn run(argv: &[String]) -> Result<u8> {
             no_io: false,
             cache: a.cache,
         },
-    )?;
+    )
+    .map_err(|e| e.opening(spec))?;
     let size = image.node.size();
     if bufsize > size {
         return Err(ImgError::Msg(format!(

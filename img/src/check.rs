@@ -48,7 +48,8 @@ pub fn run(argv: &[String]) -> Result<u8> {
                 no_io: false,
                 cache: a.src_cache,
             },
-        )?;
+        )
+        .map_err(|e| e.opening(spec))?;
         eprintln!("cryptvm img: This image format does not support checks");
         return Ok(63);
     }
@@ -69,7 +70,8 @@ pub fn run(argv: &[String]) -> Result<u8> {
             no_io: false,
             cache: a.src_cache,
         },
-    )?;
+    )
+    .map_err(|e| e.opening(spec))?;
     let report = check(file.node.clone(), repair)?;
     let name = display_name(&file.node);
     if a.json {

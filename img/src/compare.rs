@@ -23,12 +23,14 @@ pub fn run(argv: &[String]) -> Result<u8> {
         image_options(first, a.image_opts, a.format.as_deref())?,
         &secrets,
         mode,
-    )?;
+    )
+    .map_err(|e| e.opening(first))?;
     let two = open(
         image_options(second, a.image_opts, a.format2.as_deref())?,
         &secrets,
         mode,
-    )?;
+    )
+    .map_err(|e| e.opening(second))?;
     let (s1, s2) = (one.node.size(), two.node.size());
     if s1 != s2 && a.strict {
         println!("Strict mode: Image size mismatch!");

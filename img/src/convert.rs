@@ -38,7 +38,8 @@ pub fn run(argv: &[String]) -> Result<u8> {
             no_io: false,
             cache: a.src_cache,
         },
-    )?;
+    )
+    .map_err(|e| e.opening(src))?;
     let src_size = source.node.size();
     let out_fmt = a.output_format.clone().unwrap_or_else(|| "raw".into());
 
@@ -57,7 +58,8 @@ pub fn run(argv: &[String]) -> Result<u8> {
                     no_io: false,
                     cache: a.cache,
                 },
-            )?,
+            )
+            .map_err(|e| e.opening(dst))?,
             false,
         )
     } else {

@@ -139,11 +139,25 @@ fn move_filename_to_file(map: &mut Map<String, Value>) {
     }
 }
 
+/// `e` in strerror's words ("No such file or directory", without Rust's
+/// " (os error 2)").
+fn strerror(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    match (e.raw_os_error(), text.rfind(" (os error ")) {
+        (Some(_), Some(at)) => text[..at].to_string(),
+        _ => text,
+    }
+}
+
 /// Guesses an image's format from its first bytes, as qemu-img does.
 fn probe(path: &Path) -> Result<&'static str> {
     use std::io::Read;
-    let mut f = std::fs::File::open(path)
-        .map_err(|e| ImgError::Msg(format!("Could not open '{}': {e}", path.display())))?;
+    // qemu-img names the file twice (its open, then the file driver's) and gives
+    // strerror's text.
+    let mut f = std::fs::File::open(path).map_err(|e| {
+        let name = path.display().to_string();
+        ImgError::Msg(format!("Could not open '{name}': {}", strerror(&e))).opening(&name)
+    })?;
     let mut magic = [0u8; 6];
     let n = f
         .read(&mut magic)

@@ -24,7 +24,8 @@ pub fn run(argv: &[String]) -> Result<u8> {
             no_io: true,
             cache: a.cache,
         },
-    )?;
+    )
+    .map_err(|e| e.opening(spec))?;
     let info = node_info(&image.node);
     if a.json {
         println!(

@@ -45,9 +45,28 @@ pub enum ImgError {
         #[source]
         source: BlockError,
     },
+    /// An image named on the command line could not be opened (qemu-img's wording).
+    #[error("Could not open '{name}': {source}")]
+    Open {
+        /// The name as given (a file name, `json:...` or `--image-opts` options).
+        name: String,
+        /// Why.
+        #[source]
+        source: Box<ImgError>,
+    },
     /// Anything else, already worded for the user.
     #[error("{0}")]
     Msg(String),
+}
+
+impl ImgError {
+    /// This error as qemu-img reports a failed open of the image named `name`.
+    pub(crate) fn opening(self, name: &str) -> Self {
+        ImgError::Open {
+            name: name.to_string(),
+            source: Box::new(self),
+        }
+    }
 }
 
 impl From<block::luks::LuksError> for ImgError {

@@ -868,3 +868,72 @@ fn check_of_a_luks_image_opens_it_first() {
         ours.never_shows("right");
     }
 }
+
+/// An image that cannot be opened is reported as qemu-img reports it, byte for byte:
+/// a missing file, a bare detached LUKS header opened as an image, a wrong passphrase
+/// (issue 13).
+#[test]
+fn open_errors_match_qemu_img() {
+    if !require(&["qemu-img"]) {
+        return;
+    }
+    let s = Scratch::new("open-errors");
+    s.write("good", b"right");
+    s.write("bad", b"wrong");
+    cryptvm(
+        s.path(),
+        [
+            "img",
+            "create",
+            "-q",
+            "-f",
+            "luks",
+            "--object",
+            "secret,id=s,file=good",
+            "-o",
+            "key-secret=s,detached-header=true,iter-time=10",
+            "hdr.img",
+        ],
+    )
+    .ok();
+    run(
+        "qemu-img",
+        [
+            "create",
+            "-q",
+            "-f",
+            "luks",
+            "--object",
+            "secret,id=s,file=good",
+            "-o",
+            "key-secret=s,iter-time=10",
+            "l.luks",
+            "1M",
+        ],
+        Some(s.path()),
+    )
+    .ok();
+    let cases: &[&[&str]] = &[
+        &["info", "nosuch.img"],
+        &["info", "hdr.img"],
+        &["compare", "hdr.img", "nosuch.img"],
+        &["compare", "l.luks", "nosuch.img"],
+        &[
+            "check",
+            "--object",
+            "secret,id=s,file=bad",
+            "--image-opts",
+            "driver=luks,key-secret=s,file.filename=l.luks",
+        ],
+    ];
+    for args in cases {
+        let q = run("qemu-img", args.iter().copied(), Some(s.path()));
+        let ours = cryptvm(s.path(), std::iter::once("img").chain(args.iter().copied()));
+        assert_eq!(ours.status, q.status, "{q}\n{ours}");
+        assert_eq!(
+            ours.stderr.strip_prefix("cryptvm img: "),
+            q.stderr.strip_prefix("qemu-img: "),
+            "{q}\n{ours}"
+        );
+    }
+}

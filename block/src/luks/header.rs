@@ -200,6 +200,14 @@ impl LuksHeader {
                 self.key_bytes, self.spec
             )));
         }
+        // QEMU's order: the payload must start past the first keyslot offset (4 KiB)
+        // unless the header is detached (a detached header opened as an attached
+        // image fails here, as in QEMU).
+        if !detached && u64::from(self.payload_offset_sectors) < 4096 / SECTOR_SIZE as u64 {
+            return Err(LuksError::corrupt(
+                "LUKS payload is overlapping with the header",
+            ));
+        }
         if self.mk_iterations == 0 {
             return Err(LuksError::corrupt(
                 "Master key iteration count is 0 (header is corrupted)",
@@ -576,9 +584,10 @@ pub(crate) mod tests {
         assert!(LuksHeader::parse(&h.to_bytes(), true).is_ok());
         h.payload_offset_sectors = 0;
         assert!(LuksHeader::parse(&h.to_bytes(), true).is_ok());
+        // QEMU checks the payload against the header first (crypto/block-luks.c).
         assert_eq!(
             err(&h.to_bytes(), false),
-            "Keyslot 0 is overlapping with the encrypted payload"
+            "LUKS payload is overlapping with the header"
         );
         // Offsets near u32::MAX do not overflow.
         let mut h = sample();

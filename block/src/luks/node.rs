@@ -53,6 +53,21 @@ impl LuksNode {
         let kdf_limit = o
             .u64("kdf-iterations-limit")?
             .unwrap_or(DEFAULT_KDF_ITERATIONS_LIMIT);
+        // As QEMU: the key and its secret first, then the header.
+        let passphrase = if ctx.no_io && key_secret.is_none() {
+            None
+        } else {
+            // The message names the key already (QEMU's words): it is about the
+            // node's options as a whole.
+            let id = key_secret.ok_or_else(|| {
+                BlockError::option(o.path(), "Parameter 'key-secret' is required for cipher")
+            })?;
+            let passphrase = ctx
+                .secrets
+                .passphrase(&id)
+                .map_err(|e| o.error("key-secret", e.to_string()))?;
+            Some(passphrase)
+        };
         let header_src: &NodeRef = header_node.as_ref().unwrap_or(&payload);
         let detached = header_node.is_some();
         let mut buf = vec![0u8; LuksHeader::SIZE];
@@ -78,19 +93,7 @@ impl LuksNode {
         })?;
         let size = size - size % SECTOR_SIZE;
 
-        let cipher = if ctx.no_io && key_secret.is_none() {
-            None
-        } else {
-            let id = key_secret.ok_or_else(|| {
-                o.error(
-                    "key-secret",
-                    "Parameter 'key-secret' is required for cipher",
-                )
-            })?;
-            let passphrase = ctx
-                .secrets
-                .passphrase(&id)
-                .map_err(|e| o.error("key-secret", e.to_string()))?;
+        let cipher = if let Some(passphrase) = passphrase {
             let mut read = |off: u64, out: &mut [u8]| {
                 header_src
                     .read_at(off, out)
@@ -98,6 +101,8 @@ impl LuksNode {
             };
             let master_key = unlock_within(&header, &passphrase, &mut read, kdf_limit)?;
             Some(new_sector_cipher(&header.spec, &master_key)?)
+        } else {
+            None
         };
         Ok(Self {
             payload,
