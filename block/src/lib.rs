@@ -15,6 +15,7 @@ pub mod qcow2;
 pub mod raw;
 pub mod secret;
 pub mod sg;
+pub mod threads;
 
 pub use error::{BlockError, ErrorKind, GraphError, Result};
 pub use graph::BlockGraph;

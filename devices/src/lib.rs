@@ -9,6 +9,7 @@ pub mod i8042;
 pub mod interrupt;
 pub mod pci;
 pub mod serial;
+pub mod threads;
 pub mod virtio;
 pub mod workers;
 

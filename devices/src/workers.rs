@@ -70,7 +70,10 @@ impl WorkerPool {
             let shared = shared.clone();
             let t = std::thread::Builder::new()
                 .name(format!("{name}-{i}"))
-                .spawn(move || work(&shared))?;
+                .spawn(move || {
+                    crate::threads::started(crate::threads::DeviceThread::IoWorker);
+                    work(&shared)
+                })?;
             pool.threads
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())

@@ -39,6 +39,7 @@ impl EventLoop {
         let thread = std::thread::Builder::new()
             .name("event-loop".into())
             .spawn(move || {
+                crate::seccomp::thread_start(crate::seccomp::ThreadKind::EventLoop);
                 while !done.load(Ordering::SeqCst) {
                     if let Err(e) = manager.run() {
                         eprintln!("cryptvm: event loop: {e}");

@@ -6,6 +6,7 @@
 //! - [`control`]: what QMP can ask of a running VM, and the queries' answers.
 //! - [`config`]: the VM's configuration, from the JSON file and the options.
 //! - [`qmp`]: the QMP server and its protocol.
+//! - [`seccomp`]: the seccomp filters of `cryptvm run`'s threads.
 //! - [`cli`]: `cryptvm run` and `cryptvm ctl`.
 //!
 //! The image tool, `cryptvm img`, is its own crate (`img`), over `block` alone.
@@ -18,6 +19,7 @@ pub mod core_dumps;
 pub mod device_manager;
 pub mod event_loop;
 pub mod qmp;
+pub mod seccomp;
 pub mod vstate;
 
 pub use vstate::calibrate::kvm_speed;

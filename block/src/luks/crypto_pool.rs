@@ -53,6 +53,13 @@ pub fn set_threads(threads: usize) -> bool {
     set
 }
 
+/// Starts the crypto threads now (one per host CPU unless [`set_threads`]
+/// came first), rather than on the first request: the VMM wants them
+/// started by a thread without a seccomp filter.
+pub fn start() {
+    let _ = pool();
+}
+
 fn pool() -> Option<&'static rayon::ThreadPool> {
     POOL.get_or_init(|| build(std::thread::available_parallelism().map_or(1, |n| n.get())))
         .as_ref()
@@ -66,6 +73,7 @@ fn build(threads: usize) -> Option<rayon::ThreadPool> {
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("crypto-{i}"))
+            .start_handler(|_| crate::threads::started(crate::threads::BlockThread::Crypto))
             .build()
             .ok()
     }

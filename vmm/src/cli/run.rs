@@ -28,9 +28,11 @@ const USAGE: &str =
     "usage: cryptvm run [--config vm.json] [--kernel PATH] [--initrd PATH] [--cmdline STR]
                    [--cpus N] [--memory SIZE] [--object OPTS]... [--blockdev OPTS]...
                    [--device OPTS]... [--qmp PATH] [--serial stdio|file:PATH]
-                   [--serial-max-size SIZE]
+                   [--serial-max-size SIZE] [--io-workers N] [--seccomp on|off|log]
 Boots the kernel and runs the guest until it powers off or reboots (exit status 0).
-The KVM device is /dev/kvm, or the path in $CRYPTVM_KVM_DEVICE.";
+The KVM device is /dev/kvm, or the path in $CRYPTVM_KVM_DEVICE.
+--seccomp (default on) filters the system calls of every VMM thread: on ends the
+process at a forbidden call, log only has the kernel log it (docs/security.md).";
 
 /// Entry point of `cryptvm run ARGS`; returns the exit status.
 pub fn main(args: &[String]) -> u8 {
@@ -95,6 +97,8 @@ pub fn run_config(config: &VmConfig) -> Result<ExitReason, String> {
             )
         }
     };
+    // Before any thread starts: every thread installs its filter first thing.
+    crate::seccomp::init(config.seccomp).map_err(|e| e.to_string())?;
     let vm = Vm::new(VmParams {
         cpus: config.cpus,
         memory: config.memory,

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
+use crate::seccomp::SeccompMode;
+
 /// Most vCPUs a VM may have.
 pub const MAX_CPUS: u8 = 32;
 /// Guest RAM when nothing says otherwise.
@@ -93,6 +95,8 @@ pub struct VmConfig {
     /// Request workers shared by every disk queue (`io-workers`); `None`: see
     /// [`VmConfig::io_workers`].
     pub io_workers: Option<usize>,
+    /// Seccomp filters on the VMM's threads (`seccomp`: on, off or log).
+    pub seccomp: SeccompMode,
 }
 
 impl Default for VmConfig {
@@ -110,6 +114,7 @@ impl Default for VmConfig {
             serial: SerialConfig::Stdio,
             serial_max_size: DEFAULT_SERIAL_MAX_SIZE,
             io_workers: None,
+            seccomp: SeccompMode::On,
         }
     }
 }
@@ -215,7 +220,7 @@ const TOP_KEYS: &[&str] = &[
     "serial",
     "serial-max-size",
 ];
-const MACHINE_KEYS: &[&str] = &["cpus", "memory", "io-workers"];
+const MACHINE_KEYS: &[&str] = &["cpus", "memory", "io-workers", "seccomp"];
 const BOOT_KEYS: &[&str] = &["kernel", "initrd", "cmdline"];
 
 /// Checks `map`'s keys with the block layer's key checker: an unknown one is named
@@ -357,6 +362,15 @@ impl VmConfig {
                         .and_then(|b| check_memory(b, &text))
                         .map_err(key_err)?;
                 }
+                "seccomp" => {
+                    let text = v.as_str().ok_or_else(|| {
+                        key_err(format!(
+                            "expected \"on\", \"off\" or \"log\", got {}",
+                            block::options::kind(v)
+                        ))
+                    })?;
+                    self.seccomp = SeccompMode::parse(text).map_err(key_err)?;
+                }
                 _ => return err(format!("{path}: unknown key")),
             }
         }
@@ -454,6 +468,7 @@ impl VmConfig {
                 }
             }
             "qmp" => self.qmp = Some(value.to_string()),
+            "seccomp" => self.seccomp = SeccompMode::parse(value).map_err(opt_err)?,
             "serial" => self.serial = parse_serial(value, None).map_err(opt_err)?,
             "serial-max-size" => {
                 self.serial_max_size = parse_serial_max_size(value).map_err(opt_err)?
@@ -492,6 +507,7 @@ const OPTIONS: &[&str] = &[
     "serial",
     "serial-max-size",
     "io-workers",
+    "seccomp",
 ];
 
 /// The default `serial-max-size`: 1 GiB.

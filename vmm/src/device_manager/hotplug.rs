@@ -84,6 +84,7 @@ pub(super) fn start(
     let thread = std::thread::Builder::new()
         .name("hotplug".into())
         .spawn(move || {
+            crate::seccomp::thread_start(crate::seccomp::ThreadKind::Hotplug);
             for request in queue {
                 match request {
                     Request::Ejected(slot) => match machine.upgrade() {

@@ -123,7 +123,10 @@ impl EventBus {
         let worker = Arc::clone(&shared);
         let spawned = std::thread::Builder::new()
             .name("qmp-events".into())
-            .spawn(move || worker.send_held());
+            .spawn(move || {
+                crate::seccomp::thread_start(crate::seccomp::ThreadKind::QmpEvents);
+                worker.send_held()
+            });
         if let Err(e) = spawned {
             eprintln!("cryptvm: starting the QMP event thread: {e}");
         }

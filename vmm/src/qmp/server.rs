@@ -206,7 +206,10 @@ impl QmpServer {
         let thread_shared = Arc::clone(&shared);
         let accept_thread = std::thread::Builder::new()
             .name("qmp-accept".into())
-            .spawn(move || accept_loop(&thread_shared, &listener, &epoll))
+            .spawn(move || {
+                crate::seccomp::thread_start(crate::seccomp::ThreadKind::QmpAccept);
+                accept_loop(&thread_shared, &listener, &epoll)
+            })
             .map_err(QmpServerError::Start)?;
         Ok(QmpServer {
             shared,
@@ -323,7 +326,10 @@ fn spawn_client(shared: &Arc<Shared>, stream: Stream) {
     let thread_shared = Arc::clone(shared);
     let spawned = std::thread::Builder::new()
         .name(format!("qmp-client-{id}"))
-        .spawn(move || serve_client(&thread_shared, id, stream));
+        .spawn(move || {
+            crate::seccomp::thread_start(crate::seccomp::ThreadKind::QmpClient);
+            serve_client(&thread_shared, id, stream)
+        });
     if spawned.is_err() {
         if let Some(s) = shared.clients().streams.remove(&id) {
             s.shutdown();
@@ -368,7 +374,10 @@ fn serve_client(shared: &Shared, id: u64, mut stream: Stream) {
     let mut deadline = Some(std::time::Instant::now() + NEGOTIATION_TIMEOUT);
     let spawned = std::thread::Builder::new()
         .name(format!("qmp-writer-{id}"))
-        .spawn(move || write_loop(outgoing, writer_stream));
+        .spawn(move || {
+            crate::seccomp::thread_start(crate::seccomp::ThreadKind::QmpWriter);
+            write_loop(outgoing, writer_stream)
+        });
     if spawned.is_err() || queue_line(&queue, &protocol::greeting()).is_err() {
         return;
     }

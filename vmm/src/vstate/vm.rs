@@ -4,7 +4,7 @@
 
 use std::ffi::CString;
 use std::io::Write;
-use std::sync::{Arc, Mutex, Once, RwLock};
+use std::sync::{Arc, Condvar, Mutex, Once, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -21,6 +21,7 @@ use devices::{Bus, Interrupt};
 
 use crate::arch::x86_64::layout;
 use crate::event_loop::{EventLoop, StdinInput, Subscriber};
+use crate::seccomp::ThreadKind;
 pub use crate::vstate::exit::{ExitReason, ExitState};
 use crate::vstate::memory::{self, GuestMemoryMmap};
 use crate::vstate::msi::MsiRouter;
@@ -314,13 +315,18 @@ impl Vm {
         let event_loop = EventLoop::start(subscribers)
             .map_err(|e| VmError::Other(format!("starting the event loop: {e}")))?;
 
+        // Each vCPU installs its seccomp filter, then waits until this thread
+        // has installed its own: the guest runs only once every filter is in.
+        let gate = Arc::new(Gate::default());
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         for vcpu in vcpus {
             let name = format!("vcpu{}", vcpu.id);
-            match std::thread::Builder::new()
-                .name(name)
-                .spawn(move || vcpu.run())
-            {
+            let gate = gate.clone();
+            match std::thread::Builder::new().name(name).spawn(move || {
+                crate::seccomp::thread_start(ThreadKind::Vcpu);
+                gate.wait();
+                vcpu.run()
+            }) {
                 Ok(t) => threads.push(t),
                 Err(e) => {
                     self.exit.fail(format!("starting a vCPU thread: {e}"));
@@ -328,10 +334,35 @@ impl Vm {
                 }
             }
         }
+        if let Err(e) = crate::seccomp::apply_current(ThreadKind::Main) {
+            self.exit.fail(e.to_string());
+        }
+        gate.open();
         let outcome = self.exit.wait();
         stop_vcpus(threads);
         event_loop.stop();
         outcome.map_err(VmError::Other)
+    }
+}
+
+/// A gate the vCPU threads wait at until it opens.
+#[derive(Default)]
+struct Gate {
+    open: Mutex<bool>,
+    opened: Condvar,
+}
+
+impl Gate {
+    fn wait(&self) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        while !*open {
+            open = self.opened.wait(open).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn open(&self) {
+        *self.open.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.opened.notify_all();
     }
 }
 

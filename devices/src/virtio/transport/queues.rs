@@ -172,7 +172,10 @@ impl VirtioQueues {
             let me = self.clone();
             let t = std::thread::Builder::new()
                 .name(format!("{}-q{index}", self.label))
-                .spawn(move || me.queue_thread(index, &epoll))?;
+                .spawn(move || {
+                    crate::threads::started(crate::threads::DeviceThread::Queue);
+                    me.queue_thread(index, &epoll)
+                })?;
             threads.push(t);
         }
         Ok(())
