@@ -770,6 +770,43 @@ fn hostile_requests_get_ioerr() {
     assert_eq!(g.status() & STATUS_DEVICE_NEEDS_RESET, 0);
 }
 
+/// Data descriptors whose lengths sum past 4 GiB (0xffff_fe00 + 0x400: 0x200 if the sum
+/// wrapped in a u32) are not taken for a small request: the guest gets no OK and the
+/// disk is not touched (issue 12).
+#[test]
+fn data_lengths_that_wrap_a_u32_are_refused() {
+    for ty in [VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT] {
+        let mut g = Guest::new(MemNode::new(DISK, false), 1);
+        g.init(ALL);
+        let hdr = g.qs[0].scratch;
+        let status = hdr + 0x100;
+        g.write_header(hdr, ty, 0);
+        g.mem.write_obj(0xffu8, GuestAddress(status)).unwrap();
+        let data_flags = if ty == VIRTIO_BLK_T_IN { F_WRITE } else { 0 };
+        g.submit(
+            0,
+            &[
+                (hdr, 16, 0),
+                (0x8_0000, 0xffff_fe00, data_flags),
+                (0x8_0000, 0x400, data_flags),
+                (status, 1, F_WRITE),
+            ],
+        );
+        g.notify(0);
+        // Either answered (IOERR) or the queue is refused as broken: never served.
+        let qs = g.dev.queues();
+        wait_until("the wrapped request", || {
+            qs.queue_broken(0) || g.used_idx(0) == 1
+        });
+        let got = g.mem.read_obj::<u8>(GuestAddress(status)).unwrap();
+        assert_ne!(
+            got, VIRTIO_BLK_S_OK,
+            "type {ty}: the wrapped request was served"
+        );
+        assert!(g.node.data.lock().unwrap().iter().all(|&b| b == 0));
+    }
+}
+
 /// Protocol violations stop the queue and ask for a reset; the device
 /// recovers after one.
 #[test]
