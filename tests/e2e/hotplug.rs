@@ -486,22 +486,27 @@ fn hotplug(vmm: Vmm, driver: Driver) -> Vec<f64> {
         static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
         let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let first = scenario.run();
-        // QEMU is the reference that proves the scenario; its guest now and then stalls
-        // mid-I/O in the TCG test host (docs/performance.md). Such a stall gets one more
-        // run; cryptvm's cases never do (for either VMM, a guest kernel that hangs before
-        // its init is up is run again by the harness: Scenario::run).
+        // Two stalls of the nested test host get one more run (tests/e2e/README.md):
+        // - for either VMM, a guest kernel that never reaches its init (no
+        //   CRYPTVM-GUEST-UP, nothing from the VMM but the TCP warning): the known L1 KVM
+        //   hang, which Scenario::run retries only when the VMM had to be killed, while
+        //   here the driver gives up and quits it;
+        // - for the QEMU reference, a guest that stalls mid-I/O (docs/performance.md).
+        // cryptvm's cases never get the second kind.
         let log = match driver {
             Driver::Ctl => &first.driver_log,
             Driver::Python => &first.host_log,
         };
-        // Its guest also now and then dies before its init runs (nothing on the console;
-        // seen after cryptvm's cases in the same test host session).
-        let stalled = log.contains("HOTPLUG failed: no 'CRYPTVM-HP")
-            || (log.contains("HOTPLUG failed: the VMM exited before 'CRYPTVM-HP ready round=1'")
-                && first.l2_console.trim().is_empty());
-        if matches!(vmm, Vmm::Qemu) && stalled {
+        let before_init = first.marker().is_none()
+            && log.contains("HOTPLUG failed")
+            && first
+                .vmm_stderr
+                .lines()
+                .all(|l| l.trim().is_empty() || l.contains("warning: QMP on 'tcp:"));
+        let qemu_stall = matches!(vmm, Vmm::Qemu) && log.contains("HOTPLUG failed: no 'CRYPTVM-HP");
+        if before_init || qemu_stall {
             eprintln!(
-                "e2e {name}: the QEMU reference guest stalled; once more. First run:\n{first}"
+                "e2e {name}: the guest stalled in the test host; once more. First run:\n{first}"
             );
             scenario.run()
         } else {
