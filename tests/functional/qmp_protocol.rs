@@ -844,7 +844,7 @@ fn run_over_tcp_with_ctl() {
         &["--socket", &address],
         "{\"execute\": \"system_powerdown\"}\n{\"wait-event\": \"POWERDOWN\", \"timeout\": 10}\n",
     );
-    assert_eq!(r.status, Some(0), "{r}");
+    assert_eq!(r.status, Some(0), "{r}\n--- cryptvm run ---\n{}", vm.log());
     let lines: Vec<&str> = r.stdout.lines().collect();
     assert_eq!(lines[0], r#"{"return": {}}"#, "{r}");
     assert!(lines[1].contains(r#""event": "POWERDOWN""#), "{r}");
