@@ -934,6 +934,27 @@ fn hotplug_refusals_match_qemu() {
     assert_same_transcripts(&got, &want);
 }
 
+/// A 1 MiB LUKS image made by qemu-img, keyed by `secret` (a `--object` secret `s0`),
+/// its PBKDF2 cost QEMU's `iter-time` (milliseconds on this machine).
+fn qemu_luks_image(image: &Path, secret: &str, iter_time_ms: u32) {
+    let opts = format!("key-secret=s0,iter-time={iter_time_ms}");
+    let args = [
+        "create", "-q", "-f", "luks", "--object", secret, "-o", &opts,
+    ];
+    common::run(
+        "qemu-img",
+        args.into_iter().chain([image.to_str().unwrap(), "1M"]),
+        None,
+    )
+    .ok();
+}
+
+/// [`start_vm`] with QMP on `dir/qmp.sock`; the VM and the socket's address.
+fn start_vm_at_socket(dir: &Path) -> (Proc, String) {
+    let vm = start_vm(dir, "qmp.sock");
+    (vm, dir.join("qmp.sock").to_str().unwrap().to_string())
+}
+
 /// QMP answers other clients while a `blockdev-add` unlocks LUKS for seconds: the
 /// unlock holds neither the server's nor the machine's locks (issue 12). The header's
 /// PBKDF2 cost is QEMU's `iter-time=2500` (milliseconds on this machine).
@@ -944,25 +965,8 @@ fn qmp_answers_while_a_luks_unlock_runs() {
     }
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("slow.luks");
-    common::run(
-        "qemu-img",
-        [
-            "create",
-            "-q",
-            "-f",
-            "luks",
-            "--object",
-            "secret,id=s0,data=pw",
-            "-o",
-            "key-secret=s0,iter-time=2500",
-            image.to_str().unwrap(),
-            "1M",
-        ],
-        None,
-    )
-    .ok();
-    let mut vm = start_vm(dir.path(), "qmp.sock");
-    let address = dir.path().join("qmp.sock").to_str().unwrap().to_string();
+    qemu_luks_image(&image, "secret,id=s0,data=pw", 2500);
+    let (mut vm, address) = start_vm_at_socket(dir.path());
 
     // Client A adds the secret, then the luks node, on its own thread.
     let a_address = address.clone();
@@ -1056,25 +1060,8 @@ fn guest_ram_and_key_schedules_stay_out_of_core_dumps() {
     }
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("d.luks");
-    common::run(
-        "qemu-img",
-        [
-            "create",
-            "-q",
-            "-f",
-            "luks",
-            "--object",
-            "secret,id=s0,data=pw",
-            "-o",
-            "key-secret=s0,iter-time=10",
-            image.to_str().unwrap(),
-            "1M",
-        ],
-        None,
-    )
-    .ok();
-    let mut vm = start_vm(dir.path(), "qmp.sock");
-    let address = dir.path().join("qmp.sock").to_str().unwrap().to_string();
+    qemu_luks_image(&image, "secret,id=s0,data=pw", 10);
+    let (mut vm, address) = start_vm_at_socket(dir.path());
     let pid = vm.child.id();
     let dont_dump = |m: &[(u64, String)]| -> Vec<u64> {
         m.iter()
@@ -1159,8 +1146,7 @@ fn occurrences_in_memory(pid: u32, needle: &[u8]) -> usize {
 #[test]
 fn a_deleted_secret_leaves_no_copy_in_memory() {
     let dir = tempfile::tempdir().unwrap();
-    let mut vm = start_vm(dir.path(), "qmp.sock");
-    let address = dir.path().join("qmp.sock").to_str().unwrap().to_string();
+    let (mut vm, address) = start_vm_at_socket(dir.path());
     let pid = vm.child.id();
     // Built here, so that the test's own binary holds no copy either way.
     let pass: String = ["cRyPtVm", "PaSs", "7f3a9e", "QmPwIpE"].concat();
@@ -1201,26 +1187,13 @@ fn a_deleted_secret_leaves_no_copy_after_an_unlock() {
     let pass_file = dir.path().join("pass");
     std::fs::write(&pass_file, &pass).unwrap();
     let image = dir.path().join("d.luks");
-    common::run(
-        "qemu-img",
-        [
-            "create",
-            "-q",
-            "-f",
-            "luks",
-            "--object",
-            &format!("secret,id=s0,file={}", pass_file.display()),
-            "-o",
-            "key-secret=s0,iter-time=10",
-            image.to_str().unwrap(),
-            "1M",
-        ],
-        None,
-    )
-    .ok();
+    qemu_luks_image(
+        &image,
+        &format!("secret,id=s0,file={}", pass_file.display()),
+        10,
+    );
     std::fs::remove_file(&pass_file).unwrap();
-    let mut vm = start_vm(dir.path(), "qmp.sock");
-    let address = dir.path().join("qmp.sock").to_str().unwrap().to_string();
+    let (mut vm, address) = start_vm_at_socket(dir.path());
     let pid = vm.child.id();
     let mut q = Qmp::negotiated(&address);
     let add = json!({"execute": "object-add",
