@@ -825,6 +825,25 @@ fn help_lists_every_subcommand() {
     );
 }
 
+/// A scratch folder with `l.luks` (1 MiB, made by qemu-img, keyed by the passphrase in
+/// `good`) and a wrong passphrase in `bad`.
+fn luks_with_passphrases(tag: &str) -> Scratch {
+    let s = Scratch::new(tag);
+    s.write("good", b"right");
+    s.write("bad", b"wrong");
+    let args = [
+        "create",
+        "-q",
+        "-f",
+        "luks",
+        "--object",
+        "secret,id=s,file=good",
+    ];
+    let rest = ["-o", "key-secret=s,iter-time=10", "l.luks", "1M"];
+    run("qemu-img", args.into_iter().chain(rest), Some(s.path())).ok();
+    s
+}
+
 /// `check` of a format without checks opens the image first, as qemu-img does: a wrong
 /// passphrase is reported as such, the right one gets "does not support checks" (63).
 #[test]
@@ -832,26 +851,7 @@ fn check_of_a_luks_image_opens_it_first() {
     if !require(&["qemu-img"]) {
         return;
     }
-    let s = Scratch::new("check-luks");
-    s.write("good", b"right");
-    s.write("bad", b"wrong");
-    run(
-        "qemu-img",
-        [
-            "create",
-            "-q",
-            "-f",
-            "luks",
-            "--object",
-            "secret,id=s,file=good",
-            "-o",
-            "key-secret=s,iter-time=10",
-            "l.luks",
-            "1M",
-        ],
-        Some(s.path()),
-    )
-    .ok();
+    let s = luks_with_passphrases("check-luks");
     let opts = "driver=luks,key-secret=s,file.filename=l.luks";
     for (pass, status, says) in [
         ("bad", 1, "Invalid password, cannot unlock any keyslot"),
@@ -877,9 +877,7 @@ fn open_errors_match_qemu_img() {
     if !require(&["qemu-img"]) {
         return;
     }
-    let s = Scratch::new("open-errors");
-    s.write("good", b"right");
-    s.write("bad", b"wrong");
+    let s = luks_with_passphrases("open-errors");
     cryptvm(
         s.path(),
         [
@@ -894,23 +892,6 @@ fn open_errors_match_qemu_img() {
             "key-secret=s,detached-header=true,iter-time=10",
             "hdr.img",
         ],
-    )
-    .ok();
-    run(
-        "qemu-img",
-        [
-            "create",
-            "-q",
-            "-f",
-            "luks",
-            "--object",
-            "secret,id=s,file=good",
-            "-o",
-            "key-secret=s,iter-time=10",
-            "l.luks",
-            "1M",
-        ],
-        Some(s.path()),
     )
     .ok();
     let cases: &[&[&str]] = &[
