@@ -670,6 +670,7 @@ mod tests {
     fn staged_nodes_merge_unless_the_graph_changed_under_them() {
         let f = Fixture::new();
         let file = |name: &str, filename: &str| json!({"node-name": name, "driver": "file", "filename": filename});
+        let raw_over_fb = || json!({"node-name": "rc", "driver": "raw", "file": "fb"});
         let mut g = BlockGraph::new();
         g.add("b[0]", file("fa", "a.img"), &f.ctx(), false).unwrap();
 
@@ -698,22 +699,10 @@ mod tests {
 
         // The child was removed meanwhile: refused, nothing added.
         let mut s = g.stage();
-        s.add(
-            "b[3]",
-            json!({"node-name": "rc", "driver": "raw", "file": "fb"}),
-            &f.ctx(),
-            false,
-        )
-        .unwrap_err(); // (no such node in the copy either)
+        s.add("b[3]", raw_over_fb(), &f.ctx(), false).unwrap_err(); // (no such node in the copy either)
         g.add("b[4]", file("fb", "b.img"), &f.ctx(), false).unwrap();
         let mut s = g.stage();
-        s.add(
-            "b[5]",
-            json!({"node-name": "rc", "driver": "raw", "file": "fb"}),
-            &f.ctx(),
-            false,
-        )
-        .unwrap();
+        s.add("b[5]", raw_over_fb(), &f.ctx(), false).unwrap();
         g.remove("fb").unwrap();
         let e = g.merge(s).unwrap_err();
         assert_eq!(e.to_string(), "Cannot find device='' nor node-name='fb'");
@@ -722,13 +711,7 @@ mod tests {
         // ... or removed and added again (another node of that name): refused too.
         g.add("b[6]", file("fb", "b.img"), &f.ctx(), false).unwrap();
         let mut s = g.stage();
-        s.add(
-            "b[7]",
-            json!({"node-name": "rc", "driver": "raw", "file": "fb"}),
-            &f.ctx(),
-            false,
-        )
-        .unwrap();
+        s.add("b[7]", raw_over_fb(), &f.ctx(), false).unwrap();
         g.remove("fb").unwrap();
         g.add("b[8]", file("fb", "a.img"), &f.ctx(), false).unwrap();
         assert!(g.merge(s).is_err());
