@@ -170,7 +170,10 @@ fn build_machine(
     for action in plan.actions() {
         // The block layer's errors about an object or a node name the entry already
         // (`BlockError::at`); a device's are prefixed with it.
-        let prefix = matches!(action, Action::DeviceAdd(_)).then(|| action.entry().to_owned());
+        let prefix = match &action {
+            Action::DeviceAdd(d) => Some(d.path.clone()),
+            _ => None,
+        };
         control.execute(action).map_err(|e| match &prefix {
             Some(entry) => format!("{entry}: {e}"),
             None => e.to_string(),

@@ -81,17 +81,6 @@ pub enum Action {
 }
 
 impl Action {
-    /// The config entry it came from (`devices[0]`), empty when it came over QMP or
-    /// is no addition.
-    pub fn entry(&self) -> &str {
-        match self {
-            Action::ObjectAdd(ObjectSpec { path, .. })
-            | Action::BlockdevAdd(BlockdevSpec { path, .. })
-            | Action::DeviceAdd(DeviceSpec { path, .. }) => path,
-            _ => "",
-        }
-    }
-
     /// The QMP command this action is.
     pub fn command(&self) -> &'static str {
         match self {
