@@ -148,7 +148,10 @@ impl EventBus {
             let due = held.throttle.due(now);
             let send = held.throttle.offer(key, event, data, now);
             drop(held);
-            self.shared.changed.notify_all();
+            if send.is_some() {
+                // A period started: the thread has a new deadline to wait for.
+                self.shared.changed.notify_all();
+            }
             for (event, data) in due {
                 self.shared.broadcast(&event, data);
             }
