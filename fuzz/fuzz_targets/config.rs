@@ -50,7 +50,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = config.cmdline();
     if let Ok(plan) = config.cold_plug() {
         for action in plan.actions() {
-            let _ = (action.command(), action.entry());
+            let _ = action.command();
         }
     }
 });
