@@ -12,12 +12,14 @@ mod compress;
 pub mod create;
 mod error;
 pub mod header;
+mod imrt;
 mod inflight;
 mod io;
 mod layout;
 mod meta;
 pub mod node;
 mod overlap;
+mod rebuild;
 mod snapshot;
 mod storage;
 #[cfg(test)]
