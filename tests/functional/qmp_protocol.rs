@@ -849,12 +849,14 @@ fn run_over_tcp_with_ctl() {
     assert_eq!(lines[0], r#"{"return": {}}"#, "{r}");
     assert!(lines[1].contains(r#""event": "POWERDOWN""#), "{r}");
     let r = ctl(&["--socket", &address], "{\"execute\": \"quit\"}\n");
+    let exit = vm.wait_exit(TIMEOUT);
     assert_eq!(
         (r.status, r.stdout.as_str()),
         (Some(0), "{\"return\": {}}\n"),
-        "{r}"
+        "{r}\n--- cryptvm run (exit {exit:?}) ---\n{}",
+        vm.log()
     );
-    assert_eq!(vm.wait_exit(TIMEOUT), Some(0), "{}", vm.log());
+    assert_eq!(exit, Some(0), "{}", vm.log());
 }
 
 /// The refusals of the hotplug commands (unknown node, duplicate id, a node used twice,

@@ -30,6 +30,7 @@
 //! only logs the call (audit, `dmesg`) and lets it through.
 
 mod allowlist;
+mod glibc;
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -194,7 +195,7 @@ pub enum SeccompError {
 
 /// The compiled filters.
 struct Filters {
-    programs: BTreeMap<ThreadKind, BpfProgram>,
+    programs: BTreeMap<ThreadKind, Vec<BpfProgram>>,
     selftest: Option<ThreadKind>,
 }
 
@@ -247,10 +248,18 @@ fn allowed(kind: ThreadKind) -> BTreeMap<i64, Option<Vec<(u8, u64)>>> {
 
 /// The filter of `kind`: its allowed calls let through, anything else
 /// trapped (`On`) or logged (`Log`).
-fn program(kind: ThreadKind, mode: SeccompMode) -> Result<BpfProgram, SeccompError> {
+fn program(kind: ThreadKind, mode: SeccompMode) -> Result<Vec<BpfProgram>, SeccompError> {
     let build = |source| SeccompError::Build { kind, source };
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    for (nr, values) in allowed(kind) {
+    let allowed = allowed(kind);
+    // A kind that opens no files: open calls fail (glibc's lazy probes), see `glibc`.
+    let no_open = !allowed.contains_key(&libc::SYS_openat);
+    if no_open {
+        for nr in glibc::OPEN_CALLS {
+            rules.insert(nr, Vec::new());
+        }
+    }
+    for (nr, values) in allowed {
         let chain = match values {
             None => Vec::new(),
             Some(values) => values
@@ -270,9 +279,16 @@ fn program(kind: ThreadKind, mode: SeccompMode) -> Result<BpfProgram, SeccompErr
     };
     let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
         .map_err(|e| build(e.into()))?;
-    filter
+    let own = filter
         .try_into()
-        .map_err(|e: seccompiler::BackendError| build(e.into()))
+        .map_err(|e: seccompiler::BackendError| build(e.into()))?;
+    // In the order installed: once the own filter is on, installing another may be
+    // refused by it.
+    Ok(if no_open {
+        vec![glibc::no_open().map_err(build)?, own]
+    } else {
+        vec![own]
+    })
 }
 
 /// Sets up the filters of `mode` for this process: compiles every kind's
@@ -283,6 +299,7 @@ pub fn init(mode: SeccompMode) -> Result<(), SeccompError> {
     if mode == SeccompMode::Off {
         return Ok(());
     }
+    glibc::bound_arenas();
     let selftest = match std::env::var(SELFTEST_ENV) {
         Ok(name) if !name.is_empty() => {
             Some(ThreadKind::from_name(&name).ok_or(SeccompError::UnknownSelftest(name))?)
@@ -329,11 +346,12 @@ pub fn apply_current(kind: ThreadKind) -> Result<(), SeccompError> {
     let n = name.len().min(buf.len() - 1);
     buf[..n].copy_from_slice(&name.as_bytes()[..n]);
     THREAD_NAME.with(|t| t.set(buf));
-    let program = &filters.programs[&kind];
-    seccompiler::apply_filter(program).map_err(|source| SeccompError::Apply {
-        thread: name.to_string(),
-        source,
-    })?;
+    for program in &filters.programs[&kind] {
+        seccompiler::apply_filter(program).map_err(|source| SeccompError::Apply {
+            thread: name.to_string(),
+            source,
+        })?;
+    }
     if filters.selftest == Some(kind) {
         selftest();
     }
