@@ -19,6 +19,7 @@ mod meta;
 pub mod node;
 mod overlap;
 mod snapshot;
+mod status;
 mod storage;
 #[cfg(test)]
 mod tests;
