@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 use block::info::node_info;
 use block::SecretStore;
 
+use super::qjson::to_pretty;
 use super::image::{image_options, load_objects, open, OpenMode};
 use super::size::human;
 use super::{Args, ImgError, Result};
@@ -24,10 +25,7 @@ pub fn run(argv: &[String]) -> Result<u8> {
             (false, [info]) => info.clone(),
             _ => Value::Array(list),
         };
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&value).expect("JSON values serialize")
-        );
+        println!("{}", to_pretty(&value));
     } else {
         let texts: Vec<String> = list.iter().map(|info| human_info(info, 0)).collect();
         print!("{}", texts.join("\n"));

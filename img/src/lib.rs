@@ -11,6 +11,7 @@ mod create;
 mod image;
 mod info;
 mod map;
+mod qjson;
 mod size;
 mod sparse;
 mod writeback;
