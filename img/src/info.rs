@@ -7,8 +7,8 @@ use serde_json::{json, Value};
 use block::info::node_info;
 use block::SecretStore;
 
-use super::qjson::to_pretty;
 use super::image::{image_options, load_objects, open, OpenMode};
+use super::qjson::to_pretty;
 use super::size::human;
 use super::{Args, ImgError, Result};
 

@@ -98,18 +98,16 @@ fn range_args(a: &Args) -> Result<(u64, Option<u64>)> {
 }
 
 /// Prints the map of `[start, end)` of `node` in text or JSON.
-fn dump_map(
-    out: &mut impl Write,
-    node: &NodeRef,
-    start: u64,
-    end: u64,
-    json: bool,
-) -> Result<()> {
+fn dump_map(out: &mut impl Write, node: &NodeRef, start: u64, end: u64, json: bool) -> Result<()> {
     if json {
         out.write_all(b"[").map_err(write_error)?;
     } else {
-        writeln!(out, "{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to")
-            .map_err(write_error)?;
+        writeln!(
+            out,
+            "{:<16}{:<16}{:<16}File",
+            "Offset", "Length", "Mapped to"
+        )
+        .map_err(write_error)?;
     }
     let mut curr = MapEntry {
         start,
@@ -118,7 +116,10 @@ fn dump_map(
     while curr.start + curr.length < end {
         let offset = curr.start + curr.length;
         let mut next = chain_status(node, offset, end - offset).map_err(|e| {
-            ImgError::Msg(format!("Could not read file metadata: {}", metadata_error(&e)))
+            ImgError::Msg(format!(
+                "Could not read file metadata: {}",
+                metadata_error(&e)
+            ))
         })?;
         if curr.mergeable(&next) {
             curr.length += next.length;

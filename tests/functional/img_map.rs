@@ -19,8 +19,14 @@ use common::*;
 fn compare(dir: &Path, args: &[&str]) -> (Run, Run) {
     let theirs = run("qemu-img", args, Some(dir));
     let ours = cryptvm(dir, std::iter::once("img").chain(args.iter().copied()));
-    assert_eq!(ours.stdout, theirs.stdout, "stdout differs:\n{theirs}\n{ours}");
-    assert_eq!(ours.status, theirs.status, "exit status differs:\n{theirs}\n{ours}");
+    assert_eq!(
+        ours.stdout, theirs.stdout,
+        "stdout differs:\n{theirs}\n{ours}"
+    );
+    assert_eq!(
+        ours.status, theirs.status,
+        "exit status differs:\n{theirs}\n{ours}"
+    );
     (theirs, ours)
 }
 
@@ -37,7 +43,9 @@ fn same_error(dir: &Path, args: &[&str]) -> Run {
     let (theirs, ours) = compare(dir, args);
     let first = |r: &Run, prefix: &str| {
         let line = r.stderr.lines().next().unwrap_or_default().to_string();
-        line.strip_prefix(prefix).map(str::to_string).unwrap_or(line)
+        line.strip_prefix(prefix)
+            .map(str::to_string)
+            .unwrap_or(line)
     };
     assert_eq!(
         first(&ours, "cryptvm img: "),
@@ -155,31 +163,77 @@ fn map_of_qcow2_clusters_matches_qemu_img() {
         assert!(map.contains(text), "the image should have {what}:\n{map}");
     }
     same_map(dir, &["-f", "qcow2"], "q.qcow2");
+    // Clusters written in reverse order: adjacent in the guest, not in the file.
+    qemu_img(dir, &["create", "-q", "-f", "qcow2", "rev.qcow2", "1M"]);
+    qemu_io(
+        dir,
+        "rev.qcow2",
+        &[
+            "write -P 1 128k 64k",
+            "write -P 2 64k 64k",
+            "write -P 3 0 64k",
+        ],
+    );
+    let map = same_map(dir, &[], "rev.qcow2");
+    assert_eq!(map.matches("\"data\": true").count(), 3, "{map}");
     same_map(dir, &["-U"], "q.qcow2");
     same_map(dir, &["--image-opts"], "driver=qcow2,file.filename=q.qcow2");
 
     // Small clusters, subclusters, preallocated metadata, a fully allocated image.
     qemu_img(
         dir,
-        &["create", "-q", "-f", "qcow2", "-o", "cluster_size=512", "small.qcow2", "1M"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            "small.qcow2",
+            "1M",
+        ],
     );
     qemu_io(dir, "small.qcow2", &["write -P 4 1k 3k", "write -z 8k 1k"]);
     qemu_img(
         dir,
         &[
-            "create", "-q", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=128k", "x.qcow2",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on,cluster_size=128k",
+            "x.qcow2",
             "2M",
         ],
     );
     qemu_io(dir, "x.qcow2", &["write -P 1 4k 8k", "write -z 64k 4k"]);
     qemu_img(
         dir,
-        &["create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", "pm.qcow2", "2M"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=metadata",
+            "pm.qcow2",
+            "2M",
+        ],
     );
     qemu_io(dir, "pm.qcow2", &["write -P 1 64k 64k"]);
     qemu_img(
         dir,
-        &["create", "-q", "-f", "qcow2", "-o", "preallocation=full", "pf.qcow2", "1M"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=full",
+            "pf.qcow2",
+            "1M",
+        ],
     );
     for image in ["small.qcow2", "x.qcow2", "pm.qcow2", "pf.qcow2"] {
         same_map(dir, &[], image);
@@ -196,10 +250,20 @@ fn map_of_a_backing_chain_matches_qemu_img() {
     qemu_img(dir, &["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
     qemu_io(dir, "base.qcow2", &["write -P 1 0 1M", "write -P 9 3M 64k"]);
     let chain = ["-b", "base.qcow2", "-F", "qcow2", "mid.qcow2"];
-    qemu_img(dir, &[&["create", "-q", "-f", "qcow2"][..], &chain].concat());
-    qemu_io(dir, "mid.qcow2", &["write -P 2 512k 64k", "write -z 3M 64k"]);
+    qemu_img(
+        dir,
+        &[&["create", "-q", "-f", "qcow2"][..], &chain].concat(),
+    );
+    qemu_io(
+        dir,
+        "mid.qcow2",
+        &["write -P 2 512k 64k", "write -z 3M 64k"],
+    );
     let chain = ["-b", "mid.qcow2", "-F", "qcow2", "top.qcow2", "6M"];
-    qemu_img(dir, &[&["create", "-q", "-f", "qcow2"][..], &chain].concat());
+    qemu_img(
+        dir,
+        &[&["create", "-q", "-f", "qcow2"][..], &chain].concat(),
+    );
     qemu_io(dir, "top.qcow2", &["write -P 3 64k 64k"]);
     let map = same_map(dir, &[], "top.qcow2");
     for depth in 0..3 {
@@ -217,7 +281,18 @@ fn map_of_a_backing_chain_matches_qemu_img() {
     s.write("short.raw", &pattern(5, 1_000_000));
     qemu_img(
         dir,
-        &["create", "-q", "-f", "qcow2", "-b", "short.raw", "-F", "raw", "over.qcow2", "2M"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "short.raw",
+            "-F",
+            "raw",
+            "over.qcow2",
+            "2M",
+        ],
     );
     qemu_io(dir, "over.qcow2", &["write -P 6 128k 64k"]);
     same_map(dir, &[], "over.qcow2");
@@ -239,7 +314,9 @@ fn map_of_a_compressed_image_matches_qemu_img() {
     f.write_all_at(&[0xa5; 64 << 10], 1 << 20).expect("writing");
     qemu_img(
         s.path(),
-        &["convert", "-c", "-f", "raw", "-O", "qcow2", "src.raw", "c.qcow2"],
+        &[
+            "convert", "-c", "-f", "raw", "-O", "qcow2", "src.raw", "c.qcow2",
+        ],
     );
     let json = same(s.path(), &["map", "--output=json", "c.qcow2"]).ok();
     assert!(json.stdout.contains("\"compressed\": true"), "{json}");
@@ -262,14 +339,29 @@ fn map_of_luks_images_matches_qemu_img() {
     qemu_img(
         dir,
         &[
-            "create", "-q", "-f", "luks", "--object", &object, "-o",
-            "key-secret=sec0,iter-time=10", "l.luks", "1M",
+            "create",
+            "-q",
+            "-f",
+            "luks",
+            "--object",
+            &object,
+            "-o",
+            "key-secret=sec0,iter-time=10",
+            "l.luks",
+            "1M",
         ],
     );
     let attached = "driver=luks,key-secret=sec0,file.filename=l.luks";
     let json = same(
         dir,
-        &["map", "--output=json", "--object", &object, "--image-opts", attached],
+        &[
+            "map",
+            "--output=json",
+            "--object",
+            &object,
+            "--image-opts",
+            attached,
+        ],
     )
     .ok();
     assert!(json.stdout.contains("\"data\": true"), "{json}");
@@ -281,11 +373,20 @@ fn map_of_luks_images_matches_qemu_img() {
     let luks_size = std::fs::metadata(s.join("l.luks")).expect("stat").len();
     qemu_img(
         dir,
-        &["create", "-q", "-f", "qcow2", "lq.qcow2", &luks_size.to_string()],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "lq.qcow2",
+            &luks_size.to_string(),
+        ],
     );
     qemu_img(
         dir,
-        &["convert", "-n", "-f", "raw", "-O", "qcow2", "l.luks", "lq.qcow2"],
+        &[
+            "convert", "-n", "-f", "raw", "-O", "qcow2", "l.luks", "lq.qcow2",
+        ],
     );
     let over = r#"json:{"driver":"luks","key-secret":"sec0","file":{"driver":"qcow2","file":{"driver":"file","filename":"lq.qcow2"}}}"#;
     same(dir, &["map", "--output=json", "--object", &object, over]).ok();
@@ -303,12 +404,38 @@ fn map_of_qcow2_images_written_by_cryptvm_matches_qemu_img() {
     let src = s.sparse("src.raw", 3 << 20);
     write_data(&src, 64 << 10, 192 << 10);
     write_data(&src, 2 << 20, 4096);
-    cryptvm(dir, ["img", "create", "-q", "-f", "qcow2", "new.qcow2", "4M"]).ok();
-    cryptvm(dir, ["img", "convert", "-f", "raw", "-O", "qcow2", "src.raw", "conv.qcow2"]).ok();
+    cryptvm(
+        dir,
+        ["img", "create", "-q", "-f", "qcow2", "new.qcow2", "4M"],
+    )
+    .ok();
     cryptvm(
         dir,
         [
-            "img", "create", "-q", "-f", "qcow2", "-b", "conv.qcow2", "-F", "qcow2", "over.qcow2",
+            "img",
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "src.raw",
+            "conv.qcow2",
+        ],
+    )
+    .ok();
+    cryptvm(
+        dir,
+        [
+            "img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "conv.qcow2",
+            "-F",
+            "qcow2",
+            "over.qcow2",
         ],
     )
     .ok();
@@ -372,16 +499,47 @@ fn info_of_a_backing_chain_matches_qemu_img() {
     qemu_img(dir, &["snapshot", "-c", "snap1", "base.qcow2"]);
     qemu_img(
         dir,
-        &["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "mid.qcow2"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "mid.qcow2",
+        ],
     );
     qemu_img(
         dir,
-        &["create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", "top.qcow2", "8M"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "mid.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+            "8M",
+        ],
     );
     s.write("base.raw", &pattern(3, 1 << 20));
     qemu_img(
         dir,
-        &["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "over.qcow2"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            "over.qcow2",
+        ],
     );
     for image in ["top.qcow2", "over.qcow2", "base.raw"] {
         for output in ["--output=human", "--output=json"] {
@@ -391,7 +549,11 @@ fn info_of_a_backing_chain_matches_qemu_img() {
     }
     let text = same(dir, &["info", "--backing-chain", "top.qcow2"]).ok();
     assert_eq!(text.stdout.matches("image: ").count(), 3, "{text}");
-    same(dir, &["info", "--backing-chain", "-f", "qcow2", "mid.qcow2"]).ok();
+    same(
+        dir,
+        &["info", "--backing-chain", "-f", "qcow2", "mid.qcow2"],
+    )
+    .ok();
     same(dir, &["info", "--output=json", "top.qcow2"]).ok();
     same(dir, &["info", "--output=json", "base.raw"]).ok();
 
@@ -399,14 +561,28 @@ fn info_of_a_backing_chain_matches_qemu_img() {
     qemu_img(dir, &["create", "-q", "-f", "qcow2", "a.qcow2", "1M"]);
     qemu_img(
         dir,
-        &["create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "b.qcow2"],
+        &[
+            "create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "b.qcow2",
+        ],
     );
-    qemu_img(dir, &["rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", "a.qcow2"]);
+    qemu_img(
+        dir,
+        &["rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", "a.qcow2"],
+    );
     same_error(dir, &["info", "--backing-chain", "a.qcow2"]);
     qemu_img(
         dir,
         &[
-            "create", "-q", "-f", "qcow2", "-u", "-b", "gone.qcow2", "-F", "qcow2", "orphan.qcow2",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "gone.qcow2",
+            "-F",
+            "qcow2",
+            "orphan.qcow2",
             "1M",
         ],
     );
