@@ -11,6 +11,7 @@ mod create;
 mod image;
 mod info;
 mod map;
+mod options_help;
 mod qjson;
 mod size;
 mod sparse;
