@@ -608,6 +608,32 @@ mod tests {
     }
 
     #[test]
+    fn block_status_follows_holes_and_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        create_file(&p, 1 << 20).unwrap();
+        let n = open(&p, json!({}), Common::default()).unwrap();
+        n.write_at(256 << 10, &[1u8; 64 << 10]).unwrap();
+        let st = n.block_status(0, 1 << 20).unwrap();
+        if st.data {
+            eprintln!("no SEEK_HOLE on this file system; skipping");
+            return;
+        }
+        assert!(st.zero && st.allocated && st.len <= 256 << 10);
+        let st = n.block_status(256 << 10, 768 << 10).unwrap();
+        assert!(st.data && !st.zero);
+        assert_eq!(st.len, 64 << 10);
+        let host = st.host.unwrap();
+        assert_eq!(
+            (host.offset, host.file),
+            (256 << 10, p.display().to_string())
+        );
+        let st = n.block_status(320 << 10, 4096).unwrap();
+        assert!(st.zero && st.len == 4096);
+        assert!(n.block_status(1 << 20, 1).is_err());
+    }
+
+    #[test]
     fn direct_io_handles_unaligned_requests() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
