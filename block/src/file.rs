@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::blockdev::{Common, DriverKeys};
-use crate::node::{check_range, total_len, write_zeroes_by_writing, BlockNode};
+use crate::node::{
+    check_range, total_len, write_zeroes_by_writing, BlockNode, BlockStatus, HostMapping,
+};
 use crate::options::Opts;
 use crate::{BlockError, Result};
 
@@ -402,9 +404,53 @@ impl BlockNode for FileNode {
         Some(&self.filename)
     }
 
+    /// Holes (SEEK_HOLE) read as zeros, the rest is data; as QEMU's
+    /// `raw_co_block_status`, everything is data when the file system cannot tell.
+    fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        check_range("file", self.size(), offset, len)?;
+        let (data, end) = extent_at(&self.file, offset).unwrap_or((true, u64::MAX));
+        let status = if data {
+            BlockStatus::data(len)
+        } else {
+            BlockStatus::zeros(len)
+        };
+        Ok(BlockStatus {
+            len: end.saturating_sub(offset).min(len),
+            host: Some(HostMapping {
+                file: self.filename.clone(),
+                offset,
+            }),
+            ..status
+        })
+    }
+
     fn allocated_size(&self) -> Option<u64> {
         self.file.metadata().ok().map(|m| m.blocks() * 512)
     }
+}
+
+/// The extent of `file` at `offset`, by SEEK_DATA and SEEK_HOLE: whether it
+/// is data (else a hole) and where it ends (`u64::MAX` for the hole at the
+/// end of the file); `None` when the file system cannot tell.
+fn extent_at(file: &File, offset: u64) -> Option<(bool, u64)> {
+    let fd = file.as_raw_fd();
+    let start = libc::off_t::try_from(offset).ok()?;
+    // SAFETY: lseek on a descriptor this node owns; it moves only the file
+    // position, which the node's I/O (pread/pwrite) never uses.
+    let data = unsafe { libc::lseek(fd, start, libc::SEEK_DATA) };
+    if data < 0 {
+        let trailing_hole = std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+        return trailing_hole.then_some((false, u64::MAX));
+    }
+    if data > start {
+        return Some((false, data as u64));
+    }
+    if data < start {
+        return None;
+    }
+    // SAFETY: as above.
+    let hole = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
+    (hole > start).then_some((true, hole as u64))
 }
 
 /// Reads as much as exists at `offset` (short at end of file).
@@ -559,6 +605,32 @@ mod tests {
             Err(BlockError::OutOfRange { .. })
         ));
         assert!(n.write_at(u64::MAX - 1, b"xx").is_err());
+    }
+
+    #[test]
+    fn block_status_follows_holes_and_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        create_file(&p, 1 << 20).unwrap();
+        let n = open(&p, json!({}), Common::default()).unwrap();
+        n.write_at(256 << 10, &[1u8; 64 << 10]).unwrap();
+        let st = n.block_status(0, 1 << 20).unwrap();
+        if st.data {
+            eprintln!("no SEEK_HOLE on this file system; skipping");
+            return;
+        }
+        assert!(st.zero && st.allocated && st.len <= 256 << 10);
+        let st = n.block_status(256 << 10, 768 << 10).unwrap();
+        assert!(st.data && !st.zero);
+        assert_eq!(st.len, 64 << 10);
+        let host = st.host.unwrap();
+        assert_eq!(
+            (host.offset, host.file),
+            (256 << 10, p.display().to_string())
+        );
+        let st = n.block_status(320 << 10, 4096).unwrap();
+        assert!(st.zero && st.len == 4096);
+        assert!(n.block_status(1 << 20, 1).is_err());
     }
 
     #[test]

@@ -19,7 +19,7 @@ pub mod threads;
 
 pub use error::{BlockError, ErrorKind, GraphError, Result};
 pub use graph::BlockGraph;
-pub use node::{BlockNode, NodeRef};
+pub use node::{BlockNode, BlockStatus, HostMapping, NodeRef};
 pub use secret::SecretStore;
 
 /// Size of the sectors that the LUKS payload and guest-visible disks use.

@@ -81,6 +81,24 @@ pub trait BlockNode: Send + Sync {
     fn filename(&self) -> Option<&str> {
         None
     }
+    /// Allocation status of the bytes from `offset` (QEMU's
+    /// `bdrv_block_status`): how many of the next `len` bytes share one status,
+    /// and that status. `len` > 0 and the range lies within the node.
+    ///
+    /// By default the whole range is data allocated at this layer, mapped
+    /// one to one onto the host file for protocol nodes (those with a
+    /// [`filename`](Self::filename)) and at an unknown place otherwise.
+    fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        check_range(self.driver(), self.size(), offset, len)?;
+        let host = self.filename().map(|f| HostMapping {
+            file: f.to_string(),
+            offset,
+        });
+        Ok(BlockStatus {
+            host,
+            ..BlockStatus::data(len)
+        })
+    }
     /// Bytes the node occupies on the host (as `disk size` in `qemu-img
     /// info`): by default the sum over its children.
     fn allocated_size(&self) -> Option<u64> {
@@ -88,6 +106,65 @@ pub trait BlockNode: Send + Sync {
             .iter()
             .map(|(_, c)| c.allocated_size())
             .sum()
+    }
+}
+
+/// Where a run of a node's bytes lies in a host file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostMapping {
+    /// The host file's name, as its `file` node shows it.
+    pub file: String,
+    /// Byte offset of the run's first byte in that file.
+    pub offset: u64,
+}
+
+/// The allocation status of a run of bytes (QEMU's `BDRV_BLOCK_*` flags).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockStatus {
+    /// Bytes from the queried offset that share this status (at least 1).
+    pub len: u64,
+    /// Reads return data stored at this layer or below it (`BDRV_BLOCK_DATA`).
+    pub data: bool,
+    /// Reads return zeros (`BDRV_BLOCK_ZERO`).
+    pub zero: bool,
+    /// This layer defines the content (`BDRV_BLOCK_ALLOCATED`); when false,
+    /// the content comes from the backing node.
+    pub allocated: bool,
+    /// Stored compressed (`BDRV_BLOCK_COMPRESSED`).
+    pub compressed: bool,
+    /// The place in a host file, when known (`BDRV_BLOCK_OFFSET_VALID`).
+    pub host: Option<HostMapping>,
+}
+
+impl BlockStatus {
+    /// `len` bytes of data allocated at this layer, place unknown.
+    pub fn data(len: u64) -> Self {
+        Self {
+            len,
+            data: true,
+            zero: false,
+            allocated: true,
+            compressed: false,
+            host: None,
+        }
+    }
+
+    /// `len` bytes that read as zeros, allocated at this layer.
+    pub fn zeros(len: u64) -> Self {
+        Self {
+            zero: true,
+            data: false,
+            ..Self::data(len)
+        }
+    }
+
+    /// `len` bytes this layer does not define: they come from the backing node.
+    pub fn unallocated(len: u64) -> Self {
+        Self {
+            data: false,
+            allocated: false,
+            ..Self::data(len)
+        }
     }
 }
 

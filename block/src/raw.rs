@@ -3,7 +3,7 @@
 use serde_json::json;
 
 use crate::blockdev::DriverKeys;
-use crate::node::{check_range, total_len, BlockNode, NodeRef};
+use crate::node::{check_range, total_len, BlockNode, BlockStatus, NodeRef};
 use crate::options::Opts;
 use crate::{BlockError, Result};
 
@@ -108,6 +108,17 @@ impl BlockNode for RawNode {
         }
         check_range("raw", self.size, offset, len)?;
         self.child.write_zeroes(self.offset + offset, len)
+    }
+
+    /// The child's status at the shifted offset (QEMU's `BDRV_BLOCK_RAW`):
+    /// what the file says, allocated at this layer.
+    fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        check_range("raw", self.size, offset, len)?;
+        let st = self.child.block_status(self.offset + offset, len)?;
+        Ok(BlockStatus {
+            allocated: st.allocated || st.data || st.zero,
+            ..st
+        })
     }
 
     fn info(&self) -> serde_json::Value {

@@ -37,8 +37,10 @@ pub struct Args {
     pub no_create: bool,
     /// `-s`: strict compare.
     pub strict: bool,
+    /// `--backing-chain`: every image of the backing chain (info).
+    pub backing_chain: bool,
     /// Long options with a value that only one sub-command knows
-    /// (`--pattern`, `--flush-interval`), as given.
+    /// (`--pattern`, `--flush-interval`, `--start-offset`, `--max-length`), as given.
     pub extra: Vec<(String, String)>,
     /// Other valued short options (`-c 100`), as given.
     pub short: Vec<(char, String)>,
@@ -81,7 +83,8 @@ impl Args {
                     "target-image-opts" => a.target_image_opts = true,
                     "force-share" => {}
                     "format" => a.format = Some(value(&mut q)?),
-                    "pattern" | "flush-interval" => {
+                    "backing-chain" => a.backing_chain = true,
+                    "pattern" | "flush-interval" | "start-offset" | "max-length" => {
                         let v = value(&mut q)?;
                         a.extra.push((name.to_string(), v));
                     }

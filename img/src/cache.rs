@@ -134,6 +134,9 @@ impl BlockNode for WriteThrough {
     fn allocated_size(&self) -> Option<u64> {
         self.0.allocated_size()
     }
+    fn block_status(&self, offset: u64, len: u64) -> Result<block::BlockStatus> {
+        self.0.block_status(offset, len)
+    }
 }
 
 #[cfg(test)]

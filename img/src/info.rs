@@ -1,10 +1,14 @@
 //! `cryptvm img info`: what `qemu-img info` shows, in text or JSON.
 
+use std::collections::HashSet;
+
 use serde_json::{json, Value};
 
 use block::info::node_info;
+use block::SecretStore;
 
 use super::image::{image_options, load_objects, open, OpenMode};
+use super::qjson::to_pretty;
 use super::size::human;
 use super::{Args, ImgError, Result};
 
@@ -15,27 +19,67 @@ pub fn run(argv: &[String]) -> Result<u8> {
         return Err(ImgError::Msg("Expecting one image file name".into()));
     };
     let secrets = load_objects(&a.objects)?;
-    let opts = image_options(spec, a.image_opts, a.format.as_deref())?;
-    let image = open(
-        opts,
-        &secrets,
-        OpenMode {
+    let list = collect_infos(&a, spec, &secrets)?;
+    if a.json {
+        let value = match (a.backing_chain, list.as_slice()) {
+            (false, [info]) => info.clone(),
+            _ => Value::Array(list),
+        };
+        println!("{}", to_pretty(&value));
+    } else {
+        let texts: Vec<String> = list.iter().map(|info| human_info(info, 0)).collect();
+        print!("{}", texts.join("\n"));
+    }
+    Ok(0)
+}
+
+/// The info of the image named `spec` and, with `--backing-chain`, of each
+/// image below it (qemu-img's `collect_image_info_list`): each opened on its
+/// own, by its full backing file name and the format its parent names.
+fn collect_infos(a: &Args, spec: &str, secrets: &SecretStore) -> Result<Vec<Value>> {
+    let mut list = Vec::new();
+    let mut seen = HashSet::new();
+    let mut name = spec.to_string();
+    let mut format = a.format.clone();
+    let mut image_opts = a.image_opts;
+    loop {
+        if !seen.insert(name.clone()) {
+            return Err(ImgError::Msg(format!(
+                "Backing file '{name}' creates an infinite loop."
+            )));
+        }
+        let opts = image_options(&name, image_opts, format.as_deref())?;
+        let mode = OpenMode {
             read_only: true,
             no_io: true,
             cache: a.cache,
-        },
-    )
-    .map_err(|e| e.opening(spec))?;
-    let info = node_info(&image.node);
-    if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&info).expect("JSON values serialize")
-        );
-    } else {
-        print!("{}", human_info(&info, 0));
+        };
+        let image = open(opts, secrets, mode).map_err(|e| e.opening(&name))?;
+        let info = node_info(&image.node);
+        let next = backing_name(&info)?;
+        format = info
+            .get("backing-filename-format")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        list.push(info);
+        match next {
+            Some(n) if a.backing_chain => name = n,
+            _ => return Ok(list),
+        }
+        image_opts = false;
     }
-    Ok(0)
+}
+
+/// The full name of the backing file an info names, if any.
+fn backing_name(info: &Value) -> Result<Option<String>> {
+    let get = |k: &str| info.get(k).and_then(Value::as_str).map(str::to_string);
+    match (get("full-backing-filename"), get("backing-filename")) {
+        (Some(full), _) => Ok(Some(full)),
+        (None, Some(b)) => Err(ImgError::Msg(format!(
+            "Could not determine absolute backing filename, but backing filename '{b}' present"
+        ))),
+        (None, None) => Ok(None),
+    }
 }
 
 /// The text form, indented by `level` * 4 spaces.

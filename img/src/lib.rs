@@ -10,7 +10,9 @@ mod copy;
 mod create;
 mod image;
 mod info;
+mod map;
 mod options_help;
+mod qjson;
 mod size;
 mod sparse;
 mod writeback;
@@ -90,7 +92,8 @@ Commands (options as qemu-img's):
   compare [--object objectdef] [--image-opts] [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2
   convert [--object objectdef] [--image-opts] [--target-image-opts] [-U] [-C] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] [-o options] [-S sparse_size] [-m num_coroutines] [-W] filename [filename2 [...]] output_filename
   create [--object objectdef] [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
-  info [--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] [-U] filename
+  info [--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
+  map [--object objectdef] [--image-opts] [-f fmt] [--start-offset=offset] [--max-length=len] [--output=ofmt] [-U] filename
 ";
 
 /// Runs `cryptvm img ARGS...` and returns the process exit status.
@@ -117,6 +120,7 @@ pub fn main(argv: &[String]) -> u8 {
         "compare" => compare::run(rest),
         "bench" => bench::run(rest),
         "check" => check::run(rest),
+        "map" => map::run(rest),
         other => Err(ImgError::Msg(format!("Command not found: {other}"))),
     };
     match result {

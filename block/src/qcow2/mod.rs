@@ -21,6 +21,7 @@ pub mod node;
 mod overlap;
 mod rebuild;
 mod snapshot;
+mod status;
 mod storage;
 #[cfg(test)]
 mod tests;

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock};
 
 use serde_json::{json, Value};
 
@@ -14,7 +14,7 @@ use super::layout::{check_features, check_layout, is_marked_corrupt};
 use super::meta::Meta;
 use super::storage::Storage;
 use crate::blockdev::{BackingFiles, Common, DriverKeys, OpenContext};
-use crate::node::{check_range, total_len, BlockNode, NodeRef};
+use crate::node::{check_range, total_len, BlockNode, BlockStatus, NodeRef};
 use crate::options::Opts;
 use crate::{BlockError, Result};
 
@@ -85,6 +85,8 @@ pub struct Qcow2Node {
     pub(super) version: u32,
     /// Autoclear bits cleared (first write done).
     pub(super) prepared: AtomicBool,
+    /// Whether the metadata looks preallocated (`img map` status), once known.
+    pub(super) prealloc: OnceLock<bool>,
     info: Value,
 }
 
@@ -337,6 +339,7 @@ impl Qcow2Node {
             extl2,
             version,
             prepared: AtomicBool::new(prepared),
+            prealloc: OnceLock::new(),
             info,
         })
     }
@@ -647,6 +650,11 @@ impl BlockNode for Qcow2Node {
         self.check_writable()?;
         check_range("qcow2", self.size, offset, len)?;
         self.do_discard(offset, len, true)
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        check_range("qcow2", self.size, offset, len)?;
+        self.do_block_status(offset, len)
     }
 
     fn info(&self) -> Value {
