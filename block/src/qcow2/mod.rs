@@ -18,6 +18,7 @@ mod layout;
 mod meta;
 pub mod node;
 mod overlap;
+mod resize;
 mod snapshot;
 mod storage;
 #[cfg(test)]
