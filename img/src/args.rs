@@ -37,8 +37,10 @@ pub struct Args {
     pub no_create: bool,
     /// `-s`: strict compare.
     pub strict: bool,
+    /// `--shrink`: a resize may make the image smaller.
+    pub shrink: bool,
     /// Long options with a value that only one sub-command knows
-    /// (`--pattern`, `--flush-interval`), as given.
+    /// (`--pattern`, `--flush-interval`, `--preallocation`), as given.
     pub extra: Vec<(String, String)>,
     /// Other valued short options (`-c 100`), as given.
     pub short: Vec<(char, String)>,
@@ -81,7 +83,8 @@ impl Args {
                     "target-image-opts" => a.target_image_opts = true,
                     "force-share" => {}
                     "format" => a.format = Some(value(&mut q)?),
-                    "pattern" | "flush-interval" => {
+                    "shrink" => a.shrink = true,
+                    "pattern" | "flush-interval" | "preallocation" => {
                         let v = value(&mut q)?;
                         a.extra.push((name.to_string(), v));
                     }

@@ -10,6 +10,7 @@ mod copy;
 mod create;
 mod image;
 mod info;
+mod resize;
 mod size;
 mod sparse;
 mod writeback;
@@ -90,6 +91,7 @@ Commands (options as qemu-img's):
   convert [--object objectdef] [--image-opts] [--target-image-opts] [-U] [-C] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] [-o options] [-S sparse_size] [-m num_coroutines] [-W] filename [filename2 [...]] output_filename
   create [--object objectdef] [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
   info [--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] [-U] filename
+  resize [--object objectdef] [--image-opts] [-f fmt] [--preallocation=prealloc] [-q] [--shrink] [-U] filename [+ | -]size
 ";
 
 /// Runs `cryptvm img ARGS...` and returns the process exit status.
@@ -116,6 +118,7 @@ pub fn main(argv: &[String]) -> u8 {
         "compare" => compare::run(rest),
         "bench" => bench::run(rest),
         "check" => check::run(rest),
+        "resize" => resize::run(rest),
         other => Err(ImgError::Msg(format!("Command not found: {other}"))),
     };
     match result {
