@@ -157,7 +157,9 @@ mod tests {
         for (text, want) in ok {
             assert_eq!(strtosz(text), Ok(want), "{text:?}");
         }
-        for text in ["1e3", "1k ", "1.5", "0x1k", "k", ".", "0x", "00x10", "1..5k", "", "-1"] {
+        for text in [
+            "1e3", "1k ", "1.5", "0x1k", "k", ".", "0x", "00x10", "1..5k", "", "-1",
+        ] {
             assert_eq!(strtosz(text), Err(SizeError::Invalid), "{text:?}");
         }
         for text in ["20E", "16E", "18446744073709551616"] {

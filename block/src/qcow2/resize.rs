@@ -10,9 +10,9 @@
 
 use std::sync::atomic::Ordering;
 
+use super::header::field;
 use super::meta::{ClusterKind, Meta, MAX_L1_BYTES, OFFSET_MASK, OFLAG_COPIED};
 use super::node::Qcow2Node;
-use super::header::field;
 use crate::resize::{Prealloc, ResizeError};
 use crate::Result;
 
@@ -66,10 +66,9 @@ impl Qcow2Node {
         while gc < end {
             let l1_idx = gc / m.l2_entries;
             let table_end = ((l1_idx + 1) * m.l2_entries).min(end);
-            let has_table = m
-                .l1
-                .get(l1_idx as usize)
-                .is_some_and(|e| e & OFFSET_MASK != 0);
+            let has_table =
+                m.l1.get(l1_idx as usize)
+                    .is_some_and(|e| e & OFFSET_MASK != 0);
             if has_table {
                 for c in gc..table_end {
                     let (entry, _) = m.l2_entry(c)?;
@@ -123,11 +122,9 @@ impl Qcow2Node {
         m.storage.extend_to(end)?;
         for &(host, len) in &runs {
             match mode {
-                Prealloc::Full => crate::node::write_zeroes_by_writing(
-                    m.storage.child().as_ref(),
-                    host,
-                    len,
-                )?,
+                Prealloc::Full => {
+                    crate::node::write_zeroes_by_writing(m.storage.child().as_ref(), host, len)?
+                }
                 Prealloc::Falloc => m.storage.child().write_zeroes(host, len)?,
                 Prealloc::Off | Prealloc::Metadata => {}
             }
