@@ -66,6 +66,10 @@ pub fn strtosz(text: &str) -> Result<u64, SizeError> {
     let mut frac_bits = 0u64;
     if let Some(after_dot) = rest.strip_prefix('.') {
         let n = after_dot.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 && n == 0 {
+            // strtod needs a digit on one side of the point.
+            return Err(SizeError::Invalid);
+        }
         let fraction: f64 = format!("0.{}0", &after_dot[..n])
             .parse()
             .map_err(|_| SizeError::Invalid)?;

@@ -20,7 +20,7 @@ impl Qcow2Node {
     /// Resizes the image to `new` bytes, preallocating the new area as `prealloc` says.
     pub(super) fn do_truncate(&self, new: u64, prealloc: Prealloc) -> Result<()> {
         self.check_writable()?;
-        if new % crate::SECTOR_SIZE != 0 {
+        if !new.is_multiple_of(crate::SECTOR_SIZE) {
             return Err(ResizeError::Unaligned.into());
         }
         let old = self.size.load(Ordering::Acquire);
