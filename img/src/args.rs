@@ -133,10 +133,41 @@ impl Args {
         Ok(a)
     }
 
-    /// The `-o` options as one keyval string.
+    /// The `-o` options as one keyval string. As in qemu-img's option lists, `-o` may
+    /// be repeated and a key given twice keeps its last value.
     pub fn joined_options(&self) -> String {
-        self.options.join(",")
+        let joined = self.options.join(",");
+        let items = split_items(&joined);
+        let key = |item: &str| item.split_once('=').map_or(item, |(k, _)| k).to_string();
+        items
+            .iter()
+            .enumerate()
+            .filter(|(i, item)| !items[i + 1..].iter().any(|later| key(later) == key(item)))
+            .map(|(_, item)| item.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
     }
+}
+
+/// `key=value` items of an option string, split at single commas (`,,` is an escaped
+/// comma inside a value, kept as it is).
+fn split_items(text: &str) -> Vec<String> {
+    let mut items = Vec::new();
+    let mut item = String::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != ',' {
+            item.push(c);
+        } else if chars.peek() == Some(&',') {
+            chars.next();
+            item.push_str(",,");
+        } else {
+            items.push(std::mem::take(&mut item));
+        }
+    }
+    items.push(item);
+    items.retain(|i| !i.is_empty());
+    items
 }
 
 /// `--output=json|human`.
@@ -171,6 +202,17 @@ mod tests {
         assert_eq!(a.joined_options(), "a=1,key-secret=s");
         assert!(a.progress && a.json && a.image_opts);
         assert_eq!(a.positional, vec!["src", "dst"]);
+    }
+
+    #[test]
+    fn repeated_options_keep_the_last_value() {
+        let a = Args::parse(
+            &argv("-o iter-time=10,x=a,,b -o iter-time=20 -o cluster_size=4k"),
+            "",
+            "o",
+        )
+        .unwrap();
+        assert_eq!(a.joined_options(), "x=a,,b,iter-time=20,cluster_size=4k");
     }
 
     #[test]

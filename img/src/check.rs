@@ -58,10 +58,13 @@ pub fn run(argv: &[String]) -> Result<u8> {
     let file_opts = opts
         .remove("file")
         .ok_or_else(|| ImgError::Msg("qcow2 image has no 'file'".into()))?;
-    let file_map = file_opts
+    let mut file_map = file_opts
         .as_object()
         .cloned()
         .ok_or_else(|| ImgError::Msg("'file' must be an object".into()))?;
+    // As in QEMU, where a format node's file child passes discards down by
+    // default: clusters a repair frees are punched out of the file.
+    file_map.entry("discard").or_insert_with(|| json!("unmap"));
     let file = open(
         file_map,
         &secrets,
@@ -72,7 +75,36 @@ pub fn run(argv: &[String]) -> Result<u8> {
         },
     )
     .map_err(|e| e.opening(spec))?;
-    let report = check(file.node.clone(), repair)?;
+    // As qemu-img: the driver's messages go to stderr whatever the output
+    // format; after a repair the image is checked again, and that second
+    // check is what the summary shows (with the first one's repair counts).
+    let first = check(file.node.clone(), repair)?;
+    print_messages(&first);
+    if first.failed {
+        eprintln!("cryptvm img: Check failed: Input/output error");
+        return Ok(1);
+    }
+    let report = if first.corruptions_fixed > 0 || first.leaks_fixed > 0 {
+        if !a.json && !a.quiet {
+            print!(
+                "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...\n",
+                first.leaks_fixed, first.corruptions_fixed
+            );
+        }
+        let again = check(file.node.clone(), Repair::None)?;
+        print_messages(&again);
+        if again.failed {
+            eprintln!("cryptvm img: Check failed: Input/output error");
+            return Ok(1);
+        }
+        CheckReport {
+            leaks_fixed: first.leaks_fixed,
+            corruptions_fixed: first.corruptions_fixed,
+            ..again
+        }
+    } else {
+        first
+    };
     let name = display_name(&file.node);
     if a.json {
         let mut m = serde_json::Map::new();
@@ -93,13 +125,11 @@ pub fn run(argv: &[String]) -> Result<u8> {
             );
         }
         m.insert("check-errors".into(), json!(report.check_errors));
-        let remaining_corrupt = report.corruptions - report.corruptions_fixed;
-        let remaining_leaks = report.leaks - report.leaks_fixed;
-        if remaining_corrupt > 0 {
-            m.insert("corruptions".into(), json!(remaining_corrupt));
+        if report.corruptions > 0 {
+            m.insert("corruptions".into(), json!(report.corruptions));
         }
-        if remaining_leaks > 0 {
-            m.insert("leaks".into(), json!(remaining_leaks));
+        if report.leaks > 0 {
+            m.insert("leaks".into(), json!(report.leaks));
         }
         if report.corruptions_fixed > 0 {
             m.insert("corruptions-fixed".into(), json!(report.corruptions_fixed));
@@ -114,21 +144,28 @@ pub fn run(argv: &[String]) -> Result<u8> {
             serde_json::to_string_pretty(&serde_json::Value::Object(m)).expect("JSON")
         );
     } else if !a.quiet {
-        for line in &report.messages {
-            eprintln!("{line}");
-        }
         print!("{}", human_report(&report));
     }
+    if report.check_errors > 0 {
+        eprintln!("cryptvm img: Check failed");
+    }
     Ok(exit_status(&report))
+}
+
+/// The driver's messages, on stderr (as QEMU's `fprintf(stderr, ...)`).
+fn print_messages(r: &CheckReport) {
+    for line in &r.messages {
+        eprintln!("{line}");
+    }
 }
 
 /// qemu-img check's exit status: 2 corruptions left, 3 leaks left, 0 clean.
 fn exit_status(r: &CheckReport) -> u8 {
     if r.check_errors > 0 {
         1
-    } else if r.corruptions > r.corruptions_fixed {
+    } else if r.corruptions > 0 {
         2
-    } else if r.leaks > r.leaks_fixed {
+    } else if r.leaks > 0 {
         3
     } else {
         0
@@ -138,14 +175,7 @@ fn exit_status(r: &CheckReport) -> u8 {
 /// The summary qemu-img check prints on stdout.
 fn human_report(r: &CheckReport) -> String {
     let mut out = String::new();
-    let corrupt = r.corruptions - r.corruptions_fixed;
-    let leaks = r.leaks - r.leaks_fixed;
-    if r.leaks_fixed > 0 || r.corruptions_fixed > 0 {
-        out += &format!(
-            "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...\n",
-            r.leaks_fixed, r.corruptions_fixed
-        );
-    }
+    let (corrupt, leaks) = (r.corruptions, r.leaks);
     if corrupt == 0 && leaks == 0 && r.check_errors == 0 {
         out += "No errors were found on the image.\n";
     } else {

@@ -12,12 +12,17 @@ use super::cache::CacheMode;
 use super::copy::{default_workers, Copy, MAX_WORKERS};
 use super::create::{create_luks, luks_options};
 use super::image::{image_options, load_objects, open, OpenMode};
+use super::options_help;
 use super::sparse::{Sparse, DEFAULT_MIN_SPARSE, MAX_MIN_SPARSE};
 use super::{Args, ImgError, Result};
 
 /// Runs `img convert`.
 pub fn run(argv: &[String]) -> Result<u8> {
     let a = Args::parse(argv, "pqnUcCW", "fOotTlSmrB")?;
+    if options_help::wanted(&a.options) {
+        let format = a.output_format.as_deref().unwrap_or("raw");
+        return options_help::print(format, a.positional.len() >= 2);
+    }
     let tuning = Tuning::from_args(&a)?;
     let [src, dst] = a.positional.as_slice() else {
         return Err(ImgError::Msg(

@@ -10,6 +10,7 @@ use block::qcow2;
 use block::{keyval, BlockError, SecretStore};
 
 use super::image::load_objects;
+use super::options_help;
 use super::{Args, ImgError, Result};
 
 /// Runs `img create`.
@@ -17,6 +18,9 @@ pub fn run(argv: &[String]) -> Result<u8> {
     let a = Args::parse(argv, "qu", "fFbo")?;
     let secrets = load_objects(&a.objects)?;
     let format = a.format.clone().unwrap_or_else(|| "raw".into());
+    if options_help::wanted(&a.options) {
+        return options_help::print(&format, !a.positional.is_empty());
+    }
     let (filename, size_arg) = match a.positional.as_slice() {
         [f] => (f.clone(), None),
         [f, s] => (f.clone(), Some(s.clone())),

@@ -10,6 +10,7 @@ mod copy;
 mod create;
 mod image;
 mod info;
+mod options_help;
 mod resize;
 mod size;
 mod sparse;

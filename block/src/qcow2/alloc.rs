@@ -12,7 +12,7 @@ use crate::Result;
 impl Meta {
     /// First run of `n` free clusters at or after cluster `from`.
     fn find_free(&mut self, from: u64, n: u64) -> Result<u64> {
-        let mut start = from.max(self.alloc_floor);
+        let mut start = from;
         let mut c = start;
         while c < start + n {
             // Metadata is never free, even where a damaged refcount says so.
@@ -46,16 +46,6 @@ impl Meta {
             self.free_hint = start + n;
             return Ok(start * self.cs);
         }
-    }
-
-    /// Makes sure a refcount block covers cluster `c` (for repairs: new
-    /// blocks go past `alloc_floor`).
-    pub fn ensure_covered(&mut self, c: u64) -> Result<()> {
-        while self.refblock_offset(c / self.rb_entries)? == 0 {
-            let from = self.alloc_floor.max(self.free_hint);
-            self.alloc_refblock(c / self.rb_entries, from)?;
-        }
-        Ok(())
     }
 
     /// Makes sure refcount blocks cover clusters `start..start+n`. Returns

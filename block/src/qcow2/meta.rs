@@ -94,9 +94,6 @@ pub struct Meta {
     pub writable: bool,
     /// Autoclear bits were cleared (or there were none).
     pub prepared: bool,
-    /// Where new refcount blocks may be allocated from (check repair keeps
-    /// them past every used cluster).
-    pub alloc_floor: u64,
     /// The host clusters holding metadata (writable images), kept up to
     /// date as metadata is allocated, moved and freed.
     pub overlap: Overlap,
@@ -156,7 +153,6 @@ impl Meta {
             lazy,
             writable,
             prepared,
-            alloc_floor: 0,
             overlap,
             inflight: InFlight::default(),
             header,

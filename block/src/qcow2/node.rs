@@ -309,10 +309,11 @@ impl Qcow2Node {
                 .into());
             }
             let report = check::check_meta(&mut meta, Repair::All)?;
-            if report.corruptions > report.corruptions_fixed {
+            if !report.is_clean() {
                 return Err(Qcow2Error::corrupt(format!(
-                    "repairing the refcounts of a dirty image left {} errors",
-                    report.corruptions - report.corruptions_fixed
+                    "repairing the refcounts of a dirty image left {} errors, {} leaks \
+                     and {} check errors",
+                    report.corruptions, report.leaks, report.check_errors
                 ))
                 .into());
             }
