@@ -86,6 +86,9 @@ pub enum BlockError {
     /// A lock was poisoned by a panic in another request; `what` names it.
     #[error("{0}: lock poisoned by a panic")]
     Poisoned(&'static str),
+    /// A resize was refused.
+    #[error(transparent)]
+    Resize(#[from] crate::resize::ResizeError),
 }
 
 /// Why the node graph refused an operation (QEMU's wording).
@@ -233,6 +236,15 @@ impl BlockError {
             },
             Self::NotSupported(_) => ErrorKind::NotSupported,
             Self::Poisoned(_) => ErrorKind::Internal,
+            Self::Resize(e) => match e {
+                crate::resize::ResizeError::Unaligned
+                | crate::resize::ResizeError::ShrinkPreallocated
+                | crate::resize::ResizeError::TooLarge
+                | crate::resize::ResizeError::L1TooLarge => ErrorKind::InvalidArgument,
+                crate::resize::ResizeError::V2Snapshots
+                | crate::resize::ResizeError::UnsupportedPrealloc(_)
+                | crate::resize::ResizeError::FixedSizeRaw => ErrorKind::NotSupported,
+            },
         }
     }
 

@@ -12,6 +12,7 @@ use crate::node::{
     check_range, total_len, write_zeroes_by_writing, BlockNode, BlockStatus, HostMapping,
 };
 use crate::options::Opts;
+use crate::resize::{Prealloc, ResizeError};
 use crate::{BlockError, Result};
 
 /// Alignment of buffers, offsets and lengths for `cache.direct` (O_DIRECT).
@@ -396,6 +397,36 @@ impl BlockNode for FileNode {
         self.file.set_len(size).map_err(|e| {
             BlockError::io(format!("resizing '{}' to {size} bytes", self.filename), e)
         })?;
+        self.size.store(size, Ordering::Release);
+        Ok(())
+    }
+
+    /// As QEMU's file-posix truncate: `falloc` reserves the new bytes with
+    /// `fallocate`, `full` writes zeros over them; `metadata` is refused.
+    fn truncate(&self, size: u64, prealloc: Prealloc) -> Result<()> {
+        if prealloc == Prealloc::Off {
+            return self.resize(size);
+        }
+        if prealloc == Prealloc::Metadata {
+            return Err(ResizeError::UnsupportedPrealloc(prealloc).into());
+        }
+        if self.read_only {
+            return Err(BlockError::ReadOnly(self.filename.clone()));
+        }
+        let old = self
+            .file
+            .metadata()
+            .map_err(|e| BlockError::io(format!("reading the size of '{}'", self.filename), e))?
+            .len();
+        if size < old {
+            return Err(ResizeError::ShrinkPreallocated.into());
+        }
+        let len = size - old;
+        // posix_fallocate's way (mode 0 extends the file); where the file
+        // system cannot, both modes write zeros.
+        if len > 0 && (prealloc == Prealloc::Full || self.fallocate(0, old, len).is_err()) {
+            write_zeroes_by_writing(self, old, len)?;
+        }
         self.size.store(size, Ordering::Release);
         Ok(())
     }

@@ -13,6 +13,7 @@ pub mod node;
 pub mod options;
 pub mod qcow2;
 pub mod raw;
+pub mod resize;
 pub mod secret;
 pub mod sg;
 pub mod threads;
@@ -20,6 +21,7 @@ pub mod threads;
 pub use error::{BlockError, ErrorKind, GraphError, Result};
 pub use graph::BlockGraph;
 pub use node::{BlockNode, BlockStatus, HostMapping, NodeRef};
+pub use resize::{Prealloc, ResizeError};
 pub use secret::SecretStore;
 
 /// Size of the sectors that the LUKS payload and guest-visible disks use.

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+use crate::resize::{Prealloc, ResizeError};
 use crate::{BlockError, Result};
 
 /// A shared handle to a block node.
@@ -62,6 +63,15 @@ pub trait BlockNode: Send + Sync {
             "'{}' nodes cannot be resized",
             self.driver()
         )))
+    }
+    /// Change the size as QEMU's `truncate` does, allocating the new bytes
+    /// as `prealloc` says. Drivers that preallocate override it; by default
+    /// only `off` is done (by [`BlockNode::resize`]).
+    fn truncate(&self, size: u64, prealloc: Prealloc) -> Result<()> {
+        match prealloc {
+            Prealloc::Off => self.resize(size),
+            other => Err(ResizeError::UnsupportedPrealloc(other).into()),
+        }
     }
     /// Driver-specific information, shaped as QEMU's `format-specific` data
     /// (`null` when there is none).

@@ -39,8 +39,11 @@ pub struct Args {
     pub strict: bool,
     /// `--backing-chain`: every image of the backing chain (info).
     pub backing_chain: bool,
+    /// `--shrink`: a resize may make the image smaller.
+    pub shrink: bool,
     /// Long options with a value that only one sub-command knows
-    /// (`--pattern`, `--flush-interval`, `--start-offset`, `--max-length`), as given.
+    /// (`--pattern`, `--flush-interval`, `--start-offset`, `--max-length`,
+    /// `--preallocation`), as given.
     pub extra: Vec<(String, String)>,
     /// Other valued short options (`-c 100`), as given.
     pub short: Vec<(char, String)>,
@@ -84,7 +87,9 @@ impl Args {
                     "force-share" => {}
                     "format" => a.format = Some(value(&mut q)?),
                     "backing-chain" => a.backing_chain = true,
-                    "pattern" | "flush-interval" | "start-offset" | "max-length" => {
+                    "shrink" => a.shrink = true,
+                    "pattern" | "flush-interval" | "start-offset" | "max-length"
+                    | "preallocation" => {
                         let v = value(&mut q)?;
                         a.extra.push((name.to_string(), v));
                     }

@@ -141,7 +141,7 @@ fn move_filename_to_file(map: &mut Map<String, Value>) {
 
 /// `e` in strerror's words ("No such file or directory", without Rust's
 /// " (os error 2)").
-fn strerror(e: &std::io::Error) -> String {
+pub(crate) fn strerror(e: &std::io::Error) -> String {
     let text = e.to_string();
     match (e.raw_os_error(), text.rfind(" (os error ")) {
         (Some(_), Some(at)) => text[..at].to_string(),

@@ -13,6 +13,7 @@ mod info;
 mod map;
 mod options_help;
 mod qjson;
+mod resize;
 mod size;
 mod sparse;
 mod writeback;
@@ -94,6 +95,7 @@ Commands (options as qemu-img's):
   create [--object objectdef] [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
   info [--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
   map [--object objectdef] [--image-opts] [-f fmt] [--start-offset=offset] [--max-length=len] [--output=ofmt] [-U] filename
+  resize [--object objectdef] [--image-opts] [-f fmt] [--preallocation=prealloc] [-q] [--shrink] [-U] filename [+ | -]size
 ";
 
 /// Runs `cryptvm img ARGS...` and returns the process exit status.
@@ -121,6 +123,7 @@ pub fn main(argv: &[String]) -> u8 {
         "bench" => bench::run(rest),
         "check" => check::run(rest),
         "map" => map::run(rest),
+        "resize" => resize::run(rest),
         other => Err(ImgError::Msg(format!("Command not found: {other}"))),
     };
     match result {

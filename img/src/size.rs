@@ -38,9 +38,89 @@ fn three_significant(v: f64) -> String {
     }
 }
 
+/// Why [`strtosz`] refused a size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SizeError {
+    /// Not a size at all.
+    Invalid,
+    /// 2^64 bytes or more.
+    Range,
+}
+
+/// QEMU's `qemu_strtosz`: a decimal (or `0x` hexadecimal) byte count, with an
+/// optional fraction when a suffix (`b k M G T P E`, any case, powers of 1024)
+/// scales it; leading blanks and one `+` are skipped, nothing may follow.
+pub fn strtosz(text: &str) -> Result<u64, SizeError> {
+    let t = text.trim_start_matches(|c: char| c.is_ascii_whitespace());
+    let t = t.strip_prefix('+').unwrap_or(t);
+    let digits = t.bytes().take_while(u8::is_ascii_digit).count();
+    let (int_text, mut rest) = t.split_at(digits);
+    if int_text == "0" && rest.starts_with(['x', 'X']) {
+        return hex_size(&rest[1..]);
+    }
+    let val: u64 = if digits == 0 {
+        0
+    } else {
+        int_text.parse().map_err(|_| SizeError::Range)?
+    };
+    let mut frac_bits = 0u64;
+    if let Some(after_dot) = rest.strip_prefix('.') {
+        let n = after_dot.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 && n == 0 {
+            // strtod needs a digit on one side of the point.
+            return Err(SizeError::Invalid);
+        }
+        let fraction: f64 = format!("0.{}0", &after_dot[..n])
+            .parse()
+            .map_err(|_| SizeError::Invalid)?;
+        frac_bits = (fraction * 18_446_744_073_709_551_616.0) as u64;
+        rest = &after_dot[n..];
+    } else if digits == 0 {
+        return Err(SizeError::Invalid);
+    }
+    let mut chars = rest.chars();
+    let mul = match chars.next().and_then(suffix_shift) {
+        Some(shift) => {
+            rest = chars.as_str();
+            1u64 << shift
+        }
+        None => 1,
+    };
+    if !rest.is_empty() || (mul == 1 && frac_bits != 0) {
+        return Err(SizeError::Invalid);
+    }
+    // 64.64 fixed point times the unit, half rounded up, as QEMU.
+    let whole = u128::from(val) * u128::from(mul);
+    let part = u128::from(frac_bits) * u128::from(mul);
+    let total = whole + (part >> 64) + ((part >> 63) & 1);
+    u64::try_from(total).map_err(|_| SizeError::Range)
+}
+
+/// The hexadecimal digits after `0x`: no fraction and no suffix allowed.
+fn hex_size(digits: &str) -> Result<u64, SizeError> {
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(SizeError::Invalid);
+    }
+    u64::from_str_radix(digits, 16).map_err(|_| SizeError::Range)
+}
+
+/// The power of two a size suffix stands for.
+fn suffix_shift(c: char) -> Option<u32> {
+    Some(match c.to_ascii_uppercase() {
+        'B' => 0,
+        'K' => 10,
+        'M' => 20,
+        'G' => 30,
+        'T' => 40,
+        'P' => 50,
+        'E' => 60,
+        _ => return None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
-    use super::human;
+    use super::{human, strtosz, SizeError};
 
     #[test]
     fn matches_qemu_img() {
@@ -56,5 +136,39 @@ mod tests {
         assert_eq!(human(512), "512 B");
         assert_eq!(human(102300), "99.9 KiB");
         assert_eq!(human(102380), "100 KiB");
+    }
+
+    #[test]
+    fn sizes_as_qemu_strtosz() {
+        // Values seen with qemu-img 10.0.2 resize.
+        let ok = [
+            ("0x200", 512),
+            ("1.5k", 1536),
+            (".5k", 512),
+            (" 1k", 1024),
+            (" +1k", 1024),
+            ("1.0", 1),
+            ("1.", 1),
+            ("1.k", 1024),
+            ("1K", 1024),
+            ("1b", 1),
+            ("1.25G", 1_342_177_280),
+            ("1.0000001k", 1024),
+            ("00512", 512),
+            ("0X10", 16),
+            ("18446744073709551615", u64::MAX),
+        ];
+        for (text, want) in ok {
+            assert_eq!(strtosz(text), Ok(want), "{text:?}");
+        }
+        for text in [
+            "1e3", "1k ", "1.5", "0x1k", "k", ".", "0x", "00x10", "1..5k", "", "-1",
+        ] {
+            assert_eq!(strtosz(text), Err(SizeError::Invalid), "{text:?}");
+        }
+        for text in ["20E", "16E", "18446744073709551616"] {
+            assert_eq!(strtosz(text), Err(SizeError::Range), "{text:?}");
+        }
+        assert!(strtosz("15.9999E").is_ok());
     }
 }

@@ -2,6 +2,8 @@
 //! child, with the LUKS header either at the start of `file` or in a separate
 //! `header` node (a detached header).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use serde_json::{json, Value};
 
 use super::bounce::{Bounce, CHUNK};
@@ -13,6 +15,7 @@ use super::{
 use crate::blockdev::{DriverKeys, OpenContext};
 use crate::node::{check_range, total_len, write_zeroes_by_writing, BlockNode, NodeRef};
 use crate::options::Opts;
+use crate::resize::{Prealloc, ResizeError};
 use crate::sg::{SgCursor, Split};
 use crate::{BlockError, Result, SECTOR_SIZE};
 
@@ -27,7 +30,8 @@ pub struct LuksNode {
     /// `None` when opened without I/O (metadata only).
     cipher: Option<Box<dyn SectorCipher>>,
     payload_offset: u64,
-    size: u64,
+    /// Whole sectors of payload; changes on resize.
+    size: AtomicU64,
     read_only: bool,
 }
 
@@ -110,7 +114,7 @@ impl LuksNode {
             header,
             cipher,
             payload_offset,
-            size,
+            size: AtomicU64::new(size),
             read_only,
         })
     }
@@ -309,7 +313,7 @@ impl BlockNode for LuksNode {
     }
 
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
     }
 
     fn read_only(&self) -> bool {
@@ -328,7 +332,7 @@ impl BlockNode for LuksNode {
     /// place (one payload request, the decryption on the crypto threads);
     /// anything else goes through a bounded bounce buffer.
     fn read_vectored(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
-        check_range("luks", self.size, offset, total_len(bufs))?;
+        check_range("luks", self.size(), offset, total_len(bufs))?;
         self.cipher()?;
         if is_sector_aligned(offset, 0) && bufs.iter().all(|b| is_sector_aligned(0, b.len())) {
             return self.read_sectors(offset, bufs);
@@ -344,7 +348,7 @@ impl BlockNode for LuksNode {
         if self.read_only {
             return Err(BlockError::ReadOnly("luks".into()));
         }
-        check_range("luks", self.size, offset, total_len(bufs))?;
+        check_range("luks", self.size(), offset, total_len(bufs))?;
         let end = offset + total_len(bufs);
         self.cipher()?;
         let mut src = Gather::new(bufs);
@@ -375,12 +379,33 @@ impl BlockNode for LuksNode {
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         // As QEMU's luks driver: discards are not passed down, so that the
         // payload does not reveal which sectors are in use.
-        check_range("luks", self.size, offset, len)
+        check_range("luks", self.size(), offset, len)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         // Zeros must be encrypted like any other data.
         write_zeroes_by_writing(self, offset, len)
+    }
+
+    fn resize(&self, size: u64) -> Result<()> {
+        self.truncate(size, Prealloc::Off)
+    }
+
+    /// As QEMU's crypto driver: the payload's node is resized to the payload
+    /// offset plus `size` (not rounded); the volume holds its whole sectors.
+    fn truncate(&self, size: u64, prealloc: Prealloc) -> Result<()> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly("luks".into()));
+        }
+        let end = self
+            .payload_offset
+            .checked_add(size)
+            .filter(|&e| e <= i64::MAX as u64)
+            .ok_or(ResizeError::TooLarge)?;
+        self.payload.truncate(end, prealloc)?;
+        self.size
+            .store(size - size % SECTOR_SIZE, Ordering::Release);
+        Ok(())
     }
 
     fn info(&self) -> Value {

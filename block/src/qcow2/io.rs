@@ -35,7 +35,7 @@ impl Qcow2Node {
             .map_err(|_| BlockError::Poisoned("qcow2: I/O lock"))
     }
 
-    fn io_write_guard(&self) -> Result<std::sync::RwLockWriteGuard<'_, ()>> {
+    pub(super) fn io_write_guard(&self) -> Result<std::sync::RwLockWriteGuard<'_, ()>> {
         self.io_lock
             .write()
             .map_err(|_| BlockError::Poisoned("qcow2: I/O lock"))
@@ -278,7 +278,7 @@ impl Qcow2Node {
         // Whole clusters; the image's last cluster counts as whole when the
         // range reaches the end of the image.
         let first_full = offset.div_ceil(cs);
-        let end_full = if end == self.size {
+        let end_full = if end == self.size.load(std::sync::atomic::Ordering::Acquire) {
             end.div_ceil(cs)
         } else {
             end / cs
@@ -330,7 +330,7 @@ impl Qcow2Node {
                 }
                 OFLAG_ZERO
             } else if zeroes && self.backing.is_some() {
-                let n = cs.min(self.size - gc * cs);
+                let n = cs.min(self.size.load(std::sync::atomic::Ordering::Acquire) - gc * cs);
                 drop(m);
                 self.write_zero_bytes(gc * cs, n)?;
                 m = self.lock_meta()?;

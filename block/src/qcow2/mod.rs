@@ -20,6 +20,7 @@ mod meta;
 pub mod node;
 mod overlap;
 mod rebuild;
+mod resize;
 mod snapshot;
 mod status;
 mod storage;

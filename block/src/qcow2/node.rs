@@ -2,7 +2,7 @@
 //! file, dirty-image repair) and the `BlockNode` interface.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock};
 
 use serde_json::{json, Value};
@@ -76,7 +76,8 @@ pub struct Qcow2Node {
     pub(super) alloc_waits: AtomicU64,
     pub(super) storage: Arc<Storage>,
     pub(super) backing: Option<NodeRef>,
-    pub(super) size: u64,
+    /// The guest size; changes on resize.
+    pub(super) size: AtomicU64,
     pub(super) cluster_bits: u32,
     pub(super) read_only: bool,
     pub(super) corrupt: bool,
@@ -331,7 +332,7 @@ impl Qcow2Node {
             alloc_waits: AtomicU64::new(0),
             storage,
             backing,
-            size,
+            size: AtomicU64::new(size),
             cluster_bits,
             read_only: !writable,
             corrupt,
@@ -600,7 +601,7 @@ impl BlockNode for Qcow2Node {
     }
 
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
     }
 
     fn read_only(&self) -> bool {
@@ -608,24 +609,24 @@ impl BlockNode for Qcow2Node {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        check_range("qcow2", self.size, offset, buf.len() as u64)?;
+        check_range("qcow2", self.size(), offset, buf.len() as u64)?;
         self.do_read(offset, buf)
     }
 
     fn read_vectored(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
-        check_range("qcow2", self.size, offset, total_len(bufs))?;
+        check_range("qcow2", self.size(), offset, total_len(bufs))?;
         self.do_read_vectored(offset, bufs)
     }
 
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
         self.check_writable()?;
-        check_range("qcow2", self.size, offset, buf.len() as u64)?;
+        check_range("qcow2", self.size(), offset, buf.len() as u64)?;
         self.do_write_vectored(offset, &[buf])
     }
 
     fn write_vectored(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
         self.check_writable()?;
-        check_range("qcow2", self.size, offset, total_len(bufs))?;
+        check_range("qcow2", self.size(), offset, total_len(bufs))?;
         self.do_write_vectored(offset, bufs)
     }
 
@@ -642,19 +643,27 @@ impl BlockNode for Qcow2Node {
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
-        check_range("qcow2", self.size, offset, len)?;
+        check_range("qcow2", self.size(), offset, len)?;
         self.do_discard(offset, len, false)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
-        check_range("qcow2", self.size, offset, len)?;
+        check_range("qcow2", self.size(), offset, len)?;
         self.do_discard(offset, len, true)
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
-        check_range("qcow2", self.size, offset, len)?;
+        check_range("qcow2", self.size(), offset, len)?;
         self.do_block_status(offset, len)
+    }
+
+    fn resize(&self, size: u64) -> Result<()> {
+        self.do_truncate(size, crate::resize::Prealloc::Off)
+    }
+
+    fn truncate(&self, size: u64, prealloc: crate::resize::Prealloc) -> Result<()> {
+        self.do_truncate(size, prealloc)
     }
 
     fn info(&self) -> Value {
@@ -712,7 +721,8 @@ impl BlockNode for Qcow2Node {
 }
 
 impl Qcow2Node {
-    fn check_writable(&self) -> Result<()> {
+    /// Refuses writes to a corrupt or read-only image.
+    pub(super) fn check_writable(&self) -> Result<()> {
         if self.corrupt {
             return Err(Qcow2Error::CorruptReadOnly.into());
         }

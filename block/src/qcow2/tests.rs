@@ -1194,3 +1194,51 @@ fn check_counts_fragmentation_per_l2_table() {
         assert_eq!(v["fragmented-clusters"], r.fragmented_clusters);
     }
 }
+
+/// Growing past what the L1 table's cluster holds moves the table; data
+/// survives, the refcounts stay right, and shrinking frees what lies past
+/// the new end; unaligned sizes and preallocated shrinks are refused.
+#[test]
+fn resize_grows_l1_and_shrinks() {
+    use crate::resize::{Prealloc, ResizeError};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r.qcow2");
+    let opts = CreateOptions {
+        cluster_size: 512,
+        ..CreateOptions::default()
+    };
+    create(&path, Some(1 << 20), &opts).unwrap();
+    let node = Qcow2Node::open_path(&path, false).unwrap();
+    node.write_at(1000, &[0x5a; 3000]).unwrap();
+    node.write_at((1 << 20) - 512, &[0x6b; 512]).unwrap();
+    let l1_before = node.header().unwrap().l1_table_offset;
+    // 512 B clusters: an L1 cluster maps 2 MiB.
+    node.resize(64 << 20).unwrap();
+    let h = node.header().unwrap();
+    assert_ne!(h.l1_table_offset, l1_before, "the L1 table moved");
+    assert_eq!((h.size, h.l1_size, node.size()), (64 << 20, 2048, 64 << 20));
+    let mut buf = vec![0u8; 3000];
+    node.read_at(1000, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x5a));
+    let r = node.check(Repair::None).unwrap();
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+    let err = node.resize(1000).unwrap_err();
+    assert!(matches!(
+        err,
+        crate::BlockError::Resize(ResizeError::Unaligned)
+    ));
+    let err = node.truncate(4096, Prealloc::Full).unwrap_err();
+    assert!(matches!(
+        err,
+        crate::BlockError::Resize(ResizeError::ShrinkPreallocated)
+    ));
+    node.resize(4096).unwrap();
+    assert_eq!(node.size(), 4096);
+    node.read_at(1000, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x5a));
+    let r = node.check(Repair::None).unwrap();
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+    drop(node);
+    let node = Qcow2Node::open_path(&path, true).unwrap();
+    assert_eq!(node.size(), 4096);
+}
