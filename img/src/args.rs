@@ -88,8 +88,9 @@ impl Args {
                     "format" => a.format = Some(value(&mut q)?),
                     "backing-chain" => a.backing_chain = true,
                     "shrink" => a.shrink = true,
+                    "force" => a.short_flags.push('!'),
                     "pattern" | "flush-interval" | "start-offset" | "max-length"
-                    | "preallocation" => {
+                    | "preallocation" | "size" => {
                         let v = value(&mut q)?;
                         a.extra.push((name.to_string(), v));
                     }

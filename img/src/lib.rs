@@ -1,5 +1,6 @@
 //! `cryptvm img`: a qemu-img compatible image tool for luks and raw images.
 
+mod amend;
 mod args;
 mod bench;
 mod cache;
@@ -8,9 +9,12 @@ mod compare;
 mod convert;
 mod copy;
 mod create;
+mod dd;
 mod image;
 mod info;
 mod map;
+mod measure;
+mod qopts;
 mod options_help;
 mod qjson;
 mod resize;
@@ -88,12 +92,15 @@ const USAGE: &str = "cryptvm img: a qemu-img compatible image tool (luks, qcow2,
   cryptvm img COMMAND [command options]
 
 Commands (options as qemu-img's):
+  amend [--object objectdef] [--image-opts] [-p] [-q] [-f fmt] [-t cache] [--force] -o options filename
   bench [-c count] [-d depth] [-f fmt] [--flush-interval=N] [-n] [-o offset] [-q] [-s size] [-S step] [-t cache] [-w] [-U] filename
   check [--object objectdef] [--image-opts] [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename
   compare [--object objectdef] [--image-opts] [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2
   convert [--object objectdef] [--image-opts] [--target-image-opts] [-U] [-C] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] [-o options] [-S sparse_size] [-m num_coroutines] [-W] filename [filename2 [...]] output_filename
+  dd [--image-opts] [-U] [-f fmt] [-O output_fmt] [bs=block_size] [count=blocks] [skip=blocks] if=input of=output
   create [--object objectdef] [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
   info [--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
+  measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [--object objectdef] [--image-opts] [-f fmt] [-l snapshot_param] filename]
   map [--object objectdef] [--image-opts] [-f fmt] [--start-offset=offset] [--max-length=len] [--output=ofmt] [-U] filename
   resize [--object objectdef] [--image-opts] [-f fmt] [--preallocation=prealloc] [-q] [--shrink] [-U] filename [+ | -]size
 ";
@@ -124,6 +131,9 @@ pub fn main(argv: &[String]) -> u8 {
         "check" => check::run(rest),
         "map" => map::run(rest),
         "resize" => resize::run(rest),
+        "measure" => measure::run(rest),
+        "amend" => amend::run(rest),
+        "dd" => dd::run(rest),
         other => Err(ImgError::Msg(format!("Command not found: {other}"))),
     };
     match result {

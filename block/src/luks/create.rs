@@ -23,6 +23,19 @@ pub const DEFAULT_ITER_TIME_MS: u64 = 2000;
 /// 4096 bytes.
 const HEADER_SECTORS: u64 = 4096 / SECTOR_SIZE as u64;
 
+/// Bytes before the payload of a new volume made with `opts` (QEMU's
+/// `qcrypto_block_calculate_payload_offset`): 0 with a detached header.
+pub fn payload_offset(opts: &CreateOptions) -> Result<u64, LuksError> {
+    opts.spec.validate()?;
+    if opts.detached_header {
+        return Ok(0);
+    }
+    let key_bytes = u32::try_from(opts.spec.key_bytes())
+        .map_err(|_| LuksError::InvalidArgument("key too large".into()))?;
+    let area = slot_area_sectors(key_bytes, STRIPES);
+    Ok((HEADER_SECTORS + NUM_SLOTS as u64 * area) * SECTOR_SIZE as u64)
+}
+
 /// How to make a new volume.
 #[derive(Clone, Debug)]
 pub struct CreateOptions {

@@ -17,6 +17,7 @@ mod inflight;
 mod io;
 mod layout;
 mod meta;
+pub mod measure;
 pub mod node;
 mod overlap;
 mod rebuild;
