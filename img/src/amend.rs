@@ -90,6 +90,16 @@ fn print_help(fmt: &str) -> Result<u8, Lines> {
     }
 }
 
+/// Whether `name` is a file starting with the LUKS magic.
+fn is_luks_file(name: &str) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 6];
+    std::fs::File::open(name)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && magic == *b"LUKS\xba\xbe"
+}
+
 fn luks_refusal() -> Lines {
     "amending luks key slots is not supported by cryptvm img (use cryptsetup on the image)".into()
 }
@@ -110,6 +120,9 @@ fn amend(argv: &[String]) -> Result<u8, Lines> {
     let [filename] = a.positional.as_slice() else {
         return Err("Expecting one image file name".into());
     };
+    if a.format.as_deref() == Some("luks") || is_luks_file(filename) {
+        return Err(luks_refusal());
+    }
     let probed = a.format.is_none() && !a.image_opts && !filename.starts_with("json:");
     let image = open(
         image_options(filename, a.image_opts, a.format.as_deref())?,
@@ -120,7 +133,7 @@ fn amend(argv: &[String]) -> Result<u8, Lines> {
             cache: a.cache,
         },
     )
-    .map_err(|e| e.opening(filename))?;
+    .map_err(|e| super::measure::opening(e, filename))?;
     let node = image.node;
     let fmt = node.driver();
     if probed && fmt == "raw" {
@@ -360,7 +373,7 @@ fn check_downgrade(node: &NodeRef, h: &Header) -> Result<(), Lines> {
         let st = node
             .block_status(offset, size - offset)
             .map_err(|_| Lines::from("Failed to check block status"))?;
-        if st.zero && st.allocated {
+        if st.zero && st.allocated && !st.data {
             return Err("Cannot downgrade an image with zero clusters: expanding them is not supported by cryptvm img".into());
         }
         if st.compressed && compressed_type {

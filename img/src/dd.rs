@@ -32,8 +32,11 @@ pub fn run(argv: &[String]) -> Result<u8> {
 }
 
 /// qemu-img's `cvtnum_full`.
-fn cvtnum(name: &str, value: &str, min: u64, max: u64) -> Result<u64, Lines> {
+pub(crate) fn cvtnum(name: &str, value: &str, min: u64, max: u64) -> Result<u64, Lines> {
+    // qemu_strtosz refuses a negative number as out of range.
+    let negative = value.trim_start().starts_with('-');
     match strtosz(value) {
+        _ if negative => Err(format!("Invalid {name} specified. Must be between {min} and {max}.").into()),
         Ok(v) if (min..=max).contains(&v) => Ok(v),
         Err(SizeError::Invalid) => Err(format!("Invalid {name} specified: '{value}'.").into()),
         _ => Err(format!("Invalid {name} specified. Must be between {min} and {max}.").into()),
@@ -76,7 +79,7 @@ fn dd(argv: &[String]) -> Result<(), Lines> {
             cache: None,
         },
     )
-    .map_err(|e| e.opening(input))?
+    .map_err(|e| super::measure::opening(e, input))?
     .node;
     let out_fmt = a.output_format.clone().unwrap_or_else(|| "raw".into());
     if !matches!(out_fmt.as_str(), "raw" | "qcow2" | "luks") {

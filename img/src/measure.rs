@@ -8,7 +8,6 @@ use block::{NodeRef, SecretStore};
 
 use super::image::{image_options, load_objects, open, OpenMode};
 use super::qopts::{Kind, OptError, QOpts};
-use super::size::{strtosz, SizeError};
 use super::{Args, ImgError, Result};
 
 /// Options of the file protocol that every format's list includes.
@@ -115,6 +114,17 @@ impl Lines {
     }
 }
 
+/// A failed open of the image `name` in qemu-img's words (a qcow2 error of
+/// the top node without the driver's name).
+pub(crate) fn opening(e: ImgError, name: &str) -> Lines {
+    match e {
+        ImgError::Block(block::BlockError::Qcow2 { node: None, source }) => {
+            format!("Could not open '{name}': {source}").into()
+        }
+        other => other.opening(name).into(),
+    }
+}
+
 /// Runs `img measure`.
 pub fn run(argv: &[String]) -> Result<u8> {
     Ok(match measure(argv) {
@@ -130,19 +140,7 @@ fn measure(argv: &[String]) -> Result<(), Lines> {
     let mut size = None;
     for (k, v) in &a.extra {
         if k == "size" {
-            size = Some(match strtosz(v) {
-                Ok(s) if s <= i64::MAX as u64 => s,
-                Err(SizeError::Invalid) => {
-                    return Err(format!("Invalid image size specified: '{v}'.").into())
-                }
-                _ => {
-                    return Err(format!(
-                        "Invalid image size specified. Must be between 0 and {}.",
-                        i64::MAX
-                    )
-                    .into())
-                }
-            });
+            size = Some(super::dd::cvtnum("image size", v, 0, i64::MAX as u64)?);
         }
     }
     let filename = match a.positional.as_slice() {
@@ -173,7 +171,7 @@ fn measure(argv: &[String]) -> Result<(), Lines> {
                     cache: None,
                 },
             )
-            .map_err(|e| e.opening(name))?;
+            .map_err(|e| opening(e, name))?;
             if snapshot {
                 return Err(String::from(
                     "Failed to load snapshot: -l (measuring an internal snapshot) is not supported",

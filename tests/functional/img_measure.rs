@@ -20,16 +20,14 @@ struct Pair {
 }
 
 impl Pair {
+    /// Runs `make` in two folders, one per tool (made twice rather than copied: a
+    /// copy may lose the allocated zero blocks qemu-img leaves, which measure sees).
     fn new(tag: &str, make: impl Fn(&Path)) -> Self {
         let s = Scratch::new(tag);
-        let theirs = s.join("theirs");
-        std::fs::create_dir(&theirs).expect("mkdir");
-        make(&theirs);
-        let ours = s.join("ours");
-        std::fs::create_dir(&ours).expect("mkdir");
-        for e in std::fs::read_dir(&theirs).expect("readdir") {
-            let e = e.expect("entry");
-            std::fs::copy(e.path(), ours.join(e.file_name())).expect("copy");
+        for side in ["theirs", "ours"] {
+            let d = s.join(side);
+            std::fs::create_dir(&d).expect("mkdir");
+            make(&d);
         }
         Pair { s }
     }
@@ -79,11 +77,11 @@ fn messages(stderr: &str) -> Vec<String> {
         .lines()
         .filter(|l| !l.starts_with("Try '"))
         .map(|l| {
-            ["cryptvm img: ", "qemu-img dd: ", "qemu-img amend: ", "qemu-img: "]
+            // "qemu-img: ", "/usr/bin/qemu-img dd: " (getopt's), "cryptvm img: ".
+            let program = ["cryptvm img: ", "qemu-img: ", "qemu-img dd: ", "qemu-img amend: "]
                 .iter()
-                .find_map(|p| l.strip_prefix(p))
-                .unwrap_or(l)
-                .to_string()
+                .find_map(|p| l.find(p).filter(|&at| !l[..at].contains(' ')).map(|at| at + p.len()));
+            program.map_or(l, |at| &l[at..]).to_string()
         })
         .collect()
 }
