@@ -352,6 +352,9 @@ fn luks_header_len(o: &QOpts, prefix: &str, secrets: &SecretStore) -> Result<u64
     if let Some(v) = o.get(&key("hash-alg")) {
         opts.spec.hash = HashAlg::from_name(v).map_err(|_| bad("hash-alg", v))?;
     }
+    if opts.spec.ivgen == IvGenAlg::Essiv && opts.spec.ivgen_hash.is_none() {
+        opts.spec.ivgen_hash = Some(HashAlg::Sha256);
+    }
     let Some(secret) = o.get(&key("key-secret")) else {
         return Err(format!("Parameter '{}' is required for cipher", key("key-secret")).into());
     };
