@@ -22,16 +22,48 @@ use super::{Args, ImgError, Result};
 const AMEND_OPTS: &[(&str, Kind, &str)] = &[
     ("backing_file", Kind::Str, "File name of a base image"),
     ("backing_fmt", Kind::Str, "Image format of the base image"),
-    ("compat", Kind::Str, "Compatibility level (v2 [0.10] or v3 [1.1])"),
+    (
+        "compat",
+        Kind::Str,
+        "Compatibility level (v2 [0.10] or v3 [1.1])",
+    ),
     ("data_file", Kind::Str, "File name of an external data file"),
-    ("data_file_raw", Kind::Bool, "The external data file must stay valid as a raw image"),
-    ("encrypt.iter-time", Kind::Number, "Time to spend in PBKDF in milliseconds"),
-    ("encrypt.keyslot", Kind::Number, "Select a single keyslot to modify explicitly"),
-    ("encrypt.new-secret", Kind::Str, "New secret to set in the matching keyslots. Empty string to erase"),
-    ("encrypt.old-secret", Kind::Str, "Select all keyslots that match this password"),
-    ("encrypt.state", Kind::Str, "Select new state of affected keyslots (active/inactive)"),
+    (
+        "data_file_raw",
+        Kind::Bool,
+        "The external data file must stay valid as a raw image",
+    ),
+    (
+        "encrypt.iter-time",
+        Kind::Number,
+        "Time to spend in PBKDF in milliseconds",
+    ),
+    (
+        "encrypt.keyslot",
+        Kind::Number,
+        "Select a single keyslot to modify explicitly",
+    ),
+    (
+        "encrypt.new-secret",
+        Kind::Str,
+        "New secret to set in the matching keyslots. Empty string to erase",
+    ),
+    (
+        "encrypt.old-secret",
+        Kind::Str,
+        "Select all keyslots that match this password",
+    ),
+    (
+        "encrypt.state",
+        Kind::Str,
+        "Select new state of affected keyslots (active/inactive)",
+    ),
     ("lazy_refcounts", Kind::Bool, "Postpone refcount updates"),
-    ("refcount_bits", Kind::Number, "Width of a reference count entry in bits"),
+    (
+        "refcount_bits",
+        Kind::Number,
+        "Width of a reference count entry in bits",
+    ),
     ("size", Kind::Size, "Virtual disk size"),
 ];
 
@@ -60,9 +92,7 @@ pub fn run(argv: &[String]) -> Result<u8> {
 }
 
 fn has_help(options: &str) -> bool {
-    options
-        .split(',')
-        .any(|item| item == "help" || item == "?")
+    options.split(',').any(|item| item == "help" || item == "?")
 }
 
 /// `print_amend_option_help`.
@@ -82,10 +112,9 @@ fn print_help(fmt: &str) -> Result<u8, Lines> {
             Ok(0)
         }
         "luks" => Err(luks_refusal()),
-        "raw" | "file" => Err(format!(
-            "Format driver '{fmt}' does not support option amendment"
-        )
-        .into()),
+        "raw" | "file" => {
+            Err(format!("Format driver '{fmt}' does not support option amendment").into())
+        }
         other => Err(format!("Unknown file format '{other}'").into()),
     }
 }
@@ -178,7 +207,9 @@ fn amend(argv: &[String]) -> Result<u8, Lines> {
             ))
         };
         let f = OpenOptions::new().write(true).open(&path).map_err(fail)?;
-        f.write_all_at(&bytes, 0).and_then(|()| f.sync_all()).map_err(fail)?;
+        f.write_all_at(&bytes, 0)
+            .and_then(|()| f.sync_all())
+            .map_err(fail)?;
     }
     if progress {
         print_progress(100.0, true);
@@ -249,8 +280,9 @@ fn qcow2_amend(node: &NodeRef, o: &QOpts) -> Result<Option<HeaderWrite>, Lines> 
             "refcount_bits" => {
                 refcount_bits = o.number(key).unwrap_or(refcount_bits);
                 if refcount_bits == 0 || refcount_bits > 64 || !refcount_bits.is_power_of_two() {
-                    return Err("Refcount width must be a power of two and may not exceed 64 bits"
-                        .into());
+                    return Err(
+                        "Refcount width must be a power of two and may not exceed 64 bits".into(),
+                    );
                 }
             }
             "data_file" => {
@@ -258,10 +290,8 @@ fn qcow2_amend(node: &NodeRef, o: &QOpts) -> Result<Option<HeaderWrite>, Lines> 
                     "data-file can only be set for images that use an external data file".into(),
                 )
             }
-            "data_file_raw" => {
-                if o.bool(key) == Some(true) {
-                    return Err("data-file-raw cannot be set on existing images".into());
-                }
+            "data_file_raw" if o.bool(key) == Some(true) => {
+                return Err("data-file-raw cannot be set on existing images".into());
             }
             _ => {}
         }
@@ -365,7 +395,9 @@ fn check_downgrade(node: &NodeRef, h: &Header) -> Result<(), Lines> {
         .into());
     }
     if h.extension(EXT_BITMAPS).is_some() {
-        return Err("Downgrading an image with persistent bitmaps is not supported by cryptvm img".into());
+        return Err(
+            "Downgrading an image with persistent bitmaps is not supported by cryptvm img".into(),
+        );
     }
     let size = node.size();
     let mut offset = 0;

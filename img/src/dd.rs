@@ -36,7 +36,9 @@ pub(crate) fn cvtnum(name: &str, value: &str, min: u64, max: u64) -> Result<u64,
     // qemu_strtosz refuses a negative number as out of range.
     let negative = value.trim_start().starts_with('-');
     match strtosz(value) {
-        _ if negative => Err(format!("Invalid {name} specified. Must be between {min} and {max}.").into()),
+        _ if negative => {
+            Err(format!("Invalid {name} specified. Must be between {min} and {max}.").into())
+        }
         Ok(v) if (min..=max).contains(&v) => Ok(v),
         Err(SizeError::Invalid) => Err(format!("Invalid {name} specified: '{value}'.").into()),
         _ => Err(format!("Invalid {name} specified. Must be between {min} and {max}.").into()),
@@ -114,9 +116,7 @@ fn dd(argv: &[String]) -> Result<(), Lines> {
                 .map_err(|e| creating(format!("Could not create '{output}': {}", strerror(&e))))?;
             if out_fmt == "raw" {
                 f.set_len(out_size.next_multiple_of(block::SECTOR_SIZE))
-                    .map_err(|e| {
-                        creating(format!("Could not resize file: {}", strerror(&e)))
-                    })?;
+                    .map_err(|e| creating(format!("Could not resize file: {}", strerror(&e))))?;
             } else {
                 drop(f);
                 qcow2::create(path, Some(out_size), &qcow2::CreateOptions::default())

@@ -149,9 +149,7 @@ fn measure(argv: &[String]) -> Result<(), Lines> {
         _ => return Err(String::from("At most one filename argument is allowed.").into()),
     };
     if filename.is_none() && (a.image_opts || a.format.is_some() || snapshot) {
-        return Err(
-            String::from("--image-opts, -f, and -l require a filename argument.").into(),
-        );
+        return Err(String::from("--image-opts, -f, and -l require a filename argument.").into());
     }
     if filename.is_some() && size.is_some() {
         return Err(String::from("--size N cannot be used together with a filename.").into());
@@ -314,8 +312,8 @@ fn bitmaps_size(node: &NodeRef) -> Result<u64, Lines> {
     let Some(file) = file else { return Ok(0) };
     let mut head = vec![0u8; 512];
     file.read_at(0, &mut head).map_err(ImgError::from)?;
-    let bits = block::qcow2::Header::peek_cluster_bits(&head)
-        .map_err(|e| Lines::from(e.to_string()))?;
+    let bits =
+        block::qcow2::Header::peek_cluster_bits(&head).map_err(|e| Lines::from(e.to_string()))?;
     let mut cluster = vec![0u8; (1usize << bits).min(file.size() as usize)];
     file.read_at(0, &mut cluster).map_err(ImgError::from)?;
     let h = block::qcow2::Header::parse(&cluster).map_err(|e| Lines::from(e.to_string()))?;
@@ -335,7 +333,12 @@ fn luks_header_len(o: &QOpts, prefix: &str, secrets: &SecretStore) -> Result<u64
     if o.has(&key("detached-header")) {
         return Err(format!("Parameter '{}' is unexpected", key("detached-header")).into());
     }
-    let bad = |k: &str, v: &str| Lines::from(format!("Parameter '{}' does not accept value '{v}'", key(k)));
+    let bad = |k: &str, v: &str| {
+        Lines::from(format!(
+            "Parameter '{}' does not accept value '{v}'",
+            key(k)
+        ))
+    };
     let mut opts = LuksOptions::default();
     if let Some(v) = o.get(&key("cipher-alg")) {
         opts.spec.alg = CipherAlg::from_name(v).map_err(|_| bad("cipher-alg", v))?;

@@ -158,9 +158,21 @@ mod tests {
         assert_eq!(o.number("n"), Some(16));
         assert_eq!(o.size("s"), Some(4096));
         assert_eq!(o.keys(), vec!["a", "b", "n", "s"]);
-        assert_eq!(QOpts::parse("q=1", LIST).unwrap_err(), OptError::Unknown("q".into()));
-        assert_eq!(QOpts::parse("b=maybe", LIST).unwrap_err(), OptError::NotBool("b".into()));
-        assert_eq!(QOpts::parse("n=x", LIST).unwrap_err(), OptError::NotNumber("n".into()));
-        assert_eq!(QOpts::parse("s=abc", LIST).unwrap_err(), OptError::NotSize("s".into()));
+        assert_eq!(
+            QOpts::parse("q=1", LIST).unwrap_err(),
+            OptError::Unknown("q".into())
+        );
+        assert_eq!(
+            QOpts::parse("b=maybe", LIST).unwrap_err(),
+            OptError::NotBool("b".into())
+        );
+        assert_eq!(
+            QOpts::parse("n=x", LIST).unwrap_err(),
+            OptError::NotNumber("n".into())
+        );
+        assert_eq!(
+            QOpts::parse("s=abc", LIST).unwrap_err(),
+            OptError::NotSize("s".into())
+        );
     }
 }

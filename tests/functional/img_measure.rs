@@ -78,9 +78,18 @@ fn messages(stderr: &str) -> Vec<String> {
         .filter(|l| !l.starts_with("Try '"))
         .map(|l| {
             // "qemu-img: ", "/usr/bin/qemu-img dd: " (getopt's), "cryptvm img: ".
-            let program = ["cryptvm img: ", "qemu-img: ", "qemu-img dd: ", "qemu-img amend: "]
-                .iter()
-                .find_map(|p| l.find(p).filter(|&at| !l[..at].contains(' ')).map(|at| at + p.len()));
+            let program = [
+                "cryptvm img: ",
+                "qemu-img: ",
+                "qemu-img dd: ",
+                "qemu-img amend: ",
+            ]
+            .iter()
+            .find_map(|p| {
+                l.find(p)
+                    .filter(|&at| !l[..at].contains(' '))
+                    .map(|at| at + p.len())
+            });
             program.map_or(l, |at| &l[at..]).to_string()
         })
         .collect()
@@ -93,23 +102,104 @@ fn qemu(dir: &Path, prog: &str, args: &[&str]) {
 /// Source images: raw (sparse, partly written), qcow2 (empty, partly written, with
 /// zero clusters, compressed, small clusters), luks.
 fn sources(d: &Path) {
-    qemu(d, "qemu-img", &["create", "-q", "-f", "raw", "sparse.raw", "10M"]);
-    qemu(d, "qemu-img", &["create", "-q", "-f", "raw", "part.raw", "3000000"]);
-    qemu(d, "qemu-io", &["-f", "raw", "-c", "write -P 1 0 300k", "-c", "write -P 2 2M 5k", "part.raw"]);
-    qemu(d, "qemu-img", &["create", "-q", "-f", "qcow2", "empty.qcow2", "100M"]);
-    qemu(d, "qemu-img", &["create", "-q", "-f", "qcow2", "part.qcow2", "100M"]);
-    qemu(
-        d,
-        "qemu-io",
-        &["-f", "qcow2", "-c", "write -P 3 0 1M", "-c", "write -P 4 50M 3k", "-c", "write -z 60M 1M", "-c", "write -P 5 99M 70k", "part.qcow2"],
-    );
-    qemu(d, "qemu-img", &["convert", "-c", "-f", "qcow2", "-O", "qcow2", "part.qcow2", "comp.qcow2"]);
-    qemu(d, "qemu-img", &["create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", "small.qcow2", "7M"]);
-    qemu(d, "qemu-io", &["-f", "qcow2", "-c", "write -P 6 5000 10000", "small.qcow2"]);
     qemu(
         d,
         "qemu-img",
-        &["create", "-q", "--object", SECRET, "-f", "luks", "-o", "key-secret=s,iter-time=10", "img.luks", "5M"],
+        &["create", "-q", "-f", "raw", "sparse.raw", "10M"],
+    );
+    qemu(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "raw", "part.raw", "3000000"],
+    );
+    qemu(
+        d,
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 1 0 300k",
+            "-c",
+            "write -P 2 2M 5k",
+            "part.raw",
+        ],
+    );
+    qemu(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "empty.qcow2", "100M"],
+    );
+    qemu(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "part.qcow2", "100M"],
+    );
+    qemu(
+        d,
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 3 0 1M",
+            "-c",
+            "write -P 4 50M 3k",
+            "-c",
+            "write -z 60M 1M",
+            "-c",
+            "write -P 5 99M 70k",
+            "part.qcow2",
+        ],
+    );
+    qemu(
+        d,
+        "qemu-img",
+        &[
+            "convert",
+            "-c",
+            "-f",
+            "qcow2",
+            "-O",
+            "qcow2",
+            "part.qcow2",
+            "comp.qcow2",
+        ],
+    );
+    qemu(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            "small.qcow2",
+            "7M",
+        ],
+    );
+    qemu(
+        d,
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 6 5000 10000", "small.qcow2"],
+    );
+    qemu(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "--object",
+            SECRET,
+            "-f",
+            "luks",
+            "-o",
+            "key-secret=s,iter-time=10",
+            "img.luks",
+            "5M",
+        ],
     );
 }
 
@@ -131,10 +221,16 @@ fn measure_sizes_and_images_like_qemu_img() {
         ("qcow2", "preallocation=metadata"),
         ("qcow2", "extended_l2=on,cluster_size=32k"),
         ("qcow2", "backing_file=x.qcow2"),
-        ("qcow2", "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=1"),
+        (
+            "qcow2",
+            "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=1",
+        ),
         ("luks", "key-secret=s,iter-time=1"),
         ("luks", "key-secret=s,cipher-alg=aes-128,iter-time=1"),
-        ("luks", "key-secret=s,cipher-alg=aes-256,cipher-mode=cbc,ivgen-alg=essiv,iter-time=1"),
+        (
+            "luks",
+            "key-secret=s,cipher-alg=aes-256,cipher-mode=cbc,ivgen-alg=essiv,iter-time=1",
+        ),
     ];
     let mut cases = 0;
     for (fmt, opts) in outputs {
@@ -167,7 +263,10 @@ fn measure_sizes_and_images_like_qemu_img() {
                 cases += 1;
             }
             let mut a = base.clone();
-            a.extend(["--image-opts", "driver=luks,key-secret=s,file.filename=img.luks"]);
+            a.extend([
+                "--image-opts",
+                "driver=luks,key-secret=s,file.filename=img.luks",
+            ]);
             p.same(&a);
         }
     }
@@ -194,22 +293,134 @@ fn measure_refusals_like_qemu_img() {
         &["measure", "--size", "1G", "-O", "foo"],
         &["measure", "--size", "1G", "-o", "foo=bar"],
         &["measure", "--size", "1G", "-o", "help"],
-        &["measure", "--size", "1G", "-O", "qcow2", "-o", "cluster_size=3k"],
-        &["measure", "--size", "1G", "-O", "qcow2", "-o", "cluster_size=abc"],
-        &["measure", "--size", "1G", "-O", "qcow2", "-o", "lazy_refcounts=maybe"],
-        &["measure", "--size", "1G", "-O", "qcow2", "-o", "refcount_bits=x"],
-        &["measure", "--size", "1G", "-O", "qcow2", "-o", "refcount_bits=3"],
+        &[
+            "measure",
+            "--size",
+            "1G",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=3k",
+        ],
+        &[
+            "measure",
+            "--size",
+            "1G",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=abc",
+        ],
+        &[
+            "measure",
+            "--size",
+            "1G",
+            "-O",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=maybe",
+        ],
+        &[
+            "measure",
+            "--size",
+            "1G",
+            "-O",
+            "qcow2",
+            "-o",
+            "refcount_bits=x",
+        ],
+        &[
+            "measure",
+            "--size",
+            "1G",
+            "-O",
+            "qcow2",
+            "-o",
+            "refcount_bits=3",
+        ],
         &["measure", "--size", "1G", "-O", "qcow2", "-o", "compat=9"],
-        &["measure", "--size", "1G", "-O", "qcow2", "-o", "compat=0.10,refcount_bits=8"],
-        &["measure", "--size", "1G", "-O", "qcow2", "-o", "preallocation=foo"],
-        &["measure", "--size", "1G", "-O", "qcow2", "-o", "extended_l2=on,cluster_size=4k"],
-        &["measure", "--size", "1G", "-O", "qcow2", "-o", "encrypt.format=luks"],
-        &["measure", "--size", "1P", "-O", "qcow2", "-o", "cluster_size=512"],
+        &[
+            "measure",
+            "--size",
+            "1G",
+            "-O",
+            "qcow2",
+            "-o",
+            "compat=0.10,refcount_bits=8",
+        ],
+        &[
+            "measure",
+            "--size",
+            "1G",
+            "-O",
+            "qcow2",
+            "-o",
+            "preallocation=foo",
+        ],
+        &[
+            "measure",
+            "--size",
+            "1G",
+            "-O",
+            "qcow2",
+            "-o",
+            "extended_l2=on,cluster_size=4k",
+        ],
+        &[
+            "measure",
+            "--size",
+            "1G",
+            "-O",
+            "qcow2",
+            "-o",
+            "encrypt.format=luks",
+        ],
+        &[
+            "measure",
+            "--size",
+            "1P",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+        ],
         &["measure", "--size", "1G", "-O", "luks"],
-        &["measure", "--size", "1G", "-O", "luks", "-o", "key-secret=nope"],
-        &["measure", "--size", "1G", "-O", "luks", "-o", "key-secret=s,foo=1"],
-        &["measure", "--size", "1G", "-O", "luks", "-o", "key-secret=s,iter-time=1,cipher-alg=foo"],
-        &["measure", "--size", "1G", "-O", "luks", "-o", "key-secret=s,iter-time=1,detached-header=on"],
+        &[
+            "measure",
+            "--size",
+            "1G",
+            "-O",
+            "luks",
+            "-o",
+            "key-secret=nope",
+        ],
+        &[
+            "measure",
+            "--size",
+            "1G",
+            "-O",
+            "luks",
+            "-o",
+            "key-secret=s,foo=1",
+        ],
+        &[
+            "measure",
+            "--size",
+            "1G",
+            "-O",
+            "luks",
+            "-o",
+            "key-secret=s,iter-time=1,cipher-alg=foo",
+        ],
+        &[
+            "measure",
+            "--size",
+            "1G",
+            "-O",
+            "luks",
+            "-o",
+            "key-secret=s,iter-time=1,detached-header=on",
+        ],
         &["measure", "nonexistent.img"],
         &["measure", "-f", "qcow2", "part.raw"],
     ];
@@ -228,7 +439,11 @@ fn dd_like_qemu_img() {
     }
     let p = Pair::new("dd", sources);
     let mut n = 0;
-    for (src, sfmt) in [("part.raw", "raw"), ("part.qcow2", "qcow2"), ("small.qcow2", "qcow2")] {
+    for (src, sfmt) in [
+        ("part.raw", "raw"),
+        ("part.qcow2", "qcow2"),
+        ("small.qcow2", "qcow2"),
+    ] {
         for out_fmt in ["raw", "qcow2"] {
             for ops in [
                 vec![],
@@ -250,7 +465,10 @@ fn dd_like_qemu_img() {
                 let (ours, _) = p.same(&a);
                 assert_eq!(ours.status, Some(0), "{ours}");
                 let (i_ours, i_theirs) = p.info(out_fmt, &out);
-                assert_eq!(i_ours["virtual-size"], i_theirs["virtual-size"], "{out} {ops:?}");
+                assert_eq!(
+                    i_ours["virtual-size"], i_theirs["virtual-size"],
+                    "{out} {ops:?}"
+                );
                 if out_fmt == "qcow2" {
                     assert_qemu_check_clean(&p.ours(), &out);
                 }
@@ -301,12 +519,55 @@ fn amend_like_qemu_img() {
     }
     let p = Pair::new("amend", |d| {
         sources(d);
-        qemu(d, "qemu-img", &["create", "-q", "-f", "qcow2", "-o", "compat=0.10", "v2.qcow2", "10M"]);
-        qemu(d, "qemu-io", &["-f", "qcow2", "-c", "write -P 9 0 100k", "v2.qcow2"]);
-        qemu(d, "qemu-img", &["create", "-q", "-f", "qcow2", "v3.qcow2", "10M"]);
-        qemu(d, "qemu-io", &["-f", "qcow2", "-c", "write -P 8 64k 100k", "v3.qcow2"]);
-        qemu(d, "qemu-img", &["create", "-q", "-f", "qcow2", "back.qcow2", "10M"]);
-        qemu(d, "qemu-img", &["create", "-q", "-f", "qcow2", "-b", "back.qcow2", "-F", "qcow2", "top.qcow2"]);
+        qemu(
+            d,
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "compat=0.10",
+                "v2.qcow2",
+                "10M",
+            ],
+        );
+        qemu(
+            d,
+            "qemu-io",
+            &["-f", "qcow2", "-c", "write -P 9 0 100k", "v2.qcow2"],
+        );
+        qemu(
+            d,
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "v3.qcow2", "10M"],
+        );
+        qemu(
+            d,
+            "qemu-io",
+            &["-f", "qcow2", "-c", "write -P 8 64k 100k", "v3.qcow2"],
+        );
+        qemu(
+            d,
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "back.qcow2", "10M"],
+        );
+        qemu(
+            d,
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "back.qcow2",
+                "-F",
+                "qcow2",
+                "top.qcow2",
+            ],
+        );
     });
     // lazy_refcounts on and off, with and without progress.
     for (opts, flags) in [
@@ -334,9 +595,20 @@ fn amend_like_qemu_img() {
     p.same(&["amend", "-o", "compat=0.10", "v3.qcow2"]);
     assert_eq!(same_specific(&p, "v3.qcow2")["compat"], "0.10");
     // The data is still there.
-    assert_qemu_identical(&p.ours(), "qcow2", "v3.qcow2", "qcow2", &p.theirs().join("v3.qcow2").display().to_string());
+    assert_qemu_identical(
+        &p.ours(),
+        "qcow2",
+        "v3.qcow2",
+        "qcow2",
+        &p.theirs().join("v3.qcow2").display().to_string(),
+    );
     // Same backing file: nothing to do; a size change.
-    p.same(&["amend", "-o", "backing_file=back.qcow2,backing_fmt=qcow2", "top.qcow2"]);
+    p.same(&[
+        "amend",
+        "-o",
+        "backing_file=back.qcow2,backing_fmt=qcow2",
+        "top.qcow2",
+    ]);
     p.same(&["amend", "-o", "size=20M", "empty.qcow2"]);
     same_specific(&p, "empty.qcow2");
     // Help.
@@ -376,19 +648,38 @@ fn amend_refuses_what_it_does_not_implement() {
     let p = Pair::new("amend-no", sources);
     let before = std::fs::read(p.ours().join("part.qcow2")).expect("read");
     // part.qcow2 has zero clusters: a downgrade would have to expand them.
-    let r = cryptvm(&p.ours(), ["img", "amend", "-o", "compat=0.10", "part.qcow2"]);
+    let r = cryptvm(
+        &p.ours(),
+        ["img", "amend", "-o", "compat=0.10", "part.qcow2"],
+    );
     assert_eq!(r.status, Some(1), "{r}");
     assert!(r.stderr.starts_with("cryptvm img: Cannot downgrade"), "{r}");
-    let r = cryptvm(&p.ours(), ["img", "amend", "-o", "refcount_bits=8", "part.qcow2"]);
+    let r = cryptvm(
+        &p.ours(),
+        ["img", "amend", "-o", "refcount_bits=8", "part.qcow2"],
+    );
     assert_eq!(r.status, Some(1), "{r}");
     assert!(r.stderr.contains("refcount width"), "{r}");
     let r = cryptvm(
         &p.ours(),
-        ["img", "amend", "--object", SECRET, "-o", "new-secret=s", "-f", "luks", "img.luks"],
+        [
+            "img",
+            "amend",
+            "--object",
+            SECRET,
+            "-o",
+            "new-secret=s",
+            "-f",
+            "luks",
+            "img.luks",
+        ],
     );
     assert_eq!(r.status, Some(1), "{r}");
     assert!(r.stderr.contains("luks key slots"), "{r}");
-    assert_eq!(std::fs::read(p.ours().join("part.qcow2")).expect("read"), before);
+    assert_eq!(
+        std::fs::read(p.ours().join("part.qcow2")).expect("read"),
+        before
+    );
     let r = cryptvm(&p.ours(), ["img", "measure", "-l", "x", "part.qcow2"]);
     assert_eq!(r.status, Some(1), "{r}");
 }

@@ -17,7 +17,9 @@ mod keyslot;
 pub mod node;
 
 pub use cipher::{new_sector_cipher, CipherAlg, CipherMode, CipherSpec, IvGenAlg, SectorCipher};
-pub use create::{create, create_with_iterations, payload_offset, CreateOptions, NewVolume, PbkdfIterations};
+pub use create::{
+    create, create_with_iterations, payload_offset, CreateOptions, NewVolume, PbkdfIterations,
+};
 pub use error::LuksError;
 pub use hash::HashAlg;
 pub use header::{KeySlot, LuksHeader};

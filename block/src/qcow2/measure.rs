@@ -83,7 +83,11 @@ pub fn calc_prealloc_size(
     meta += nl2e * l2e_size;
     let nl1e = (nl2e * l2e_size / cluster_size).next_multiple_of(cluster_size / L1E_SIZE);
     meta += nl1e * L1E_SIZE;
-    meta += refcount_metadata_size((meta + aligned) / cluster_size, cluster_size, refcount_order);
+    meta += refcount_metadata_size(
+        (meta + aligned) / cluster_size,
+        cluster_size,
+        refcount_order,
+    );
     meta + aligned
 }
 
