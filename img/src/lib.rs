@@ -15,6 +15,7 @@ mod options_help;
 mod qjson;
 mod resize;
 mod size;
+mod snapshot;
 mod sparse;
 mod writeback;
 
@@ -96,6 +97,7 @@ Commands (options as qemu-img's):
   info [--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
   map [--object objectdef] [--image-opts] [-f fmt] [--start-offset=offset] [--max-length=len] [--output=ofmt] [-U] filename
   resize [--object objectdef] [--image-opts] [-f fmt] [--preallocation=prealloc] [-q] [--shrink] [-U] filename [+ | -]size
+  snapshot [--object objectdef] [--image-opts] [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] filename
 ";
 
 /// Runs `cryptvm img ARGS...` and returns the process exit status.
@@ -124,6 +126,7 @@ pub fn main(argv: &[String]) -> u8 {
         "check" => check::run(rest),
         "map" => map::run(rest),
         "resize" => resize::run(rest),
+        "snapshot" => snapshot::run(rest),
         other => Err(ImgError::Msg(format!("Command not found: {other}"))),
     };
     match result {

@@ -14,7 +14,7 @@ shrunken image's end. Before performing such an operation, make sure there is no
 data there.";
 
 /// qemu-img's warning when a raw image's format was probed for writing.
-fn probed_raw_warning(name: &str) -> String {
+pub(crate) fn probed_raw_warning(name: &str) -> String {
     format!(
         "WARNING: Image format was not specified for '{name}' and probing guessed raw.\n         \
 Automatically detecting the format is dangerous for raw images, write operations on block 0 \

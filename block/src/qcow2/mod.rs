@@ -22,6 +22,7 @@ mod overlap;
 mod rebuild;
 mod resize;
 mod snapshot;
+mod snapshot_ops;
 mod status;
 mod storage;
 #[cfg(test)]
@@ -33,3 +34,4 @@ pub use create::{create, CreateOptions, Preallocation};
 pub use error::Qcow2Error;
 pub use header::{CompressionType, Header};
 pub use node::{Backing, Qcow2Node, Qcow2Options};
+pub use snapshot::SnapshotInfo;
