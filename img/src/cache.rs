@@ -119,6 +119,12 @@ impl BlockNode for WriteThrough {
     fn resize(&self, size: u64) -> Result<()> {
         self.0.resize(size)
     }
+    fn snapshot_list(&self) -> Result<Vec<block::snapshot::SnapshotInfo>> {
+        self.0.snapshot_list()
+    }
+    fn snapshot_load_tmp(&self, which: block::snapshot::SnapshotRef<'_>) -> Result<()> {
+        self.0.snapshot_load_tmp(which)
+    }
     fn info(&self) -> Value {
         self.0.info()
     }
