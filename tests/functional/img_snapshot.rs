@@ -308,3 +308,42 @@ fn masking_keeps_everything_but_dates() {
     );
     assert_ne!(mask_dates("1 a 2026-12-03 12:41:06"), mask_dates("2 a 2026-12-03 12:41:06"));
 }
+
+#[test]
+fn compressed_clusters_resizes_and_qemu_made_snapshots() {
+    if !require(&["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let p = Pair::new("snap-mixed", |d| {
+        make_image(d, true, "cluster_size=65536", "8M");
+        qemu_io(d, "q.qcow2", &["write -P 1 0 256k", "write -c -P 9 1M 64k"]);
+        // Made by qemu-img: ours applies and deletes them.
+        run("qemu-img", ["snapshot", "-c", "small", "q.qcow2"], Some(d)).ok();
+        run("qemu-img", ["resize", "-q", "q.qcow2", "16M"], Some(d)).ok();
+        qemu_io(d, "q.qcow2", &["write -P 2 12M 64k", "write -c -P 4 2M 64k"]);
+        run("qemu-img", ["snapshot", "-c", "big", "q.qcow2"], Some(d)).ok();
+    });
+    p.same_state("q.qcow2");
+    p.both(&["snapshot", "-l", "q.qcow2"]);
+    p.both(&["snapshot", "-c", "third", "q.qcow2"]);
+    p.same_state("q.qcow2");
+    // The snapshot is 8 MiB: applying it shrinks the image back.
+    p.both(&["snapshot", "-a", "small", "q.qcow2"]);
+    p.same_state("q.qcow2");
+    // (The copies' disk sizes differ: the copy is not sparse.)
+    let size = |d: &Path| {
+        run("qemu-img", ["info", "--output=json", "q.qcow2"], Some(d)).ok().json()["virtual-size"]
+            .clone()
+    };
+    assert_eq!(size(&p.ours()), size(&p.theirs()));
+    assert_eq!(size(&p.ours()), serde_json::json!(8 << 20));
+    qemu_io(&p.ours(), "q.qcow2", &["read -P 1 0 256k", "read -P 9 1M 64k"]);
+    p.both(&["snapshot", "-a", "big", "q.qcow2"]);
+    p.same_state("q.qcow2");
+    qemu_io(&p.ours(), "q.qcow2", &["read -P 4 2M 64k", "read -P 2 12M 64k"]);
+    for name in ["small", "third", "big"] {
+        p.both(&["snapshot", "-d", name, "q.qcow2"]);
+        p.same_state("q.qcow2");
+    }
+    qemu_io(&p.ours(), "q.qcow2", &["read -P 4 2M 64k", "read -P 9 1M 64k"]);
+}

@@ -225,7 +225,7 @@ fn update_refcounts(m: &mut Meta, l1: &mut [u64], addend: i64) -> Result<bool> {
                         let first = offset >> bits;
                         let last = (offset + size.max(1) - 1) >> bits;
                         for c in first..=last {
-                            m.add_refcount(c, addend)?;
+                            unref(m, c, addend)?;
                         }
                     }
                     // Compressed clusters are never written in place.
@@ -234,7 +234,7 @@ fn update_refcounts(m: &mut Meta, l1: &mut [u64], addend: i64) -> Result<bool> {
                 ClusterKind::Normal(h) | ClusterKind::ZeroAlloc(h) => {
                     let c = h >> bits;
                     if addend != 0 {
-                        m.add_refcount(c, addend)?;
+                        unref(m, c, addend)?;
                     }
                     m.refcount(c)?
                 }
@@ -256,8 +256,10 @@ fn update_refcounts(m: &mut Meta, l1: &mut [u64], addend: i64) -> Result<bool> {
                 .copy_from_slice(&t);
         }
         let c = l2_off >> bits;
-        if addend != 0 {
-            m.add_refcount(c, addend)?;
+        if addend != 0 && unref(m, c, addend)? == 0 {
+            // Freed: its cached copy must not be written back over whatever
+            // reuses the cluster.
+            m.l2_cache.remove(l2_off);
         }
         let new = if m.refcount(c)? == 1 {
             l2_off | OFLAG_COPIED
@@ -270,6 +272,16 @@ fn update_refcounts(m: &mut Meta, l1: &mut [u64], addend: i64) -> Result<bool> {
         }
     }
     Ok(l1_modified)
+}
+
+/// Adds `addend` to the refcount of cluster `c`; a cluster freed is
+/// discarded on the host (QEMU's `QCOW2_DISCARD_SNAPSHOT`). Returns the new count.
+fn unref(m: &mut Meta, c: u64, addend: i64) -> Result<u64> {
+    let n = m.add_refcount(c, addend)?;
+    if n == 0 {
+        m.storage.discard(c * m.cs, m.cs)?;
+    }
+    Ok(n)
 }
 
 /// Frees `bytes` of clusters from host offset `off` (refcount minus one).
