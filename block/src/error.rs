@@ -251,6 +251,7 @@ impl BlockError {
             Self::Snapshot(e) => match e {
                 crate::snapshot::SnapshotError::NotSupported => ErrorKind::NotSupported,
                 crate::snapshot::SnapshotError::NotFound => ErrorKind::NotFound,
+                crate::snapshot::SnapshotError::RefcountOverflow => ErrorKind::InvalidArgument,
                 crate::snapshot::SnapshotError::Exists => ErrorKind::InUse,
                 crate::snapshot::SnapshotError::TooLarge => ErrorKind::NoSpace,
                 crate::snapshot::SnapshotError::BadL1(_) => ErrorKind::Corrupt,

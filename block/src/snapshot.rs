@@ -19,6 +19,10 @@ pub enum SnapshotError {
     /// The table would hold too many snapshots or too many bytes (`-EFBIG`).
     #[error("File too large")]
     TooLarge,
+    /// A refcount would exceed what the image's refcount width holds
+    /// (QEMU's `-EINVAL` from `update_refcount`).
+    #[error("Invalid argument")]
+    RefcountOverflow,
     /// The snapshot's L1 table is out of bounds (QEMU's `qcow2_validate_table`).
     #[error("Snapshot L1 table {0}")]
     BadL1(&'static str),

@@ -301,6 +301,26 @@ fn convert_from_a_snapshot_as_qemu_img() {
 }
 
 #[test]
+fn refcount_overflow_as_qemu_img() {
+    if !require(&["qemu-img", "qemu-io"]) {
+        return;
+    }
+    // One-bit refcounts cannot share a cluster: creating a snapshot fails,
+    // leaving the same leaked L1 copy as qemu-img leaves.
+    let p = Pair::new("snap-rc1", |d| {
+        make_image(d, true, "refcount_bits=1", "4M");
+        qemu_io(d, "q.qcow2", &["write -P 1 0 64k"]);
+    });
+    let (ours, _) = p.both(&["snapshot", "-c", "s", "q.qcow2"]);
+    assert_eq!(ours.status, Some(1), "{ours}");
+    let check = |d: &Path| run("qemu-img", ["check", "q.qcow2"], Some(d));
+    let (a, b) = (check(&p.ours()), check(&p.theirs()));
+    assert_eq!((a.status, &a.stdout, &a.stderr), (b.status, &b.stdout, &b.stderr));
+    p.both(&["snapshot", "-l", "q.qcow2"]);
+    qemu_io(&p.ours(), "q.qcow2", &["read -P 1 0 64k"]);
+}
+
+#[test]
 fn masking_keeps_everything_but_dates() {
     assert_eq!(
         mask_dates("1  s1  0 B 2026-12-03 12:41:06  0000:00:00.000  0\n"),

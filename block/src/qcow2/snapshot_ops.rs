@@ -274,9 +274,13 @@ fn update_refcounts(m: &mut Meta, l1: &mut [u64], addend: i64) -> Result<bool> {
     Ok(l1_modified)
 }
 
-/// Adds `addend` to the refcount of cluster `c`; a cluster freed is
+/// Adds `addend` to the refcount of cluster `c` (refusing an overflow as
+/// QEMU does, with `EINVAL`); a cluster freed is
 /// discarded on the host (QEMU's `QCOW2_DISCARD_SNAPSHOT`). Returns the new count.
 fn unref(m: &mut Meta, c: u64, addend: i64) -> Result<u64> {
+    if addend > 0 && m.refcount(c)?.saturating_add(addend as u64) > m.max_refcount() {
+        return Err(SnapshotError::RefcountOverflow.into());
+    }
     let n = m.add_refcount(c, addend)?;
     if n == 0 {
         m.storage.discard(c * m.cs, m.cs)?;
