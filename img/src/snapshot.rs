@@ -65,10 +65,10 @@ pub fn run(argv: &[String]) -> Result<u8> {
     };
     let read_only = action == Action::List;
     if a.short_flags.contains(&'U') && !read_only {
-        return Err(ImgError::Msg(
-            "force-share=on can only be used with read-only images".into(),
-        )
-        .opening(spec));
+        return Err(
+            ImgError::Msg("force-share=on can only be used with read-only images".into())
+                .opening(spec),
+        );
     }
     let secrets = load_objects(&a.objects)?;
     let probed = a.format.is_none() && !a.image_opts && !spec.starts_with("json:");
@@ -101,7 +101,10 @@ pub fn run(argv: &[String]) -> Result<u8> {
             node.snapshot_create(&name, now.as_secs() as u32, nsec)
                 .and_then(|()| node.flush())
                 .map_err(|e| {
-                    ImgError::Msg(format!("Could not create snapshot '{name}': {}", errno_text(&e)))
+                    ImgError::Msg(format!(
+                        "Could not create snapshot '{name}': {}",
+                        errno_text(&e)
+                    ))
                 })?;
             Ok(0)
         }

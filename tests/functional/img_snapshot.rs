@@ -48,7 +48,10 @@ impl Pair {
         ours_args.extend(args);
         let ours = cryptvm(&self.ours(), &ours_args);
         assert!(!ours.stderr.contains("panicked"), "{ours}");
-        assert_eq!(ours.status, theirs.status, "exit status of {args:?}\n{ours}\n{theirs}");
+        assert_eq!(
+            ours.status, theirs.status,
+            "exit status of {args:?}\n{ours}\n{theirs}"
+        );
         assert_eq!(
             mask_dates(&ours.stdout),
             mask_dates(&theirs.stdout),
@@ -72,7 +75,11 @@ impl Pair {
             let r = run("qemu-img", ["snapshot", "-l", file], Some(d)).ok();
             mask_dates(&r.stdout)
         };
-        assert_eq!(list(&self.ours()), list(&self.theirs()), "snapshot lists of {file}");
+        assert_eq!(
+            list(&self.ours()),
+            list(&self.theirs()),
+            "snapshot lists of {file}"
+        );
         let theirs = self.theirs().join(file).display().to_string();
         assert_qemu_identical(&self.ours(), "qcow2", file, "qcow2", &theirs);
     }
@@ -145,7 +152,11 @@ fn make_image(d: &Path, by_qemu: bool, opts: &str, size: &str) {
 fn lifecycle(tag: &str, by_qemu: bool, opts: &str, size: &str, far: &str) {
     let p = Pair::new(tag, |d| {
         make_image(d, by_qemu, opts, size);
-        qemu_io(d, "q.qcow2", &["write -P 1 0 64k", &format!("write -P 5 {far} 64k")]);
+        qemu_io(
+            d,
+            "q.qcow2",
+            &["write -P 1 0 64k", &format!("write -P 5 {far} 64k")],
+        );
     });
     let writes_both = |cmds: &[&str]| {
         qemu_io(&p.ours(), "q.qcow2", cmds);
@@ -162,7 +173,10 @@ fn lifecycle(tag: &str, by_qemu: bool, opts: &str, size: &str, far: &str) {
     p.both(&["snapshot", "-q", "-c", "s1", "q.qcow2"]);
     let (ours, _) = p.both(&["snapshot", "-l", "q.qcow2"]);
     assert_eq!(ours.stdout.lines().count(), 5, "{ours}");
-    assert!(ours.stdout.lines().nth(4).unwrap_or("").starts_with("3 "), "{ours}");
+    assert!(
+        ours.stdout.lines().nth(4).unwrap_or("").starts_with("3 "),
+        "{ours}"
+    );
     p.same_state("q.qcow2");
     writes_both(&["write -P 4 0 32k"]);
     // By name: the first of that name (ID 1).
@@ -171,20 +185,32 @@ fn lifecycle(tag: &str, by_qemu: bool, opts: &str, size: &str, far: &str) {
     qemu_io(
         &p.ours(),
         "q.qcow2",
-        &["read -P 1 0 64k", "read -P 0 2M 128k", &format!("read -P 5 {far} 64k")],
+        &[
+            "read -P 1 0 64k",
+            "read -P 0 2M 128k",
+            &format!("read -P 5 {far} 64k"),
+        ],
     );
     // Writes after an apply do not reach the snapshots.
     writes_both(&["write -P 6 0 64k"]);
     p.both(&["snapshot", "-a", "2", "q.qcow2"]);
     p.same_state("q.qcow2");
-    qemu_io(&p.ours(), "q.qcow2", &["read -P 2 0 64k", "read -P 3 2M 128k"]);
+    qemu_io(
+        &p.ours(),
+        "q.qcow2",
+        &["read -P 2 0 64k", "read -P 3 2M 128k"],
+    );
     // Deleting takes a name: the ID "2" names nothing.
     p.both(&["snapshot", "-d", "2", "q.qcow2"]);
     p.both(&["snapshot", "-d", "s1", "q.qcow2"]);
     p.same_state("q.qcow2");
     p.both(&["snapshot", "-a", "s1", "q.qcow2"]);
     p.same_state("q.qcow2");
-    qemu_io(&p.ours(), "q.qcow2", &["read -P 2 0 64k", "read -P 3 2M 128k"]);
+    qemu_io(
+        &p.ours(),
+        "q.qcow2",
+        &["read -P 2 0 64k", "read -P 3 2M 128k"],
+    );
     p.both(&["snapshot", "-d", "s2", "q.qcow2"]);
     p.same_state("q.qcow2");
     p.both(&["snapshot", "-d", "s1", "q.qcow2"]);
@@ -192,7 +218,11 @@ fn lifecycle(tag: &str, by_qemu: bool, opts: &str, size: &str, far: &str) {
     let (ours, _) = p.both(&["snapshot", "-l", "q.qcow2"]);
     assert!(ours.stdout.is_empty(), "{ours}");
     // The data survives every snapshot's deletion.
-    qemu_io(&p.ours(), "q.qcow2", &["read -P 2 0 64k", "read -P 3 2M 128k"]);
+    qemu_io(
+        &p.ours(),
+        "q.qcow2",
+        &["read -P 2 0 64k", "read -P 3 2M 128k"],
+    );
 }
 
 #[test]
@@ -218,8 +248,20 @@ fn many_l2_tables_v2_and_small_clusters() {
     }
     // 4 KiB clusters: an L2 table maps 2 MiB, so the writes span several tables.
     lifecycle("snap-4k", true, "cluster_size=4096", "64M", "33M");
-    lifecycle("snap-v2", true, "compat=0.10,cluster_size=4096", "64M", "60M");
-    lifecycle("snap-rc16", false, "cluster_size=4096,refcount_bits=16", "64M", "5M");
+    lifecycle(
+        "snap-v2",
+        true,
+        "compat=0.10,cluster_size=4096",
+        "64M",
+        "60M",
+    );
+    lifecycle(
+        "snap-rc16",
+        false,
+        "cluster_size=4096,refcount_bits=16",
+        "64M",
+        "5M",
+    );
 }
 
 #[test]
@@ -231,7 +273,12 @@ fn refusals_as_qemu_img() {
         make_image(d, true, "cluster_size=65536", "4M");
         qemu_io(d, "q.qcow2", &["write -P 1 0 64k"]);
         run("qemu-img", ["snapshot", "-c", "s1", "q.qcow2"], Some(d)).ok();
-        run("qemu-img", ["create", "-q", "-f", "raw", "r.raw", "1M"], Some(d)).ok();
+        run(
+            "qemu-img",
+            ["create", "-q", "-f", "raw", "r.raw", "1M"],
+            Some(d),
+        )
+        .ok();
     });
     for args in [
         &["snapshot", "-a", "nope", "q.qcow2"][..],
@@ -270,7 +317,12 @@ fn convert_from_a_snapshot_as_qemu_img() {
         qemu_io(d, "q.qcow2", &["write -P 2 0 64k", "write -P 8 5M 64k"]);
         run("qemu-img", ["snapshot", "-c", "s2", "q.qcow2"], Some(d)).ok();
         qemu_io(d, "q.qcow2", &["write -P 3 0 64k"]);
-        run("qemu-img", ["create", "-q", "-f", "raw", "r.raw", "1M"], Some(d)).ok();
+        run(
+            "qemu-img",
+            ["create", "-q", "-f", "raw", "r.raw", "1M"],
+            Some(d),
+        )
+        .ok();
     });
     for (i, l) in [
         "1",
@@ -291,8 +343,17 @@ fn convert_from_a_snapshot_as_qemu_img() {
         }
     }
     // What was converted is the snapshot's data, not the active image's.
-    qemu_io(&p.ours(), "o1.qcow2", &["read -P 1 0 64k", "read -P 0 5M 64k"]);
-    for l in ["nope", "snapshot.name=nope", "snapshot.id=1,snapshot.name=s2", "snapshot.foo=1"] {
+    qemu_io(
+        &p.ours(),
+        "o1.qcow2",
+        &["read -P 1 0 64k", "read -P 0 5M 64k"],
+    );
+    for l in [
+        "nope",
+        "snapshot.name=nope",
+        "snapshot.id=1,snapshot.name=s2",
+        "snapshot.foo=1",
+    ] {
         let (ours, _) = p.both(&["convert", "-l", l, "q.qcow2", "bad.raw"]);
         assert_eq!(ours.status, Some(1), "{l}: {ours}");
         assert!(!p.ours().join("bad.raw").exists(), "{l}: target created");
@@ -315,7 +376,10 @@ fn refcount_overflow_as_qemu_img() {
     assert_eq!(ours.status, Some(1), "{ours}");
     let check = |d: &Path| run("qemu-img", ["check", "q.qcow2"], Some(d));
     let (a, b) = (check(&p.ours()), check(&p.theirs()));
-    assert_eq!((a.status, &a.stdout, &a.stderr), (b.status, &b.stdout, &b.stderr));
+    assert_eq!(
+        (a.status, &a.stdout, &a.stderr),
+        (b.status, &b.stdout, &b.stderr)
+    );
     p.both(&["snapshot", "-l", "q.qcow2"]);
     qemu_io(&p.ours(), "q.qcow2", &["read -P 1 0 64k"]);
 }
@@ -326,7 +390,10 @@ fn masking_keeps_everything_but_dates() {
         mask_dates("1  s1  0 B 2026-12-03 12:41:06  0000:00:00.000  0\n"),
         "1  s1  0 B DATE  0000:00:00.000  0\n"
     );
-    assert_ne!(mask_dates("1 a 2026-12-03 12:41:06"), mask_dates("2 a 2026-12-03 12:41:06"));
+    assert_ne!(
+        mask_dates("1 a 2026-12-03 12:41:06"),
+        mask_dates("2 a 2026-12-03 12:41:06")
+    );
 }
 
 #[test]
@@ -340,7 +407,11 @@ fn compressed_clusters_resizes_and_qemu_made_snapshots() {
         // Made by qemu-img: ours applies and deletes them.
         run("qemu-img", ["snapshot", "-c", "small", "q.qcow2"], Some(d)).ok();
         run("qemu-img", ["resize", "-q", "q.qcow2", "16M"], Some(d)).ok();
-        qemu_io(d, "q.qcow2", &["write -P 2 12M 64k", "write -c -P 4 2M 64k"]);
+        qemu_io(
+            d,
+            "q.qcow2",
+            &["write -P 2 12M 64k", "write -c -P 4 2M 64k"],
+        );
         run("qemu-img", ["snapshot", "-c", "big", "q.qcow2"], Some(d)).ok();
     });
     p.same_state("q.qcow2");
@@ -352,18 +423,32 @@ fn compressed_clusters_resizes_and_qemu_made_snapshots() {
     p.same_state("q.qcow2");
     // (The copies' disk sizes differ: the copy is not sparse.)
     let size = |d: &Path| {
-        run("qemu-img", ["info", "--output=json", "q.qcow2"], Some(d)).ok().json()["virtual-size"]
+        run("qemu-img", ["info", "--output=json", "q.qcow2"], Some(d))
+            .ok()
+            .json()["virtual-size"]
             .clone()
     };
     assert_eq!(size(&p.ours()), size(&p.theirs()));
     assert_eq!(size(&p.ours()), serde_json::json!(8 << 20));
-    qemu_io(&p.ours(), "q.qcow2", &["read -P 1 0 256k", "read -P 9 1M 64k"]);
+    qemu_io(
+        &p.ours(),
+        "q.qcow2",
+        &["read -P 1 0 256k", "read -P 9 1M 64k"],
+    );
     p.both(&["snapshot", "-a", "big", "q.qcow2"]);
     p.same_state("q.qcow2");
-    qemu_io(&p.ours(), "q.qcow2", &["read -P 4 2M 64k", "read -P 2 12M 64k"]);
+    qemu_io(
+        &p.ours(),
+        "q.qcow2",
+        &["read -P 4 2M 64k", "read -P 2 12M 64k"],
+    );
     for name in ["small", "third", "big"] {
         p.both(&["snapshot", "-d", name, "q.qcow2"]);
         p.same_state("q.qcow2");
     }
-    qemu_io(&p.ours(), "q.qcow2", &["read -P 4 2M 64k", "read -P 9 1M 64k"]);
+    qemu_io(
+        &p.ours(),
+        "q.qcow2",
+        &["read -P 4 2M 64k", "read -P 9 1M 64k"],
+    );
 }

@@ -157,7 +157,10 @@ fn find(list: &[Entry], which: SnapshotRef<'_>) -> Option<usize> {
     match which {
         SnapshotRef::IdOrName(s) => find_by_id_and_name(list, Some(s), None)
             .or_else(|| find_by_id_and_name(list, None, Some(s))),
-        SnapshotRef::IdAndName { id: None, name: None } => None,
+        SnapshotRef::IdAndName {
+            id: None,
+            name: None,
+        } => None,
         SnapshotRef::IdAndName { id, name } => find_by_id_and_name(list, id, name),
     }
 }
@@ -343,11 +346,7 @@ fn write_table(m: &mut Meta, list: &[Entry], old_bytes: u64) -> Result<()> {
 
 /// QEMU's `find_new_snapshot_id`: one more than the largest numeric ID.
 fn new_id(list: &[Entry]) -> String {
-    let max = list
-        .iter()
-        .map(|e| strtoul(&e.id))
-        .max()
-        .unwrap_or(0);
+    let max = list.iter().map(|e| strtoul(&e.id)).max().unwrap_or(0);
     max.wrapping_add(1).to_string()
 }
 
@@ -356,7 +355,9 @@ fn strtoul(s: &[u8]) -> u64 {
     let t = String::from_utf8_lossy(s);
     let t = t.trim_start();
     let digits: String = t.chars().take_while(char::is_ascii_digit).collect();
-    digits.parse().unwrap_or(if digits.is_empty() { 0 } else { u64::MAX })
+    digits
+        .parse()
+        .unwrap_or(if digits.is_empty() { 0 } else { u64::MAX })
 }
 
 impl Qcow2Node {
@@ -380,7 +381,12 @@ impl Qcow2Node {
     }
 
     /// Creates a snapshot of the active image (QEMU's `qcow2_snapshot_create`).
-    pub(super) fn do_snapshot_create(&self, name: &str, date_sec: u32, date_nsec: u32) -> Result<()> {
+    pub(super) fn do_snapshot_create(
+        &self,
+        name: &str,
+        date_sec: u32,
+        date_nsec: u32,
+    ) -> Result<()> {
         let disk_size = self.size.load(Ordering::Acquire);
         self.snapshot_op(|_, m| {
             let (mut list, old_bytes) = read_table(&m.storage, &m.header)?;
@@ -486,8 +492,8 @@ impl Qcow2Node {
     pub(super) fn do_snapshot_delete(&self, id: &str, name: &str) -> Result<()> {
         self.snapshot_op(|_, m| {
             let (mut list, old_bytes) = read_table(&m.storage, &m.header)?;
-            let i = find_by_id_and_name(&list, Some(id), Some(name))
-                .ok_or(SnapshotError::NotFound)?;
+            let i =
+                find_by_id_and_name(&list, Some(id), Some(name)).ok_or(SnapshotError::NotFound)?;
             validate_l1(m, &list[i])?;
             let sn = list.remove(i);
             write_table(m, &list, old_bytes)?;
