@@ -945,6 +945,57 @@ fn repeated_options_merge_as_in_qemu_img() {
     }
 }
 
+/// Run through a symlink named `qemu-img`, cryptvm is `cryptvm img` with qemu-img's
+/// name in its messages: stdout, stderr and exit status equal the real qemu-img's for
+/// the same commands (success, a missing file, an unsupported check, a usage error).
+#[test]
+fn runs_as_qemu_img_through_a_symlink() {
+    if !require(&["qemu-img"]) {
+        return;
+    }
+    let s = Scratch::new("as-qemu-img");
+    let link = s.join("qemu-img");
+    std::os::unix::fs::symlink(CRYPTVM, &link).expect("symlink");
+    let link = link.to_str().expect("utf-8 path").to_string();
+    let cases: [&[&str]; 7] = [
+        &["create", "-f", "raw", "a.raw", "1M"],
+        &["info", "a.raw"],
+        &["map", "--output=json", "a.raw"],
+        &["info", "nosuch"],
+        &["check", "-f", "raw", "a.raw"],
+        &["resize", "a.raw"],
+        &["create", "-f", "qcow2", "-o", "help"],
+    ];
+    for args in cases {
+        let theirs = run("qemu-img", args, Some(s.path()));
+        if args[0] == "create" && args.len() == 5 {
+            std::fs::remove_file(s.join("a.raw")).expect("cleanup");
+        }
+        let ours = run(&link, args, Some(s.path()));
+        // Both repeat their argv[0] in "Try '... --help'" hints.
+        let real = find_tool("qemu-img").expect("qemu-img");
+        let their_err = theirs
+            .stderr
+            .replace(real.to_str().expect("utf-8"), "qemu-img");
+        let our_err = ours.stderr.replace(&link, "qemu-img");
+        let expected = (theirs.status, theirs.stdout.as_str(), their_err.as_str());
+        if args.contains(&"help") {
+            // The options listed are those implemented (option_help_matches_qemu_img).
+            assert_eq!(ours.status, theirs.status, "{args:?}\n{ours}");
+            assert!(
+                ours.stdout.starts_with("Supported qcow2 options:\n"),
+                "{ours}"
+            );
+            continue;
+        }
+        assert_eq!(
+            (ours.status, ours.stdout.as_str(), our_err.as_str()),
+            expected,
+            "{args:?}\n{ours}\n{theirs}"
+        );
+    }
+}
+
 /// A scratch folder with `l.luks` (1 MiB, made by qemu-img, keyed by the passphrase in
 /// `good`) and a wrong passphrase in `bad`.
 fn luks_with_passphrases(tag: &str) -> Scratch {
