@@ -1015,6 +1015,47 @@ fn luks_with_passphrases(tag: &str) -> Scratch {
     s
 }
 
+/// `img info` opens an image for its metadata only, as qemu-img does: a LUKS image
+/// whose key-secret holds a wrong passphrase (or names no secret at all) is described
+/// all the same, as with the right one, where `check` and `convert` refuse it.
+#[test]
+fn info_needs_no_passphrase() {
+    if !require(&["qemu-img"]) {
+        return;
+    }
+    let s = luks_with_passphrases("info-nokey");
+    let opts = |secret: &str| format!("driver=luks,key-secret={secret},file.filename=l.luks");
+    let info = |tool: &str, pass: &str, secret: &str| {
+        let object = format!("secret,id=sec0,file={pass}");
+        let args = ["info", "--object", &object, "--image-opts", &opts(secret)];
+        if tool == "qemu-img" {
+            run("qemu-img", args, Some(s.path()))
+        } else {
+            let mut full = vec!["img"];
+            full.extend(args);
+            cryptvm(s.path(), &full)
+        }
+    };
+    let good = info("cryptvm", "good", "sec0").ok();
+    for (pass, secret) in [("bad", "sec0"), ("good", "nosuch")] {
+        info("qemu-img", pass, secret).ok();
+        let ours = info("cryptvm", pass, secret).ok();
+        assert_eq!(ours.stdout, good.stdout, "{pass} {secret}");
+    }
+    let r = cryptvm(
+        s.path(),
+        [
+            "img",
+            "check",
+            "--object",
+            "secret,id=sec0,file=bad",
+            "--image-opts",
+            &opts("sec0"),
+        ],
+    );
+    assert_eq!(r.status, Some(1), "{r}");
+}
+
 /// `check` of a format without checks opens the image first, as qemu-img does: a wrong
 /// passphrase is reported as such, the right one gets "does not support checks" (63).
 #[test]
