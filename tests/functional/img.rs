@@ -1130,3 +1130,28 @@ fn open_errors_match_qemu_img() {
         );
     }
 }
+
+/// `json:` file names that leave the format out (`file.filename` dotted or nested) are
+/// probed as qemu-img probes them: `img info` prints what qemu-img prints.
+#[test]
+fn json_names_without_a_format_are_probed() {
+    if !require(&["qemu-img"]) {
+        return;
+    }
+    let s = Scratch::new("json-probe");
+    run(
+        "qemu-img",
+        ["create", "-q", "-f", "qcow2", "x.qcow2", "1M"],
+        Some(s.path()),
+    )
+    .ok();
+    for name in [
+        r#"json:{"file.driver":"file","file.filename":"x.qcow2"}"#,
+        r#"json:{"file":{"filename":"x.qcow2"}}"#,
+        r#"json:{"driver":"qcow2","file.filename":"x.qcow2"}"#,
+    ] {
+        let theirs = run("qemu-img", ["info", name], Some(s.path())).ok();
+        let ours = cryptvm(s.path(), ["img", "info", name]).ok();
+        assert_eq!(ours.stdout, theirs.stdout, "{name}");
+    }
+}
