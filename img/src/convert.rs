@@ -165,7 +165,7 @@ fn load_snapshot(node: &block::NodeRef, param: &str) -> Result<()> {
                 "id" => id = v,
                 "name" => name = v,
                 _ => {
-                    eprintln!("cryptvm img: Invalid parameter 'snapshot.{k}'");
+                    super::error_line(format_args!("Invalid parameter 'snapshot.{k}'"));
                     return Err(ImgError::Msg(format!(
                         "Failed in parsing snapshot param '{param}'"
                     )));

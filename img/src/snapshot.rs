@@ -26,8 +26,8 @@ enum Action {
 
 /// qemu-img's usage error: the message, a hint, status 1.
 fn usage_error(msg: &str) -> u8 {
-    eprintln!("cryptvm img: {msg}");
-    eprintln!("Try 'cryptvm img --help' for more info");
+    super::error_line(msg);
+    eprintln!("Try '{} snapshot --help' for more info", super::invoked());
     1
 }
 
