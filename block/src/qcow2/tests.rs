@@ -1242,3 +1242,97 @@ fn resize_grows_l1_and_shrinks() {
     let node = Qcow2Node::open_path(&path, true).unwrap();
     assert_eq!(node.size(), 4096);
 }
+
+/// Random writes between snapshot creation, application and deletion on
+/// one open node (its cached state must stay right across them): every
+/// snapshot applied reads as it was taken, the own check stays clean after
+/// each operation, and qemu-img agrees at the end.
+#[test]
+fn snapshots_on_one_open_node() {
+    let d = tmp();
+    for (i, o) in [
+        opts(65536, true, 16),
+        opts(4096, false, 16),
+        opts(4096, true, 2),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let img = d.path().join(format!("snap-{i}.qcow2"));
+        let size = 8u64 << 20;
+        create(&img, Some(size), o).unwrap();
+        let n = Qcow2Node::open_path(&img, false).unwrap();
+        let mut rng = Rng(40 + i as u64);
+        let mut reference = vec![0u8; size as usize];
+        let mut snaps: Vec<(String, Vec<u8>)> = Vec::new();
+        // Two-bit refcounts hold 3: applying adds the snapshot's reference before
+        // dropping the old active one (as QEMU), so one snapshot at most.
+        let max_snaps = if o.refcount_bits == 2 { 1 } else { 4 };
+        let mut done = [0u32; 3];
+        for round in 0..16 {
+            for _ in 0..20 {
+                let off = rng.below(size - 200_000);
+                let len = 1 + rng.below(150_000);
+                let mut data = vec![0u8; len as usize];
+                rng.fill(&mut data);
+                n.write_at(off, &data).unwrap();
+                reference[off as usize..(off + len) as usize].copy_from_slice(&data);
+            }
+            let pick = rng.below(4);
+            match pick {
+                0 | 3 if snaps.len() < max_snaps => {
+                    let name = format!("s{round}");
+                    n.snapshot_create(&name, 0, 0).unwrap();
+                    snaps.push((name, reference.clone()));
+                    done[0] += 1;
+                }
+                1 | 3 if !snaps.is_empty() => {
+                    done[1] += 1;
+                    let k = rng.below(snaps.len() as u64) as usize;
+                    n.snapshot_goto(&snaps[k].0).unwrap();
+                    reference = snaps[k].1.clone();
+                    assert!(
+                        read_all(&n) == reference,
+                        "snapshot {} reads differently",
+                        snaps[k].0
+                    );
+                }
+                2 if !snaps.is_empty() => {
+                    done[2] += 1;
+                    let k = rng.below(snaps.len() as u64) as usize;
+                    let (name, _) = snaps.remove(k);
+                    let id = n
+                        .snapshot_list()
+                        .unwrap()
+                        .into_iter()
+                        .find(|s| s.name == name)
+                        .unwrap()
+                        .id;
+                    n.snapshot_delete(&id, &name).unwrap();
+                }
+                _ => {}
+            }
+            let report = n.check(Repair::None).unwrap();
+            assert!(report.is_clean(), "round {round}: {report:?}");
+            assert!(
+                read_all(&n) == reference,
+                "round {round}: active image differs"
+            );
+            let names: Vec<String> = n
+                .snapshot_list()
+                .unwrap()
+                .into_iter()
+                .map(|s| s.name)
+                .collect();
+            let want: Vec<String> = snaps.iter().map(|s| s.0.clone()).collect();
+            assert_eq!(names, want);
+        }
+        assert!(done.iter().all(|&k| k > 0), "every operation ran: {done:?}");
+        n.flush().unwrap();
+        drop(n);
+        if have("qemu-img") {
+            assert_qemu_clean(&img);
+            assert!(qemu_raw(&img) == reference, "qemu reads differently");
+        }
+    }
+}
