@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use block::NodeRef;
 
 use super::image::{image_options, load_objects, open, OpenMode};
-use super::rebase::{backing_of, describe, file_name, show_progress};
+use super::rebase::{
+    backing_of, check_format, describe, file_name, qemu_open_error, show_progress,
+};
 use super::size::strtosz;
 use super::{Args, ImgError, Result};
 
@@ -42,6 +44,7 @@ pub fn run(argv: &[String]) -> Result<u8> {
         return Ok(1);
     };
     let secrets = load_objects(&a.objects)?;
+    check_format(spec, a.format.as_deref())?;
     let opts = image_options(spec, a.image_opts, a.format.as_deref())?;
     let top = open(
         opts,
@@ -52,7 +55,7 @@ pub fn run(argv: &[String]) -> Result<u8> {
             cache: a.cache,
         },
     )
-    .map_err(|e| e.opening(spec))?
+    .map_err(|e| qemu_open_error(e).opening(spec))?
     .node;
     if progress {
         show_progress(0.0);

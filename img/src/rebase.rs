@@ -79,6 +79,7 @@ pub fn run(argv: &[String]) -> Result<u8> {
     if progress {
         show_progress(0.0);
     }
+    check_format(spec, a.format.as_deref())?;
     let mut opts = image_options(spec, a.image_opts, a.format.as_deref())?;
     if unsafe_mode {
         // As qemu-img: the old backing file is not opened, so that a moved or
@@ -94,7 +95,7 @@ pub fn run(argv: &[String]) -> Result<u8> {
             cache: a.cache,
         },
     )
-    .map_err(|e| e.opening(spec))?;
+    .map_err(|e| qemu_open_error(e).opening(spec))?;
     let top = image.node;
     if let Some(f) = &a.format2 {
         if !QEMU_FORMATS.contains(&f.as_str()) {
@@ -218,7 +219,9 @@ fn copy_differences(top: &NodeRef, old: Option<&NodeRef>, new: Option<&NodeRef>)
             let len = c_end.min(n) - at;
             let (s, e) = (at as usize, (at + len) as usize);
             if buf_old[s..e] != buf_new[s..e] {
-                let r = if offset + at >= old_size {
+                // Zero clusters need a backing node to make sense: without
+                // one open, zeros are written as data.
+                let r = if offset + at >= old_size && old.is_some() {
                     top.write_zeroes(offset + at, len)
                 } else {
                     top.write_at(offset + at, &buf_old[s..e])
@@ -254,6 +257,33 @@ fn read_side(
     }
     let n = (size - offset).min(buf.len() as u64) as usize;
     node.read_at(offset, &mut buf[..n])
+}
+
+/// A failed open of a backing file in qemu-img's words.
+pub(crate) fn qemu_open_error(e: ImgError) -> ImgError {
+    match e {
+        ImgError::Block(BlockError::Backing { path, source }) => match *source {
+            BlockError::Io { source, .. } => ImgError::Msg(format!(
+                "Could not open backing file: Could not open '{path}': {}",
+                strerror(&source)
+            )),
+            other => ImgError::Block(BlockError::Backing {
+                path,
+                source: Box::new(other),
+            }),
+        },
+        other => other,
+    }
+}
+
+/// `-f FMT` naming no driver: qemu-img's refusal.
+pub(crate) fn check_format(spec: &str, format: Option<&str>) -> Result<()> {
+    match format {
+        Some(f) if block::blockdev::driver_keys(f).is_none() => {
+            Err(ImgError::Msg(format!("Unknown driver '{f}'")).opening(spec))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The backing node of `node`, if it has one open.
@@ -300,6 +330,7 @@ fn resolve(top: &NodeRef, name: &str) -> String {
 fn inner(e: ImgError) -> String {
     match e {
         ImgError::Open { source, .. } => source.to_string(),
+        ImgError::Block(BlockError::Io { what, source }) => format!("{what}: {}", strerror(&source)),
         other => other.to_string(),
     }
 }

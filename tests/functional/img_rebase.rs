@@ -262,6 +262,8 @@ fn rebase_refusals() {
     let r = p.both(&["rebase", "-b", "", "top.qcow2"]);
     assert_eq!(r.status, Some(1));
     assert_eq!(p.backing("top.qcow2"), "mid.qcow2");
+    let r = p.both(&["commit", "top.qcow2"]);
+    assert_eq!(r.status, Some(1));
     for d in [p.ours(), p.theirs()] {
         std::fs::rename(d.join("mid.moved"), d.join("mid.qcow2")).expect("rename");
     }
@@ -313,7 +315,7 @@ fn commit_down_two_levels_and_with_d() {
     // A rate limit slows nothing this small down, but is taken.
     p.both(&["commit", "-r", "1G", "-q", "mid.qcow2"]);
     p.same_chain();
-    qemu_io(&p.ours(), "base.qcow2", &["read -P 2 512k 1M", "read -P 0 0 64k"]);
+    qemu_io(&p.ours(), "base.qcow2", &TOP_READS);
 }
 
 #[test]
