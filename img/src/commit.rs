@@ -34,7 +34,11 @@ pub fn run(argv: &[String]) -> Result<u8> {
         None => 0,
         Some((_, v)) => match strtosz(v) {
             Ok(n) if n <= i64::MAX as u64 => n,
-            _ => return Err(ImgError::Msg(format!("Invalid rate limit specified: '{v}'."))),
+            _ => {
+                return Err(ImgError::Msg(format!(
+                    "Invalid rate limit specified: '{v}'."
+                )))
+            }
         },
     };
     let progress = a.progress && !a.quiet;

@@ -164,11 +164,9 @@ fn change_backing(
             BlockError::Qcow2 {
                 source: block::qcow2::Qcow2Error::HeaderFull,
                 ..
-            } => {
-                return ImgError::Msg(format!(
-                    "Could not change the backing file to '{shown}': No space left in the file header"
-                ))
-            }
+            } => return ImgError::Msg(format!(
+                "Could not change the backing file to '{shown}': No space left in the file header"
+            )),
             BlockError::Io { source, .. } => strerror(source),
             other if other.kind() == ErrorKind::NotSupported => "Operation not supported".into(),
             other => other.to_string(),
@@ -242,12 +240,7 @@ fn copy_differences(top: &NodeRef, old: Option<&NodeRef>, new: Option<&NodeRef>)
 
 /// Reads `buf` at `offset` from one side of the comparison: zeros beyond the
 /// end of its chain (or when there is none).
-fn read_side(
-    node: Option<&NodeRef>,
-    size: u64,
-    offset: u64,
-    buf: &mut [u8],
-) -> block::Result<()> {
+fn read_side(node: Option<&NodeRef>, size: u64, offset: u64, buf: &mut [u8]) -> block::Result<()> {
     buf.fill(0);
     let Some(node) = node else {
         return Ok(());
@@ -319,7 +312,11 @@ fn resolve(top: &NodeRef, name: &str) -> String {
     if Path::new(name).is_absolute() {
         return name.to_string();
     }
-    match file_name(top).as_deref().map(Path::new).and_then(Path::parent) {
+    match file_name(top)
+        .as_deref()
+        .map(Path::new)
+        .and_then(Path::parent)
+    {
         Some(dir) if !dir.as_os_str().is_empty() => dir.join(name).to_string_lossy().into_owned(),
         _ => name.to_string(),
     }
@@ -330,7 +327,9 @@ fn resolve(top: &NodeRef, name: &str) -> String {
 fn inner(e: ImgError) -> String {
     match e {
         ImgError::Open { source, .. } => source.to_string(),
-        ImgError::Block(BlockError::Io { what, source }) => format!("{what}: {}", strerror(&source)),
+        ImgError::Block(BlockError::Io { what, source }) => {
+            format!("{what}: {}", strerror(&source))
+        }
         other => other.to_string(),
     }
 }

@@ -59,11 +59,27 @@ impl Pair {
             qemu_img(
                 d,
                 &[
-                    "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "mid.qcow2",
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-b",
+                    "base.qcow2",
+                    "-F",
+                    "qcow2",
+                    "mid.qcow2",
                 ],
             );
             let top = [
-                "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", "top.qcow2",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "mid.qcow2",
+                "-F",
+                "qcow2",
+                "top.qcow2",
             ];
             if our_top {
                 let mut args = vec!["img"];
@@ -132,9 +148,13 @@ impl Pair {
 
     /// The backing file name `file` names in our copy (JSON null when none).
     fn backing(&self, file: &str) -> serde_json::Value {
-        run("qemu-img", ["info", "--output=json", file], Some(&self.ours()))
-            .ok()
-            .json()["backing-filename"]
+        run(
+            "qemu-img",
+            ["info", "--output=json", file],
+            Some(&self.ours()),
+        )
+        .ok()
+        .json()["backing-filename"]
             .clone()
     }
 }
@@ -173,21 +193,53 @@ fn rebase_unsafe_rewrites_only_the_reference() {
         return;
     }
     let p = Pair::chain("rebase-unsafe", false);
-    p.both(&["rebase", "-u", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"]);
+    p.both(&[
+        "rebase",
+        "-u",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+    ]);
     assert_eq!(p.backing("top.qcow2"), "base.qcow2");
     p.same_chain();
     // Top's own data is all that changed hands: mid's part is gone from its view.
-    qemu_io(&p.ours(), "top.qcow2", &["read -P 3 1M 64k", "read -P 1 512k 64k"]);
+    qemu_io(
+        &p.ours(),
+        "top.qcow2",
+        &["read -P 3 1M 64k", "read -P 1 512k 64k"],
+    );
     // A name that does not exist (unsafe mode opens nothing), a raw format, none.
-    p.both(&["rebase", "-u", "-b", "nowhere.qcow2", "-F", "raw", "top.qcow2"]);
-    let ours = run("qemu-img", ["info", "--output=json", "top.qcow2"], Some(&p.ours()))
-        .ok()
-        .json();
+    p.both(&[
+        "rebase",
+        "-u",
+        "-b",
+        "nowhere.qcow2",
+        "-F",
+        "raw",
+        "top.qcow2",
+    ]);
+    let ours = run(
+        "qemu-img",
+        ["info", "--output=json", "top.qcow2"],
+        Some(&p.ours()),
+    )
+    .ok()
+    .json();
     assert_eq!(ours["backing-filename"], "nowhere.qcow2");
     assert_eq!(ours["backing-filename-format"], "raw");
     p.both(&["rebase", "-u", "-b", "", "top.qcow2"]);
     assert!(p.backing("top.qcow2").is_null());
-    p.both(&["rebase", "-u", "-b", "mid.qcow2", "-F", "qcow2", "top.qcow2"]);
+    p.both(&[
+        "rebase",
+        "-u",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+    ]);
     p.same_chain();
     qemu_io(&p.ours(), "top.qcow2", &TOP_READS);
     // -u without -b: no backing file.
@@ -202,7 +254,11 @@ fn rebase_safe_keeps_the_content() {
         return;
     }
     for our_top in [false, true] {
-        let tag = if our_top { "rebase-safe-ours" } else { "rebase-safe" };
+        let tag = if our_top {
+            "rebase-safe-ours"
+        } else {
+            "rebase-safe"
+        };
         // Onto base (in the chain): mid's data is copied into top.
         let p = Pair::chain(tag, our_top);
         p.both(&["rebase", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"]);
@@ -210,7 +266,15 @@ fn rebase_safe_keeps_the_content() {
         p.same_chain();
         qemu_io(&p.ours(), "top.qcow2", &TOP_READS);
         // Onto another image: everything that differs from it is copied.
-        p.both(&["rebase", "-q", "-b", "other.qcow2", "-F", "qcow2", "top.qcow2"]);
+        p.both(&[
+            "rebase",
+            "-q",
+            "-b",
+            "other.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ]);
         assert_eq!(p.backing("top.qcow2"), "other.qcow2");
         p.same_chain();
         qemu_io(&p.ours(), "top.qcow2", &TOP_READS);
@@ -225,7 +289,11 @@ fn rebase_safe_keeps_the_content() {
         qemu_io(
             &p.ours(),
             "mid.qcow2",
-            &["read -P 0 0 64k", "read -P 2 512k 1M", "read -P 0 1536k 512k"],
+            &[
+                "read -P 0 0 64k",
+                "read -P 2 512k 1M",
+                "read -P 0 1536k 512k",
+            ],
         );
         // From no backing file onto one: the zeros the image showed are kept.
         p.both(&["rebase", "-b", "other.qcow2", "-F", "qcow2", "base.qcow2"]);
@@ -283,9 +351,13 @@ fn commit_into_the_backing_file_empties_the_top() {
     qemu_io(&p.ours(), "top.qcow2", &TOP_READS);
     qemu_io(&p.ours(), "mid.qcow2", &TOP_READS);
     // The top allocates nothing any more.
-    let map = run("qemu-img", ["map", "--output=json", "top.qcow2"], Some(&p.ours()))
-        .ok()
-        .json();
+    let map = run(
+        "qemu-img",
+        ["map", "--output=json", "top.qcow2"],
+        Some(&p.ours()),
+    )
+    .ok()
+    .json();
     let top_data = map
         .as_array()
         .expect("map list")
@@ -311,7 +383,11 @@ fn commit_down_two_levels_and_with_d() {
     p.both(&["commit", "-d", "-q", "top.qcow2"]);
     p.same_chain();
     qemu_io(&p.ours(), "mid.qcow2", &TOP_READS);
-    qemu_io(&p.ours(), "top.qcow2", &["read -P 3 1M 64k", "read -P 6 3200k 4k"]);
+    qemu_io(
+        &p.ours(),
+        "top.qcow2",
+        &["read -P 3 1M 64k", "read -P 6 3200k 4k"],
+    );
     // A rate limit slows nothing this small down, but is taken.
     p.both(&["commit", "-r", "1G", "-q", "mid.qcow2"]);
     p.same_chain();

@@ -72,10 +72,9 @@ impl Qcow2Node {
         let mut gc = 0;
         while gc < clusters {
             let l1_idx = (gc / m.l2_entries) as usize;
-            let l1_empty = m
-                .l1
-                .get(l1_idx)
-                .is_none_or(|e| e & super::meta::OFFSET_MASK == 0);
+            let l1_empty =
+                m.l1.get(l1_idx)
+                    .is_none_or(|e| e & super::meta::OFFSET_MASK == 0);
             if l1_empty {
                 // A whole L2 table's worth of unallocated clusters.
                 gc = (l1_idx as u64 + 1) * m.l2_entries;
