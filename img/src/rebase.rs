@@ -164,9 +164,11 @@ fn change_backing(
             BlockError::Qcow2 {
                 source: block::qcow2::Qcow2Error::HeaderFull,
                 ..
-            } => return ImgError::Msg(format!(
+            } => {
+                return ImgError::Msg(format!(
                 "Could not change the backing file to '{shown}': No space left in the file header"
-            )),
+            ))
+            }
             BlockError::Io { source, .. } => strerror(source),
             other if other.kind() == ErrorKind::NotSupported => "Operation not supported".into(),
             other => other.to_string(),
