@@ -85,9 +85,9 @@ impl From<block::luks::LuksError> for ImgError {
 pub type Result<T, E = ImgError> = std::result::Result<T, E>;
 
 /// `cryptvm img --help`.
-const USAGE: &str = "cryptvm img: a qemu-img compatible image tool (luks, qcow2, raw).  Usage:
+const USAGE: &str = "PROGRAM: a qemu-img compatible image tool (luks, qcow2, raw).  Usage:
 
-  cryptvm img COMMAND [command options]
+  PROGRAM COMMAND [command options]
 
 Commands (options as qemu-img's):
   bench [-c count] [-d depth] [-f fmt] [--flush-interval=N] [-n] [-o offset] [-q] [-s size] [-S step] [-t cache] [-w] [-U] filename
@@ -102,6 +102,38 @@ Commands (options as qemu-img's):
   resize [--object objectdef] [--image-opts] [-f fmt] [--preallocation=prealloc] [-q] [--shrink] [-U] filename [+ | -]size
 ";
 
+/// The name messages start with: `cryptvm img`, or `qemu-img` when the binary runs
+/// under that name ([`main_as`]).
+static PROGRAM: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+/// The name this tool's messages start with.
+pub(crate) fn program() -> &'static str {
+    PROGRAM.get().copied().unwrap_or("cryptvm img")
+}
+
+/// Prints one error line as qemu-img does: `PROGRAM: message`.
+pub(crate) fn error_line(message: impl std::fmt::Display) {
+    eprintln!("{}: {message}", program());
+}
+
+/// How the tool was invoked, for "Try '... --help'" hints (qemu-img repeats its
+/// `argv[0]` there).
+static INVOKED: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The command the "Try '... --help'" hints name.
+pub(crate) fn invoked() -> &'static str {
+    INVOKED.get().map_or("cryptvm img", String::as_str)
+}
+
+/// Runs `ARGS...` as the tool named `program`, invoked as `argv0` (`qemu-img` for a
+/// binary run through a symlink of that name, so that scripts written for qemu-img
+/// run unchanged).
+pub fn main_as(program: &'static str, argv0: &str, argv: &[String]) -> u8 {
+    let _ = PROGRAM.set(program);
+    let _ = INVOKED.set(argv0.to_string());
+    main(argv)
+}
+
 /// Runs `cryptvm img ARGS...` and returns the process exit status.
 pub fn main(argv: &[String]) -> u8 {
     // As qemu-img (a C program): writing to a closed pipe (`| head`) ends the process
@@ -111,13 +143,13 @@ pub fn main(argv: &[String]) -> u8 {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let Some((cmd, rest)) = argv.split_first() else {
-        eprintln!("cryptvm img: Not enough arguments");
-        eprintln!("Try 'cryptvm img --help' for more info");
+        error_line("Not enough arguments");
+        eprintln!("Try '{} --help' for more info", invoked());
         return 1;
     };
     let result = match cmd.as_str() {
         "--help" | "-h" => {
-            print!("{USAGE}");
+            print!("{}", USAGE.replace("PROGRAM", program()));
             return 0;
         }
         "create" => create::run(rest),
@@ -136,7 +168,7 @@ pub fn main(argv: &[String]) -> u8 {
         Ok(code) => code,
         Err(e) => {
             // One line, always: callers parse stderr.
-            eprintln!("cryptvm img: {}", e.to_string().replace('\n', " "));
+            error_line(e.to_string().replace('\n', " "));
             // qemu-img compare reserves 1 for "images differ".
             if cmd == "compare" {
                 2
