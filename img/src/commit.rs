@@ -43,8 +43,8 @@ pub fn run(argv: &[String]) -> Result<u8> {
     };
     let progress = a.progress && !a.quiet;
     let [spec] = a.positional.as_slice() else {
-        eprintln!("cryptvm img: Expecting one image file name");
-        eprintln!("Try 'cryptvm img --help' for more info");
+        super::error_line("Expecting one image file name");
+        eprintln!("Try '{} commit --help' for more info", super::invoked());
         return Ok(1);
     };
     let secrets = load_objects(&a.objects)?;

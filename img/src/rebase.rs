@@ -352,7 +352,7 @@ pub(crate) fn show_progress(pct: f64) {
 
 /// Prints a command-line error as qemu-img does (two lines); exit status 1.
 fn usage_error(msg: &str) -> u8 {
-    eprintln!("cryptvm img: {msg}");
-    eprintln!("Try 'cryptvm img --help' for more info");
+    super::error_line(format_args!("{msg}"));
+    eprintln!("Try '{} rebase --help' for more info", super::invoked());
     1
 }
