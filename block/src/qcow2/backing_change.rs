@@ -91,6 +91,8 @@ impl Qcow2Node {
             }
             gc += 1;
         }
-        m.flush_all()
+        m.flush_all()?;
+        // As QEMU's emptied image: the freed tail of the file is cut off.
+        super::resize::cut_file_tail(&mut m)
     }
 }
