@@ -81,10 +81,11 @@ pub fn run(argv: &[String]) -> Result<u8> {
     }
     check_format(spec, a.format.as_deref())?;
     let mut opts = image_options(spec, a.image_opts, a.format.as_deref())?;
-    if unsafe_mode {
+    let has_backing_option = opts.get("driver").and_then(Value::as_str) == Some("qcow2");
+    if unsafe_mode && has_backing_option {
         // As qemu-img: the old backing file is not opened, so that a moved or
         // renamed one can be named again.
-        opts.insert("backing".into(), Value::Null);
+        opts.entry("backing").or_insert(Value::Null);
     }
     let image = open(
         opts,

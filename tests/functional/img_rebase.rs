@@ -323,6 +323,27 @@ fn rebase_refusals() {
     assert_eq!(r.status, Some(1));
     p.both(&["rebase", "-b", "nowhere.qcow2", "-F", "qcow2", "top.qcow2"]);
     p.both(&["rebase", "-b", "", "nowhere.qcow2"]);
+    // A raw image has no backing file to change.
+    qemu_img(&p.theirs(), &["create", "-q", "-f", "raw", "r.raw", "1M"]);
+    qemu_img(&p.ours(), &["create", "-q", "-f", "raw", "r.raw", "1M"]);
+    for args in [
+        &[
+            "rebase",
+            "-f",
+            "raw",
+            "-u",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "r.raw",
+        ][..],
+        &["rebase", "-f", "raw", "-b", "", "r.raw"],
+        &["commit", "-f", "raw", "r.raw"],
+    ] {
+        let r = p.both(args);
+        assert_eq!(r.status, Some(1), "{r}");
+    }
     // Safe mode needs the old backing chain.
     for d in [p.ours(), p.theirs()] {
         std::fs::rename(d.join("mid.qcow2"), d.join("mid.moved")).expect("rename");
