@@ -219,7 +219,7 @@ impl BlockError {
                 _ => ErrorKind::InvalidArgument,
             },
             Self::Qcow2 { source, .. } => match source {
-                Q::BadMagic | Q::Invalid(_) => ErrorKind::InvalidArgument,
+                Q::BadMagic | Q::Invalid(_) | Q::HeaderFull => ErrorKind::InvalidArgument,
                 Q::Unsupported(_) => ErrorKind::NotSupported,
                 Q::CorruptReadOnly => ErrorKind::PermissionDenied,
                 Q::Corrupt(_)

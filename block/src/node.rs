@@ -73,6 +73,24 @@ pub trait BlockNode: Send + Sync {
             other => Err(ResizeError::UnsupportedPrealloc(other).into()),
         }
     }
+    /// Rewrites the image's reference to its backing file (`None`: no
+    /// backing file) and the backing format, as QEMU's
+    /// `bdrv_change_backing_file`; the open node's backing node is unchanged.
+    fn change_backing_file(&self, name: Option<&str>, format: Option<&str>) -> Result<()> {
+        let _ = (name, format);
+        Err(BlockError::NotSupported(format!(
+            "'{}' images have no backing file reference",
+            self.driver()
+        )))
+    }
+    /// Makes the image read as its backing file everywhere (QEMU's
+    /// `bdrv_make_empty`); drivers without one refuse.
+    fn make_empty(&self) -> Result<()> {
+        Err(BlockError::NotSupported(format!(
+            "'{}' images cannot be emptied",
+            self.driver()
+        )))
+    }
     /// Driver-specific information, shaped as QEMU's `format-specific` data
     /// (`null` when there is none).
     fn info(&self) -> Value {

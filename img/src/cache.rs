@@ -143,6 +143,12 @@ impl BlockNode for WriteThrough {
     fn block_status(&self, offset: u64, len: u64) -> Result<block::BlockStatus> {
         self.0.block_status(offset, len)
     }
+    fn change_backing_file(&self, name: Option<&str>, format: Option<&str>) -> Result<()> {
+        self.0.change_backing_file(name, format)
+    }
+    fn make_empty(&self) -> Result<()> {
+        self.0.make_empty()
+    }
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@ mod args;
 mod bench;
 mod cache;
 mod check;
+mod commit;
 mod compare;
 mod convert;
 mod copy;
@@ -13,6 +14,7 @@ mod info;
 mod map;
 mod options_help;
 mod qjson;
+mod rebase;
 mod resize;
 mod size;
 mod snapshot;
@@ -91,11 +93,13 @@ const USAGE: &str = "PROGRAM: a qemu-img compatible image tool (luks, qcow2, raw
 Commands (options as qemu-img's):
   bench [-c count] [-d depth] [-f fmt] [--flush-interval=N] [-n] [-o offset] [-q] [-s size] [-S step] [-t cache] [-w] [-U] filename
   check [--object objectdef] [--image-opts] [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename
+  commit [--object objectdef] [--image-opts] [-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] filename
   compare [--object objectdef] [--image-opts] [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2
   convert [--object objectdef] [--image-opts] [--target-image-opts] [-U] [-C] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] [-o options] [-S sparse_size] [-m num_coroutines] [-W] filename [filename2 [...]] output_filename
   create [--object objectdef] [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
   info [--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
   map [--object objectdef] [--image-opts] [-f fmt] [--start-offset=offset] [--max-length=len] [--output=ofmt] [-U] filename
+  rebase [--object objectdef] [--image-opts] [-U] [-q] [-f fmt] [-t cache] [-T src_cache] [-p] [-u] [-c] -b backing_file [-F backing_fmt] filename
   resize [--object objectdef] [--image-opts] [-f fmt] [--preallocation=prealloc] [-q] [--shrink] [-U] filename [+ | -]size
   snapshot [--object objectdef] [--image-opts] [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] filename
 ";
@@ -159,6 +163,8 @@ pub fn main(argv: &[String]) -> u8 {
         "map" => map::run(rest),
         "resize" => resize::run(rest),
         "snapshot" => snapshot::run(rest),
+        "rebase" => rebase::run(rest),
+        "commit" => commit::run(rest),
         other => Err(ImgError::Msg(format!("Command not found: {other}"))),
     };
     match result {

@@ -6,6 +6,7 @@
 //! Follows QEMU's `docs/interop/qcow2.txt`.
 
 mod alloc;
+mod backing_change;
 mod cache;
 pub mod check;
 mod compress;

@@ -658,6 +658,14 @@ impl BlockNode for Qcow2Node {
         self.do_block_status(offset, len)
     }
 
+    fn change_backing_file(&self, name: Option<&str>, format: Option<&str>) -> Result<()> {
+        self.do_change_backing(name, format)
+    }
+
+    fn make_empty(&self) -> Result<()> {
+        self.do_make_empty()
+    }
+
     fn resize(&self, size: u64) -> Result<()> {
         self.do_truncate(size, crate::resize::Prealloc::Off)
     }

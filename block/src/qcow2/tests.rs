@@ -1336,3 +1336,64 @@ fn snapshots_on_one_open_node() {
         }
     }
 }
+
+#[test]
+fn backing_change_and_make_empty() {
+    let dir = tmp();
+    let base = dir.path().join("base.qcow2");
+    let top = dir.path().join("top.qcow2");
+    create(&base, Some(1 << 20), &CreateOptions::default()).unwrap();
+    let o = CreateOptions {
+        backing_file: Some(p(&base).to_string()),
+        backing_fmt: Some("qcow2".into()),
+        ..CreateOptions::default()
+    };
+    create(&top, None, &o).unwrap();
+    let small_img = dir.path().join("small.qcow2");
+    create(&small_img, Some(1 << 20), &opts(512, true, 16)).unwrap();
+    {
+        let n = Qcow2Node::open_path(&top, false).unwrap();
+        n.write_at(65536, &[7u8; 70000]).unwrap();
+        n.flush().unwrap();
+        // A long name with a format; then none again.
+        let long = "x".repeat(1000);
+        let b = Qcow2Node::open_path(&base, false).unwrap();
+        b.change_backing_file(Some(&long), Some("raw")).unwrap();
+        let h = b.header().unwrap();
+        assert_eq!(h.backing_file.as_deref(), Some(long.as_str()));
+        assert_eq!(h.backing_format().as_deref(), Some("raw"));
+        b.change_backing_file(None, None).unwrap();
+        let too_long = "y".repeat(1024);
+        assert!(b.change_backing_file(Some(&too_long), None).is_err());
+        // A name that does not fit in a 512-byte header cluster: refused, untouched.
+        let small = Qcow2Node::open_path(&small_img, false).unwrap();
+        let e = small
+            .change_backing_file(Some(&long), Some("raw"))
+            .unwrap_err();
+        assert!(matches!(
+            e,
+            crate::BlockError::Qcow2 {
+                source: Qcow2Error::HeaderFull,
+                ..
+            }
+        ));
+        assert!(small.header().unwrap().backing_file.is_none());
+        n.make_empty().unwrap();
+        let st = n.block_status(0, 1 << 20).unwrap();
+        assert!(!st.allocated && st.len == 1 << 20, "{st:?}");
+        n.change_backing_file(Some("other.img"), None).unwrap();
+    }
+    let h = Qcow2Node::open_path(&base, true).unwrap().header().unwrap();
+    assert!(h.backing_file.is_none() && h.backing_format().is_none());
+    // Reopened without its backing (the new name does not exist): the header says so.
+    let file = std::fs::read(&top).unwrap();
+    let parsed = Header::parse(&file[..65536]).unwrap();
+    assert_eq!(parsed.backing_file.as_deref(), Some("other.img"));
+    assert!(parsed.backing_format().is_none());
+    if have("qemu-img") {
+        std::fs::write(dir.path().join("other.img"), vec![0u8; 1 << 20]).unwrap();
+        assert_qemu_clean(&top);
+        assert_qemu_clean(&base);
+        assert_qemu_clean(&small_img);
+    }
+}
