@@ -89,6 +89,9 @@ pub enum BlockError {
     /// A resize was refused.
     #[error(transparent)]
     Resize(#[from] crate::resize::ResizeError),
+    /// A snapshot operation was refused.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
 }
 
 /// Why the node graph refused an operation (QEMU's wording).
@@ -216,7 +219,7 @@ impl BlockError {
                 _ => ErrorKind::InvalidArgument,
             },
             Self::Qcow2 { source, .. } => match source {
-                Q::BadMagic | Q::Invalid(_) => ErrorKind::InvalidArgument,
+                Q::BadMagic | Q::Invalid(_) | Q::HeaderFull => ErrorKind::InvalidArgument,
                 Q::Unsupported(_) => ErrorKind::NotSupported,
                 Q::CorruptReadOnly => ErrorKind::PermissionDenied,
                 Q::Corrupt(_)
@@ -244,6 +247,14 @@ impl BlockError {
                 crate::resize::ResizeError::V2Snapshots
                 | crate::resize::ResizeError::UnsupportedPrealloc(_)
                 | crate::resize::ResizeError::FixedSizeRaw => ErrorKind::NotSupported,
+            },
+            Self::Snapshot(e) => match e {
+                crate::snapshot::SnapshotError::NotSupported => ErrorKind::NotSupported,
+                crate::snapshot::SnapshotError::NotFound => ErrorKind::NotFound,
+                crate::snapshot::SnapshotError::RefcountOverflow => ErrorKind::InvalidArgument,
+                crate::snapshot::SnapshotError::Exists => ErrorKind::InUse,
+                crate::snapshot::SnapshotError::TooLarge => ErrorKind::NoSpace,
+                crate::snapshot::SnapshotError::BadL1(_) => ErrorKind::Corrupt,
             },
         }
     }

@@ -16,6 +16,7 @@ pub mod raw;
 pub mod resize;
 pub mod secret;
 pub mod sg;
+pub mod snapshot;
 pub mod threads;
 
 pub use error::{BlockError, ErrorKind, GraphError, Result};

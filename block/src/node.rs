@@ -73,6 +73,24 @@ pub trait BlockNode: Send + Sync {
             other => Err(ResizeError::UnsupportedPrealloc(other).into()),
         }
     }
+    /// Rewrites the image's reference to its backing file (`None`: no
+    /// backing file) and the backing format, as QEMU's
+    /// `bdrv_change_backing_file`; the open node's backing node is unchanged.
+    fn change_backing_file(&self, name: Option<&str>, format: Option<&str>) -> Result<()> {
+        let _ = (name, format);
+        Err(BlockError::NotSupported(format!(
+            "'{}' images have no backing file reference",
+            self.driver()
+        )))
+    }
+    /// Makes the image read as its backing file everywhere (QEMU's
+    /// `bdrv_make_empty`); drivers without one refuse.
+    fn make_empty(&self) -> Result<()> {
+        Err(BlockError::NotSupported(format!(
+            "'{}' images cannot be emptied",
+            self.driver()
+        )))
+    }
     /// Driver-specific information, shaped as QEMU's `format-specific` data
     /// (`null` when there is none).
     fn info(&self) -> Value {
@@ -108,6 +126,32 @@ pub trait BlockNode: Send + Sync {
             host,
             ..BlockStatus::data(len)
         })
+    }
+    /// The internal snapshots (QEMU's `bdrv_snapshot_list`).
+    fn snapshot_list(&self) -> Result<Vec<crate::snapshot::SnapshotInfo>> {
+        Err(crate::snapshot::SnapshotError::NotSupported.into())
+    }
+    /// Creates an internal snapshot of the active image named `name`, with
+    /// the next free numeric ID and the given creation time.
+    fn snapshot_create(&self, name: &str, date_sec: u32, date_nsec: u32) -> Result<()> {
+        let _ = (name, date_sec, date_nsec);
+        Err(crate::snapshot::SnapshotError::NotSupported.into())
+    }
+    /// Makes the active image the snapshot's contents (QEMU's `bdrv_snapshot_goto`).
+    fn snapshot_goto(&self, which: &str) -> Result<()> {
+        let _ = which;
+        Err(crate::snapshot::SnapshotError::NotSupported.into())
+    }
+    /// Deletes the snapshot of this ID and name.
+    fn snapshot_delete(&self, id: &str, name: &str) -> Result<()> {
+        let _ = (id, name);
+        Err(crate::snapshot::SnapshotError::NotSupported.into())
+    }
+    /// Reads the snapshot instead of the active image from now on, on a
+    /// read-only node (QEMU's `bdrv_snapshot_load_tmp`).
+    fn snapshot_load_tmp(&self, which: crate::snapshot::SnapshotRef<'_>) -> Result<()> {
+        let _ = which;
+        Err(crate::snapshot::SnapshotError::NotSupported.into())
     }
     /// Bytes the node occupies on the host (as `disk size` in `qemu-img
     /// info`): by default the sum over its children.

@@ -119,6 +119,12 @@ impl BlockNode for WriteThrough {
     fn resize(&self, size: u64) -> Result<()> {
         self.0.resize(size)
     }
+    fn snapshot_list(&self) -> Result<Vec<block::snapshot::SnapshotInfo>> {
+        self.0.snapshot_list()
+    }
+    fn snapshot_load_tmp(&self, which: block::snapshot::SnapshotRef<'_>) -> Result<()> {
+        self.0.snapshot_load_tmp(which)
+    }
     fn info(&self) -> Value {
         self.0.info()
     }
@@ -136,6 +142,12 @@ impl BlockNode for WriteThrough {
     }
     fn block_status(&self, offset: u64, len: u64) -> Result<block::BlockStatus> {
         self.0.block_status(offset, len)
+    }
+    fn change_backing_file(&self, name: Option<&str>, format: Option<&str>) -> Result<()> {
+        self.0.change_backing_file(name, format)
+    }
+    fn make_empty(&self) -> Result<()> {
+        self.0.make_empty()
     }
 }
 

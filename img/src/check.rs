@@ -50,7 +50,7 @@ pub fn run(argv: &[String]) -> Result<u8> {
             },
         )
         .map_err(|e| e.opening(spec))?;
-        eprintln!("cryptvm img: This image format does not support checks");
+        super::error_line("This image format does not support checks");
         return Ok(63);
     }
     // Check the qcow2 file itself, not the opened node: the checker reads
@@ -81,7 +81,7 @@ pub fn run(argv: &[String]) -> Result<u8> {
     let first = check(file.node.clone(), repair)?;
     print_messages(&first);
     if first.failed {
-        eprintln!("cryptvm img: Check failed: Input/output error");
+        super::error_line("Check failed: Input/output error");
         return Ok(1);
     }
     let report = if first.corruptions_fixed > 0 || first.leaks_fixed > 0 {
@@ -94,7 +94,7 @@ pub fn run(argv: &[String]) -> Result<u8> {
         let again = check(file.node.clone(), Repair::None)?;
         print_messages(&again);
         if again.failed {
-            eprintln!("cryptvm img: Check failed: Input/output error");
+            super::error_line("Check failed: Input/output error");
             return Ok(1);
         }
         CheckReport {
@@ -147,7 +147,7 @@ pub fn run(argv: &[String]) -> Result<u8> {
         print!("{}", human_report(&report));
     }
     if report.check_errors > 0 {
-        eprintln!("cryptvm img: Check failed");
+        super::error_line("Check failed");
     }
     Ok(exit_status(&report))
 }

@@ -45,6 +45,9 @@ pub fn run(argv: &[String]) -> Result<u8> {
         },
     )
     .map_err(|e| e.opening(src))?;
+    if let Some((_, param)) = a.short.iter().rev().find(|(c, _)| *c == 'l') {
+        load_snapshot(&source.node, param)?;
+    }
     let src_size = source.node.size();
     let out_fmt = a.output_format.clone().unwrap_or_else(|| "raw".into());
 
@@ -142,6 +145,54 @@ pub fn run(argv: &[String]) -> Result<u8> {
     Ok(0)
 }
 
+/// `-l`: reads the source's internal snapshot `param` names (an ID or a
+/// name, or `snapshot.id=...,snapshot.name=...`) instead of its active
+/// image, as qemu-img's `bdrv_snapshot_load_tmp`.
+fn load_snapshot(node: &block::NodeRef, param: &str) -> Result<()> {
+    use block::snapshot::{SnapshotError, SnapshotRef};
+    let (mut id, mut name) = (None, None);
+    let which = if param.starts_with("snapshot.") {
+        let map = keyval::parse(param, None)
+            .map_err(|_| ImgError::Msg(format!("Failed in parsing snapshot param '{param}'")))?;
+        let Some(serde_json::Value::Object(sn)) = map.get("snapshot") else {
+            return Err(ImgError::Msg(format!(
+                "Failed in parsing snapshot param '{param}'"
+            )));
+        };
+        for (k, v) in sn {
+            let v = v.as_str().map(str::to_string);
+            match k.as_str() {
+                "id" => id = v,
+                "name" => name = v,
+                _ => {
+                    super::error_line(format_args!("Invalid parameter 'snapshot.{k}'"));
+                    return Err(ImgError::Msg(format!(
+                        "Failed in parsing snapshot param '{param}'"
+                    )));
+                }
+            }
+        }
+        SnapshotRef::IdAndName {
+            id: id.as_deref(),
+            name: name.as_deref(),
+        }
+    } else {
+        SnapshotRef::IdOrName(param)
+    };
+    node.snapshot_load_tmp(which).map_err(|e| {
+        let why = match e {
+            block::BlockError::Snapshot(SnapshotError::NotFound) => "Can't find snapshot".into(),
+            block::BlockError::Snapshot(SnapshotError::NotSupported) => format!(
+                "Block format '{}' used by device '' does not support temporarily loading internal snapshots",
+                node.driver()
+            ),
+            block::BlockError::Snapshot(SnapshotError::BadL1(_)) => e.to_string(),
+            other => other.to_string(),
+        };
+        ImgError::Msg(format!("Failed to load snapshot: {why}"))
+    })
+}
+
 /// How the copy runs: qemu-img's `-m`, `-W` and `-S`.
 struct Tuning {
     workers: usize,
@@ -190,7 +241,8 @@ impl Tuning {
                     })?;
                 }
                 'B' => return unsupported("A backing file for the target (-B)"),
-                'l' => return unsupported("Converting from a snapshot (-l)"),
+                // Handled once the source is open (`load_snapshot`).
+                'l' => {}
                 'r' => return unsupported("A rate limit (-r)"),
                 other => return Err(ImgError::Msg(format!("invalid option -- '{other}'"))),
             }

@@ -102,6 +102,16 @@ fn normalize(map: &mut Map<String, Value>, top: bool) -> Result<()> {
         .map(str::to_string);
     match driver.as_deref() {
         None => {
+            // Named by its file alone (`{"file.filename": ...}`): probed, as by qemu-img.
+            let file_name = map
+                .get("file")
+                .and_then(|f| f.get("filename"))
+                .and_then(Value::as_str)
+                .map(str::to_string);
+            if let (true, Some(name)) = (top, file_name) {
+                map.insert("driver".into(), json!(probe(Path::new(&name))?));
+                return normalize(map, top);
+            }
             let Some(filename) = map
                 .get("filename")
                 .and_then(Value::as_str)

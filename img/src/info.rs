@@ -132,16 +132,7 @@ fn human_info(info: &Value, level: usize) -> String {
         if info.get("dirty-flag") == Some(&json!(true)) {
             out += &format!("{pad}cleanly shut down: no\n");
         }
-        if let Some(snaps) = info.get("snapshots").and_then(Value::as_array) {
-            out += &format!("{pad}Snapshot list:\n");
-            out += &format!(
-                "{pad}{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
-                "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
-            );
-            for sn in snaps {
-                out += &format!("{pad}{}\n", snapshot_line(sn));
-            }
-        }
+        out += &snapshot_table(info, &pad);
         if let Some(data) = info.get("format-specific").and_then(|s| s.get("data")) {
             out += &format!("{pad}Format specific information:\n");
             dump(data, level + 1, &mut out);
@@ -151,6 +142,23 @@ fn human_info(info: &Value, level: usize) -> String {
         let name = child["name"].as_str().unwrap_or_default();
         out += &format!("{pad}Child node '/{name}':\n");
         out += &human_info(&child["info"], level + 1);
+    }
+    out
+}
+
+/// The "Snapshot list:" section of `info` (and `img snapshot -l`), each
+/// line prefixed by `pad`; empty when `info` has no snapshots.
+pub(crate) fn snapshot_table(info: &Value, pad: &str) -> String {
+    let mut out = String::new();
+    if let Some(snaps) = info.get("snapshots").and_then(Value::as_array) {
+        out += &format!("{pad}Snapshot list:\n");
+        out += &format!(
+            "{pad}{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
+            "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+        );
+        for sn in snaps {
+            out += &format!("{pad}{}\n", snapshot_line(sn));
+        }
     }
     out
 }

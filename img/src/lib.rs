@@ -5,6 +5,7 @@ mod args;
 mod bench;
 mod cache;
 mod check;
+mod commit;
 mod compare;
 mod convert;
 mod copy;
@@ -17,8 +18,10 @@ mod measure;
 mod options_help;
 mod qjson;
 mod qopts;
+mod rebase;
 mod resize;
 mod size;
+mod snapshot;
 mod sparse;
 mod writeback;
 
@@ -87,14 +90,15 @@ impl From<block::luks::LuksError> for ImgError {
 pub type Result<T, E = ImgError> = std::result::Result<T, E>;
 
 /// `cryptvm img --help`.
-const USAGE: &str = "cryptvm img: a qemu-img compatible image tool (luks, qcow2, raw).  Usage:
+const USAGE: &str = "PROGRAM: a qemu-img compatible image tool (luks, qcow2, raw).  Usage:
 
-  cryptvm img COMMAND [command options]
+  PROGRAM COMMAND [command options]
 
 Commands (options as qemu-img's):
   amend [--object objectdef] [--image-opts] [-p] [-q] [-f fmt] [-t cache] [--force] -o options filename
   bench [-c count] [-d depth] [-f fmt] [--flush-interval=N] [-n] [-o offset] [-q] [-s size] [-S step] [-t cache] [-w] [-U] filename
   check [--object objectdef] [--image-opts] [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename
+  commit [--object objectdef] [--image-opts] [-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] filename
   compare [--object objectdef] [--image-opts] [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2
   convert [--object objectdef] [--image-opts] [--target-image-opts] [-U] [-C] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] [-o options] [-S sparse_size] [-m num_coroutines] [-W] filename [filename2 [...]] output_filename
   dd [--image-opts] [-U] [-f fmt] [-O output_fmt] [bs=block_size] [count=blocks] [skip=blocks] if=input of=output
@@ -102,8 +106,42 @@ Commands (options as qemu-img's):
   info [--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
   measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [--object objectdef] [--image-opts] [-f fmt] [-l snapshot_param] filename]
   map [--object objectdef] [--image-opts] [-f fmt] [--start-offset=offset] [--max-length=len] [--output=ofmt] [-U] filename
+  rebase [--object objectdef] [--image-opts] [-U] [-q] [-f fmt] [-t cache] [-T src_cache] [-p] [-u] [-c] -b backing_file [-F backing_fmt] filename
   resize [--object objectdef] [--image-opts] [-f fmt] [--preallocation=prealloc] [-q] [--shrink] [-U] filename [+ | -]size
+  snapshot [--object objectdef] [--image-opts] [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] filename
 ";
+
+/// The name messages start with: `cryptvm img`, or `qemu-img` when the binary runs
+/// under that name ([`main_as`]).
+static PROGRAM: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+/// The name this tool's messages start with.
+pub(crate) fn program() -> &'static str {
+    PROGRAM.get().copied().unwrap_or("cryptvm img")
+}
+
+/// Prints one error line as qemu-img does: `PROGRAM: message`.
+pub(crate) fn error_line(message: impl std::fmt::Display) {
+    eprintln!("{}: {message}", program());
+}
+
+/// How the tool was invoked, for "Try '... --help'" hints (qemu-img repeats its
+/// `argv[0]` there).
+static INVOKED: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The command the "Try '... --help'" hints name.
+pub(crate) fn invoked() -> &'static str {
+    INVOKED.get().map_or("cryptvm img", String::as_str)
+}
+
+/// Runs `ARGS...` as the tool named `program`, invoked as `argv0` (`qemu-img` for a
+/// binary run through a symlink of that name, so that scripts written for qemu-img
+/// run unchanged).
+pub fn main_as(program: &'static str, argv0: &str, argv: &[String]) -> u8 {
+    let _ = PROGRAM.set(program);
+    let _ = INVOKED.set(argv0.to_string());
+    main(argv)
+}
 
 /// Runs `cryptvm img ARGS...` and returns the process exit status.
 pub fn main(argv: &[String]) -> u8 {
@@ -114,13 +152,13 @@ pub fn main(argv: &[String]) -> u8 {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let Some((cmd, rest)) = argv.split_first() else {
-        eprintln!("cryptvm img: Not enough arguments");
-        eprintln!("Try 'cryptvm img --help' for more info");
+        error_line("Not enough arguments");
+        eprintln!("Try '{} --help' for more info", invoked());
         return 1;
     };
     let result = match cmd.as_str() {
         "--help" | "-h" => {
-            print!("{USAGE}");
+            print!("{}", USAGE.replace("PROGRAM", program()));
             return 0;
         }
         "create" => create::run(rest),
@@ -134,13 +172,16 @@ pub fn main(argv: &[String]) -> u8 {
         "measure" => measure::run(rest),
         "amend" => amend::run(rest),
         "dd" => dd::run(rest),
+        "snapshot" => snapshot::run(rest),
+        "rebase" => rebase::run(rest),
+        "commit" => commit::run(rest),
         other => Err(ImgError::Msg(format!("Command not found: {other}"))),
     };
     match result {
         Ok(code) => code,
         Err(e) => {
             // One line, always: callers parse stderr.
-            eprintln!("cryptvm img: {}", e.to_string().replace('\n', " "));
+            error_line(e.to_string().replace('\n', " "));
             // qemu-img compare reserves 1 for "images differ".
             if cmd == "compare" {
                 2

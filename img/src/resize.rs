@@ -56,7 +56,7 @@ pub fn run(argv: &[String]) -> Result<u8> {
     let (relative, amount) = match parse_size_arg(size_arg) {
         Ok(v) => v,
         Err(lines) => {
-            eprintln!("cryptvm img: {lines}");
+            super::error_line(format_args!("{lines}"));
             return Ok(1);
         }
     };
@@ -99,8 +99,8 @@ fn resize(
         ));
     }
     if total < current && !shrink {
-        eprintln!("cryptvm img: Use the --shrink option to perform a shrink operation.");
-        eprintln!("cryptvm img: {SHRINK_WARNING}");
+        super::error_line("Use the --shrink option to perform a shrink operation.");
+        super::error_line(format_args!("{SHRINK_WARNING}"));
         return Ok(1);
     }
     node.truncate(total as u64, prealloc)
@@ -156,8 +156,8 @@ fn qemu_wording(e: BlockError) -> ImgError {
 
 /// Prints a command-line error as qemu-img does (two lines); exit status 1.
 fn usage_error(msg: &str) -> u8 {
-    eprintln!("cryptvm img: {msg}");
-    eprintln!("Try 'cryptvm img --help' for more info");
+    super::error_line(format_args!("{msg}"));
+    eprintln!("Try '{} resize --help' for more info", super::invoked());
     1
 }
 

@@ -57,8 +57,9 @@ impl LuksNode {
         let kdf_limit = o
             .u64("kdf-iterations-limit")?
             .unwrap_or(DEFAULT_KDF_ITERATIONS_LIMIT);
-        // As QEMU: the key and its secret first, then the header.
-        let passphrase = if ctx.no_io && key_secret.is_none() {
+        // As QEMU: the key and its secret first, then the header. Opened for its
+        // metadata only (`img info`), nothing is unlocked, so neither is looked up.
+        let passphrase = if ctx.no_io {
             None
         } else {
             // The message names the key already (QEMU's words): it is about the

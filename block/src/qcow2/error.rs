@@ -46,6 +46,10 @@ pub enum Qcow2Error {
     /// An invalid creation option or size.
     #[error("{0}")]
     Invalid(String),
+    /// The new header (backing file name, extensions) does not fit in the
+    /// header cluster (QEMU's `-ENOSPC`).
+    #[error("No space left in the file header")]
+    HeaderFull,
 }
 
 impl Qcow2Error {

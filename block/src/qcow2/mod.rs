@@ -6,6 +6,7 @@
 //! Follows QEMU's `docs/interop/qcow2.txt`.
 
 mod alloc;
+mod backing_change;
 mod cache;
 pub mod check;
 mod compress;
@@ -23,6 +24,7 @@ mod overlap;
 mod rebuild;
 mod resize;
 mod snapshot;
+mod snapshot_ops;
 mod status;
 mod storage;
 #[cfg(test)]
@@ -34,3 +36,4 @@ pub use create::{create, CreateOptions, Preallocation};
 pub use error::Qcow2Error;
 pub use header::{CompressionType, Header};
 pub use node::{Backing, Qcow2Node, Qcow2Options};
+pub use snapshot::SnapshotInfo;

@@ -658,12 +658,40 @@ impl BlockNode for Qcow2Node {
         self.do_block_status(offset, len)
     }
 
+    fn change_backing_file(&self, name: Option<&str>, format: Option<&str>) -> Result<()> {
+        self.do_change_backing(name, format)
+    }
+
+    fn make_empty(&self) -> Result<()> {
+        self.do_make_empty()
+    }
+
     fn resize(&self, size: u64) -> Result<()> {
         self.do_truncate(size, crate::resize::Prealloc::Off)
     }
 
     fn truncate(&self, size: u64, prealloc: crate::resize::Prealloc) -> Result<()> {
         self.do_truncate(size, prealloc)
+    }
+
+    fn snapshot_list(&self) -> Result<Vec<crate::snapshot::SnapshotInfo>> {
+        self.do_snapshot_list()
+    }
+
+    fn snapshot_create(&self, name: &str, date_sec: u32, date_nsec: u32) -> Result<()> {
+        self.do_snapshot_create(name, date_sec, date_nsec)
+    }
+
+    fn snapshot_goto(&self, which: &str) -> Result<()> {
+        self.do_snapshot_goto(which)
+    }
+
+    fn snapshot_delete(&self, id: &str, name: &str) -> Result<()> {
+        self.do_snapshot_delete(id, name)
+    }
+
+    fn snapshot_load_tmp(&self, which: crate::snapshot::SnapshotRef<'_>) -> Result<()> {
+        self.do_snapshot_load_tmp(which)
     }
 
     fn info(&self) -> Value {

@@ -163,7 +163,7 @@ fn shrink_l1(m: &mut Meta, new_l1: u64) -> Result<()> {
 }
 
 /// Cuts the file after its last used cluster (QEMU only warns when it cannot).
-fn cut_file_tail(m: &mut Meta) -> Result<()> {
+pub(super) fn cut_file_tail(m: &mut Meta) -> Result<()> {
     m.flush_all()?;
     let cs = m.cs;
     let mut c = m.storage.len().div_ceil(cs);

@@ -1,5 +1,5 @@
-//! The internal snapshot table, read for `img info` (snapshots are kept
-//! intact on writes; creating or applying them is not supported).
+//! The internal snapshot table, read for `img info` and `img snapshot -l`
+//! (creating, applying and deleting snapshots: `snapshot_ops.rs`).
 
 use serde_json::{json, Value};
 

@@ -1242,3 +1242,158 @@ fn resize_grows_l1_and_shrinks() {
     let node = Qcow2Node::open_path(&path, true).unwrap();
     assert_eq!(node.size(), 4096);
 }
+
+/// Random writes between snapshot creation, application and deletion on
+/// one open node (its cached state must stay right across them): every
+/// snapshot applied reads as it was taken, the own check stays clean after
+/// each operation, and qemu-img agrees at the end.
+#[test]
+fn snapshots_on_one_open_node() {
+    let d = tmp();
+    for (i, o) in [
+        opts(65536, true, 16),
+        opts(4096, false, 16),
+        opts(4096, true, 2),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let img = d.path().join(format!("snap-{i}.qcow2"));
+        let size = 8u64 << 20;
+        create(&img, Some(size), o).unwrap();
+        let n = Qcow2Node::open_path(&img, false).unwrap();
+        let mut rng = Rng(40 + i as u64);
+        let mut reference = vec![0u8; size as usize];
+        let mut snaps: Vec<(String, Vec<u8>)> = Vec::new();
+        // Two-bit refcounts hold 3: applying adds the snapshot's reference before
+        // dropping the old active one (as QEMU), so one snapshot at most.
+        let max_snaps = if o.refcount_bits == 2 { 1 } else { 4 };
+        let mut done = [0u32; 3];
+        for round in 0..16 {
+            for _ in 0..20 {
+                let off = rng.below(size - 200_000);
+                let len = 1 + rng.below(150_000);
+                let mut data = vec![0u8; len as usize];
+                rng.fill(&mut data);
+                n.write_at(off, &data).unwrap();
+                reference[off as usize..(off + len) as usize].copy_from_slice(&data);
+            }
+            let pick = rng.below(4);
+            match pick {
+                0 | 3 if snaps.len() < max_snaps => {
+                    let name = format!("s{round}");
+                    n.snapshot_create(&name, 0, 0).unwrap();
+                    snaps.push((name, reference.clone()));
+                    done[0] += 1;
+                }
+                1 | 3 if !snaps.is_empty() => {
+                    done[1] += 1;
+                    let k = rng.below(snaps.len() as u64) as usize;
+                    n.snapshot_goto(&snaps[k].0).unwrap();
+                    reference = snaps[k].1.clone();
+                    assert!(
+                        read_all(&n) == reference,
+                        "snapshot {} reads differently",
+                        snaps[k].0
+                    );
+                }
+                2 if !snaps.is_empty() => {
+                    done[2] += 1;
+                    let k = rng.below(snaps.len() as u64) as usize;
+                    let (name, _) = snaps.remove(k);
+                    let id = n
+                        .snapshot_list()
+                        .unwrap()
+                        .into_iter()
+                        .find(|s| s.name == name)
+                        .unwrap()
+                        .id;
+                    n.snapshot_delete(&id, &name).unwrap();
+                }
+                _ => {}
+            }
+            let report = n.check(Repair::None).unwrap();
+            assert!(report.is_clean(), "round {round}: {report:?}");
+            assert!(
+                read_all(&n) == reference,
+                "round {round}: active image differs"
+            );
+            let names: Vec<String> = n
+                .snapshot_list()
+                .unwrap()
+                .into_iter()
+                .map(|s| s.name)
+                .collect();
+            let want: Vec<String> = snaps.iter().map(|s| s.0.clone()).collect();
+            assert_eq!(names, want);
+        }
+        assert!(done.iter().all(|&k| k > 0), "every operation ran: {done:?}");
+        n.flush().unwrap();
+        drop(n);
+        if have("qemu-img") {
+            assert_qemu_clean(&img);
+            assert!(qemu_raw(&img) == reference, "qemu reads differently");
+        }
+    }
+}
+
+#[test]
+fn backing_change_and_make_empty() {
+    let dir = tmp();
+    let base = dir.path().join("base.qcow2");
+    let top = dir.path().join("top.qcow2");
+    create(&base, Some(1 << 20), &CreateOptions::default()).unwrap();
+    let o = CreateOptions {
+        backing_file: Some(p(&base).to_string()),
+        backing_fmt: Some("qcow2".into()),
+        ..CreateOptions::default()
+    };
+    create(&top, None, &o).unwrap();
+    let small_img = dir.path().join("small.qcow2");
+    create(&small_img, Some(1 << 20), &opts(512, true, 16)).unwrap();
+    {
+        let n = Qcow2Node::open_path(&top, false).unwrap();
+        n.write_at(65536, &[7u8; 70000]).unwrap();
+        n.flush().unwrap();
+        // A long name with a format; then none again.
+        let long = "x".repeat(1000);
+        let b = Qcow2Node::open_path(&base, false).unwrap();
+        b.change_backing_file(Some(&long), Some("raw")).unwrap();
+        let h = b.header().unwrap();
+        assert_eq!(h.backing_file.as_deref(), Some(long.as_str()));
+        assert_eq!(h.backing_format().as_deref(), Some("raw"));
+        b.change_backing_file(None, None).unwrap();
+        let too_long = "y".repeat(1024);
+        assert!(b.change_backing_file(Some(&too_long), None).is_err());
+        // A name that does not fit in a 512-byte header cluster: refused, untouched.
+        let small = Qcow2Node::open_path(&small_img, false).unwrap();
+        let e = small
+            .change_backing_file(Some(&long), Some("raw"))
+            .unwrap_err();
+        assert!(matches!(
+            e,
+            crate::BlockError::Qcow2 {
+                source: Qcow2Error::HeaderFull,
+                ..
+            }
+        ));
+        assert!(small.header().unwrap().backing_file.is_none());
+        n.make_empty().unwrap();
+        let st = n.block_status(0, 1 << 20).unwrap();
+        assert!(!st.allocated && st.len == 1 << 20, "{st:?}");
+        n.change_backing_file(Some("other.img"), None).unwrap();
+    }
+    let h = Qcow2Node::open_path(&base, true).unwrap().header().unwrap();
+    assert!(h.backing_file.is_none() && h.backing_format().is_none());
+    // Reopened without its backing (the new name does not exist): the header says so.
+    let file = std::fs::read(&top).unwrap();
+    let parsed = Header::parse(&file[..65536]).unwrap();
+    assert_eq!(parsed.backing_file.as_deref(), Some("other.img"));
+    assert!(parsed.backing_format().is_none());
+    if have("qemu-img") {
+        std::fs::write(dir.path().join("other.img"), vec![0u8; 1 << 20]).unwrap();
+        assert_qemu_clean(&top);
+        assert_qemu_clean(&base);
+        assert_qemu_clean(&small_img);
+    }
+}
