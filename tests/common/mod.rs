@@ -1192,3 +1192,49 @@ pub fn plain_view(dir: &Path, secret: &str, image_opts: &str) -> Vec<u8> {
     std::fs::remove_file(&plain).expect("removing plain.raw");
     data
 }
+
+/// Two folders holding the same images, `theirs` for qemu-img and `ours` for cryptvm,
+/// so that both tools run the same commands on the same file names.
+pub struct ImagePair {
+    /// The scratch folder holding both.
+    pub s: Scratch,
+}
+
+impl ImagePair {
+    /// Runs `make` in `theirs`, then copies what it made into `ours`.
+    pub fn copied(tag: &str, make: impl Fn(&Path)) -> Self {
+        let s = Scratch::new(tag);
+        let theirs = s.join("theirs");
+        std::fs::create_dir(&theirs).expect("mkdir");
+        make(&theirs);
+        let ours = s.join("ours");
+        std::fs::create_dir(&ours).expect("mkdir");
+        for e in std::fs::read_dir(&theirs).expect("readdir") {
+            let e = e.expect("entry");
+            std::fs::copy(e.path(), ours.join(e.file_name())).expect("copy");
+        }
+        ImagePair { s }
+    }
+
+    /// Runs `make` in each folder (made twice rather than copied: a copy may lose the
+    /// allocated zero blocks qemu-img leaves, which `measure` and `map` see).
+    pub fn made_twice(tag: &str, make: impl Fn(&Path)) -> Self {
+        let s = Scratch::new(tag);
+        for side in ["theirs", "ours"] {
+            let d = s.join(side);
+            std::fs::create_dir(&d).expect("mkdir");
+            make(&d);
+        }
+        ImagePair { s }
+    }
+
+    /// cryptvm's folder.
+    pub fn ours(&self) -> PathBuf {
+        self.s.join("ours")
+    }
+
+    /// qemu-img's folder.
+    pub fn theirs(&self) -> PathBuf {
+        self.s.join("theirs")
+    }
+}

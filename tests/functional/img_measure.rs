@@ -8,36 +8,16 @@
 #[path = "../common/mod.rs"]
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::*;
 
 const SECRET: &str = "secret,id=s,data=measure-pass";
 
-/// Two folders holding copies of the same images: qemu-img works in one, cryptvm in the other.
-struct Pair {
-    s: Scratch,
-}
+/// Two folders holding the same images (see `ImagePair`).
+type Pair = ImagePair;
 
 impl Pair {
-    /// Runs `make` in two folders, one per tool (made twice rather than copied: a
-    /// copy may lose the allocated zero blocks qemu-img leaves, which measure sees).
-    fn new(tag: &str, make: impl Fn(&Path)) -> Self {
-        let s = Scratch::new(tag);
-        for side in ["theirs", "ours"] {
-            let d = s.join(side);
-            std::fs::create_dir(&d).expect("mkdir");
-            make(&d);
-        }
-        Pair { s }
-    }
-    fn ours(&self) -> PathBuf {
-        self.s.join("ours")
-    }
-    fn theirs(&self) -> PathBuf {
-        self.s.join("theirs")
-    }
-
     /// Runs `args` by both tools; asserts the same status, stdout and stderr.
     #[track_caller]
     fn same(&self, args: &[&str]) -> (Run, Run) {
@@ -206,7 +186,7 @@ fn sources(d: &Path) {
 /// `measure` of sizes and source images into each output format and option set, in
 /// text (every size and source) and JSON (one size, two sources, the luks source).
 fn measure_outputs_like_qemu_img(tag: &str, outputs: &[(&str, &str)]) {
-    let p = Pair::new(tag, sources);
+    let p = Pair::made_twice(tag, sources);
     let mut cases = 0;
     for (fmt, opts) in outputs {
         for json in [false, true] {
@@ -266,7 +246,7 @@ fn measure_into_raw_and_luks_like_qemu_img() {
     );
     // Into luks: the header's size plus the source's (each qemu-img run here spends
     // about 2 s timing PBKDF2, so a few cases per cipher).
-    let p = Pair::new("measure-luks", sources);
+    let p = Pair::made_twice("measure-luks", sources);
     for opts in [
         "key-secret=s,iter-time=1",
         "key-secret=s,cipher-alg=aes-128,iter-time=1",
@@ -302,7 +282,7 @@ fn measure_into_qcow2_like_qemu_img() {
         ],
     );
     // The numbers themselves: a partly written qcow2 needs less than its full size.
-    let p = Pair::new("measure-numbers", sources);
+    let p = Pair::made_twice("measure-numbers", sources);
     let (ours, _) = p.same(&["measure", "-O", "qcow2", "-f", "qcow2", "part.qcow2"]);
     assert!(ours.stdout.contains("bitmaps size: 0"), "{ours}");
     assert_ne!(ours.stdout.lines().next(), ours.stdout.lines().nth(1));
@@ -324,7 +304,7 @@ fn measure_into_qcow2_with_options_like_qemu_img() {
     );
     // qcow2's built-in LUKS adds its header (about 2 s of PBKDF2 timing per
     // qemu-img run: one size, one source).
-    let p = Pair::new("measure-qcow2-luks", sources);
+    let p = Pair::made_twice("measure-qcow2-luks", sources);
     let opts = "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=1";
     for tail in [&["--size", "100G"][..], &["-f", "qcow2", "part.qcow2"][..]] {
         let mut args = vec!["measure", "--object", SECRET, "-O", "qcow2", "-o", opts];
@@ -339,7 +319,7 @@ fn measure_refusals_like_qemu_img() {
     if !require(&["qemu-img", "qemu-io"]) {
         return;
     }
-    let p = Pair::new("measure-err", sources);
+    let p = Pair::made_twice("measure-err", sources);
     let cases: &[&[&str]] = &[
         &["measure"],
         &["measure", "part.raw", "sparse.raw"],
@@ -494,7 +474,7 @@ fn dd_like_qemu_img() {
     if !require(&["qemu-img", "qemu-io"]) {
         return;
     }
-    let p = Pair::new("dd", sources);
+    let p = Pair::made_twice("dd", sources);
     let mut n = 0;
     for (src, sfmt) in [("part.raw", "raw"), ("part.qcow2", "qcow2")] {
         for out_fmt in ["raw", "qcow2"] {
@@ -570,7 +550,7 @@ fn amend_like_qemu_img() {
     if !require(&["qemu-img", "qemu-io"]) {
         return;
     }
-    let p = Pair::new("amend", |d| {
+    let p = Pair::made_twice("amend", |d| {
         sources(d);
         qemu(
             d,
@@ -698,7 +678,7 @@ fn amend_refuses_what_it_does_not_implement() {
     if !require(&["qemu-img", "qemu-io"]) {
         return;
     }
-    let p = Pair::new("amend-no", sources);
+    let p = Pair::made_twice("amend-no", sources);
     let before = std::fs::read(p.ours().join("part.qcow2")).expect("read");
     // part.qcow2 has zero clusters: a downgrade would have to expand them.
     let r = cryptvm(

@@ -9,7 +9,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::*;
 
@@ -32,29 +32,13 @@ const TOP_READS: [&str; 8] = [
     "read -P 6 3200k 4k",
 ];
 
-/// Two folders holding copies of the same images: qemu-img works in one, cryptvm in the other.
-struct Pair {
-    s: Scratch,
-}
+/// Two folders holding the same images (see `ImagePair`).
+type Pair = ImagePair;
 
 impl Pair {
-    /// Runs `make` in a scratch folder, then copies it.
-    fn new(tag: &str, make: impl Fn(&Path)) -> Self {
-        let s = Scratch::new(tag);
-        let theirs = s.join("theirs");
-        std::fs::create_dir(&theirs).expect("mkdir");
-        make(&theirs);
-        let ours = s.join("ours");
-        std::fs::create_dir(&ours).expect("mkdir");
-        for e in std::fs::read_dir(&theirs).expect("readdir") {
-            let e = e.expect("entry");
-            std::fs::copy(e.path(), ours.join(e.file_name())).expect("copy");
-        }
-        Pair { s }
-    }
     /// The standard chain (qemu-made unless `our_top`), plus `other.qcow2`.
     fn chain(tag: &str, our_top: bool) -> Self {
-        Pair::new(tag, |d| {
+        Pair::copied(tag, |d| {
             qemu_img(d, &["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
             qemu_img(
                 d,
@@ -94,12 +78,6 @@ impl Pair {
             qemu_io(d, "top.qcow2", &TOP_WRITES);
             qemu_io(d, "other.qcow2", &["write -P 4 0 2M"]);
         })
-    }
-    fn ours(&self) -> PathBuf {
-        self.s.join("ours")
-    }
-    fn theirs(&self) -> PathBuf {
-        self.s.join("theirs")
     }
 
     /// `ARGS` by both tools; asserts the same status, stdout and stderr.

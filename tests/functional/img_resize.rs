@@ -10,39 +10,16 @@
 #[path = "../common/mod.rs"]
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::*;
 
 const SECRET: &str = "secret,id=s,data=resize-pass";
 
-/// Two folders holding copies of the same images: qemu-img works in one, cryptvm in the other.
-struct Pair {
-    s: Scratch,
-}
+/// Two folders holding the same images (see `ImagePair`).
+type Pair = ImagePair;
 
 impl Pair {
-    /// Runs `make` (shell-free: a list of commands) in a scratch folder, then copies it.
-    fn new(tag: &str, make: impl Fn(&Path)) -> Self {
-        let s = Scratch::new(tag);
-        let theirs = s.join("theirs");
-        std::fs::create_dir(&theirs).expect("mkdir");
-        make(&theirs);
-        let ours = s.join("ours");
-        std::fs::create_dir(&ours).expect("mkdir");
-        for e in std::fs::read_dir(&theirs).expect("readdir") {
-            let e = e.expect("entry");
-            std::fs::copy(e.path(), ours.join(e.file_name())).expect("copy");
-        }
-        Pair { s }
-    }
-    fn ours(&self) -> PathBuf {
-        self.s.join("ours")
-    }
-    fn theirs(&self) -> PathBuf {
-        self.s.join("theirs")
-    }
-
     /// `resize ARGS` by both tools; asserts the same status, stdout and stderr.
     #[track_caller]
     fn resize(&self, args: &[&str]) -> (Run, Run) {
@@ -127,7 +104,7 @@ fn qcow2_grows_past_its_l1_clusters_and_shrinks() {
         "write -P 0xcd 1000M 1M",
         "write -P 0x5a 300M 64k",
     ];
-    let p = Pair::new("resize-qcow2", |d| {
+    let p = Pair::copied("resize-qcow2", |d| {
         qemu_img(
             d,
             &[
@@ -183,7 +160,7 @@ fn qcow2_made_by_cryptvm_with_small_clusters() {
     if !require(&["qemu-img", "qemu-io"]) {
         return;
     }
-    let p = Pair::new("resize-qcow2-small", |d| {
+    let p = Pair::copied("resize-qcow2-small", |d| {
         let r = cryptvm(
             d,
             [
@@ -230,7 +207,7 @@ fn qcow2_preallocation_modes() {
     if !require(&["qemu-img", "qemu-io"]) {
         return;
     }
-    let p = Pair::new("resize-prealloc", |d| {
+    let p = Pair::copied("resize-prealloc", |d| {
         for f in ["m.qcow2", "f.qcow2", "u.qcow2"] {
             qemu_img(d, &["create", "-q", "-f", "qcow2", f, "10M"]);
             qemu_io(d, "qcow2", f, &["write -P 0x42 9M 1M"]);
@@ -266,7 +243,7 @@ fn qcow2_with_internal_snapshots() {
     if !require(&["qemu-img", "qemu-io"]) {
         return;
     }
-    let p = Pair::new("resize-snap", |d| {
+    let p = Pair::copied("resize-snap", |d| {
         qemu_img(d, &["create", "-q", "-f", "qcow2", "s.qcow2", "64M"]);
         qemu_io(
             d,
@@ -311,7 +288,7 @@ fn raw_grows_and_shrinks() {
     if !require(&["qemu-img", "qemu-io"]) {
         return;
     }
-    let p = Pair::new("resize-raw", |d| {
+    let p = Pair::copied("resize-raw", |d| {
         qemu_img(d, &["create", "-q", "-f", "raw", "r.raw", "1M"]);
         qemu_io(d, "raw", "r.raw", &["write -P 0x61 0 1M"]);
         std::fs::write(d.join("odd.raw"), vec![7u8; 1000]).expect("write");
@@ -338,7 +315,7 @@ fn luks_attached_and_over_qcow2() {
         return;
     }
     let obj = format!("--object={SECRET}");
-    let p = Pair::new("resize-luks", |d| {
+    let p = Pair::copied("resize-luks", |d| {
         let o = obj.as_str();
         qemu_img(
             d,
@@ -399,7 +376,7 @@ fn refusals_match_qemu_img() {
     if !require(&["qemu-img"]) {
         return;
     }
-    let p = Pair::new("resize-refuse", |d| {
+    let p = Pair::copied("resize-refuse", |d| {
         qemu_img(d, &["create", "-q", "-f", "qcow2", "q.qcow2", "1G"]);
         qemu_img(d, &["create", "-q", "-f", "raw", "r.raw", "1M"]);
     });

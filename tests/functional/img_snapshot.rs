@@ -9,36 +9,14 @@
 #[path = "../common/mod.rs"]
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::*;
 
-/// Two folders holding copies of the same images: qemu-img works in one, cryptvm in the other.
-struct Pair {
-    s: Scratch,
-}
+/// Two folders holding the same images (see `ImagePair`).
+type Pair = ImagePair;
 
 impl Pair {
-    fn new(tag: &str, make: impl Fn(&Path)) -> Self {
-        let s = Scratch::new(tag);
-        let theirs = s.join("theirs");
-        std::fs::create_dir(&theirs).expect("mkdir");
-        make(&theirs);
-        let ours = s.join("ours");
-        std::fs::create_dir(&ours).expect("mkdir");
-        for e in std::fs::read_dir(&theirs).expect("readdir") {
-            let e = e.expect("entry");
-            std::fs::copy(e.path(), ours.join(e.file_name())).expect("copy");
-        }
-        Pair { s }
-    }
-    fn ours(&self) -> PathBuf {
-        self.s.join("ours")
-    }
-    fn theirs(&self) -> PathBuf {
-        self.s.join("theirs")
-    }
-
     /// `SUBCOMMAND ARGS` by both tools; asserts the same status, stdout (dates
     /// masked) and stderr.
     #[track_caller]
@@ -150,7 +128,7 @@ fn make_image(d: &Path, by_qemu: bool, opts: &str, size: &str) {
 
 /// Create, list, apply (by name and by ID) and delete, with writes between.
 fn lifecycle(tag: &str, by_qemu: bool, opts: &str, size: &str, far: &str) {
-    let p = Pair::new(tag, |d| {
+    let p = Pair::copied(tag, |d| {
         make_image(d, by_qemu, opts, size);
         qemu_io(
             d,
@@ -269,7 +247,7 @@ fn refusals_as_qemu_img() {
     if !require(&["qemu-img", "qemu-io"]) {
         return;
     }
-    let p = Pair::new("snap-refuse", |d| {
+    let p = Pair::copied("snap-refuse", |d| {
         make_image(d, true, "cluster_size=65536", "4M");
         qemu_io(d, "q.qcow2", &["write -P 1 0 64k"]);
         run("qemu-img", ["snapshot", "-c", "s1", "q.qcow2"], Some(d)).ok();
@@ -310,7 +288,7 @@ fn convert_from_a_snapshot_as_qemu_img() {
     if !require(&["qemu-img", "qemu-io"]) {
         return;
     }
-    let p = Pair::new("snap-convert", |d| {
+    let p = Pair::copied("snap-convert", |d| {
         make_image(d, true, "cluster_size=65536", "8M");
         qemu_io(d, "q.qcow2", &["write -P 1 0 64k", "write -P 7 3M 64k"]);
         run("qemu-img", ["snapshot", "-c", "s1", "q.qcow2"], Some(d)).ok();
@@ -368,7 +346,7 @@ fn refcount_overflow_as_qemu_img() {
     }
     // One-bit refcounts cannot share a cluster: creating a snapshot fails,
     // leaving the same leaked L1 copy as qemu-img leaves.
-    let p = Pair::new("snap-rc1", |d| {
+    let p = Pair::copied("snap-rc1", |d| {
         make_image(d, true, "refcount_bits=1", "4M");
         qemu_io(d, "q.qcow2", &["write -P 1 0 64k"]);
     });
@@ -401,7 +379,7 @@ fn compressed_clusters_resizes_and_qemu_made_snapshots() {
     if !require(&["qemu-img", "qemu-io"]) {
         return;
     }
-    let p = Pair::new("snap-mixed", |d| {
+    let p = Pair::copied("snap-mixed", |d| {
         make_image(d, true, "cluster_size=65536", "8M");
         qemu_io(d, "q.qcow2", &["write -P 1 0 256k", "write -c -P 9 1M 64k"]);
         // Made by qemu-img: ours applies and deletes them.
