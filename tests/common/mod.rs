@@ -1238,3 +1238,42 @@ impl ImagePair {
         self.s.join("theirs")
     }
 }
+
+/// A minimal ELF64 kernel with a PVH entry note whose code halts forever
+/// (`1: hlt; jmp 1b`), so the VM keeps running without using the CPU.
+pub fn halting_kernel() -> Vec<u8> {
+    const LOAD: u64 = 0x100_0000;
+    let code = [0xf4u8, 0xeb, 0xfd];
+    let mut note = Vec::new();
+    note.extend(4u32.to_le_bytes()); // name size
+    note.extend(4u32.to_le_bytes()); // descriptor size
+    note.extend(18u32.to_le_bytes()); // XEN_ELFNOTE_PHYS32_ENTRY
+    note.extend(b"Xen\0");
+    note.extend((LOAD as u32).to_le_bytes());
+    let data = 64 + 56 * 2u64;
+    let mut f = Vec::new();
+    f.extend(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+    f.extend(2u16.to_le_bytes()); // ET_EXEC
+    f.extend(62u16.to_le_bytes()); // x86-64
+    f.extend(1u32.to_le_bytes());
+    f.extend(LOAD.to_le_bytes()); // entry
+    f.extend(64u64.to_le_bytes()); // program headers
+    f.extend(0u64.to_le_bytes());
+    f.extend(0u32.to_le_bytes());
+    f.extend(64u16.to_le_bytes());
+    f.extend(56u16.to_le_bytes());
+    f.extend(2u16.to_le_bytes());
+    f.extend([0u8; 6]);
+    let mut phdr = |ty: u32, off: u64, addr: u64, len: u64| {
+        f.extend(ty.to_le_bytes());
+        f.extend(5u32.to_le_bytes());
+        for v in [off, addr, addr, len, len, 8] {
+            f.extend(v.to_le_bytes());
+        }
+    };
+    phdr(1, data, LOAD, code.len() as u64); // PT_LOAD
+    phdr(4, data + code.len() as u64, 0, note.len() as u64); // PT_NOTE
+    f.extend(code);
+    f.extend(note);
+    f
+}

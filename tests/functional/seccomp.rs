@@ -15,45 +15,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-/// The halting guest of `qmp_protocol.rs`: an ELF64 PVH kernel whose code is
-/// `1: hlt; jmp 1b`.
-fn halting_kernel() -> Vec<u8> {
-    const LOAD: u64 = 0x100_0000;
-    let code = [0xf4u8, 0xeb, 0xfd];
-    let mut note = Vec::new();
-    note.extend(4u32.to_le_bytes());
-    note.extend(4u32.to_le_bytes());
-    note.extend(18u32.to_le_bytes()); // XEN_ELFNOTE_PHYS32_ENTRY
-    note.extend(b"Xen\0");
-    note.extend((LOAD as u32).to_le_bytes());
-    let data = 64 + 56 * 2u64;
-    let mut f = Vec::new();
-    f.extend(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
-    f.extend(2u16.to_le_bytes());
-    f.extend(62u16.to_le_bytes());
-    f.extend(1u32.to_le_bytes());
-    f.extend(LOAD.to_le_bytes());
-    f.extend(64u64.to_le_bytes());
-    f.extend(0u64.to_le_bytes());
-    f.extend(0u32.to_le_bytes());
-    f.extend(64u16.to_le_bytes());
-    f.extend(56u16.to_le_bytes());
-    f.extend(2u16.to_le_bytes());
-    f.extend([0u8; 6]);
-    let mut phdr = |ty: u32, off: u64, addr: u64, len: u64| {
-        f.extend(ty.to_le_bytes());
-        f.extend(5u32.to_le_bytes());
-        for v in [off, addr, addr, len, len, 8] {
-            f.extend(v.to_le_bytes());
-        }
-    };
-    phdr(1, data, LOAD, code.len() as u64);
-    phdr(4, data + code.len() as u64, 0, note.len() as u64);
-    f.extend(code);
-    f.extend(note);
-    f
-}
-
 /// A running `cryptvm run`, killed if the test ends first.
 struct Vm {
     child: Child,
@@ -115,7 +76,7 @@ fn start(extra: &[&str], env: &[(&str, &str)]) -> Vm {
         .tempdir()
         .unwrap();
     let d = dir.path();
-    std::fs::write(d.join("kernel"), halting_kernel()).unwrap();
+    std::fs::write(d.join("kernel"), common::halting_kernel()).unwrap();
     let img = common::cryptvm(
         d,
         [
@@ -496,7 +457,7 @@ fn a_bad_mode_is_refused() {
     assert!(r.stderr.contains("kernel"), "{r}");
     let r = common::cryptvm(dir.path(), ["run", "--kernel", "nope"]);
     assert_eq!(r.status, Some(1), "{r}");
-    std::fs::write(dir.path().join("kernel"), halting_kernel()).unwrap();
+    std::fs::write(dir.path().join("kernel"), common::halting_kernel()).unwrap();
     let r = Command::new(common::CRYPTVM)
         .current_dir(dir.path())
         .env("CRYPTVM_SECCOMP_SELFTEST", "nonsense")
