@@ -1277,3 +1277,31 @@ pub fn halting_kernel() -> Vec<u8> {
     f.extend(note);
     f
 }
+
+/// stderr lines without the program's `prefix` and without the "Try ... --help" hint.
+pub fn stderr_messages(stderr: &str, prefix: &str) -> Vec<String> {
+    stderr
+        .lines()
+        .filter(|l| !l.starts_with("Try '"))
+        .map(|l| l.strip_prefix(prefix).unwrap_or(l).to_string())
+        .collect()
+}
+
+/// `qemu-img ARGS` in `dir`; asserts success.
+#[track_caller]
+pub fn qemu_img_ok(dir: &Path, args: &[&str]) {
+    run("qemu-img", args, Some(dir)).ok();
+}
+
+/// `qemu-io -f FMT -c CMD... FILE` in `dir`; asserts success and no failed command
+/// (a `read -P` that finds other bytes).
+#[track_caller]
+pub fn qemu_io_cmds(dir: &Path, fmt: &str, file: &str, cmds: &[&str]) {
+    let mut args = vec!["-f", fmt];
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    args.push(file);
+    let r = run("qemu-io", &args, Some(dir)).ok();
+    assert!(!r.stdout.contains("failed"), "qemu-io {cmds:?}:\n{r}");
+}

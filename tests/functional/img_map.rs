@@ -71,21 +71,6 @@ fn same_map(dir: &Path, extra: &[&str], image: &str) -> String {
     same(dir, &json).ok().stdout
 }
 
-/// Runs qemu-io commands on a qcow2 image in `dir`.
-fn qemu_io(dir: &Path, image: &str, cmds: &[&str]) {
-    let mut args = vec!["-f", "qcow2"];
-    for c in cmds {
-        args.extend(["-c", c]);
-    }
-    args.push(image);
-    run("qemu-io", args, Some(dir)).ok();
-}
-
-/// Runs `qemu-img ARGS` in `dir`, which must succeed.
-fn qemu_img(dir: &Path, args: &[&str]) {
-    run("qemu-img", args, Some(dir)).ok();
-}
-
 /// Writes `len` bytes of a pattern at `offset` of an existing file.
 fn write_data(path: &Path, offset: u64, len: usize) {
     let f = std::fs::OpenOptions::new()
@@ -140,9 +125,10 @@ fn map_of_qcow2_clusters_matches_qemu_img() {
     }
     let s = Scratch::new("map-qcow2");
     let dir = s.path();
-    qemu_img(dir, &["create", "-q", "-f", "qcow2", "q.qcow2", "4M"]);
-    qemu_io(
+    qemu_img_ok(dir, &["create", "-q", "-f", "qcow2", "q.qcow2", "4M"]);
+    qemu_io_cmds(
         dir,
+        "qcow2",
         "q.qcow2",
         &[
             "write -P 1 0 256k",
@@ -164,9 +150,10 @@ fn map_of_qcow2_clusters_matches_qemu_img() {
     }
     same_map(dir, &["-f", "qcow2"], "q.qcow2");
     // Clusters written in reverse order: adjacent in the guest, not in the file.
-    qemu_img(dir, &["create", "-q", "-f", "qcow2", "rev.qcow2", "1M"]);
-    qemu_io(
+    qemu_img_ok(dir, &["create", "-q", "-f", "qcow2", "rev.qcow2", "1M"]);
+    qemu_io_cmds(
         dir,
+        "qcow2",
         "rev.qcow2",
         &[
             "write -P 1 128k 64k",
@@ -180,7 +167,7 @@ fn map_of_qcow2_clusters_matches_qemu_img() {
     same_map(dir, &["--image-opts"], "driver=qcow2,file.filename=q.qcow2");
 
     // Small clusters, subclusters, preallocated metadata, a fully allocated image.
-    qemu_img(
+    qemu_img_ok(
         dir,
         &[
             "create",
@@ -193,8 +180,13 @@ fn map_of_qcow2_clusters_matches_qemu_img() {
             "1M",
         ],
     );
-    qemu_io(dir, "small.qcow2", &["write -P 4 1k 3k", "write -z 8k 1k"]);
-    qemu_img(
+    qemu_io_cmds(
+        dir,
+        "qcow2",
+        "small.qcow2",
+        &["write -P 4 1k 3k", "write -z 8k 1k"],
+    );
+    qemu_img_ok(
         dir,
         &[
             "create",
@@ -207,8 +199,13 @@ fn map_of_qcow2_clusters_matches_qemu_img() {
             "2M",
         ],
     );
-    qemu_io(dir, "x.qcow2", &["write -P 1 4k 8k", "write -z 64k 4k"]);
-    qemu_img(
+    qemu_io_cmds(
+        dir,
+        "qcow2",
+        "x.qcow2",
+        &["write -P 1 4k 8k", "write -z 64k 4k"],
+    );
+    qemu_img_ok(
         dir,
         &[
             "create",
@@ -221,8 +218,8 @@ fn map_of_qcow2_clusters_matches_qemu_img() {
             "2M",
         ],
     );
-    qemu_io(dir, "pm.qcow2", &["write -P 1 64k 64k"]);
-    qemu_img(
+    qemu_io_cmds(dir, "qcow2", "pm.qcow2", &["write -P 1 64k 64k"]);
+    qemu_img_ok(
         dir,
         &[
             "create",
@@ -247,24 +244,30 @@ fn map_of_a_backing_chain_matches_qemu_img() {
     }
     let s = Scratch::new("map-chain");
     let dir = s.path();
-    qemu_img(dir, &["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
-    qemu_io(dir, "base.qcow2", &["write -P 1 0 1M", "write -P 9 3M 64k"]);
+    qemu_img_ok(dir, &["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
+    qemu_io_cmds(
+        dir,
+        "qcow2",
+        "base.qcow2",
+        &["write -P 1 0 1M", "write -P 9 3M 64k"],
+    );
     let chain = ["-b", "base.qcow2", "-F", "qcow2", "mid.qcow2"];
-    qemu_img(
+    qemu_img_ok(
         dir,
         &[&["create", "-q", "-f", "qcow2"][..], &chain].concat(),
     );
-    qemu_io(
+    qemu_io_cmds(
         dir,
+        "qcow2",
         "mid.qcow2",
         &["write -P 2 512k 64k", "write -z 3M 64k"],
     );
     let chain = ["-b", "mid.qcow2", "-F", "qcow2", "top.qcow2", "6M"];
-    qemu_img(
+    qemu_img_ok(
         dir,
         &[&["create", "-q", "-f", "qcow2"][..], &chain].concat(),
     );
-    qemu_io(dir, "top.qcow2", &["write -P 3 64k 64k"]);
+    qemu_io_cmds(dir, "qcow2", "top.qcow2", &["write -P 3 64k 64k"]);
     let map = same_map(dir, &[], "top.qcow2");
     for depth in 0..3 {
         assert!(
@@ -279,7 +282,7 @@ fn map_of_a_backing_chain_matches_qemu_img() {
 
     // A raw backing file shorter than the overlay, not a whole cluster long.
     s.write("short.raw", &pattern(5, 1_000_000));
-    qemu_img(
+    qemu_img_ok(
         dir,
         &[
             "create",
@@ -294,7 +297,7 @@ fn map_of_a_backing_chain_matches_qemu_img() {
             "2M",
         ],
     );
-    qemu_io(dir, "over.qcow2", &["write -P 6 128k 64k"]);
+    qemu_io_cmds(dir, "qcow2", "over.qcow2", &["write -P 6 128k 64k"]);
     same_map(dir, &[], "over.qcow2");
 }
 
@@ -312,7 +315,7 @@ fn map_of_a_compressed_image_matches_qemu_img() {
         .expect("opening src.raw");
     f.write_all_at(&[0x5a; 256 << 10], 0).expect("writing");
     f.write_all_at(&[0xa5; 64 << 10], 1 << 20).expect("writing");
-    qemu_img(
+    qemu_img_ok(
         s.path(),
         &[
             "convert", "-c", "-f", "raw", "-O", "qcow2", "src.raw", "c.qcow2",
@@ -336,7 +339,7 @@ fn map_of_luks_images_matches_qemu_img() {
     let s = Scratch::new("map-luks");
     let dir = s.path();
     let object = s.secret_object();
-    qemu_img(
+    qemu_img_ok(
         dir,
         &[
             "create",
@@ -371,7 +374,7 @@ fn map_of_luks_images_matches_qemu_img() {
 
     // The LUKS image copied into a qcow2 image, opened as luks over qcow2.
     let luks_size = std::fs::metadata(s.join("l.luks")).expect("stat").len();
-    qemu_img(
+    qemu_img_ok(
         dir,
         &[
             "create",
@@ -382,7 +385,7 @@ fn map_of_luks_images_matches_qemu_img() {
             &luks_size.to_string(),
         ],
     );
-    qemu_img(
+    qemu_img_ok(
         dir,
         &[
             "convert", "-n", "-f", "raw", "-O", "qcow2", "l.luks", "lq.qcow2",
@@ -455,8 +458,13 @@ fn map_ranges_and_option_errors_match_qemu_img() {
     let dir = s.path();
     let raw = s.sparse("holes.raw", 10 << 20);
     write_data(&raw, 192 << 10, 128 << 10);
-    qemu_img(dir, &["create", "-q", "-f", "qcow2", "q.qcow2", "4M"]);
-    qemu_io(dir, "q.qcow2", &["write -P 1 0 1M", "write -z 2M 64k"]);
+    qemu_img_ok(dir, &["create", "-q", "-f", "qcow2", "q.qcow2", "4M"]);
+    qemu_io_cmds(
+        dir,
+        "qcow2",
+        "q.qcow2",
+        &["write -P 1 0 1M", "write -z 2M 64k"],
+    );
     for image in ["holes.raw", "q.qcow2"] {
         for range in [
             &["-s", "200k", "-l", "64k"][..],
@@ -494,10 +502,10 @@ fn info_of_a_backing_chain_matches_qemu_img() {
     }
     let s = Scratch::new("info-chain");
     let dir = s.path();
-    qemu_img(dir, &["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
-    qemu_io(dir, "base.qcow2", &["write -P 1 0 64k"]);
-    qemu_img(dir, &["snapshot", "-c", "snap1", "base.qcow2"]);
-    qemu_img(
+    qemu_img_ok(dir, &["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
+    qemu_io_cmds(dir, "qcow2", "base.qcow2", &["write -P 1 0 64k"]);
+    qemu_img_ok(dir, &["snapshot", "-c", "snap1", "base.qcow2"]);
+    qemu_img_ok(
         dir,
         &[
             "create",
@@ -511,7 +519,7 @@ fn info_of_a_backing_chain_matches_qemu_img() {
             "mid.qcow2",
         ],
     );
-    qemu_img(
+    qemu_img_ok(
         dir,
         &[
             "create",
@@ -527,7 +535,7 @@ fn info_of_a_backing_chain_matches_qemu_img() {
         ],
     );
     s.write("base.raw", &pattern(3, 1 << 20));
-    qemu_img(
+    qemu_img_ok(
         dir,
         &[
             "create",
@@ -558,19 +566,19 @@ fn info_of_a_backing_chain_matches_qemu_img() {
     same(dir, &["info", "--output=json", "base.raw"]).ok();
 
     // A backing file that names its own overlay, and a missing backing file.
-    qemu_img(dir, &["create", "-q", "-f", "qcow2", "a.qcow2", "1M"]);
-    qemu_img(
+    qemu_img_ok(dir, &["create", "-q", "-f", "qcow2", "a.qcow2", "1M"]);
+    qemu_img_ok(
         dir,
         &[
             "create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "b.qcow2",
         ],
     );
-    qemu_img(
+    qemu_img_ok(
         dir,
         &["rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", "a.qcow2"],
     );
     same_error(dir, &["info", "--backing-chain", "a.qcow2"]);
-    qemu_img(
+    qemu_img_ok(
         dir,
         &[
             "create",

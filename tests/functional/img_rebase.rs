@@ -39,8 +39,8 @@ impl Pair {
     /// The standard chain (qemu-made unless `our_top`), plus `other.qcow2`.
     fn chain(tag: &str, our_top: bool) -> Self {
         Pair::copied(tag, |d| {
-            qemu_img(d, &["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
-            qemu_img(
+            qemu_img_ok(d, &["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
+            qemu_img_ok(
                 d,
                 &[
                     "create",
@@ -70,13 +70,13 @@ impl Pair {
                 args.extend(top);
                 cryptvm(d, &args).ok();
             } else {
-                qemu_img(d, &top);
+                qemu_img_ok(d, &top);
             }
-            qemu_img(d, &["create", "-q", "-f", "qcow2", "other.qcow2", "4M"]);
-            qemu_io(d, "base.qcow2", &BASE_WRITES);
-            qemu_io(d, "mid.qcow2", &MID_WRITES);
-            qemu_io(d, "top.qcow2", &TOP_WRITES);
-            qemu_io(d, "other.qcow2", &["write -P 4 0 2M"]);
+            qemu_img_ok(d, &["create", "-q", "-f", "qcow2", "other.qcow2", "4M"]);
+            qemu_io_cmds(d, "qcow2", "base.qcow2", &BASE_WRITES);
+            qemu_io_cmds(d, "qcow2", "mid.qcow2", &MID_WRITES);
+            qemu_io_cmds(d, "qcow2", "top.qcow2", &TOP_WRITES);
+            qemu_io_cmds(d, "qcow2", "other.qcow2", &["write -P 4 0 2M"]);
         })
     }
 
@@ -91,8 +91,8 @@ impl Pair {
         assert_eq!(ours.status, theirs.status, "exit status\n{ours}\n{theirs}");
         assert_eq!(ours.stdout, theirs.stdout, "stdout\n{ours}\n{theirs}");
         assert_eq!(
-            messages(&ours.stderr, "cryptvm img: "),
-            messages(&theirs.stderr, "qemu-img: "),
+            stderr_messages(&ours.stderr, "cryptvm img: "),
+            stderr_messages(&theirs.stderr, "qemu-img: "),
             "stderr\n{ours}\n{theirs}"
         );
         ours
@@ -137,34 +137,6 @@ impl Pair {
     }
 }
 
-/// stderr lines without the program's prefix and without the "Try ... --help" hint.
-fn messages(stderr: &str, prefix: &str) -> Vec<String> {
-    stderr
-        .lines()
-        .filter(|l| !l.starts_with("Try '"))
-        .map(|l| l.strip_prefix(prefix).unwrap_or(l).to_string())
-        .collect()
-}
-
-/// `qemu-io -c CMD...` on `file` in `dir`; asserts success and no failed read.
-#[track_caller]
-fn qemu_io(dir: &Path, file: &str, cmds: &[&str]) {
-    let mut args = vec!["-f", "qcow2"];
-    for c in cmds {
-        args.extend(["-c", c]);
-    }
-    args.push(file);
-    let r = run("qemu-io", &args, Some(dir)).ok();
-    assert!(
-        !r.stdout.contains("Pattern verification failed") && !r.stdout.contains("failed"),
-        "qemu-io:\n{r}"
-    );
-}
-
-fn qemu_img(dir: &Path, args: &[&str]) {
-    run("qemu-img", args, Some(dir)).ok();
-}
-
 #[test]
 fn rebase_unsafe_rewrites_only_the_reference() {
     if !require(&["qemu-img", "qemu-io"]) {
@@ -183,8 +155,9 @@ fn rebase_unsafe_rewrites_only_the_reference() {
     assert_eq!(p.backing("top.qcow2"), "base.qcow2");
     p.same_chain();
     // Top's own data is all that changed hands: mid's part is gone from its view.
-    qemu_io(
+    qemu_io_cmds(
         &p.ours(),
+        "qcow2",
         "top.qcow2",
         &["read -P 3 1M 64k", "read -P 1 512k 64k"],
     );
@@ -219,7 +192,7 @@ fn rebase_unsafe_rewrites_only_the_reference() {
         "top.qcow2",
     ]);
     p.same_chain();
-    qemu_io(&p.ours(), "top.qcow2", &TOP_READS);
+    qemu_io_cmds(&p.ours(), "qcow2", "top.qcow2", &TOP_READS);
     // -u without -b: no backing file.
     p.both(&["rebase", "-u", "-q", "top.qcow2"]);
     assert!(p.backing("top.qcow2").is_null());
@@ -242,7 +215,7 @@ fn rebase_safe_keeps_the_content() {
         p.both(&["rebase", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"]);
         assert_eq!(p.backing("top.qcow2"), "base.qcow2");
         p.same_chain();
-        qemu_io(&p.ours(), "top.qcow2", &TOP_READS);
+        qemu_io_cmds(&p.ours(), "qcow2", "top.qcow2", &TOP_READS);
         // Onto another image: everything that differs from it is copied.
         p.both(&[
             "rebase",
@@ -255,17 +228,18 @@ fn rebase_safe_keeps_the_content() {
         ]);
         assert_eq!(p.backing("top.qcow2"), "other.qcow2");
         p.same_chain();
-        qemu_io(&p.ours(), "top.qcow2", &TOP_READS);
+        qemu_io_cmds(&p.ours(), "qcow2", "top.qcow2", &TOP_READS);
         // Onto nothing: everything the old backing chain provided.
         p.both(&["rebase", "-b", "", "top.qcow2"]);
         assert!(p.backing("top.qcow2").is_null());
         p.same_chain();
-        qemu_io(&p.ours(), "top.qcow2", &TOP_READS);
+        qemu_io_cmds(&p.ours(), "qcow2", "top.qcow2", &TOP_READS);
         // Mid onto another image.
         p.both(&["rebase", "-b", "other.qcow2", "-F", "qcow2", "mid.qcow2"]);
         p.same_chain();
-        qemu_io(
+        qemu_io_cmds(
             &p.ours(),
+            "qcow2",
             "mid.qcow2",
             &[
                 "read -P 0 0 64k",
@@ -277,8 +251,9 @@ fn rebase_safe_keeps_the_content() {
         p.both(&["rebase", "-b", "other.qcow2", "-F", "qcow2", "base.qcow2"]);
         assert_eq!(p.backing("base.qcow2"), "other.qcow2");
         p.same_chain();
-        qemu_io(
+        qemu_io_cmds(
             &p.ours(),
+            "qcow2",
             "base.qcow2",
             &["read -P 1 0 1M", "read -P 0 1M 2M", "read -P 5 3M 512k"],
         );
@@ -302,8 +277,8 @@ fn rebase_refusals() {
     p.both(&["rebase", "-b", "nowhere.qcow2", "-F", "qcow2", "top.qcow2"]);
     p.both(&["rebase", "-b", "", "nowhere.qcow2"]);
     // A raw image has no backing file to change.
-    qemu_img(&p.theirs(), &["create", "-q", "-f", "raw", "r.raw", "1M"]);
-    qemu_img(&p.ours(), &["create", "-q", "-f", "raw", "r.raw", "1M"]);
+    qemu_img_ok(&p.theirs(), &["create", "-q", "-f", "raw", "r.raw", "1M"]);
+    qemu_img_ok(&p.ours(), &["create", "-q", "-f", "raw", "r.raw", "1M"]);
     for args in [
         &[
             "rebase",
@@ -335,7 +310,7 @@ fn rebase_refusals() {
         std::fs::rename(d.join("mid.moved"), d.join("mid.qcow2")).expect("rename");
     }
     p.same_chain();
-    qemu_io(&p.ours(), "top.qcow2", &TOP_READS);
+    qemu_io_cmds(&p.ours(), "qcow2", "top.qcow2", &TOP_READS);
 }
 
 #[test]
@@ -347,8 +322,8 @@ fn commit_into_the_backing_file_empties_the_top() {
     let r = p.both(&["commit", "top.qcow2"]);
     assert_eq!(r.stdout, "Image committed.\n");
     p.same_chain();
-    qemu_io(&p.ours(), "top.qcow2", &TOP_READS);
-    qemu_io(&p.ours(), "mid.qcow2", &TOP_READS);
+    qemu_io_cmds(&p.ours(), "qcow2", "top.qcow2", &TOP_READS);
+    qemu_io_cmds(&p.ours(), "qcow2", "mid.qcow2", &TOP_READS);
     // The top allocates nothing any more.
     let map = run(
         "qemu-img",
@@ -373,24 +348,25 @@ fn commit_down_two_levels_and_with_d() {
     let p = Pair::chain("commit-base", false);
     p.both(&["commit", "-b", "base.qcow2", "top.qcow2"]);
     p.same_chain();
-    qemu_io(&p.ours(), "base.qcow2", &TOP_READS);
+    qemu_io_cmds(&p.ours(), "qcow2", "base.qcow2", &TOP_READS);
     // -b implies -d: top and mid keep their data.
-    qemu_io(&p.ours(), "top.qcow2", &["read -P 3 1M 64k"]);
-    qemu_io(&p.ours(), "mid.qcow2", &["read -P 2 512k 64k"]);
+    qemu_io_cmds(&p.ours(), "qcow2", "top.qcow2", &["read -P 3 1M 64k"]);
+    qemu_io_cmds(&p.ours(), "qcow2", "mid.qcow2", &["read -P 2 512k 64k"]);
 
     let p = Pair::chain("commit-d", false);
     p.both(&["commit", "-d", "-q", "top.qcow2"]);
     p.same_chain();
-    qemu_io(&p.ours(), "mid.qcow2", &TOP_READS);
-    qemu_io(
+    qemu_io_cmds(&p.ours(), "qcow2", "mid.qcow2", &TOP_READS);
+    qemu_io_cmds(
         &p.ours(),
+        "qcow2",
         "top.qcow2",
         &["read -P 3 1M 64k", "read -P 6 3200k 4k"],
     );
     // A rate limit slows nothing this small down, but is taken.
     p.both(&["commit", "-r", "1G", "-q", "mid.qcow2"]);
     p.same_chain();
-    qemu_io(&p.ours(), "base.qcow2", &TOP_READS);
+    qemu_io_cmds(&p.ours(), "qcow2", "base.qcow2", &TOP_READS);
 }
 
 #[test]
@@ -411,5 +387,5 @@ fn commit_refusals() {
         assert_eq!(r.status, Some(1), "{r}");
     }
     p.same_chain();
-    qemu_io(&p.ours(), "top.qcow2", &TOP_READS);
+    qemu_io_cmds(&p.ours(), "qcow2", "top.qcow2", &TOP_READS);
 }

@@ -32,8 +32,8 @@ impl Pair {
         assert_eq!(ours.status, theirs.status, "exit status\n{ours}\n{theirs}");
         assert_eq!(ours.stdout, theirs.stdout, "stdout\n{ours}\n{theirs}");
         assert_eq!(
-            messages(&ours.stderr, "cryptvm img: "),
-            messages(&theirs.stderr, "qemu-img: "),
+            stderr_messages(&ours.stderr, "cryptvm img: "),
+            stderr_messages(&theirs.stderr, "qemu-img: "),
             "stderr\n{ours}\n{theirs}"
         );
         assert!(!ours.stderr.contains("panicked"), "{ours}");
@@ -66,34 +66,6 @@ impl Pair {
     }
 }
 
-/// stderr lines without the program's prefix and without the "Try ... --help" hint.
-fn messages(stderr: &str, prefix: &str) -> Vec<String> {
-    stderr
-        .lines()
-        .filter(|l| !l.starts_with("Try '"))
-        .map(|l| l.strip_prefix(prefix).unwrap_or(l).to_string())
-        .collect()
-}
-
-/// `qemu-io -f FMT -c CMD...` on `file` in `dir`; asserts success and no failed read.
-#[track_caller]
-fn qemu_io(dir: &Path, fmt: &str, file: &str, cmds: &[&str]) {
-    let mut args = vec!["-f", fmt];
-    for c in cmds {
-        args.extend(["-c", c]);
-    }
-    args.push(file);
-    let r = run("qemu-io", &args, Some(dir)).ok();
-    assert!(
-        !r.stdout.contains("Pattern verification failed") && !r.stdout.contains("failed"),
-        "qemu-io:\n{r}"
-    );
-}
-
-fn qemu_img(dir: &Path, args: &[&str]) {
-    run("qemu-img", args, Some(dir)).ok();
-}
-
 #[test]
 fn qcow2_grows_past_its_l1_clusters_and_shrinks() {
     if !require(&["qemu-img", "qemu-io"]) {
@@ -105,7 +77,7 @@ fn qcow2_grows_past_its_l1_clusters_and_shrinks() {
         "write -P 0x5a 300M 64k",
     ];
     let p = Pair::copied("resize-qcow2", |d| {
-        qemu_img(
+        qemu_img_ok(
             d,
             &[
                 "create",
@@ -118,7 +90,7 @@ fn qcow2_grows_past_its_l1_clusters_and_shrinks() {
                 "1G",
             ],
         );
-        qemu_io(d, "qcow2", "q.qcow2", &writes);
+        qemu_io_cmds(d, "qcow2", "q.qcow2", &writes);
     });
     // 1 GiB needs 2 L1 entries; 8 TiB needs 16384 (two clusters): the table moves.
     p.resize(&["q.qcow2", "8T"]);
@@ -128,18 +100,18 @@ fn qcow2_grows_past_its_l1_clusters_and_shrinks() {
         "read -P 0xcd 1000M 1M",
         "read -P 0x5a 300M 64k",
     ];
-    qemu_io(&p.ours(), "qcow2", "q.qcow2", &reads);
-    qemu_io(
+    qemu_io_cmds(&p.ours(), "qcow2", "q.qcow2", &reads);
+    qemu_io_cmds(
         &p.ours(),
         "qcow2",
         "q.qcow2",
         &["write -P 0x77 7T 1M", "read -P 0x77 7T 1M"],
     );
-    qemu_io(&p.theirs(), "qcow2", "q.qcow2", &["write -P 0x77 7T 1M"]);
+    qemu_io_cmds(&p.theirs(), "qcow2", "q.qcow2", &["write -P 0x77 7T 1M"]);
     p.resize(&["q.qcow2", "1G"]);
     p.resize(&["--shrink", "-f", "qcow2", "q.qcow2", "500M"]);
     p.same_result("q.qcow2", "qcow2");
-    qemu_io(
+    qemu_io_cmds(
         &p.ours(),
         "qcow2",
         "q.qcow2",
@@ -176,7 +148,7 @@ fn qcow2_made_by_cryptvm_with_small_clusters() {
             ],
         );
         r.ok();
-        qemu_io(
+        qemu_io_cmds(
             d,
             "qcow2",
             "c.qcow2",
@@ -186,7 +158,7 @@ fn qcow2_made_by_cryptvm_with_small_clusters() {
     // 512 B clusters: one L1 entry maps 32 KiB, one L1 cluster 2 MiB.
     p.resize(&["c.qcow2", "200M"]);
     p.same_result("c.qcow2", "qcow2");
-    qemu_io(
+    qemu_io_cmds(
         &p.ours(),
         "qcow2",
         "c.qcow2",
@@ -194,7 +166,7 @@ fn qcow2_made_by_cryptvm_with_small_clusters() {
     );
     p.resize(&["--shrink", "c.qcow2", "60M"]);
     p.same_result("c.qcow2", "qcow2");
-    qemu_io(
+    qemu_io_cmds(
         &p.ours(),
         "qcow2",
         "c.qcow2",
@@ -209,8 +181,8 @@ fn qcow2_preallocation_modes() {
     }
     let p = Pair::copied("resize-prealloc", |d| {
         for f in ["m.qcow2", "f.qcow2", "u.qcow2"] {
-            qemu_img(d, &["create", "-q", "-f", "qcow2", f, "10M"]);
-            qemu_io(d, "qcow2", f, &["write -P 0x42 9M 1M"]);
+            qemu_img_ok(d, &["create", "-q", "-f", "qcow2", f, "10M"]);
+            qemu_io_cmds(d, "qcow2", f, &["write -P 0x42 9M 1M"]);
         }
     });
     for (mode, f) in [
@@ -220,7 +192,7 @@ fn qcow2_preallocation_modes() {
     ] {
         p.resize(&[&format!("--preallocation={mode}"), f, "+20M"]);
         p.same_result(f, "qcow2");
-        qemu_io(
+        qemu_io_cmds(
             &p.ours(),
             "qcow2",
             f,
@@ -244,15 +216,15 @@ fn qcow2_with_internal_snapshots() {
         return;
     }
     let p = Pair::copied("resize-snap", |d| {
-        qemu_img(d, &["create", "-q", "-f", "qcow2", "s.qcow2", "64M"]);
-        qemu_io(
+        qemu_img_ok(d, &["create", "-q", "-f", "qcow2", "s.qcow2", "64M"]);
+        qemu_io_cmds(
             d,
             "qcow2",
             "s.qcow2",
             &["write -P 0x33 0 1M", "write -P 0x44 60M 1M"],
         );
-        qemu_img(d, &["snapshot", "-c", "snap1", "s.qcow2"]);
-        qemu_img(
+        qemu_img_ok(d, &["snapshot", "-c", "snap1", "s.qcow2"]);
+        qemu_img_ok(
             d,
             &[
                 "create",
@@ -265,15 +237,15 @@ fn qcow2_with_internal_snapshots() {
                 "64M",
             ],
         );
-        qemu_img(d, &["snapshot", "-c", "snap1", "v2.qcow2"]);
+        qemu_img_ok(d, &["snapshot", "-c", "snap1", "v2.qcow2"]);
     });
     // Version 3 records snapshot sizes: qemu-img resizes either way; version 2 refuses.
     p.resize(&["--shrink", "s.qcow2", "32M"]);
     p.same_result("s.qcow2", "qcow2");
     p.resize(&["s.qcow2", "1G"]);
     p.same_result("s.qcow2", "qcow2");
-    qemu_img(&p.ours(), &["snapshot", "-a", "snap1", "s.qcow2"]);
-    qemu_io(
+    qemu_img_ok(&p.ours(), &["snapshot", "-a", "snap1", "s.qcow2"]);
+    qemu_io_cmds(
         &p.ours(),
         "qcow2",
         "s.qcow2",
@@ -289,8 +261,8 @@ fn raw_grows_and_shrinks() {
         return;
     }
     let p = Pair::copied("resize-raw", |d| {
-        qemu_img(d, &["create", "-q", "-f", "raw", "r.raw", "1M"]);
-        qemu_io(d, "raw", "r.raw", &["write -P 0x61 0 1M"]);
+        qemu_img_ok(d, &["create", "-q", "-f", "raw", "r.raw", "1M"]);
+        qemu_io_cmds(d, "raw", "r.raw", &["write -P 0x61 0 1M"]);
         std::fs::write(d.join("odd.raw"), vec![7u8; 1000]).expect("write");
     });
     p.resize(&["-f", "raw", "r.raw", "+3M"]);
@@ -302,7 +274,7 @@ fn raw_grows_and_shrinks() {
     p.resize(&["-f", "raw", "r.raw", "512k"]);
     p.resize(&["-q", "-f", "raw", "--shrink", "r.raw", "512k"]);
     p.same_result("r.raw", "raw");
-    qemu_io(&p.ours(), "raw", "r.raw", &["read -P 0x61 0 512k"]);
+    qemu_io_cmds(&p.ours(), "raw", "r.raw", &["read -P 0x61 0 512k"]);
     // Probed raw: qemu-img's warning; sizes relative to the sector-rounded length.
     p.resize(&["odd.raw", "+24"]);
     p.resize(&["odd.raw", "--shrink", "1000"]);
@@ -317,7 +289,7 @@ fn luks_attached_and_over_qcow2() {
     let obj = format!("--object={SECRET}");
     let p = Pair::copied("resize-luks", |d| {
         let o = obj.as_str();
-        qemu_img(
+        qemu_img_ok(
             d,
             &[
                 "create",
@@ -331,7 +303,7 @@ fn luks_attached_and_over_qcow2() {
                 "4M",
             ],
         );
-        qemu_img(
+        qemu_img_ok(
             d,
             &["convert", "-f", "raw", "-O", "qcow2", "l.luks", "lq.qcow2"],
         );
@@ -377,8 +349,8 @@ fn refusals_match_qemu_img() {
         return;
     }
     let p = Pair::copied("resize-refuse", |d| {
-        qemu_img(d, &["create", "-q", "-f", "qcow2", "q.qcow2", "1G"]);
-        qemu_img(d, &["create", "-q", "-f", "raw", "r.raw", "1M"]);
+        qemu_img_ok(d, &["create", "-q", "-f", "qcow2", "q.qcow2", "1G"]);
+        qemu_img_ok(d, &["create", "-q", "-f", "raw", "r.raw", "1M"]);
     });
     let cases: &[&[&str]] = &[
         &["q.qcow2", "512M"],

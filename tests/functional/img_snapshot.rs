@@ -36,8 +36,8 @@ impl Pair {
             "stdout of {args:?}\n{ours}\n{theirs}"
         );
         assert_eq!(
-            messages(&ours.stderr, "cryptvm img: "),
-            messages(&theirs.stderr, "qemu-img: "),
+            stderr_messages(&ours.stderr, "cryptvm img: "),
+            stderr_messages(&theirs.stderr, "qemu-img: "),
             "stderr of {args:?}\n{ours}\n{theirs}"
         );
         (ours, theirs)
@@ -90,30 +90,6 @@ fn mask_dates(s: &str) -> String {
     out
 }
 
-/// stderr lines without the program's prefix and without the "Try ... --help" hint.
-fn messages(stderr: &str, prefix: &str) -> Vec<String> {
-    stderr
-        .lines()
-        .filter(|l| !l.starts_with("Try '"))
-        .map(|l| l.strip_prefix(prefix).unwrap_or(l).to_string())
-        .collect()
-}
-
-/// `qemu-io -f qcow2 -c CMD...` on `file` in `dir`; asserts no failed command.
-#[track_caller]
-fn qemu_io(dir: &Path, file: &str, cmds: &[&str]) {
-    let mut args = vec!["-f", "qcow2"];
-    for c in cmds {
-        args.extend(["-c", c]);
-    }
-    args.push(file);
-    let r = run("qemu-io", &args, Some(dir)).ok();
-    assert!(
-        !r.stdout.contains("Pattern verification failed") && !r.stdout.contains("failed"),
-        "qemu-io {cmds:?}:\n{r}"
-    );
-}
-
 /// A qcow2 image made by qemu-img or by cryptvm, with `opts`.
 fn make_image(d: &Path, by_qemu: bool, opts: &str, size: &str) {
     let args = ["create", "-q", "-f", "qcow2", "-o", opts, "q.qcow2", size];
@@ -130,15 +106,16 @@ fn make_image(d: &Path, by_qemu: bool, opts: &str, size: &str) {
 fn lifecycle(tag: &str, by_qemu: bool, opts: &str, size: &str, far: &str) {
     let p = Pair::copied(tag, |d| {
         make_image(d, by_qemu, opts, size);
-        qemu_io(
+        qemu_io_cmds(
             d,
+            "qcow2",
             "q.qcow2",
             &["write -P 1 0 64k", &format!("write -P 5 {far} 64k")],
         );
     });
     let writes_both = |cmds: &[&str]| {
-        qemu_io(&p.ours(), "q.qcow2", cmds);
-        qemu_io(&p.theirs(), "q.qcow2", cmds);
+        qemu_io_cmds(&p.ours(), "qcow2", "q.qcow2", cmds);
+        qemu_io_cmds(&p.theirs(), "qcow2", "q.qcow2", cmds);
     };
     // No snapshots: the list is empty.
     p.both(&["snapshot", "-l", "q.qcow2"]);
@@ -160,8 +137,9 @@ fn lifecycle(tag: &str, by_qemu: bool, opts: &str, size: &str, far: &str) {
     // By name: the first of that name (ID 1).
     p.both(&["snapshot", "-a", "s1", "q.qcow2"]);
     p.same_state("q.qcow2");
-    qemu_io(
+    qemu_io_cmds(
         &p.ours(),
+        "qcow2",
         "q.qcow2",
         &[
             "read -P 1 0 64k",
@@ -173,8 +151,9 @@ fn lifecycle(tag: &str, by_qemu: bool, opts: &str, size: &str, far: &str) {
     writes_both(&["write -P 6 0 64k"]);
     p.both(&["snapshot", "-a", "2", "q.qcow2"]);
     p.same_state("q.qcow2");
-    qemu_io(
+    qemu_io_cmds(
         &p.ours(),
+        "qcow2",
         "q.qcow2",
         &["read -P 2 0 64k", "read -P 3 2M 128k"],
     );
@@ -184,8 +163,9 @@ fn lifecycle(tag: &str, by_qemu: bool, opts: &str, size: &str, far: &str) {
     p.same_state("q.qcow2");
     p.both(&["snapshot", "-a", "s1", "q.qcow2"]);
     p.same_state("q.qcow2");
-    qemu_io(
+    qemu_io_cmds(
         &p.ours(),
+        "qcow2",
         "q.qcow2",
         &["read -P 2 0 64k", "read -P 3 2M 128k"],
     );
@@ -196,8 +176,9 @@ fn lifecycle(tag: &str, by_qemu: bool, opts: &str, size: &str, far: &str) {
     let (ours, _) = p.both(&["snapshot", "-l", "q.qcow2"]);
     assert!(ours.stdout.is_empty(), "{ours}");
     // The data survives every snapshot's deletion.
-    qemu_io(
+    qemu_io_cmds(
         &p.ours(),
+        "qcow2",
         "q.qcow2",
         &["read -P 2 0 64k", "read -P 3 2M 128k"],
     );
@@ -249,7 +230,7 @@ fn refusals_as_qemu_img() {
     }
     let p = Pair::copied("snap-refuse", |d| {
         make_image(d, true, "cluster_size=65536", "4M");
-        qemu_io(d, "q.qcow2", &["write -P 1 0 64k"]);
+        qemu_io_cmds(d, "qcow2", "q.qcow2", &["write -P 1 0 64k"]);
         run("qemu-img", ["snapshot", "-c", "s1", "q.qcow2"], Some(d)).ok();
         run(
             "qemu-img",
@@ -290,11 +271,21 @@ fn convert_from_a_snapshot_as_qemu_img() {
     }
     let p = Pair::copied("snap-convert", |d| {
         make_image(d, true, "cluster_size=65536", "8M");
-        qemu_io(d, "q.qcow2", &["write -P 1 0 64k", "write -P 7 3M 64k"]);
+        qemu_io_cmds(
+            d,
+            "qcow2",
+            "q.qcow2",
+            &["write -P 1 0 64k", "write -P 7 3M 64k"],
+        );
         run("qemu-img", ["snapshot", "-c", "s1", "q.qcow2"], Some(d)).ok();
-        qemu_io(d, "q.qcow2", &["write -P 2 0 64k", "write -P 8 5M 64k"]);
+        qemu_io_cmds(
+            d,
+            "qcow2",
+            "q.qcow2",
+            &["write -P 2 0 64k", "write -P 8 5M 64k"],
+        );
         run("qemu-img", ["snapshot", "-c", "s2", "q.qcow2"], Some(d)).ok();
-        qemu_io(d, "q.qcow2", &["write -P 3 0 64k"]);
+        qemu_io_cmds(d, "qcow2", "q.qcow2", &["write -P 3 0 64k"]);
         run(
             "qemu-img",
             ["create", "-q", "-f", "raw", "r.raw", "1M"],
@@ -321,8 +312,9 @@ fn convert_from_a_snapshot_as_qemu_img() {
         }
     }
     // What was converted is the snapshot's data, not the active image's.
-    qemu_io(
+    qemu_io_cmds(
         &p.ours(),
+        "qcow2",
         "o1.qcow2",
         &["read -P 1 0 64k", "read -P 0 5M 64k"],
     );
@@ -348,7 +340,7 @@ fn refcount_overflow_as_qemu_img() {
     // leaving the same leaked L1 copy as qemu-img leaves.
     let p = Pair::copied("snap-rc1", |d| {
         make_image(d, true, "refcount_bits=1", "4M");
-        qemu_io(d, "q.qcow2", &["write -P 1 0 64k"]);
+        qemu_io_cmds(d, "qcow2", "q.qcow2", &["write -P 1 0 64k"]);
     });
     let (ours, _) = p.both(&["snapshot", "-c", "s", "q.qcow2"]);
     assert_eq!(ours.status, Some(1), "{ours}");
@@ -359,7 +351,7 @@ fn refcount_overflow_as_qemu_img() {
         (b.status, &b.stdout, &b.stderr)
     );
     p.both(&["snapshot", "-l", "q.qcow2"]);
-    qemu_io(&p.ours(), "q.qcow2", &["read -P 1 0 64k"]);
+    qemu_io_cmds(&p.ours(), "qcow2", "q.qcow2", &["read -P 1 0 64k"]);
 }
 
 #[test]
@@ -381,12 +373,18 @@ fn compressed_clusters_resizes_and_qemu_made_snapshots() {
     }
     let p = Pair::copied("snap-mixed", |d| {
         make_image(d, true, "cluster_size=65536", "8M");
-        qemu_io(d, "q.qcow2", &["write -P 1 0 256k", "write -c -P 9 1M 64k"]);
+        qemu_io_cmds(
+            d,
+            "qcow2",
+            "q.qcow2",
+            &["write -P 1 0 256k", "write -c -P 9 1M 64k"],
+        );
         // Made by qemu-img: ours applies and deletes them.
         run("qemu-img", ["snapshot", "-c", "small", "q.qcow2"], Some(d)).ok();
         run("qemu-img", ["resize", "-q", "q.qcow2", "16M"], Some(d)).ok();
-        qemu_io(
+        qemu_io_cmds(
             d,
+            "qcow2",
             "q.qcow2",
             &["write -P 2 12M 64k", "write -c -P 4 2M 64k"],
         );
@@ -408,15 +406,17 @@ fn compressed_clusters_resizes_and_qemu_made_snapshots() {
     };
     assert_eq!(size(&p.ours()), size(&p.theirs()));
     assert_eq!(size(&p.ours()), serde_json::json!(8 << 20));
-    qemu_io(
+    qemu_io_cmds(
         &p.ours(),
+        "qcow2",
         "q.qcow2",
         &["read -P 1 0 256k", "read -P 9 1M 64k"],
     );
     p.both(&["snapshot", "-a", "big", "q.qcow2"]);
     p.same_state("q.qcow2");
-    qemu_io(
+    qemu_io_cmds(
         &p.ours(),
+        "qcow2",
         "q.qcow2",
         &["read -P 4 2M 64k", "read -P 2 12M 64k"],
     );
@@ -424,8 +424,9 @@ fn compressed_clusters_resizes_and_qemu_made_snapshots() {
         p.both(&["snapshot", "-d", name, "q.qcow2"]);
         p.same_state("q.qcow2");
     }
-    qemu_io(
+    qemu_io_cmds(
         &p.ours(),
+        "qcow2",
         "q.qcow2",
         &["read -P 4 2M 64k", "read -P 9 1M 64k"],
     );
