@@ -211,6 +211,20 @@ impl BlockError {
                 L::WrongPassphrase => ErrorKind::PermissionDenied,
                 L::Io { source, .. } => io_kind(source),
                 L::Random(_) => ErrorKind::Io,
+                L::Luks2(e) => {
+                    use crate::luks::luks2::Luks2Error as L2;
+                    match e {
+                        L2::NoValidHeader { .. }
+                        | L2::BadHeader(_)
+                        | L2::Json(_)
+                        | L2::TooDeep { .. }
+                        | L2::Field { .. } => ErrorKind::Corrupt,
+                        L2::Unsupported(_) | L2::Requirements(_) | L2::Reencryption(_) => {
+                            ErrorKind::NotSupported
+                        }
+                        L2::Argon2Memory { .. } => ErrorKind::InvalidArgument,
+                    }
+                }
             },
             Self::Secret(e) => match e {
                 S::NotFound(_) => ErrorKind::NotFound,
