@@ -71,14 +71,22 @@ fn openssl_xts(encrypt: bool, key: &[u8], iv: &[u8], data: &[u8]) -> Vec<u8> {
     let xor = |d: &[u8]| -> Vec<u8> {
         d.chunks_exact(16)
             .zip(&tweaks)
-            .flat_map(|(b, t)| (u128::from_le_bytes(b.try_into().expect("block")) ^ t).to_le_bytes())
+            .flat_map(|(b, t)| {
+                (u128::from_le_bytes(b.try_into().expect("block")) ^ t).to_le_bytes()
+            })
             .collect()
     };
     xor(&openssl_enc(&ecb(k1.len()), encrypt, k1, None, &xor(data)))
 }
 
 /// One sector through the segment's cipher with `openssl`.
-fn openssl_sector(encryption: &str, encrypt: bool, key: &[u8], sector: u64, data: &[u8]) -> Vec<u8> {
+fn openssl_sector(
+    encryption: &str,
+    encrypt: bool,
+    key: &[u8],
+    sector: u64,
+    data: &[u8],
+) -> Vec<u8> {
     let mut iv = vec![0u8; 16];
     iv[..8].copy_from_slice(&sector.to_le_bytes());
     match encryption {
@@ -86,7 +94,13 @@ fn openssl_sector(encryption: &str, encrypt: bool, key: &[u8], sector: u64, data
         "aes-cbc-essiv:sha256" => {
             let salt = openssl_sha256(key);
             let iv = openssl_enc("aes-256-ecb", true, &salt, None, &iv);
-            openssl_enc(&format!("aes-{}-cbc", key.len() * 8), encrypt, key, Some(&iv), data)
+            openssl_enc(
+                &format!("aes-{}-cbc", key.len() * 8),
+                encrypt,
+                key,
+                Some(&iv),
+                data,
+            )
         }
         other => panic!("no openssl rule for {other}"),
     }
@@ -107,10 +121,16 @@ fn cryptsetup_volume(tag: &str, case: Case) {
         let img = s.sparse("disk.luks", (16 << 20) + SIZE);
         (Luks::attached(&img), img.clone(), img)
     };
-    let mut args: Vec<String> = ["luksFormat", "--type", "luks2", "--batch-mode", "--key-file"]
-        .iter()
-        .map(|a| a.to_string())
-        .collect();
+    let mut args: Vec<String> = [
+        "luksFormat",
+        "--type",
+        "luks2",
+        "--batch-mode",
+        "--key-file",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
     args.push(s.pass_file.display().to_string());
     let has_kdf = case.args.iter().any(|a| a.starts_with("--pbkdf"));
     if !has_kdf {
@@ -125,7 +145,11 @@ fn cryptsetup_volume(tag: &str, case: Case) {
 
     let meta = json_metadata(&header);
     let seg = &meta["segments"]["0"];
-    let offset: u64 = seg["offset"].as_str().expect("offset").parse().expect("number");
+    let offset: u64 = seg["offset"]
+        .as_str()
+        .expect("offset")
+        .parse()
+        .expect("number");
     let sector = seg["sector_size"].as_u64().expect("sector_size");
     let encryption = seg["encryption"].as_str().expect("encryption").to_string();
     let key = cryptsetup_master_key(&header, &s.pass_file);
@@ -138,7 +162,13 @@ fn cryptsetup_volume(tag: &str, case: Case) {
     // img info: LUKS2, the segment's sector size.
     let info = cryptvm(
         s.path(),
-        ["img", "info", "--output=json", "--image-opts", &luks.image_opts()],
+        [
+            "img",
+            "info",
+            "--output=json",
+            "--image-opts",
+            &luks.image_opts(),
+        ],
     )
     .ok()
     .json();
@@ -175,7 +205,11 @@ fn cryptsetup_volume(tag: &str, case: Case) {
         let at = (offset + n * sector) as usize;
         let pt = openssl_sector(&encryption, false, &key, n, &disk[at..at + sector as usize]);
         let want = &src_bytes[(n * sector) as usize..((n + 1) * sector) as usize];
-        assert_same_bytes(&pt, want, &format!("{tag}: openssl decryption of sector {n}"));
+        assert_same_bytes(
+            &pt,
+            want,
+            &format!("{tag}: openssl decryption of sector {n}"),
+        );
     }
 
     // openssl encrypts, cryptvm reads.
@@ -204,7 +238,11 @@ fn cryptsetup_volume(tag: &str, case: Case) {
         ],
     )
     .ok();
-    assert_same_bytes(&read(&out), &expected, &format!("{tag}: cryptvm read of openssl's data"));
+    assert_same_bytes(
+        &read(&out),
+        &expected,
+        &format!("{tag}: cryptvm read of openssl's data"),
+    );
     let want = s.write("want.raw", &expected);
     let r = cryptvm(
         s.path(),
@@ -383,7 +421,12 @@ fn hostile_bad_checksums() {
 
 #[test]
 fn hostile_json_too_deep() {
-    hostile("deep", "text = b'[' * 5000 + b']' * 5000", false, &["deeper"]);
+    hostile(
+        "deep",
+        "text = b'[' * 5000 + b']' * 5000",
+        false,
+        &["deeper"],
+    );
 }
 
 #[test]

@@ -20,7 +20,9 @@ use crate::resize::{Prealloc, ResizeError};
 use crate::sg::{SgCursor, Split};
 use crate::{BlockError, Result, SECTOR_SIZE};
 
-/// The parsed header of either version.
+/// The parsed header of either version (one per node, so the LUKS1 header
+/// inline costs nothing worth a box).
+#[allow(clippy::large_enum_variant)]
 enum Meta {
     V1(LuksHeader),
     V2(Box<Luks2Header>),
@@ -177,18 +179,23 @@ impl LuksNode {
         let size = match seg.size {
             None => avail - avail % sector,
             Some(size) if size <= avail => size,
-            Some(size) => {
-                return Err(LuksError::from(luks2::Luks2Error::field(
-                    "segments.0.size",
-                    format!("{size} bytes at {payload_offset} go beyond the end of the image ({} bytes)", payload.size()),
-                ))
-                .into())
-            }
+            Some(size) => return Err(LuksError::from(luks2::Luks2Error::field(
+                "segments.0.size",
+                format!(
+                    "{size} bytes at {payload_offset} go beyond the end of the image ({} bytes)",
+                    payload.size()
+                ),
+            ))
+            .into()),
         };
         let cipher = if let Some(passphrase) = passphrase {
             let (key, _slot) =
                 luks2::keyslot::unlock(&header.meta, passphrase, &mut read, node_size, kdf_limit)?;
-            Some(new_sector_cipher_sized(&seg.spec, &key, seg.sector_size as usize)?)
+            Some(new_sector_cipher_sized(
+                &seg.spec,
+                &key,
+                seg.sector_size as usize,
+            )?)
         } else {
             None
         };
@@ -218,11 +225,18 @@ impl LuksNode {
                 let mut kdf = serde_json::Map::new();
                 kdf.insert("type".into(), json!(k.kdf.name()));
                 match &k.kdf {
-                    luks2::Kdf::Pbkdf2 { hash, iterations, .. } => {
+                    luks2::Kdf::Pbkdf2 {
+                        hash, iterations, ..
+                    } => {
                         kdf.insert("hash".into(), json!(hash.name()));
                         kdf.insert("iterations".into(), json!(iterations));
                     }
-                    luks2::Kdf::Argon2 { time, memory_kib, cpus, .. } => {
+                    luks2::Kdf::Argon2 {
+                        time,
+                        memory_kib,
+                        cpus,
+                        ..
+                    } => {
                         kdf.insert("time".into(), json!(time));
                         kdf.insert("memory".into(), json!(memory_kib));
                         kdf.insert("cpus".into(), json!(cpus));
@@ -282,9 +296,11 @@ impl LuksNode {
 
     fn encrypt(&self, first_sector: u64, buf: &mut [u8]) -> Result<()> {
         let cipher = self.cipher()?;
-        for_each_piece(vec![(first_sector, buf)], self.sector as usize, |s, b: &mut [u8]| {
-            cipher.encrypt(s, b)
-        });
+        for_each_piece(
+            vec![(first_sector, buf)],
+            self.sector as usize,
+            |s, b: &mut [u8]| cipher.encrypt(s, b),
+        );
         Ok(())
     }
 
@@ -483,7 +499,8 @@ impl BlockNode for LuksNode {
         check_range("luks", self.size(), offset, total_len(bufs))?;
         self.cipher()?;
         let s = self.sector;
-        if is_sector_aligned(offset, 0, s) && bufs.iter().all(|b| is_sector_aligned(0, b.len(), s)) {
+        if is_sector_aligned(offset, 0, s) && bufs.iter().all(|b| is_sector_aligned(0, b.len(), s))
+        {
             return self.read_sectors(offset, bufs);
         }
         self.read_bounced(offset, bufs)
@@ -560,7 +577,8 @@ impl BlockNode for LuksNode {
             .filter(|&e| e <= i64::MAX as u64)
             .ok_or(ResizeError::TooLarge)?;
         self.payload.truncate(end, prealloc)?;
-        self.size.store(size - size % self.sector, Ordering::Release);
+        self.size
+            .store(size - size % self.sector, Ordering::Release);
         Ok(())
     }
 

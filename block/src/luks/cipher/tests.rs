@@ -899,7 +899,9 @@ fn xts_throughput() {
 /// odd sizes are refused.
 #[test]
 fn sized_sectors_match_reference() {
-    let key: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(37).wrapping_add(5)).collect();
+    let key: Vec<u8> = (0..64u8)
+        .map(|i| i.wrapping_mul(37).wrapping_add(5))
+        .collect();
     for (alg, mode, ivgen, bytes) in [
         ("aes", "xts-plain64", IvGenAlg::Plain64, 64u32),
         ("aes", "xts-plain64", IvGenAlg::Plain64, 32),

@@ -108,7 +108,8 @@ fn read_copy(
         Copy::Primary => "primary",
         Copy::Secondary => "secondary",
     };
-    let bad = |m: String| Luks2Error::BadHeader(format!("{which} LUKS2 header at offset {offset}: {m}"));
+    let bad =
+        |m: String| Luks2Error::BadHeader(format!("{which} LUKS2 header at offset {offset}: {m}"));
     if offset + BIN_HDR_SIZE as u64 > node_size {
         return Err(bad(format!(
             "beyond the end of the header ({node_size} bytes)"
@@ -186,15 +187,14 @@ pub fn checksum(hash: HashAlg, bin: &[u8], json_area: &[u8]) -> Vec<u8> {
 /// Both intact copies (primary first), or why none is: the primary at 0;
 /// the secondary at the primary's `hdr_size`, or, with a damaged primary,
 /// at the first of [`HDR_SIZES`] that holds one (as cryptsetup looks for it).
-pub fn read_copies(
-    read: &mut ReadFn<'_>,
-    node_size: u64,
-) -> Result<Vec<HeaderCopy>, Luks2Error> {
+pub fn read_copies(read: &mut ReadFn<'_>, node_size: u64) -> Result<Vec<HeaderCopy>, Luks2Error> {
     let primary = read_copy(read, node_size, 0, Copy::Primary);
     let secondary = match &primary {
         Ok(p) => read_copy(read, node_size, p.hdr_size, Copy::Secondary),
         Err(_) => {
-            let mut found = Err(Luks2Error::BadHeader("no secondary LUKS2 header found".into()));
+            let mut found = Err(Luks2Error::BadHeader(
+                "no secondary LUKS2 header found".into(),
+            ));
             for &at in HDR_SIZES.iter() {
                 if at + BIN_HDR_SIZE as u64 > node_size {
                     break;

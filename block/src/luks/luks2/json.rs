@@ -219,15 +219,22 @@ fn get_b64(o: &Map<String, Value>, path: &str, key: &str) -> Result<Vec<u8>, Luk
 
 fn get_hash(o: &Map<String, Value>, path: &str, key: &str) -> Result<HashAlg, Luks2Error> {
     let name = get_str(o, path, key)?;
-    HashAlg::from_name(name)
-        .map_err(|_| Luks2Error::field(format!("{path}.{key}"), format!("names unsupported hash '{name}'")))
+    HashAlg::from_name(name).map_err(|_| {
+        Luks2Error::field(
+            format!("{path}.{key}"),
+            format!("names unsupported hash '{name}'"),
+        )
+    })
 }
+
+/// An entry of a numbered object: its number, JSON path and value.
+type Entry<'a> = (u32, String, &'a Map<String, Value>);
 
 /// The entries of a numbered object (`"0"`, `"1"`, ...).
 fn numbered<'a>(
     root: &'a Map<String, Value>,
     key: &str,
-) -> Result<Vec<(u32, String, &'a Map<String, Value>)>, Luks2Error> {
+) -> Result<Vec<Entry<'a>>, Luks2Error> {
     let Some(v) = root.get(key) else {
         return Err(Luks2Error::field(key, "is missing"));
     };
@@ -238,7 +245,9 @@ fn numbered<'a>(
             .parse::<u32>()
             .ok()
             .filter(|n| *n < MAX_ENTRIES && n.to_string() == *name)
-            .ok_or_else(|| Luks2Error::field(&path, format!("is not a number below {MAX_ENTRIES}")))?;
+            .ok_or_else(|| {
+                Luks2Error::field(&path, format!("is not a number below {MAX_ENTRIES}"))
+            })?;
         out.push((n, path.clone(), obj(entry, &path)?));
     }
     Ok(out)
@@ -252,10 +261,15 @@ pub fn cipher_spec(enc: &str, key_bytes: u32, path: &str) -> Result<CipherSpec, 
         return Err(Luks2Error::Unsupported(format!("cipher '{enc}' ({path})")));
     }
     let Some((name, mode)) = enc.split_once('-') else {
-        return Err(Luks2Error::field(path, format!("'{enc}' is not cipher-mode-iv")));
+        return Err(Luks2Error::field(
+            path,
+            format!("'{enc}' is not cipher-mode-iv"),
+        ));
     };
     CipherSpec::from_luks(name, mode, "sha256", key_bytes).map_err(|e| {
-        Luks2Error::Unsupported(format!("cipher '{enc}' with a {key_bytes}-byte key ({path}): {e}"))
+        Luks2Error::Unsupported(format!(
+            "cipher '{enc}' with a {key_bytes}-byte key ({path}): {e}"
+        ))
     })
 }
 
@@ -272,7 +286,10 @@ impl Metadata {
         let root = obj(&root, "(root)")?;
 
         // config first: requirements decide whether anything else is read.
-        let config = obj(get(root, "", "config").map_err(|_| Luks2Error::field("config", "is missing"))?, "config")?;
+        let config = obj(
+            get(root, "", "config").map_err(|_| Luks2Error::field("config", "is missing"))?,
+            "config",
+        )?;
         if let Some(req) = config.get("requirements") {
             let req = obj(req, "config.requirements")?;
             if let Some(m) = req.get("mandatory") {
@@ -334,7 +351,10 @@ impl Metadata {
             )));
         }
         if let Some(flags) = seg.get("flags").and_then(Value::as_array) {
-            if flags.iter().any(|f| f.as_str().is_some_and(|f| f.starts_with("backup-") || f.contains("reencrypt"))) {
+            if flags.iter().any(|f| {
+                f.as_str()
+                    .is_some_and(|f| f.starts_with("backup-") || f.contains("reencrypt"))
+            }) {
                 return Err(Luks2Error::Reencryption(format!("{seg_path}.flags")));
             }
         }
@@ -372,7 +392,9 @@ impl Metadata {
         if !detached && offset < areas_end {
             return Err(Luks2Error::field(
                 format!("{seg_path}.offset"),
-                format!("{offset} overlaps the header and key slot areas (which end at {areas_end})"),
+                format!(
+                    "{offset} overlaps the header and key slot areas (which end at {areas_end})"
+                ),
             ));
         }
 
@@ -381,7 +403,9 @@ impl Metadata {
         for (n, path, d) in numbered(root, "digests")? {
             let ty = get_str(d, &path, "type")?;
             if ty != "pbkdf2" {
-                return Err(Luks2Error::Unsupported(format!("digest type '{ty}' ({path}.type)")));
+                return Err(Luks2Error::Unsupported(format!(
+                    "digest type '{ty}' ({path}.type)"
+                )));
             }
             let list = |key: &str| -> Result<Vec<u32>, Luks2Error> {
                 let field = format!("{path}.{key}");
@@ -403,7 +427,10 @@ impl Metadata {
             }
             let digest = get_b64(d, &path, "digest")?;
             if digest.is_empty() || digest.len() > 64 {
-                return Err(Luks2Error::field(format!("{path}.digest"), "is not 1 to 64 bytes"));
+                return Err(Luks2Error::field(
+                    format!("{path}.digest"),
+                    "is not 1 to 64 bytes",
+                ));
             }
             digests.insert(
                 n,
@@ -442,7 +469,12 @@ impl Metadata {
                 None => 1,
                 Some(v) => match v.as_u64() {
                     Some(p @ 0..=2) => p as u8,
-                    _ => return Err(Luks2Error::field(format!("{path}.priority"), "is not 0, 1 or 2")),
+                    _ => {
+                        return Err(Luks2Error::field(
+                            format!("{path}.priority"),
+                            "is not 0, 1 or 2",
+                        ))
+                    }
                 },
             };
             let kpath = format!("{path}.kdf");
@@ -492,7 +524,10 @@ impl Metadata {
                     }
                     let salt = get_b64(kdf_o, &kpath, "salt")?;
                     if salt.len() < 8 {
-                        return Err(Luks2Error::field(format!("{kpath}.salt"), "is shorter than 8 bytes"));
+                        return Err(Luks2Error::field(
+                            format!("{kpath}.salt"),
+                            "is shorter than 8 bytes",
+                        ));
                     }
                     Kdf::Argon2 {
                         id: t == "argon2id",
@@ -502,15 +537,15 @@ impl Metadata {
                         salt,
                     }
                 }
-                t => {
-                    return Err(Luks2Error::Unsupported(format!("kdf '{t}' ({kpath}.type)")))
-                }
+                t => return Err(Luks2Error::Unsupported(format!("kdf '{t}' ({kpath}.type)"))),
             };
             let apath = format!("{path}.af");
             let af = obj(get(k, &path, "af")?, &apath)?;
             let af_type = get_str(af, &apath, "type")?;
             if af_type != "luks1" {
-                return Err(Luks2Error::Unsupported(format!("af type '{af_type}' ({apath}.type)")));
+                return Err(Luks2Error::Unsupported(format!(
+                    "af type '{af_type}' ({apath}.type)"
+                )));
             }
             let stripes = get_u32(af, &apath, "stripes")?;
             if stripes == 0 || stripes > MAX_STRIPES {
@@ -524,7 +559,9 @@ impl Metadata {
             let area = obj(get(k, &path, "area")?, &rpath)?;
             let area_type = get_str(area, &rpath, "type")?;
             if area_type != "raw" {
-                return Err(Luks2Error::Unsupported(format!("area type '{area_type}' ({rpath}.type)")));
+                return Err(Luks2Error::Unsupported(format!(
+                    "area type '{area_type}' ({rpath}.type)"
+                )));
             }
             let area_offset = get_u64_str(area, &rpath, "offset")?;
             let area_size = get_u64_str(area, &rpath, "size")?;
@@ -536,7 +573,11 @@ impl Metadata {
                 ));
             }
             let area_encryption = get_str(area, &rpath, "encryption")?.to_string();
-            let area_spec = cipher_spec(&area_encryption, area_key_size, &format!("{rpath}.encryption"))?;
+            let area_spec = cipher_spec(
+                &area_encryption,
+                area_key_size,
+                &format!("{rpath}.encryption"),
+            )?;
             if area_spec.key_bytes() != area_key_size as usize {
                 return Err(Luks2Error::field(
                     format!("{rpath}.key_size"),
@@ -558,7 +599,10 @@ impl Metadata {
             if area_size < slot.material_len() {
                 return Err(Luks2Error::field(
                     format!("{rpath}.size"),
-                    format!("{area_size} is smaller than the key material ({} bytes)", slot.material_len()),
+                    format!(
+                        "{area_size} is smaller than the key material ({} bytes)",
+                        slot.material_len()
+                    ),
                 ));
             }
             if area_offset < areas_start || area_offset.saturating_add(area_size) > areas_end {
@@ -571,7 +615,10 @@ impl Metadata {
             }
             for (m, other) in &keyslots {
                 let other: &Keyslot = other;
-                if ranges_overlap((area_offset, area_size), (other.area_offset, other.area_size)) {
+                if ranges_overlap(
+                    (area_offset, area_size),
+                    (other.area_offset, other.area_size),
+                ) {
                     return Err(Luks2Error::field(
                         format!("{rpath}.offset"),
                         format!("area overlaps the area of keyslot {m}"),

@@ -47,7 +47,9 @@ fn build(argon: bool) -> Built {
     let mut material = vec![0u8; 64 * 4000];
     af::split(HashAlg::Sha256, &key, 4000, &mut material).unwrap();
     let spec = json::cipher_spec("aes-xts-plain64", 64, "t").unwrap();
-    new_sector_cipher(&spec, &area_key).unwrap().encrypt(0, &mut material);
+    new_sector_cipher(&spec, &area_key)
+        .unwrap()
+        .encrypt(0, &mut material);
     let dsalt = [9u8; 32];
     let mut digest = vec![0u8; 32];
     HashAlg::Sha256.pbkdf2(&key, &dsalt, 1000, &mut digest);
@@ -133,7 +135,10 @@ fn wrong_passphrase_and_priority() {
     assert!(matches!(open(&img, false), Err(LuksError::WrongPassphrase)));
     let mut b = build(false);
     b.json["keyslots"]["0"]["priority"] = json!(0);
-    assert!(matches!(open(&image(&b), false), Err(LuksError::WrongPassphrase)));
+    assert!(matches!(
+        open(&image(&b), false),
+        Err(LuksError::WrongPassphrase)
+    ));
     b.json["keyslots"]["0"]["priority"] = json!(2);
     assert!(open(&image(&b), false).is_ok());
 }
@@ -144,16 +149,19 @@ fn refused(edit: impl Fn(&mut Value), want: &str) {
     let mut b = build(false);
     edit(&mut b.json);
     let e = open(&image(&b), false).unwrap_err();
-    assert!(
-        e.to_string().contains(want),
-        "expected '{want}' in: {e}"
-    );
+    assert!(e.to_string().contains(want), "expected '{want}' in: {e}");
 }
 
 #[test]
 fn hostile_fields() {
-    refused(|j| j["keyslots"]["0"]["af"]["stripes"] = json!(0), "keyslots.0.af.stripes");
-    refused(|j| j["keyslots"]["0"]["key_size"] = json!(100000), "keyslots.0.key_size");
+    refused(
+        |j| j["keyslots"]["0"]["af"]["stripes"] = json!(0),
+        "keyslots.0.af.stripes",
+    );
+    refused(
+        |j| j["keyslots"]["0"]["key_size"] = json!(100000),
+        "keyslots.0.key_size",
+    );
     refused(
         |j| j["keyslots"]["0"]["area"]["offset"] = json!("99999999999"),
         "keyslots.0.area.offset",
@@ -174,10 +182,7 @@ fn hostile_fields() {
         "overlaps the area of keyslot 0",
     );
     refused(
-        |j| {
-            j["keyslots"]["0"]["kdf"] =
-                json!({"type": "argon2id", "time": 4, "memory": 1u64 << 40, "cpus": 4, "salt": "AAAAAAAAAAA="})
-        },
+        |j| j["keyslots"]["0"]["kdf"] = json!({"type": "argon2id", "time": 4, "memory": 1u64 << 40, "cpus": 4, "salt": "AAAAAAAAAAA="}),
         "Argon2 memory",
     );
     refused(
@@ -219,16 +224,16 @@ fn hostile_fields() {
         },
         "reencryption",
     );
-    refused(|j| j["config"]["json_size"] = json!("1"), "config.json_size");
+    refused(
+        |j| j["config"]["json_size"] = json!("1"),
+        "config.json_size",
+    );
     refused(
         |j| j["digests"]["0"]["keyslots"] = json!(["5"]),
         "digests.0.keyslots",
     );
     refused(|j| j["digests"]["0"]["type"] = json!("hmac"), "digest type");
-    refused(
-        |j| j["segments"]["0"]["integrity"] = json!({}),
-        "integrity",
-    );
+    refused(|j| j["segments"]["0"]["integrity"] = json!({}), "integrity");
     refused(|j| j["keyslots"] = json!({"x": {}}), "keyslots.x");
     refused(
         |j| {
@@ -285,7 +290,16 @@ fn kdf_limit() {
     };
     let h = Luks2Header::read(&mut read, img.len() as u64, false).unwrap();
     let e = keyslot::unlock(&h.meta, PASS, &mut read, img.len() as u64, 100).unwrap_err();
-    assert!(matches!(e, LuksError::KdfTooCostly { total: 2000, limit: 100 }), "{e}");
+    assert!(
+        matches!(
+            e,
+            LuksError::KdfTooCostly {
+                total: 2000,
+                limit: 100
+            }
+        ),
+        "{e}"
+    );
 }
 
 /// Through the block graph (`luks` over `file`): a 4096-byte-sector volume takes
@@ -338,9 +352,15 @@ fn node_sector_size_and_iv_tweak() {
 
     let mut model = vec![0u8; 65536];
     d.read_at(0, &mut model).unwrap();
-    for (i, (off, len)) in [(100u64, 10usize), (4090, 20), (8192, 4096), (12000, 9000), (65535, 1)]
-        .into_iter()
-        .enumerate()
+    for (i, (off, len)) in [
+        (100u64, 10usize),
+        (4090, 20),
+        (8192, 4096),
+        (12000, 9000),
+        (65535, 1),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let data: Vec<u8> = (0..len).map(|j| (j * 7 + i * 13) as u8).collect();
         d.write_at(off, &data).unwrap();
