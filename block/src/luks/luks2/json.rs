@@ -231,10 +231,7 @@ fn get_hash(o: &Map<String, Value>, path: &str, key: &str) -> Result<HashAlg, Lu
 type Entry<'a> = (u32, String, &'a Map<String, Value>);
 
 /// The entries of a numbered object (`"0"`, `"1"`, ...).
-fn numbered<'a>(
-    root: &'a Map<String, Value>,
-    key: &str,
-) -> Result<Vec<Entry<'a>>, Luks2Error> {
+fn numbered<'a>(root: &'a Map<String, Value>, key: &str) -> Result<Vec<Entry<'a>>, Luks2Error> {
     let Some(v) = root.get(key) else {
         return Err(Luks2Error::field(key, "is missing"));
     };
