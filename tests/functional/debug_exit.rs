@@ -128,6 +128,9 @@ fn bad_device_properties_and_timeouts_are_refused_before_kvm() {
         &["--device", "isa-debug-exit,iobase=0x3f8"],
     );
     if have_kvm() {
-        run.clean_error(1, &["devices[0]: isa-debug-exit: I/O ports 0x3f8..0x3f9 overlap"]);
+        run.clean_error(
+            1,
+            &["devices[0]: isa-debug-exit: I/O ports 0x3f8..0x3f9 overlap"],
+        );
     }
 }

@@ -129,8 +129,12 @@ pub fn run_config(config: &VmConfig) -> Result<ExitReason, String> {
     .map_err(|e| e.to_string())?;
 
     for planned in &plan.debug_exits {
-        crate::device_manager::debug_exit::place(vm.pio_bus(), vm.exit_state().clone(), &planned.props)
-            .map_err(|e| format!("{}: {e}", planned.path))?;
+        crate::device_manager::debug_exit::place(
+            vm.pio_bus(),
+            vm.exit_state().clone(),
+            &planned.props,
+        )
+        .map_err(|e| format!("{}: {e}", planned.path))?;
     }
     let events = EventBus::new();
     let (machine, control) = build_machine(&vm, config, &plan, &events)?;

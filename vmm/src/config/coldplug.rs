@@ -154,7 +154,9 @@ impl ColdPlug {
 impl ColdPlug {
     /// Whether a device of the plan has `id`.
     fn has_device_id(&self, id: &str) -> bool {
-        self.devices.iter().any(|d| d.props.id.as_deref() == Some(id))
+        self.devices
+            .iter()
+            .any(|d| d.props.id.as_deref() == Some(id))
             || self
                 .debug_exits
                 .iter()

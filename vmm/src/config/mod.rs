@@ -538,7 +538,9 @@ fn parse_timeout(text: &str) -> Result<Option<Duration>, String> {
     }
     let secs: f64 = t.parse().map_err(|_| bad())?;
     if secs > MAX_TIMEOUT_SECS {
-        return Err(format!("'{text}' is too long (at most {MAX_TIMEOUT_SECS:e} s)"));
+        return Err(format!(
+            "'{text}' is too long (at most {MAX_TIMEOUT_SECS:e} s)"
+        ));
     }
     Ok(Some(Duration::from_secs_f64(secs)).filter(|d| !d.is_zero()))
 }

@@ -186,7 +186,9 @@ mod tests {
             iosize: 4,
         };
         assert_eq!(
-            parse(json!({"driver": "isa-debug-exit", "id": "dbg", "iobase": "0xf4", "iosize": "0x04"})),
+            parse(
+                json!({"driver": "isa-debug-exit", "id": "dbg", "iobase": "0xf4", "iosize": "0x04"})
+            ),
             Ok(want.clone())
         );
         assert_eq!(
@@ -233,8 +235,10 @@ mod tests {
             "Parameter 'id' expects an identifier"
         );
         assert!(e(json!({"driver": "isa-debug-exit", "iosize": 0})).contains("at least 1"));
-        assert!(e(json!({"driver": "isa-debug-exit", "iobase": 0xffff, "iosize": 2}))
-            .contains("last I/O port"));
+        assert!(
+            e(json!({"driver": "isa-debug-exit", "iobase": 0xffff, "iosize": 2}))
+                .contains("last I/O port")
+        );
         assert!(e(json!({"driver": "virtio-blk-pci"})).contains("not isa-debug-exit"));
     }
 

@@ -1,8 +1,8 @@
 //! How a VM stops: the reasons the guest (or QMP) gives, and the shared state every vCPU
 //! polls and the VMM's main thread waits on.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
