@@ -32,20 +32,20 @@ pub struct DebugExitProps {
     pub id: Option<String>,
     /// `iobase`: the first port (default 0x501).
     pub iobase: u16,
-    /// `iosize`: how many ports (default 2).
-    pub iosize: u16,
+    /// `iosize`: how many ports (default 2; at most 0x10000 - `iobase`).
+    pub iosize: u32,
 }
 
 /// Why the device could not be placed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DebugExitError {
     /// Its ports are another device's.
-    #[error("{DRIVER}: I/O ports {iobase:#x}..{last:#x} overlap another device", last = u32::from(*iobase) + u32::from(*iosize) - 1)]
+    #[error("{DRIVER}: I/O ports {iobase:#x}..{last:#x} overlap another device", last = u32::from(*iobase) + *iosize - 1)]
     Overlap {
         /// `iobase`.
         iobase: u16,
         /// `iosize`.
-        iosize: u16,
+        iosize: u32,
     },
 }
 
@@ -89,9 +89,9 @@ impl DebugExitProps {
         }
         Ok(DebugExitProps {
             id,
-            // Both fit: iobase + iosize <= 0x10000 and iosize >= 1.
+            // Fits: iobase + iosize <= 0x10000 and iosize >= 1.
             iobase: iobase as u16,
-            iosize: iosize.min(u32::from(u16::MAX)) as u16,
+            iosize,
         })
     }
 }
