@@ -16,7 +16,7 @@
 #[path = "harness.rs"]
 mod harness;
 
-use harness::{Kernel, Outcome, Scenario, Vmm};
+use harness::{Kernel, Mode, Outcome, Scenario, Vmm};
 
 /// Whether to skip (printing why): a tool the harness needs is missing, outside CI.
 fn skip() -> bool {
@@ -88,10 +88,20 @@ fn debug_exit(vmm: Vmm, name: &str) {
     if skip() {
         return;
     }
+    if vmm == Vmm::Qemu && harness::default_mode() == Mode::Nested {
+        // Seen in the TCG test host: with QEMU as the L2 VMM the guest's user-mode `outb`
+        // faults (SIGSEGV) although ioperm (or iopl) succeeded; under cryptvm it works.
+        eprintln!(
+            "skipped: QEMU's guest cannot do port I/O from user mode in the nested test host"
+        );
+        return;
+    }
     let out = Scenario::new(name)
         .vmm(vmm)
         .vmm_args(["--device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
-        .guest_script("blkio outb 0xf4 5 || echo CRYPTVM-TEST outb failed\nsleep 60\nexit 1\n")
+        .guest_script(
+            "blkio outb 0xf4 5 || echo CRYPTVM-TEST outb failed rc=$?\nsleep 60\nexit 1\n",
+        )
         .run();
     assert!(
         !out.l2_console.contains("CRYPTVM-TEST outb failed"),
