@@ -5,6 +5,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::resize::{Prealloc, ResizeError};
+use crate::write_turn::WriteTurn;
 use crate::{BlockError, Result};
 
 /// A shared handle to a block node.
@@ -47,6 +48,17 @@ pub trait BlockNode: Send + Sync {
             pos += buf.len() as u64;
         }
         Ok(())
+    }
+    /// Writes as [`BlockNode::write_vectored`], as one of a sequence of writes
+    /// that allocate in order ([`crate::write_turn`]): `turn.wait()` before
+    /// anything is allocated for it, `turn.pass()` once it all is. Drivers
+    /// that allocate, or whose children do, override it; by default the whole
+    /// write happens in turn.
+    fn write_in_turn(&self, offset: u64, bufs: &[&[u8]], turn: &dyn WriteTurn) -> Result<()> {
+        turn.wait()?;
+        let written = self.write_vectored(offset, bufs);
+        turn.pass();
+        written
     }
     /// Make previous writes durable.
     fn flush(&self) -> Result<()>;

@@ -13,7 +13,7 @@
 
 use std::sync::Arc;
 
-use block::{BlockNode, NodeRef, Result};
+use block::{BlockNode, NodeRef, Result, WriteTurn};
 use serde_json::{Map, Value};
 
 /// A cache mode.
@@ -106,6 +106,9 @@ impl BlockNode for WriteThrough {
     }
     fn write_vectored(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
         self.then_flush(self.0.write_vectored(offset, bufs))
+    }
+    fn write_in_turn(&self, offset: u64, bufs: &[&[u8]], turn: &dyn WriteTurn) -> Result<()> {
+        self.then_flush(self.0.write_in_turn(offset, bufs, turn))
     }
     fn flush(&self) -> Result<()> {
         self.0.flush()

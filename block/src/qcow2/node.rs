@@ -16,7 +16,7 @@ use super::storage::Storage;
 use crate::blockdev::{BackingFiles, Common, DriverKeys, OpenContext};
 use crate::node::{check_range, total_len, BlockNode, BlockStatus, NodeRef};
 use crate::options::Opts;
-use crate::{BlockError, Result};
+use crate::{BlockError, Result, WriteTurn};
 
 /// QEMU's default upper bound of the L2 cache (32 MiB).
 pub const DEFAULT_L2_CACHE_MAX: u64 = 32 << 20;
@@ -621,13 +621,24 @@ impl BlockNode for Qcow2Node {
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
         self.check_writable()?;
         check_range("qcow2", self.size(), offset, buf.len() as u64)?;
-        self.do_write_vectored(offset, &[buf])
+        self.do_write_vectored(offset, &[buf], None)
     }
 
     fn write_vectored(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
         self.check_writable()?;
         check_range("qcow2", self.size(), offset, total_len(bufs))?;
-        self.do_write_vectored(offset, bufs)
+        self.do_write_vectored(offset, bufs, None)
+    }
+
+    fn write_in_turn(&self, offset: u64, bufs: &[&[u8]], turn: &dyn WriteTurn) -> Result<()> {
+        let checked = self
+            .check_writable()
+            .and_then(|()| check_range("qcow2", self.size(), offset, total_len(bufs)));
+        if let Err(e) = checked {
+            turn.pass();
+            return Err(e);
+        }
+        self.do_write_vectored(offset, bufs, Some(turn))
     }
 
     fn flush(&self) -> Result<()> {
