@@ -1310,3 +1310,13 @@ pub fn qemu_io_cmds(dir: &Path, fmt: &str, file: &str, cmds: &[&str]) {
     let r = run("qemu-io", &args, Some(dir)).ok();
     assert!(!r.stdout.contains("failed"), "qemu-io {cmds:?}:\n{r}");
 }
+
+/// `cryptvm run`'s standard error without the warning it prints on a machine
+/// without hardware virtualisation (vmm/src/vstate/hw_virt.rs).
+pub fn without_slow_kvm_warning(stderr: &str) -> String {
+    stderr
+        .lines()
+        .filter(|l| !l.starts_with("cryptvm: warning: this CPU has no hardware virtualisation"))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}

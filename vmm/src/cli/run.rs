@@ -159,6 +159,10 @@ pub fn run_config(config: &VmConfig) -> Result<ExitReason, String> {
         }
         None => None,
     };
+    // Once everything is set up: a configuration error stays the only line.
+    if let Some(warning) = crate::vstate::hw_virt::slow_kvm_warning() {
+        eprintln!("cryptvm: {warning}");
+    }
     let result = vm.run_for(entry, config.timeout).map_err(|e| e.to_string());
     drop(raw);
     if let Some(server) = qmp {
