@@ -48,6 +48,23 @@ pub trait BlockNode: Send + Sync {
         }
         Ok(())
     }
+    /// The unit of compressed writes (the cluster size) when the driver can
+    /// write compressed data ([`BlockNode::write_compressed`]), else None.
+    fn compressed_write_unit(&self) -> Option<u64> {
+        None
+    }
+    /// Writes `buf` at `offset` compressed, as QEMU's
+    /// `BDRV_REQ_WRITE_COMPRESSED`: whole units of
+    /// [`compressed_write_unit`](Self::compressed_write_unit) (the last one
+    /// may end at the end of the node) into unallocated ones. Drivers that
+    /// cannot compress refuse.
+    fn write_compressed(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        let _ = (offset, buf);
+        Err(BlockError::NotSupported(format!(
+            "'{}' nodes cannot write compressed data",
+            self.driver()
+        )))
+    }
     /// Make previous writes durable.
     fn flush(&self) -> Result<()>;
     /// Hint that a range is unused; it may read back as anything afterwards

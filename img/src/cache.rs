@@ -107,6 +107,12 @@ impl BlockNode for WriteThrough {
     fn write_vectored(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
         self.then_flush(self.0.write_vectored(offset, bufs))
     }
+    fn compressed_write_unit(&self) -> Option<u64> {
+        self.0.compressed_write_unit()
+    }
+    fn write_compressed(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.then_flush(self.0.write_compressed(offset, buf))
+    }
     fn flush(&self) -> Result<()> {
         self.0.flush()
     }

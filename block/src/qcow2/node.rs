@@ -630,6 +630,16 @@ impl BlockNode for Qcow2Node {
         self.do_write_vectored(offset, bufs)
     }
 
+    fn compressed_write_unit(&self) -> Option<u64> {
+        Some(self.cluster_size())
+    }
+
+    fn write_compressed(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.check_writable()?;
+        check_range("qcow2", self.size(), offset, buf.len() as u64)?;
+        self.do_write_compressed(offset, buf)
+    }
+
     fn flush(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
