@@ -22,6 +22,14 @@ pub fn decompress(kind: CompressionType, input: &[u8], out: &mut [u8]) -> Result
 /// at zlib's default level, or a zstd frame. None when the result would be
 /// longer than `max` bytes (QEMU passes `cluster_size - 1`, and then writes
 /// the cluster uncompressed).
+///
+/// Deflate here (miniz_oxide) looks back 32 KiB where QEMU's zlib, with
+/// window bits -12, looks back 4 KiB; QEMU inflates a cluster in one call,
+/// for which any distance within the cluster is fine (and so does every
+/// reader that inflates whole clusters). zstd is ruzstd's fastest level
+/// (about zstd's level 1; QEMU uses libzstd's default, 3), which stores
+/// some clusters raw that libzstd would shrink, such as noise followed by a
+/// long run of one byte.
 pub fn compress(kind: CompressionType, input: &[u8], max: usize) -> Option<Vec<u8>> {
     let out = match kind {
         CompressionType::Zlib => deflate(input, max)?,
