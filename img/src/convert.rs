@@ -129,7 +129,12 @@ pub fn run(argv: &[String]) -> Result<u8> {
         }
     };
     let compress = if tuning.compressed {
-        Some(target.node.compressed_write_unit().ok_or_else(not_compressible)?)
+        Some(
+            target
+                .node
+                .compressed_write_unit()
+                .ok_or_else(not_compressible)?,
+        )
     } else {
         None
     };
@@ -168,8 +173,7 @@ fn check_compression(format: &str, o: &Opts) -> Result<()> {
             "Compression and encryption not supported at the same time".into(),
         ));
     }
-    if o
-        .get("preallocation")
+    if o.get("preallocation")
         .is_some_and(|p| p.as_str() != Some("off"))
     {
         return Err(ImgError::Msg(

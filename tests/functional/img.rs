@@ -484,10 +484,7 @@ fn convert_copy_options_match_qemu_img() {
         ours.clean_error(1, &["Compression not supported for this file format"]);
         before.assert_unchanged(&ours);
     }
-    for unsupported in [
-        vec!["-B", "src.raw", "-O", "qcow2"],
-        vec!["-r", "1M"],
-    ] {
+    for unsupported in [vec!["-B", "src.raw", "-O", "qcow2"], vec!["-r", "1M"]] {
         let mut args = vec!["img", "convert"];
         args.extend(&unsupported);
         args.extend(["src.raw", "out.img"]);

@@ -115,7 +115,15 @@ fn convert_c_makes_what_qemu_img_makes() {
         assert_clean(dir, "ours.qcow2");
         run(
             "qemu-img",
-            ["compare", "-f", "raw", "-F", "qcow2", "src.raw", "ours.qcow2"],
+            [
+                "compare",
+                "-f",
+                "raw",
+                "-F",
+                "qcow2",
+                "src.raw",
+                "ours.qcow2",
+            ],
             Some(dir),
         )
         .ok();
@@ -192,17 +200,15 @@ fn writes_into_compressed_clusters_and_qemu_images_read_back() {
     expect[458752..524288].fill(0);
     expect[1048576..1114112].fill(0);
     assert_clean(dir, "c.qcow2");
-    cryptvm(
-        dir,
-        ["img", "convert", "-O", "raw", "c.qcow2", "back.raw"],
-    )
-    .ok();
+    cryptvm(dir, ["img", "convert", "-O", "raw", "c.qcow2", "back.raw"]).ok();
     assert_same_bytes(&read(&s.join("back.raw")), &expect, "after qemu-io writes");
     // And the other way: qemu-img's compressed images read through cryptvm.
     for o in ["compression_type=zlib", "compression_type=zstd"] {
         qemu_img_ok(
             dir,
-            &["convert", "-c", "-O", "qcow2", "-o", o, "src.raw", "q.qcow2"],
+            &[
+                "convert", "-c", "-O", "qcow2", "-o", o, "src.raw", "q.qcow2",
+            ],
         );
         cryptvm(dir, ["img", "convert", "-O", "raw", "q.qcow2", "q.raw"]).ok();
         let mut want = data.clone();

@@ -33,10 +33,9 @@ pub fn decompress(kind: CompressionType, input: &[u8], out: &mut [u8]) -> Result
 pub fn compress(kind: CompressionType, input: &[u8], max: usize) -> Option<Vec<u8>> {
     let out = match kind {
         CompressionType::Zlib => deflate(input, max)?,
-        CompressionType::Zstd => ruzstd::encoding::compress_to_vec(
-            input,
-            ruzstd::encoding::CompressionLevel::Fastest,
-        ),
+        CompressionType::Zstd => {
+            ruzstd::encoding::compress_to_vec(input, ruzstd::encoding::CompressionLevel::Fastest)
+        }
     };
     (out.len() <= max).then_some(out)
 }

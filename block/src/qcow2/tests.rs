@@ -488,7 +488,9 @@ fn writes_compressed_clusters_and_overwrites_them() {
             }
             n.write_compressed(0, &[]).unwrap();
             // Compressed clusters are written once, never over data.
-            let e = n.write_compressed(cs as u64, &data[cs..2 * cs]).unwrap_err();
+            let e = n
+                .write_compressed(cs as u64, &data[cs..2 * cs])
+                .unwrap_err();
             assert!(
                 matches!(
                     e,
