@@ -247,6 +247,18 @@ fn convert_c_is_refused_where_qemu_img_refuses_it() {
             "out.img",
         ],
         vec!["convert", "-n", "-c", "-O", "raw", "src.raw", "target.raw"],
+        vec![
+            "convert",
+            "-c",
+            "--object",
+            "secret,id=s,data=x",
+            "-O",
+            "qcow2",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=s",
+            "src.raw",
+            "out.img",
+        ],
     ] {
         let theirs = run("qemu-img", &args, Some(dir));
         assert_eq!(theirs.status, Some(1), "{theirs}");
@@ -258,4 +270,21 @@ fn convert_c_is_refused_where_qemu_img_refuses_it() {
         ours.clean_error(1, &[message]);
         before.assert_unchanged(&ours);
     }
+    // An unknown compression type, in QEMU's words (qemu-img names the target first).
+    let args = [
+        "convert",
+        "-c",
+        "-O",
+        "qcow2",
+        "-o",
+        "compression_type=lz4",
+        "src.raw",
+        "out.img",
+    ];
+    let theirs = run("qemu-img", args, Some(dir));
+    let want = "Parameter 'compression-type' does not accept value 'lz4'";
+    assert!(theirs.stderr.contains(want), "{theirs}");
+    let mut full = vec!["img"];
+    full.extend(args);
+    cryptvm(dir, &full).clean_error(1, &[want]);
 }
