@@ -18,12 +18,14 @@ pub mod secret;
 pub mod sg;
 pub mod snapshot;
 pub mod threads;
+pub mod write_turn;
 
 pub use error::{BlockError, ErrorKind, GraphError, Result};
 pub use graph::BlockGraph;
 pub use node::{BlockNode, BlockStatus, HostMapping, NodeRef};
 pub use resize::{Prealloc, ResizeError};
 pub use secret::SecretStore;
+pub use write_turn::{WaitOnly, WriteTurn};
 
 /// Size of the sectors that the LUKS payload and guest-visible disks use.
 pub const SECTOR_SIZE: u64 = 512;

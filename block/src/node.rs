@@ -5,6 +5,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::resize::{Prealloc, ResizeError};
+use crate::write_turn::WriteTurn;
 use crate::{BlockError, Result};
 
 /// A shared handle to a block node.
@@ -48,6 +49,17 @@ pub trait BlockNode: Send + Sync {
         }
         Ok(())
     }
+    /// Writes as [`BlockNode::write_vectored`], as one of a sequence of writes
+    /// that allocate in order ([`crate::write_turn`]): `turn.wait()` before
+    /// anything is allocated for it, `turn.pass()` once it all is. Drivers
+    /// that allocate, or whose children do, override it; by default the whole
+    /// write happens in turn.
+    fn write_in_turn(&self, offset: u64, bufs: &[&[u8]], turn: &dyn WriteTurn) -> Result<()> {
+        turn.wait()?;
+        let written = self.write_vectored(offset, bufs);
+        turn.pass();
+        written
+    }
     /// The unit of compressed writes (the cluster size) when the driver can
     /// write compressed data ([`BlockNode::write_compressed`]), else None.
     fn compressed_write_unit(&self) -> Option<u64> {
@@ -56,10 +68,21 @@ pub trait BlockNode: Send + Sync {
     /// Writes `buf` at `offset` compressed, as QEMU's
     /// `BDRV_REQ_WRITE_COMPRESSED`: whole units of
     /// [`compressed_write_unit`](Self::compressed_write_unit) (the last one
-    /// may end at the end of the node) into unallocated ones. Drivers that
-    /// cannot compress refuse.
-    fn write_compressed(&self, offset: u64, buf: &[u8]) -> Result<()> {
+    /// may end at the end of the node) into unallocated ones. An empty `buf`
+    /// ends a series of compressed writes. With a `turn`, allocations wait
+    /// for it and it is passed once they are made (see
+    /// [`write_in_turn`](Self::write_in_turn)). Drivers that cannot
+    /// compress refuse.
+    fn write_compressed(
+        &self,
+        offset: u64,
+        buf: &[u8],
+        turn: Option<&dyn WriteTurn>,
+    ) -> Result<()> {
         let _ = (offset, buf);
+        if let Some(t) = turn {
+            t.pass();
+        }
         Err(BlockError::NotSupported(format!(
             "'{}' nodes cannot write compressed data",
             self.driver()

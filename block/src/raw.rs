@@ -8,7 +8,7 @@ use crate::blockdev::DriverKeys;
 use crate::node::{check_range, total_len, BlockNode, BlockStatus, NodeRef};
 use crate::options::Opts;
 use crate::resize::{Prealloc, ResizeError};
-use crate::{BlockError, Result};
+use crate::{BlockError, Result, WriteTurn};
 
 /// A pass-through node, optionally restricted to part of its child.
 pub struct RawNode {
@@ -99,6 +99,14 @@ impl BlockNode for RawNode {
         }
         check_range("raw", self.size(), offset, total_len(bufs))?;
         self.child.write_vectored(self.offset + offset, bufs)
+    }
+
+    fn write_in_turn(&self, offset: u64, bufs: &[&[u8]], turn: &dyn WriteTurn) -> Result<()> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly("raw".into()));
+        }
+        check_range("raw", self.size(), offset, total_len(bufs))?;
+        self.child.write_in_turn(self.offset + offset, bufs, turn)
     }
 
     fn flush(&self) -> Result<()> {

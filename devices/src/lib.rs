@@ -1,10 +1,12 @@
-//! Device emulation for cryptvm: PCI, virtio, serial and ACPI devices.
+//! Device emulation for cryptvm: PCI, virtio, serial and ACPI devices, and QEMU's
+//! isa-debug-exit.
 //!
 //! Devices see guest memory and interrupt lines only; the `vmm` crate wires
 //! them to KVM (ioeventfds, irqfds), so tests can drive them without KVM.
 
 pub mod acpi;
 pub mod bus;
+pub mod debug_exit;
 pub mod i8042;
 pub mod interrupt;
 pub mod pci;

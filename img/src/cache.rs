@@ -13,7 +13,7 @@
 
 use std::sync::Arc;
 
-use block::{BlockNode, NodeRef, Result};
+use block::{BlockNode, NodeRef, Result, WriteTurn};
 use serde_json::{Map, Value};
 
 /// A cache mode.
@@ -107,11 +107,19 @@ impl BlockNode for WriteThrough {
     fn write_vectored(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
         self.then_flush(self.0.write_vectored(offset, bufs))
     }
+    fn write_in_turn(&self, offset: u64, bufs: &[&[u8]], turn: &dyn WriteTurn) -> Result<()> {
+        self.then_flush(self.0.write_in_turn(offset, bufs, turn))
+    }
     fn compressed_write_unit(&self) -> Option<u64> {
         self.0.compressed_write_unit()
     }
-    fn write_compressed(&self, offset: u64, buf: &[u8]) -> Result<()> {
-        self.then_flush(self.0.write_compressed(offset, buf))
+    fn write_compressed(
+        &self,
+        offset: u64,
+        buf: &[u8],
+        turn: Option<&dyn WriteTurn>,
+    ) -> Result<()> {
+        self.then_flush(self.0.write_compressed(offset, buf, turn))
     }
     fn flush(&self) -> Result<()> {
         self.0.flush()

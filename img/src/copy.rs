@@ -1,15 +1,21 @@
 //! The copy behind `img convert`, shaped as qemu-img's: at most `workers`
 //! reads and writes at once (`-m`), over chunks read into a bounded set of
-//! buffers; writes in source order, one at a time, unless out-of-order writes
+//! buffers; writes that allocate in source order unless out-of-order writes
 //! are allowed (`-W`); zero runs skipped or written as zeroes (`-S`); one
 //! flush at the end, so that a completed copy is durable. Meanwhile a helper
 //! thread starts the writeback of the target's host files every few MiB, so
 //! that the disk is busy while the CPUs are.
 //!
-//! Each worker takes whatever is next: the chunk whose turn it is to be
-//! written, if it has been read, else a new chunk to read, else it waits. So
-//! the worker that has just written goes straight on to the next write when
-//! its data is there, and nobody has to be woken for it.
+//! Each worker takes whatever is next: the first chunk that has been read,
+//! to write it, else a new chunk to read, else it waits.
+//!
+//! In source order (qemu-img's default, so that a new qcow2 target is laid
+//! out as the source) each chunk's writes get a [`WriteTurn`]: the target
+//! allocates for a chunk only once the chunk before has allocated, but the
+//! writes themselves overlap. A luks target encrypts before it waits, a
+//! qcow2 target writes the data after it has passed the turn, a file passes
+//! at once; a node that knows nothing of turns does each write whole, in
+//! turn, as qemu-img's in-order writes are done.
 //!
 //! Workers are plain threads, never tasks of the crypto thread pool: a worker
 //! blocked in a node's parallel encryption cannot be handed another request.
@@ -17,9 +23,10 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
-use block::NodeRef;
+use block::{NodeRef, WaitOnly, WriteTurn};
 
 use super::sparse::Sparse;
 use super::{writeback, ImgError, Result};
@@ -51,7 +58,7 @@ pub struct Copy<'a> {
     pub size: u64,
     /// Reads and writes at once.
     pub workers: usize,
-    /// Each write starts only after the previous one (in source order) ended.
+    /// The target allocates for the chunks in source order.
     pub in_order: bool,
     /// Which zero runs become holes.
     pub sparse: Sparse,
@@ -83,9 +90,12 @@ enum Task {
 struct State {
     /// Start of the next chunk to claim.
     next: u64,
-    /// With in-order writes: the chunk whose write may start (the end of
-    /// the last write that ended).
-    write_turn: u64,
+    /// With in-order writes: the chunk whose turn it is to allocate (the
+    /// end of the chunks that have passed their turn).
+    alloc_turn: u64,
+    /// Chunks (start -> end) that passed their turn before it came (a target
+    /// that needs no turn passes at once).
+    passed: BTreeMap<u64, u64>,
     /// Chunks read, by offset.
     ready: BTreeMap<u64, Chunk>,
     /// Buffers no chunk holds (allocated on first use).
@@ -114,7 +124,8 @@ impl Copy<'_> {
             job: self,
             state: Mutex::new(State {
                 next: 0,
-                write_turn: 0,
+                alloc_turn: 0,
+                passed: BTreeMap::new(),
                 ready: BTreeMap::new(),
                 free: Vec::new(),
                 done: 0,
@@ -159,7 +170,7 @@ impl Copy<'_> {
         if self.compress.is_some() {
             // The end of the compressed writes (the image file ends on a sector).
             self.dst
-                .write_compressed(0, &[])
+                .write_compressed(0, &[], None)
                 .map_err(|source| ImgError::Copy {
                     what: "writing",
                     offset: self.size,
@@ -219,13 +230,26 @@ impl Shared<'_> {
                     })
                 }
                 Task::Write(offset, chunk) => {
-                    let written = self.write(offset, &chunk.buf[..chunk.len], &chunk.runs);
+                    let end = offset + chunk.len as u64;
+                    let turn = job.in_order.then(|| ChunkTurn::new(self, offset, end));
+                    let written = self.write(
+                        offset,
+                        &chunk.buf[..chunk.len],
+                        &chunk.runs,
+                        turn.as_ref().map(|t| t as &dyn WriteTurn),
+                    );
                     st = self.lock();
                     st.free.push(chunk.buf);
-                    // The turn passes once the write has ended (the chunk left
-                    // `ready` when it was taken, so no one else could write).
-                    st.write_turn = offset + chunk.len as u64;
-                    written.map(|()| self.advance(&mut st, chunk.len as u64))
+                    let result = written.map(|()| self.advance(&mut st, chunk.len as u64));
+                    // A turn the target did not pass (a failure) passes now,
+                    // after the failure is recorded: later chunks give up.
+                    if let Err(e) = result {
+                        st.error.get_or_insert(e);
+                    }
+                    if let Some(turn) = &turn {
+                        turn.pass_locked(&mut st);
+                    }
+                    Ok(())
                 }
             };
             if let Err(e) = result {
@@ -235,11 +259,15 @@ impl Shared<'_> {
         }
     }
 
-    /// Waits for the next task: the write whose turn it is (any ready chunk
-    /// with `-W`), else a new read if a buffer is free (each worker does one
-    /// request at a time, so there are never more than `workers`). None once
-    /// there is nothing left for this worker: every chunk claimed and none
-    /// waiting, or a failure.
+    /// Waits for the next task: the write of the first chunk read, else a new
+    /// read if a buffer is free (each worker does one request at a time, so
+    /// there are never more than `workers`). None once there is nothing left
+    /// for this worker: every chunk claimed and none waiting, or a failure.
+    ///
+    /// In source order, the chunk whose turn it is to allocate is always
+    /// being read, or written by a worker that does not wait for a turn: its
+    /// reader writes it next, being the first ready. So every wait for a turn
+    /// ends.
     fn next_task<'g>(
         &'g self,
         mut st: MutexGuard<'g, State>,
@@ -249,13 +277,7 @@ impl Shared<'_> {
             if st.error.is_some() {
                 return (st, None);
             }
-            let writable = if job.in_order {
-                let turn = st.write_turn;
-                st.ready.contains_key(&turn).then_some(turn)
-            } else {
-                st.ready.keys().next().copied()
-            };
-            if let Some(offset) = writable {
+            if let Some(offset) = st.ready.keys().next().copied() {
                 let chunk = st.ready.remove(&offset).expect("chunk is ready");
                 return (st, Some(Task::Write(offset, chunk)));
             }
@@ -275,20 +297,36 @@ impl Shared<'_> {
     }
 
     /// Writes one chunk: its data runs, and its zero runs unless the target
-    /// reads as zeros already (qemu-img's `convert_co_write`).
-    fn write(&self, offset: u64, data: &[u8], runs: &[(bool, usize)]) -> Result<()> {
+    /// reads as zeros already (qemu-img's `convert_co_write`). With a `turn`
+    /// every write is in turn, and the last one passes it.
+    fn write(
+        &self,
+        offset: u64,
+        data: &[u8],
+        runs: &[(bool, usize)],
+        turn: Option<&dyn WriteTurn>,
+    ) -> Result<()> {
         let job = self.job;
+        let last = runs
+            .iter()
+            .rposition(|&(is_data, _)| is_data || !job.zero_init);
         let mut pos = 0;
-        for &(is_data, n) in runs {
+        for (i, &(is_data, n)) in runs.iter().enumerate() {
             let at = offset + pos as u64;
-            let written = if is_data && job.compress.is_some() {
-                job.dst.write_compressed(at, &data[pos..pos + n])
-            } else if is_data {
-                job.dst.write_at(at, &data[pos..pos + n])
-            } else if job.zero_init {
-                Ok(())
-            } else {
-                job.dst.write_zeroes(at, n as u64)
+            let bytes = &data[pos..pos + n];
+            let written = match (is_data, turn) {
+                (true, t) if job.compress.is_some() => match t {
+                    Some(t) if Some(i) == last => job.dst.write_compressed(at, bytes, Some(t)),
+                    Some(t) => job.dst.write_compressed(at, bytes, Some(&WaitOnly(t))),
+                    None => job.dst.write_compressed(at, bytes, None),
+                },
+                (true, None) => job.dst.write_at(at, bytes),
+                (true, Some(t)) if Some(i) == last => job.dst.write_in_turn(at, &[bytes], t),
+                (true, Some(t)) => job.dst.write_in_turn(at, &[bytes], &WaitOnly(t)),
+                (false, _) if job.zero_init => Ok(()),
+                (false, t) => t
+                    .map_or(Ok(()), |t| t.wait())
+                    .and_then(|()| job.dst.write_zeroes(at, n as u64)),
             };
             written.map_err(|source| ImgError::Copy {
                 what: "writing",
@@ -350,6 +388,59 @@ fn compressed_runs(buf: &[u8], unit: u64, sparse: Sparse, runs: &mut Vec<(bool, 
     }
 }
 
+/// A chunk's turn to allocate in the target, in source order.
+struct ChunkTurn<'s, 'a> {
+    shared: &'s Shared<'a>,
+    offset: u64,
+    end: u64,
+    passed: AtomicBool,
+}
+
+impl<'s, 'a> ChunkTurn<'s, 'a> {
+    fn new(shared: &'s Shared<'a>, offset: u64, end: u64) -> Self {
+        ChunkTurn {
+            shared,
+            offset,
+            end,
+            passed: AtomicBool::new(false),
+        }
+    }
+
+    /// Passes the turn (once) with the state locked.
+    fn pass_locked(&self, st: &mut State) {
+        if self.passed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        st.passed.insert(self.offset, self.end);
+        while let Some(end) = st.passed.remove(&st.alloc_turn) {
+            st.alloc_turn = end;
+        }
+        self.shared.turn.notify_all();
+    }
+}
+
+impl WriteTurn for ChunkTurn<'_, '_> {
+    fn wait(&self) -> block::Result<()> {
+        let mut st = self.shared.lock();
+        loop {
+            if st.error.is_some() {
+                return Err(block::write_turn::abandoned());
+            }
+            if st.alloc_turn >= self.offset {
+                return Ok(());
+            }
+            st = self.shared.turn.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn pass(&self) {
+        if !self.passed.load(Ordering::Acquire) {
+            let mut st = self.shared.lock();
+            self.pass_locked(&mut st);
+        }
+    }
+}
+
 /// Counts a worker as running until it ends, however it ends: a worker that
 /// panics fails the copy, so that no other worker waits for its turn forever.
 struct Running<'a>(&'a Shared<'a>);
@@ -382,6 +473,8 @@ mod tests {
         Write(u64, u64),
         Zeroes(u64, u64),
         Flush,
+        /// A write in turn allocated at this offset.
+        Alloc(u64),
     }
 
     /// An in-memory node that logs requests, slows reads down by a delay
@@ -393,6 +486,9 @@ mod tests {
         read_delay: fn(u64) -> Duration,
         write_delay: Duration,
         fail_at: Option<u64>,
+        /// Writes in turn allocate (logged), pass the turn, then write, as
+        /// qcow2 does; otherwise they are done whole in turn.
+        allocates: bool,
         writing: AtomicUsize,
         most_writing: AtomicUsize,
         /// Requests under way on this disk and any sharing the counter.
@@ -408,6 +504,7 @@ mod tests {
                 read_delay: |_| Duration::ZERO,
                 write_delay: Duration::ZERO,
                 fail_at: None,
+                allocates: false,
                 writing: AtomicUsize::new(0),
                 most_writing: AtomicUsize::new(0),
                 busy: Arc::new(AtomicUsize::new(0)),
@@ -470,6 +567,21 @@ mod tests {
             });
             self.writing.fetch_sub(1, Ordering::SeqCst);
             r
+        }
+        fn write_in_turn(
+            &self,
+            offset: u64,
+            bufs: &[&[u8]],
+            turn: &dyn WriteTurn,
+        ) -> block::Result<()> {
+            turn.wait()?;
+            if self.allocates {
+                self.log.lock().unwrap().push(Op::Alloc(offset));
+                turn.pass();
+            }
+            let written = self.write_vectored(offset, bufs);
+            turn.pass();
+            written
         }
         fn flush(&self) -> block::Result<()> {
             self.log.lock().unwrap().push(Op::Flush);
@@ -546,6 +658,39 @@ mod tests {
                 1,
                 "{workers} workers"
             );
+        }
+    }
+
+    #[test]
+    fn in_order_allocations_come_in_source_order_while_writes_overlap() {
+        for workers in [2, 4, 16] {
+            let want = noise(SIZE, workers as u64);
+            let src = Arc::new(Disk {
+                read_delay: backwards,
+                ..Disk::new(want.clone())
+            });
+            let dst = Arc::new(Disk {
+                allocates: true,
+                write_delay: Duration::from_millis(30),
+                ..Disk::new(vec![0xaa; SIZE])
+            });
+            copy(&src, &dst, workers, true).unwrap();
+            assert!(*dst.data.lock().unwrap() == want, "{workers} workers: data");
+            let allocs: Vec<u64> = dst
+                .log()
+                .iter()
+                .filter_map(|op| match op {
+                    Op::Alloc(o) => Some(*o),
+                    _ => None,
+                })
+                .collect();
+            let expect: Vec<u64> = (0..SIZE as u64).step_by(CHUNK).collect();
+            assert_eq!(allocs, expect, "{workers} workers: allocations");
+            assert!(
+                dst.most_writing.load(Ordering::SeqCst) > 1,
+                "{workers} workers: writes never overlapped"
+            );
+            assert_eq!(dst.log().last(), Some(&Op::Flush));
         }
     }
 

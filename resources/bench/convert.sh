@@ -5,6 +5,7 @@
 #   resources/bench/convert.sh            # builds cryptvm in release mode first
 #   CRYPTVM=path/to/cryptvm SIZE_MIB=64 REPS=1 resources/bench/convert.sh
 #   BENCH_DISK_DIR=/some/disk/folder resources/bench/convert.sh
+#   PLAIN_LUKS=0 resources/bench/convert.sh   # without the plain LUKS1 reference jobs
 #
 # Where: a tmpfs folder (/dev/shm: the CPU is the limit) and a folder on a real disk
 # (BENCH_DISK_DIR, else the cargo target folder, else $TMPDIR or /var/tmp, the first that
@@ -40,6 +41,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 SIZE_MIB="${SIZE_MIB:-256}"
 REPS="${REPS:-3}"
+PLAIN_LUKS="${PLAIN_LUKS:-1}"
 # shellcheck source=resources/bench/lib.sh
 source "$ROOT/resources/bench/lib.sh"
 # shellcheck source=resources/bench/limits.sh
@@ -236,7 +238,9 @@ if [[ -n "$tmpfs_base" ]]; then
     DIRS+=("$d")
     echo "tmpfs:    $(describe_dir "$d")"
     mission tmpfs "$d"
-    luks_jobs "$d"
+    if [[ "$PLAIN_LUKS" != 0 ]]; then
+        luks_jobs "$d"
+    fi
     rm -rf "$d"
 else
     echo "tmpfs:    none (/dev/shm is not a writable tmpfs): tmpfs runs skipped"

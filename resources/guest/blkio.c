@@ -33,6 +33,10 @@
  *       being Vigna's finaliser with its increment (tests/e2e/concurrency.rs has the
  *       same function and checks this program against it).
  *
+ *   blkio outb PORT VALUE
+ *       Writes the byte VALUE to I/O port PORT (ioperm, outb): what /dev/port would do
+ *       on a kernel that has it (the guest's has not), e.g. to an isa-debug-exit port.
+ *
  * Sizes accept k, m, g suffixes (powers of 1024). Exit status 0 on success, 1 on error
  * (with a message on stderr).
  */
@@ -45,6 +49,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/io.h>
 #include <sys/ioctl.h>
 #include <time.h>
 #include <unistd.h>
@@ -392,8 +397,31 @@ static int writers(int argc, char **argv, int write)
     return werr || rerr || flush || bad || checked != region * jobs ? 1 : 0;
 }
 
+static int port_out(const char *port_arg, const char *value_arg)
+{
+    char *end;
+    unsigned long port = strtoul(port_arg, &end, 0);
+    if (*end || port > 0xffff) {
+        fprintf(stderr, "blkio outb: bad port '%s'\n", port_arg);
+        return 1;
+    }
+    unsigned long value = strtoul(value_arg, &end, 0);
+    if (*end || value > 0xff) {
+        fprintf(stderr, "blkio outb: bad byte '%s'\n", value_arg);
+        return 1;
+    }
+    if (ioperm(port, 1, 1) != 0) {
+        fprintf(stderr, "blkio outb: ioperm(%#lx): %s\n", port, strerror(errno));
+        return 1;
+    }
+    outb((unsigned char)value, (unsigned short)port);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
+    if (argc == 4 && strcmp(argv[1], "outb") == 0)
+        return port_out(argv[2], argv[3]);
     if (argc >= 5 && strcmp(argv[1], "zeroout") == 0)
         return range_ioctl(argv[2], BLKZEROOUT, "BLKZEROOUT", argv[3], argv[4]);
     if (argc >= 5 && strcmp(argv[1], "discard") == 0)
@@ -406,6 +434,7 @@ int main(int argc, char **argv)
         return writers(argc, argv, 0);
     fprintf(stderr, "usage: blkio zeroout|discard DEV OFFSET LENGTH\n"
                     "       blkio bench DEV read|write seq|rand BLOCK SECONDS JOBS [SPAN]\n"
-                    "       blkio writers|check DEV JOBS REGION BLOCK PASSES\n");
+                    "       blkio writers|check DEV JOBS REGION BLOCK PASSES\n"
+                    "       blkio outb PORT VALUE\n");
     return 2;
 }

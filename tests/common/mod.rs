@@ -1242,8 +1242,13 @@ impl ImagePair {
 /// A minimal ELF64 kernel with a PVH entry note whose code halts forever
 /// (`1: hlt; jmp 1b`), so the VM keeps running without using the CPU.
 pub fn halting_kernel() -> Vec<u8> {
+    pvh_kernel(&[0xf4, 0xeb, 0xfd])
+}
+
+/// A minimal ELF64 kernel with a PVH entry note: `code` runs in 32-bit protected mode at
+/// 16 MiB, no interrupts, nothing else set up.
+pub fn pvh_kernel(code: &[u8]) -> Vec<u8> {
     const LOAD: u64 = 0x100_0000;
-    let code = [0xf4u8, 0xeb, 0xfd];
     let mut note = Vec::new();
     note.extend(4u32.to_le_bytes()); // name size
     note.extend(4u32.to_le_bytes()); // descriptor size
@@ -1304,4 +1309,14 @@ pub fn qemu_io_cmds(dir: &Path, fmt: &str, file: &str, cmds: &[&str]) {
     args.push(file);
     let r = run("qemu-io", &args, Some(dir)).ok();
     assert!(!r.stdout.contains("failed"), "qemu-io {cmds:?}:\n{r}");
+}
+
+/// `cryptvm run`'s standard error without the warning it prints on a machine
+/// without hardware virtualisation (vmm/src/vstate/hw_virt.rs).
+pub fn without_slow_kvm_warning(stderr: &str) -> String {
+    stderr
+        .lines()
+        .filter(|l| !l.starts_with("cryptvm: warning: this CPU has no hardware virtualisation"))
+        .map(|l| format!("{l}\n"))
+        .collect()
 }

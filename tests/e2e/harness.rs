@@ -833,8 +833,9 @@ impl Outcome {
     }
 
     /// The guest reset itself in the nested test host: its VMM exited 0 (as cryptvm and
-    /// QEMU with `-no-reboot` do on a guest reset) without the guest powering off, and the
-    /// guest kernel printed no panic, oops or BUG first. QEMU TCG's nested SVM now and then
+    /// QEMU with `-no-reboot` do on a guest reset) without the guest powering off and
+    /// without a QMP driver that succeeded (one that ends with `quit`), and the guest
+    /// kernel printed no panic, oops or BUG first. QEMU TCG's nested SVM now and then
     /// triple-faults a guest of either VMM this way under load (docs/performance.md); a
     /// guest that crashes for a reason its kernel can see (a VMM bug) is not one of these.
     pub fn silent_guest_reset(&self) -> bool {
@@ -842,6 +843,8 @@ impl Outcome {
         self.mode == Mode::Nested
             && self.exit_code == Some(0)
             && !self.powered_off()
+            && self.driver_rc != Some(0)
+            && self.host_rc != Some(0)
             && !KERNEL_ERRORS.iter().any(|e| self.l2_console.contains(e))
     }
 

@@ -440,6 +440,62 @@ fn convert_sparse_output_matches_qemu_img() {
     }
 }
 
+/// In source order (no `-W`) the mission stack's qcow2 payload is laid out as qemu-img
+/// lays it out, however many requests are in flight, although cryptvm's requests
+/// encrypt and write at the same time and only allocate in turn: into fresh copies of
+/// one empty qcow2 under one detached header, `convert -n` of a source with zero runs
+/// by each tool gives the same `qemu-img map` (host offsets) and the same ciphertext.
+#[test]
+fn convert_into_the_mission_stack_allocates_in_source_order() {
+    if !require(&["qemu-img", "qemu-system-x86_64", "python3"]) {
+        return;
+    }
+    let s = Scratch::new("alloc-order");
+    let mut src = pattern(64, (13 << 20) + 3 * 512);
+    for (at, len) in [
+        (65_536, 65_536),
+        (3 << 20, 1 << 20),
+        ((7 << 20) + 4096, 8192),
+    ] {
+        src[at..at + len].fill(0);
+    }
+    s.write("src.raw", &src);
+    let luks = detached_luks_qcow2(&s, src.len() as u64);
+    std::fs::copy(s.join("disk.qcow2"), s.join("empty.qcow2")).expect("copy");
+    let secret = s.secret_object();
+    let stack = |file: &str| luks.qcow2_image_opts().replace("disk.qcow2", file);
+    let theirs = stack("theirs.qcow2");
+    std::fs::copy(s.join("empty.qcow2"), s.join("theirs.qcow2")).expect("copy");
+    let args = [
+        "--object",
+        &secret,
+        "-n",
+        "-f",
+        "raw",
+        "--target-image-opts",
+    ];
+    let mut qemu = vec!["convert"];
+    qemu.extend(args);
+    qemu.extend(["src.raw", &theirs]);
+    run("qemu-img", &qemu, Some(s.path())).ok();
+    for flags in [vec![], vec!["-m", "2"], vec!["-m", "16"]] {
+        std::fs::copy(s.join("empty.qcow2"), s.join("ours.qcow2")).expect("copy");
+        let ours = stack("ours.qcow2");
+        let mut full = vec!["img", "convert"];
+        full.extend(&flags);
+        full.extend(args);
+        full.extend(["src.raw", &ours]);
+        cryptvm(s.path(), &full).ok();
+        assert_eq!(
+            qemu_map(s.path(), "qcow2", "ours.qcow2"),
+            qemu_map(s.path(), "qcow2", "theirs.qcow2"),
+            "{flags:?}: cryptvm's layout (left) differs from qemu-img's"
+        );
+        assert_qemu_identical(s.path(), "qcow2", "ours.qcow2", "qcow2", "theirs.qcow2");
+        assert_qemu_check_clean(s.path(), "ours.qcow2");
+    }
+}
+
 /// `-m`, `-W`, `-S`, `-C` and `-U` as qemu-img takes them: bad values fail with
 /// qemu-img's message and create nothing; good ones copy every byte. Options this tool
 /// does not implement (`-c`, `-B`, `-l`, `-r`) fail cleanly instead of being ignored.

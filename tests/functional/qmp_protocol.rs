@@ -897,6 +897,55 @@ fn hotplug_refusals_match_qemu() {
     assert_same_transcripts(&got, &want);
 }
 
+/// `device_add` of an `isa-debug-exit` (cold-plug only: `--device`, the config's
+/// `devices`) is refused in QEMU 10's words, before its properties are read, next to
+/// `qemu-system-x86_64 -M pc -S`.
+#[test]
+fn isa_debug_exit_hotplug_is_refused_as_qemu_refuses_it() {
+    if !common::require(&["qemu-system-x86_64"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("qemu.sock");
+    let mut cmd = Command::new(common::find_tool("qemu-system-x86_64").unwrap());
+    cmd.args([
+        "-machine",
+        "pc,accel=tcg",
+        "-S",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-qmp",
+    ])
+    .arg(format!("unix:{},server=on,wait=off", sock.display()));
+    let mut qemu = Proc::spawn("qemu-system-x86_64", cmd, dir.path().join("qemu.log"));
+    let qemu_address = sock.to_str().unwrap().to_string();
+    qemu.wait_for_socket(&qemu_address);
+    let _vm = start_vm(dir.path(), "vm.sock");
+    let vm_address = dir.path().join("vm.sock").to_str().unwrap().to_string();
+    let requests = [
+        r#"{"execute": "device_add", "arguments": {"driver": "isa-debug-exit", "iobase": 244, "iosize": 4}}"#,
+        r#"{"execute": "device_add", "arguments": {"driver": "isa-debug-exit", "colour": "x"}}"#,
+        r#"{"execute": "device_add", "arguments": {"driver": "isa-debug-exit", "id": "x"}}"#,
+    ];
+    let transcript = |address: &str| -> Vec<(String, Vec<String>)> {
+        let mut q = Qmp::negotiated(address);
+        requests
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.to_string(), q.transcript(r.as_bytes(), i)))
+            .collect()
+    };
+    let want = transcript(&qemu_address);
+    let got = transcript(&vm_address);
+    assert!(
+        want.iter()
+            .all(|(_, l)| l.iter().any(|l| l.contains("does not support hotplugging"))),
+        "QEMU should refuse each: {want:?}"
+    );
+    assert_same_transcripts(&got, &want);
+}
+
 /// A 1 MiB LUKS image made by qemu-img, keyed by `secret` (a `--object` secret `s0`),
 /// its PBKDF2 cost QEMU's `iter-time` (milliseconds on this machine).
 fn qemu_luks_image(image: &Path, secret: &str, iter_time_ms: u32) {

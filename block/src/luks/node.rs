@@ -17,7 +17,7 @@ use crate::node::{check_range, total_len, write_zeroes_by_writing, BlockNode, No
 use crate::options::Opts;
 use crate::resize::{Prealloc, ResizeError};
 use crate::sg::{SgCursor, Split};
-use crate::{BlockError, Result, SECTOR_SIZE};
+use crate::{BlockError, Result, WaitOnly, WriteTurn, SECTOR_SIZE};
 
 /// Bytes in a payload sector (the unit of the IV).
 const SECTOR: usize = SECTOR_SIZE as usize;
@@ -216,23 +216,92 @@ impl LuksNode {
         Ok(())
     }
 
-    /// Encrypts `data` (whole sectors, at most [`CHUNK`] bytes, in a bounce
-    /// buffer) in place and writes it at an aligned offset.
-    fn write_sectors(&self, offset: u64, data: &mut Bounce) -> Result<()> {
-        self.encrypt(offset / SECTOR_SIZE, data)?;
-        self.payload.write_at(self.payload_offset + offset, data)
+    /// Encrypts into a bounce buffer of at most [`CHUNK`] bytes at a time
+    /// and writes each piece: memory per request is bounded whatever its
+    /// size or layout. Partial sectors at either end are read, patched and
+    /// written back. With a `turn`, each payload write is in turn; only the
+    /// last one passes it.
+    fn write_pieces(
+        &self,
+        offset: u64,
+        bufs: &[&[u8]],
+        turn: Option<&dyn WriteTurn>,
+    ) -> Result<()> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly("luks".into()));
+        }
+        check_range("luks", self.size(), offset, total_len(bufs))?;
+        let end = offset + total_len(bufs);
+        self.cipher()?;
+        let mut src = Gather::new(bufs);
+        let mut pos = offset;
+        let head = pos % SECTOR_SIZE;
+        if head != 0 && pos < end {
+            let n = (SECTOR_SIZE - head).min(end - pos);
+            let last = pos + n == end;
+            self.write_partial_sector(pos, n as usize, &mut src, piece_turn(turn, last))?;
+            pos += n;
+        }
+        while end - pos >= SECTOR_SIZE {
+            let n = ((end - pos) / SECTOR_SIZE * SECTOR_SIZE).min(CHUNK as u64) as usize;
+            let mut bounce = Bounce::take(n);
+            self.encrypt_from(pos / SECTOR_SIZE, &mut src, &mut bounce)?;
+            let last = pos + n as u64 == end;
+            self.write_payload(pos, &bounce, piece_turn(turn, last))?;
+            pos += n as u64;
+        }
+        if pos < end {
+            let n = (end - pos) as usize;
+            self.write_partial_sector(pos, n, &mut src, piece_turn(turn, true))?;
+        }
+        Ok(())
+    }
+
+    /// Writes ciphertext at `offset` of the volume, in `turn` if there is one.
+    fn write_payload(&self, offset: u64, data: &[u8], turn: Option<PieceTurn<'_>>) -> Result<()> {
+        let at = self.payload_offset + offset;
+        match turn {
+            None => self.payload.write_at(at, data),
+            Some(PieceTurn::Last(t)) => self.payload.write_in_turn(at, &[data], t),
+            Some(PieceTurn::NotLast(t)) => self.payload.write_in_turn(at, &[data], &t),
+        }
     }
 
     /// Writes the part of one sector at `offset` (unaligned, `len` bytes
     /// within the sector) from `src`: read, decrypt, patch, encrypt, write.
-    fn write_partial_sector(&self, offset: u64, len: usize, src: &mut Gather<'_>) -> Result<()> {
+    fn write_partial_sector(
+        &self,
+        offset: u64,
+        len: usize,
+        src: &mut Gather<'_>,
+        turn: Option<PieceTurn<'_>>,
+    ) -> Result<()> {
         let start = offset - offset % SECTOR_SIZE;
         let at = (offset - start) as usize;
         let mut sector = Bounce::take(SECTOR);
         self.read_sectors(start, &mut [&mut sector[..]])?;
         src.copy_to(&mut sector[at..at + len]);
-        self.write_sectors(start, &mut sector)
+        self.encrypt(start / SECTOR_SIZE, &mut sector)?;
+        self.write_payload(start, &sector, turn)
     }
+}
+
+/// The turn a payload write of one piece of a request gets.
+enum PieceTurn<'a> {
+    /// The request's last piece: it passes the turn.
+    Last(&'a dyn WriteTurn),
+    /// Any other piece: it only waits.
+    NotLast(WaitOnly<'a>),
+}
+
+fn piece_turn(turn: Option<&dyn WriteTurn>, last: bool) -> Option<PieceTurn<'_>> {
+    turn.map(|t| {
+        if last {
+            PieceTurn::Last(t)
+        } else {
+            PieceTurn::NotLast(WaitOnly(t))
+        }
+    })
 }
 
 /// Copies consecutive bytes out of a scatter-gather list.
@@ -341,36 +410,17 @@ impl BlockNode for LuksNode {
         self.read_bounced(offset, bufs)
     }
 
-    /// Encrypts into a bounce buffer of at most [`CHUNK`] bytes at a time
-    /// and writes each piece: memory per request is bounded whatever its
-    /// size or layout. Partial sectors at either end are read, patched and
-    /// written back.
+    /// See [`LuksNode::write_pieces`].
     fn write_vectored(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
-        if self.read_only {
-            return Err(BlockError::ReadOnly("luks".into()));
-        }
-        check_range("luks", self.size(), offset, total_len(bufs))?;
-        let end = offset + total_len(bufs);
-        self.cipher()?;
-        let mut src = Gather::new(bufs);
-        let mut pos = offset;
-        let head = pos % SECTOR_SIZE;
-        if head != 0 && pos < end {
-            let n = (SECTOR_SIZE - head).min(end - pos);
-            self.write_partial_sector(pos, n as usize, &mut src)?;
-            pos += n;
-        }
-        while end - pos >= SECTOR_SIZE {
-            let n = ((end - pos) / SECTOR_SIZE * SECTOR_SIZE).min(CHUNK as u64) as usize;
-            let mut bounce = Bounce::take(n);
-            self.encrypt_from(pos / SECTOR_SIZE, &mut src, &mut bounce)?;
-            self.payload.write_at(self.payload_offset + pos, &bounce)?;
-            pos += n as u64;
-        }
-        if pos < end {
-            self.write_partial_sector(pos, (end - pos) as usize, &mut src)?;
-        }
-        Ok(())
+        self.write_pieces(offset, bufs, None)
+    }
+
+    /// Each piece is encrypted before its payload write waits for the turn,
+    /// so that the cipher works while earlier writes allocate and write.
+    fn write_in_turn(&self, offset: u64, bufs: &[&[u8]], turn: &dyn WriteTurn) -> Result<()> {
+        let written = self.write_pieces(offset, bufs, Some(turn));
+        turn.pass();
+        written
     }
 
     fn flush(&self) -> Result<()> {

@@ -16,6 +16,7 @@ use super::error::{corrupt, Qcow2Error};
 use super::meta::{ClusterKind, OFLAG_COMPRESSED};
 use super::node::Qcow2Node;
 use super::write::Registration;
+use crate::write_turn::{WaitOnly, WriteTurn};
 use crate::Result;
 
 impl Qcow2Node {
@@ -24,7 +25,16 @@ impl Qcow2Node {
     /// the image (compressed as if padded with zeros). An empty `buf` marks
     /// the end of a series of compressed writes, as in QEMU: the image file
     /// then ends on a sector boundary.
-    pub(super) fn do_write_compressed(&self, offset: u64, buf: &[u8]) -> Result<()> {
+    ///
+    /// With a `turn`, the clusters are compressed first, then allocated and
+    /// written once the turn has come (waited for before `io_lock` is taken,
+    /// as in `do_write_vectored`); the caller passes it.
+    pub(super) fn do_write_compressed(
+        &self,
+        offset: u64,
+        buf: &[u8],
+        turn: Option<&dyn WriteTurn>,
+    ) -> Result<()> {
         let cs = self.cluster_size();
         let len = buf.len() as u64;
         let size = self.size.load(std::sync::atomic::Ordering::Acquire);
@@ -32,6 +42,9 @@ impl Qcow2Node {
             return Err(Qcow2Error::CompressedUnaligned { offset, len }.into());
         }
         if buf.is_empty() {
+            if let Some(t) = turn {
+                t.wait()?;
+            }
             let _io = self.io_read_guard()?;
             let _m = self.lock_meta()?;
             return self
@@ -52,12 +65,21 @@ impl Qcow2Node {
                 }
             })
             .collect();
+        if let Some(t) = turn {
+            t.wait()?;
+        }
+        let wait_only = turn.map(WaitOnly);
         let _io = self.io_read_guard()?;
         for (i, (chunk, c)) in buf.chunks(cs as usize).zip(&compressed).enumerate() {
             let at = offset + i as u64 * cs;
             match c {
                 Some(data) => self.write_one_compressed(at, data)?,
-                None => self.write_under_io_lock(at, &[chunk])?,
+                // Waited for already; passed by the caller after the last.
+                None => self.write_under_io_lock(
+                    at,
+                    &[chunk],
+                    wait_only.as_ref().map(|w| w as &dyn WriteTurn),
+                )?,
             }
         }
         Ok(())

@@ -362,7 +362,7 @@ impl Qcow2Node {
         let mut done = 0;
         while done < len {
             let n = CHUNK.min(len - done);
-            self.write_under_io_lock(offset + done, &[&zeros[..n as usize]])?;
+            self.write_under_io_lock(offset + done, &[&zeros[..n as usize]], None)?;
             done += n;
         }
         Ok(())

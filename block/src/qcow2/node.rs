@@ -16,7 +16,7 @@ use super::storage::Storage;
 use crate::blockdev::{BackingFiles, Common, DriverKeys, OpenContext};
 use crate::node::{check_range, total_len, BlockNode, BlockStatus, NodeRef};
 use crate::options::Opts;
-use crate::{BlockError, Result};
+use crate::{BlockError, Result, WriteTurn};
 
 /// QEMU's default upper bound of the L2 cache (32 MiB).
 pub const DEFAULT_L2_CACHE_MAX: u64 = 32 << 20;
@@ -621,23 +621,45 @@ impl BlockNode for Qcow2Node {
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
         self.check_writable()?;
         check_range("qcow2", self.size(), offset, buf.len() as u64)?;
-        self.do_write_vectored(offset, &[buf])
+        self.do_write_vectored(offset, &[buf], None)
     }
 
     fn write_vectored(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
         self.check_writable()?;
         check_range("qcow2", self.size(), offset, total_len(bufs))?;
-        self.do_write_vectored(offset, bufs)
+        self.do_write_vectored(offset, bufs, None)
+    }
+
+    fn write_in_turn(&self, offset: u64, bufs: &[&[u8]], turn: &dyn WriteTurn) -> Result<()> {
+        let checked = self
+            .check_writable()
+            .and_then(|()| check_range("qcow2", self.size(), offset, total_len(bufs)));
+        if let Err(e) = checked {
+            turn.pass();
+            return Err(e);
+        }
+        self.do_write_vectored(offset, bufs, Some(turn))
     }
 
     fn compressed_write_unit(&self) -> Option<u64> {
         Some(self.cluster_size())
     }
 
-    fn write_compressed(&self, offset: u64, buf: &[u8]) -> Result<()> {
-        self.check_writable()?;
-        check_range("qcow2", self.size(), offset, buf.len() as u64)?;
-        self.do_write_compressed(offset, buf)
+    fn write_compressed(
+        &self,
+        offset: u64,
+        buf: &[u8],
+        turn: Option<&dyn WriteTurn>,
+    ) -> Result<()> {
+        let checked = self
+            .check_writable()
+            .and_then(|()| check_range("qcow2", self.size(), offset, buf.len() as u64));
+        let written = checked.and_then(|()| self.do_write_compressed(offset, buf, turn));
+        // Every path passes the turn (a pass after a pass does nothing).
+        if let Some(t) = turn {
+            t.pass();
+        }
+        written
     }
 
     fn flush(&self) -> Result<()> {

@@ -478,18 +478,18 @@ fn writes_compressed_clusters_and_overwrites_them() {
             let n = Qcow2Node::open_path(&img, false).unwrap();
             assert_eq!(n.compressed_write_unit(), Some(cs as u64));
             // Not whole clusters.
-            assert!(n.write_compressed(512, &data[..cs]).is_err());
-            assert!(n.write_compressed(0, &data[..cs - 512]).is_err());
+            assert!(n.write_compressed(512, &data[..cs], None).is_err());
+            assert!(n.write_compressed(0, &data[..cs - 512], None).is_err());
             // Zero clusters are skipped, as convert does.
             for (i, chunk) in data.chunks(cs).enumerate() {
                 if i % 4 != 2 {
-                    n.write_compressed((i * cs) as u64, chunk).unwrap();
+                    n.write_compressed((i * cs) as u64, chunk, None).unwrap();
                 }
             }
-            n.write_compressed(0, &[]).unwrap();
+            n.write_compressed(0, &[], None).unwrap();
             // Compressed clusters are written once, never over data.
             let e = n
-                .write_compressed(cs as u64, &data[cs..2 * cs])
+                .write_compressed(cs as u64, &data[cs..2 * cs], None)
                 .unwrap_err();
             assert!(
                 matches!(

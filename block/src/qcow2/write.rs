@@ -37,7 +37,7 @@ use std::sync::MutexGuard;
 use super::meta::{ClusterKind, Meta, OFLAG_COPIED};
 use super::node::Qcow2Node;
 use crate::sg::SgSlices;
-use crate::{BlockError, Result};
+use crate::{BlockError, Result, WriteTurn};
 
 /// Alignment of bounce buffers (O_DIRECT image files take them as they are).
 const BOUNCE_ALIGN: usize = 4096;
@@ -136,35 +136,73 @@ impl Drop for Registration<'_> {
 impl Qcow2Node {
     /// Writes a scatter-gather list at `offset`: one mapping pass, one
     /// vectored write per host extent.
-    pub(super) fn do_write_vectored(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
-        if bufs.iter().all(|b| b.is_empty()) {
-            return Ok(());
+    ///
+    /// With a `turn` ([`crate::write_turn`]) the turn is waited for before
+    /// `io_lock` is taken (a request that waits must not hold it: the one whose
+    /// turn it is may need it exclusively between its writes) and passed once
+    /// step 1 has allocated, or after step 3 when the request frees clusters
+    /// (later allocations may reuse them, as after an in-order write).
+    pub(super) fn do_write_vectored(
+        &self,
+        offset: u64,
+        bufs: &[&[u8]],
+        turn: Option<&dyn WriteTurn>,
+    ) -> Result<()> {
+        if let Some(turn) = turn {
+            turn.wait()?;
         }
         let _io = self.io_read_guard()?;
-        self.write_under_io_lock(offset, bufs)
+        self.write_under_io_lock(offset, bufs, turn)
     }
 
-    /// The write itself; the caller holds `io_lock` (shared or exclusive).
-    pub(super) fn write_under_io_lock(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
+    /// The write itself; the caller holds `io_lock` (shared or exclusive)
+    /// and has waited for `turn`, which this passes.
+    pub(super) fn write_under_io_lock(
+        &self,
+        offset: u64,
+        bufs: &[&[u8]],
+        turn: Option<&dyn WriteTurn>,
+    ) -> Result<()> {
         let len: usize = bufs.iter().map(|b| b.len()).sum();
+        let pass = || turn.inspect(|t| t.pass());
         if len == 0 {
+            pass();
             return Ok(());
         }
-        let (pieces, reg) = {
+        let planned = {
             let mut m = self.lock_meta()?;
             m = self.wait_for_allocations(m, offset, len)?;
-            let pieces = self.plan(&mut m, offset, len)?;
-            let mut firsts = Vec::new();
-            for p in &pieces {
-                if let Piece::Alloc(run) = p {
-                    m.inflight.insert(run.gc, run.gc + run.clusters());
-                    firsts.push(run.gc);
+            self.plan(&mut m, offset, len).map(|pieces| {
+                let mut firsts = Vec::new();
+                for p in &pieces {
+                    if let Piece::Alloc(run) = p {
+                        m.inflight.insert(run.gc, run.gc + run.clusters());
+                        firsts.push(run.gc);
+                    }
                 }
-            }
-            (pieces, Registration { node: self, firsts })
+                (pieces, Registration { node: self, firsts })
+            })
         };
+        let (pieces, reg) = match planned {
+            Ok(planned) => planned,
+            Err(e) => {
+                pass();
+                return Err(e);
+            }
+        };
+        let frees = pieces.iter().any(|p| match p {
+            Piece::Alloc(run) => run
+                .olds
+                .iter()
+                .any(|k| !matches!(k, ClusterKind::Unallocated | ClusterKind::ZeroPlain)),
+            Piece::InPlace { .. } => false,
+        });
+        if !frees {
+            pass();
+        }
         let written = self.write_pieces(bufs, &pieces);
         if reg.firsts.is_empty() {
+            pass();
             return written;
         }
         // Declared after `reg`: on unwinding it is released first.
@@ -177,6 +215,8 @@ impl Qcow2Node {
             }
         };
         reg.finish(&mut m);
+        drop(m);
+        pass();
         result
     }
 

@@ -1,11 +1,14 @@
 //! `cryptvm run`: build a VM from a [`VmConfig`], boot its kernel, run it until the guest
-//! powers off or resets (exit status 0) or the VMM fails (one line on stderr, status 1).
+//! powers off or resets (exit status 0), writes V to an `isa-debug-exit` port (status
+//! `(V << 1) | 1`), runs past `--timeout` ([`TIMEOUT_STATUS`]) or the VMM fails (one line
+//! on stderr, status 1).
 
 use std::fs::{File, OpenOptions};
 use std::io::IsTerminal;
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use devices::WorkerPool;
 use serde_json::json;
@@ -29,10 +32,18 @@ const USAGE: &str =
                    [--cpus N] [--memory SIZE] [--object OPTS]... [--blockdev OPTS]...
                    [--device OPTS]... [--qmp PATH] [--serial stdio|file:PATH]
                    [--serial-max-size SIZE] [--io-workers N] [--seccomp on|off|log]
+                   [--timeout SECS]
 Boots the kernel and runs the guest until it powers off or reboots (exit status 0).
+A guest write of V to an isa-debug-exit device's port (--device
+isa-debug-exit,iobase=0xf4,iosize=0x04) ends it with status (V << 1) | 1, as QEMU.
+--timeout SECS stops the guest after SECS seconds: exit status 124.
 The KVM device is /dev/kvm, or the path in $CRYPTVM_KVM_DEVICE.
 --seccomp (default on) filters the system calls of every VMM thread: on ends the
 process at a forbidden call, log only has the kernel log it (docs/security.md).";
+
+/// The exit status of a run stopped by `--timeout`, as timeout(1)'s: even, so that it is
+/// never an `isa-debug-exit` status (those are odd).
+pub const TIMEOUT_STATUS: u8 = 124;
 
 /// Entry point of `cryptvm run ARGS`; returns the exit status.
 pub fn main(args: &[String]) -> u8 {
@@ -45,10 +56,14 @@ pub fn main(args: &[String]) -> u8 {
         eprintln!("cryptvm: making the process non-dumpable: {e}");
         return 1;
     }
-    let result = VmConfig::from_args(args)
-        .map_err(|e| e.to_string())
-        .and_then(|config| run_config(&config));
-    match result {
+    let config = match VmConfig::from_args(args) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("cryptvm: {e}");
+            return 1;
+        }
+    };
+    match run_config(&config) {
         Ok(ExitReason::Shutdown) => {
             // A triple fault resets a real PC (and `reboot=t` relies on it), but it is
             // also how a crashed guest ends: say so.
@@ -56,6 +71,12 @@ pub fn main(args: &[String]) -> u8 {
                 "cryptvm: the guest triple-faulted (KVM_EXIT_SHUTDOWN); stopping as for a reset"
             );
             0
+        }
+        Ok(ExitReason::DebugExit(value)) => devices::debug_exit::exit_status(value),
+        Ok(ExitReason::Timeout) => {
+            let secs = config.timeout.unwrap_or(Duration::ZERO).as_secs_f64();
+            eprintln!("cryptvm: --timeout: the guest still ran after {secs} s; stopped it");
+            TIMEOUT_STATUS
         }
         Ok(_) => 0,
         Err(msg) => {
@@ -107,8 +128,16 @@ pub fn run_config(config: &VmConfig) -> Result<ExitReason, String> {
     })
     .map_err(|e| e.to_string())?;
 
+    for planned in &plan.debug_exits {
+        crate::device_manager::debug_exit::place(
+            vm.pio_bus(),
+            vm.exit_state().clone(),
+            &planned.props,
+        )
+        .map_err(|e| format!("{}: {e}", planned.path))?;
+    }
     let events = EventBus::new();
-    let (machine, control) = build_machine(&vm, config, plan, &events)?;
+    let (machine, control) = build_machine(&vm, config, &plan, &events)?;
 
     let rsdp = create_acpi_tables(&vm)?;
     let spec = BootSpec {
@@ -130,16 +159,24 @@ pub fn run_config(config: &VmConfig) -> Result<ExitReason, String> {
         }
         None => None,
     };
-    let result = vm.run(entry).map_err(|e| e.to_string());
+    // Once everything is set up: a configuration error stays the only line.
+    if let Some(warning) = crate::vstate::hw_virt::slow_kvm_warning() {
+        eprintln!("cryptvm: {warning}");
+    }
+    let result = vm.run_for(entry, config.timeout).map_err(|e| e.to_string());
     drop(raw);
     if let Some(server) = qmp {
         let reason = match result {
-            Ok(ExitReason::Reset) => Some("guest-reset"),
-            Ok(ExitReason::PowerOff | ExitReason::Shutdown) => Some("guest-shutdown"),
+            Ok(ExitReason::Reset) => Some((true, "guest-reset")),
+            Ok(ExitReason::PowerOff | ExitReason::Shutdown | ExitReason::DebugExit(_)) => {
+                Some((true, "guest-shutdown"))
+            }
+            // What QEMU says when timeout(1)'s signal stops it.
+            Ok(ExitReason::Timeout) => Some((false, "host-signal")),
             Ok(ExitReason::Quit) | Err(_) => None, // `quit` announced itself
         };
-        if let Some(reason) = reason {
-            events.emit("SHUTDOWN", json!({"guest": true, "reason": reason}));
+        if let Some((guest, reason)) = reason {
+            events.emit("SHUTDOWN", json!({"guest": guest, "reason": reason}));
         }
         server.stop();
     }
@@ -153,7 +190,7 @@ pub fn run_config(config: &VmConfig) -> Result<ExitReason, String> {
 fn build_machine(
     vm: &Vm,
     config: &VmConfig,
-    plan: ColdPlug,
+    plan: &ColdPlug,
     events: &Arc<EventBus>,
 ) -> Result<(Arc<Machine>, Arc<VmControl>), String> {
     let workers = WorkerPool::new(config.io_workers(), "io-w")

@@ -16,6 +16,7 @@ use block::BlockError;
 
 use super::{Entry, VmConfig};
 use crate::control::{Action, BlockdevSpec, DeviceSpec, ObjectSpec};
+use crate::device_manager::debug_exit::{self, DebugExitProps};
 use crate::device_manager::virtio_blk::{BlkProps, PropertyError};
 
 /// Why the config's objects, block nodes or devices were refused; each names the entry
@@ -110,6 +111,15 @@ pub struct PlannedBlockdev {
     pub spec: BlockdevSpec,
 }
 
+/// One `isa-debug-exit` entry of `devices`, checked.
+#[derive(Debug, Clone)]
+pub struct PlannedDebugExit {
+    /// The entry (`devices[1]`).
+    pub path: String,
+    /// Its properties.
+    pub props: DebugExitProps,
+}
+
 /// Everything the config cold-plugs, in order, checked.
 #[derive(Debug, Clone, Default)]
 pub struct ColdPlug {
@@ -119,19 +129,57 @@ pub struct ColdPlug {
     pub blockdevs: Vec<PlannedBlockdev>,
     /// Disks.
     pub devices: Vec<DeviceSpec>,
+    /// `isa-debug-exit` devices: placed on the port bus when the VM is built, not
+    /// through an [`Action`] (they cannot be hot-plugged).
+    pub debug_exits: Vec<PlannedDebugExit>,
 }
 
 impl ColdPlug {
     /// The actions that make it, in order (secrets, block nodes, disks): what
     /// [`crate::control::VmControl::execute`] runs, as it runs QMP's.
-    pub fn actions(self) -> impl Iterator<Item = Action> {
-        let objects = self.objects.into_iter().map(|o| Action::ObjectAdd(o.spec));
+    pub fn actions(&self) -> impl Iterator<Item = Action> + '_ {
+        let objects = self
+            .objects
+            .iter()
+            .map(|o| Action::ObjectAdd(o.spec.clone()));
         let nodes = self
             .blockdevs
-            .into_iter()
-            .map(|b| Action::BlockdevAdd(b.spec));
-        let disks = self.devices.into_iter().map(Action::DeviceAdd);
+            .iter()
+            .map(|b| Action::BlockdevAdd(b.spec.clone()));
+        let disks = self.devices.iter().cloned().map(Action::DeviceAdd);
         objects.chain(nodes).chain(disks)
+    }
+}
+
+impl ColdPlug {
+    /// Whether a device of the plan has `id`.
+    fn has_device_id(&self, id: &str) -> bool {
+        self.devices
+            .iter()
+            .any(|d| d.props.id.as_deref() == Some(id))
+            || self
+                .debug_exits
+                .iter()
+                .any(|d| d.props.id.as_deref() == Some(id))
+    }
+
+    fn add_debug_exit(
+        &mut self,
+        path: String,
+        args: &serde_json::Map<String, Value>,
+    ) -> Result<(), ColdPlugError> {
+        let props = DebugExitProps::parse(args).map_err(|source| ColdPlugError::Property {
+            path: path.clone(),
+            source,
+        })?;
+        if let Some(id) = &props.id {
+            if self.has_device_id(id) {
+                let id = id.clone();
+                return Err(ColdPlugError::DuplicateDevice { path, id });
+            }
+        }
+        self.debug_exits.push(PlannedDebugExit { path, props });
+        Ok(())
     }
 }
 
@@ -195,6 +243,10 @@ impl VmConfig {
         }
         for (i, Entry { args, .. }) in self.devices.iter().enumerate() {
             let path = spec_path("devices", i);
+            if debug_exit::is_driver(args) {
+                plan.add_debug_exit(path, args)?;
+                continue;
+            }
             let props =
                 BlkProps::parse(args, self.cpus).map_err(|source| ColdPlugError::Property {
                     path: path.clone(),
@@ -202,7 +254,7 @@ impl VmConfig {
                 })?;
             // In the order the machine checks them when it adds the device.
             if let Some(id) = &props.id {
-                if plan.devices.iter().any(|d| d.props.id.as_ref() == Some(id)) {
+                if plan.has_device_id(id) {
                     let id = id.clone();
                     return Err(ColdPlugError::DuplicateDevice { path, id });
                 }
@@ -279,6 +331,25 @@ mod tests {
     }
 
     #[test]
+    fn debug_exits_are_planned_apart_from_the_disks() {
+        let plan = config(json!({
+            "blockdevs": [raw("r")],
+            "devices": [{"driver": "isa-debug-exit", "iobase": "0xf4", "iosize": "0x04", "id": "x"},
+                        disk("r", json!({"id": "d0"})),
+                        {"driver": "isa-debug-exit"}]
+        }))
+        .cold_plug()
+        .expect("valid");
+        assert_eq!(plan.devices.len(), 1);
+        assert_eq!(plan.debug_exits.len(), 2);
+        assert_eq!(plan.debug_exits[0].props.iobase, 0xf4);
+        assert_eq!(plan.debug_exits[0].props.iosize, 4);
+        assert_eq!(plan.debug_exits[1].path, "devices[2]");
+        assert_eq!(plan.debug_exits[1].props.iobase, 0x501);
+        assert_eq!(plan.actions().count(), 2);
+    }
+
+    #[test]
     fn every_error_names_its_entry_and_key() {
         let b = json!([raw("r")]);
         let cases = [
@@ -309,6 +380,19 @@ mod tests {
             (
                 json!({"blockdevs": b, "devices": [disk("r", json!({"addr": 3})), disk("r", json!({"addr": "3.0"}))]}),
                 "devices[1]: PCI: slot 3 function 0 not available",
+            ),
+            (
+                json!({"devices": [{"driver": "isa-debug-exit", "iobase": "0xf4", "colour": 1}]}),
+                "devices[0]: Property 'isa-debug-exit.colour' not found",
+            ),
+            (
+                json!({"devices": [{"driver": "isa-debug-exit", "iobase": "f4"}]}),
+                "devices[0]: Parameter 'iobase' expects integer",
+            ),
+            (
+                json!({"blockdevs": b, "devices": [disk("r", json!({"id": "d"})),
+                                                   {"driver": "isa-debug-exit", "id": "d"}]}),
+                "devices[1]: Duplicate device ID 'd'",
             ),
             (
                 json!({"blockdevs": [{"node-name": "r", "driver": "file", "filenmae": RAW}]}),

@@ -8,6 +8,7 @@
 pub mod coldplug;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde_json::{Map, Value};
 
@@ -97,6 +98,9 @@ pub struct VmConfig {
     pub io_workers: Option<usize>,
     /// Seccomp filters on the VMM's threads (`seccomp`: on, off or log).
     pub seccomp: SeccompMode,
+    /// How long the guest may run (`timeout`, in seconds; `None`: no limit): then the VMM
+    /// stops it and `cryptvm run` exits with [`crate::cli::run::TIMEOUT_STATUS`].
+    pub timeout: Option<Duration>,
 }
 
 impl Default for VmConfig {
@@ -115,6 +119,7 @@ impl Default for VmConfig {
             serial_max_size: DEFAULT_SERIAL_MAX_SIZE,
             io_workers: None,
             seccomp: SeccompMode::On,
+            timeout: None,
         }
     }
 }
@@ -219,6 +224,7 @@ const TOP_KEYS: &[&str] = &[
     "qmp",
     "serial",
     "serial-max-size",
+    "timeout",
 ];
 const MACHINE_KEYS: &[&str] = &["cpus", "memory", "io-workers", "seccomp"];
 const BOOT_KEYS: &[&str] = &["kernel", "initrd", "cmdline"];
@@ -316,6 +322,14 @@ impl VmConfig {
                     };
                     self.serial_max_size = parse_serial_max_size(&text)
                         .map_err(|e| ConfigError(format!("serial-max-size: {e}")))?
+                }
+                "timeout" => {
+                    let text = match v {
+                        Value::Number(n) => n.to_string(),
+                        other => expect_str(other, key)?.to_string(),
+                    };
+                    self.timeout =
+                        parse_timeout(&text).map_err(|e| ConfigError(format!("timeout: {e}")))?
                 }
                 _ => return err(format!("{key}: unknown key")),
             }
@@ -473,6 +487,7 @@ impl VmConfig {
             "serial-max-size" => {
                 self.serial_max_size = parse_serial_max_size(value).map_err(opt_err)?
             }
+            "timeout" => self.timeout = parse_timeout(value).map_err(opt_err)?,
             _ => return err(format!("unknown option '--{name}'")),
         }
         Ok(())
@@ -508,7 +523,27 @@ const OPTIONS: &[&str] = &[
     "serial-max-size",
     "io-workers",
     "seccomp",
+    "timeout",
 ];
+
+/// The longest `timeout`: about 31 years.
+pub const MAX_TIMEOUT_SECS: f64 = 1e9;
+
+/// Seconds as timeout(1) takes them (`2`, `0.5`); `0` means no limit.
+fn parse_timeout(text: &str) -> Result<Option<Duration>, String> {
+    let t = text.trim();
+    let bad = || format!("'{text}' is not a number of seconds (0: no limit)");
+    if t.is_empty() || !t.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return Err(bad());
+    }
+    let secs: f64 = t.parse().map_err(|_| bad())?;
+    if secs > MAX_TIMEOUT_SECS {
+        return Err(format!(
+            "'{text}' is too long (at most {MAX_TIMEOUT_SECS:e} s)"
+        ));
+    }
+    Ok(Some(Duration::from_secs_f64(secs)).filter(|d| !d.is_zero()))
+}
 
 /// The default `serial-max-size`: 1 GiB.
 pub const DEFAULT_SERIAL_MAX_SIZE: u64 = 1 << 30;
@@ -640,5 +675,53 @@ mod tests {
         assert!(e(&["--kernel"]).contains("missing value"));
         assert!(e(&["--serial", "pty"]).starts_with("--serial:"));
         assert!(e(&["--blockdev", "{bad"]).starts_with("--blockdev: invalid JSON"));
+        assert!(e(&["--timeout", "soon"]).starts_with("--timeout: 'soon' is not a number"));
+        assert!(e(&["--timeout", "-1"]).starts_with("--timeout: '-1' is not a number"));
+        assert!(e(&["--timeout", "1e99"]).starts_with("--timeout:"));
+        assert!(e(&["--timeout", "99999999999"]).contains("too long"));
+        assert!(e(&["--timeout"]).contains("missing value"));
+    }
+
+    #[test]
+    fn timeouts() {
+        let t = |a: &[&str]| VmConfig::from_args(&args(a)).unwrap().timeout;
+        assert_eq!(t(&[]), None);
+        assert_eq!(t(&["--timeout", "2"]), Some(Duration::from_secs(2)));
+        assert_eq!(t(&["--timeout=0.5"]), Some(Duration::from_millis(500)));
+        assert_eq!(t(&["--timeout", "0"]), None);
+        let mut c = VmConfig::default();
+        c.apply_json(&json!({"timeout": 3}), None).unwrap();
+        assert_eq!(c.timeout, Some(Duration::from_secs(3)));
+        c.apply_json(&json!({"timeout": "1.5"}), None).unwrap();
+        assert_eq!(c.timeout, Some(Duration::from_millis(1500)));
+        assert_eq!(
+            VmConfig::default()
+                .apply_json(&json!({"timeout": true}), None)
+                .unwrap_err()
+                .0,
+            "timeout: expected a string, got a boolean"
+        );
+    }
+
+    #[test]
+    fn debug_exit_devices_from_the_file_and_the_command_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("vm.json");
+        std::fs::write(
+            &file,
+            json!({"devices": [{"driver": "isa-debug-exit", "iobase": "0xf4", "iosize": "0x04"}]})
+                .to_string(),
+        )
+        .unwrap();
+        let c = VmConfig::from_args(&args(&[
+            "--config",
+            file.to_str().unwrap(),
+            "--device",
+            "isa-debug-exit,iobase=0x600,iosize=1",
+        ]))
+        .unwrap();
+        assert_eq!(c.devices[0].args["iobase"], "0xf4");
+        assert_eq!(c.devices[1].args["iobase"], "0x600");
+        assert_eq!(c.devices[1].args["driver"], "isa-debug-exit");
     }
 }

@@ -6,6 +6,7 @@
 //! Lock order: [`Machine`]'s state before the PCI root, before a PCI device;
 //! the state lock is never held while notifying the guest or flushing.
 
+pub mod debug_exit;
 mod hotplug;
 pub mod pci_bars;
 pub mod virtio_blk;

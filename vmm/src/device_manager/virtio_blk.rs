@@ -153,7 +153,7 @@ impl BlkProps {
 }
 
 /// QEMU's rule for device ids: a letter, then letters, digits, '-', '.', '_'.
-fn check_id(id: &str) -> Result<(), PropertyError> {
+pub(crate) fn check_id(id: &str) -> Result<(), PropertyError> {
     let mut chars = id.chars();
     let ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
         && chars.all(|c| c.is_ascii_alphanumeric() || "-._".contains(c));

@@ -9,6 +9,7 @@ use serde_json::{json, Map, Value};
 use super::writer::qdict_order;
 use super::{QmpBackend, QmpError};
 use crate::control::{Action, BlockdevSpec, DeviceSpec, ObjectSpec, Query};
+use crate::device_manager::debug_exit;
 use crate::device_manager::virtio_blk::BlkProps;
 
 /// The QEMU version cryptvm reports in the greeting and `query-version`: the release
@@ -184,6 +185,10 @@ fn check(name: &str, args: &Map<String, Value>, vcpus: u8) -> Option<Result<Chec
             args: owned(),
             base_dir: None,
         }))),
+        // Not hot-pluggable: QEMU refuses it before reading its properties.
+        "device_add" if debug_exit::is_driver(args) => {
+            Err(QmpError::generic(debug_exit::NO_HOTPLUG))
+        }
         "device_add" => BlkProps::parse(args, vcpus)
             .map(|props| {
                 Do(Action::DeviceAdd(DeviceSpec {

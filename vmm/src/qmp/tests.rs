@@ -650,3 +650,23 @@ fn a_flood_of_io_errors_reaches_clients_once_per_second_per_node() {
     );
     assert!(c.quiet_for(Duration::from_millis(1500)), "more events came");
 }
+
+#[test]
+fn device_add_of_isa_debug_exit_is_refused_as_qemu_refuses_it() {
+    let f = Fixture::new();
+    let mut c = Client::negotiated(f.address());
+    for args in [
+        r#"{"driver":"isa-debug-exit","iobase":244,"iosize":4}"#,
+        // Before any property is read.
+        r#"{"driver":"isa-debug-exit","colour":"blue"}"#,
+    ] {
+        let req = format!(r#"{{"execute":"device_add","arguments":{args}}}"#);
+        assert_eq!(
+            error_of(&c.cmd(&req)),
+            (
+                "GenericError".into(),
+                "Bus 'isa.0' does not support hotplugging".into()
+            )
+        );
+    }
+}

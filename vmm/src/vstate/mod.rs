@@ -3,6 +3,7 @@
 pub mod calibrate;
 pub mod cpuid;
 pub mod exit;
+pub mod hw_virt;
 pub mod memory;
 pub mod msi;
 pub mod vcpu;

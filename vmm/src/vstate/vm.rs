@@ -1,6 +1,7 @@
 //! A KVM virtual machine: in-kernel irqchip and PIT, guest RAM, the port and MMIO buses
 //! with the platform devices (serial console, i8042, ACPI GED, PCI configuration access),
-//! and vCPU threads. [`Vm::run`] runs the guest until it powers off, resets or fails.
+//! and vCPU threads. [`Vm::run`] runs the guest until it powers off, resets or fails
+//! ([`Vm::run_for`]: or its time is up).
 
 use std::ffi::CString;
 use std::io::Write;
@@ -270,14 +271,25 @@ impl Vm {
     /// Creates and configures the vCPUs (the first one starts at `entry`), starts the event
     /// loop and the vCPU threads, and waits until the guest stops or the VMM fails.
     pub fn run(&self, entry: EntryPoint) -> Result<ExitReason, VmError> {
-        self.run_with(entry, Vec::new())
+        self.run_with(entry, Vec::new(), None)
     }
 
-    /// [`Vm::run`] with more event-loop subscribers (QMP, virtio devices).
+    /// [`Vm::run`], the guest stopped with [`ExitReason::Timeout`] once it has run for
+    /// `limit` (when given).
+    pub fn run_for(
+        &self,
+        entry: EntryPoint,
+        limit: Option<Duration>,
+    ) -> Result<ExitReason, VmError> {
+        self.run_with(entry, Vec::new(), limit)
+    }
+
+    /// [`Vm::run_for`] with more event-loop subscribers (QMP, virtio devices).
     pub fn run_with(
         &self,
         entry: EntryPoint,
         mut subscribers: Vec<Subscriber>,
+        limit: Option<Duration>,
     ) -> Result<ExitReason, VmError> {
         vcpu::write_boot_tables(&self.memory, matches!(entry, EntryPoint::Linux64 { .. }))
             .map_err(VmError::Other)?;
@@ -338,7 +350,7 @@ impl Vm {
             self.exit.fail(e.to_string());
         }
         gate.open();
-        let outcome = self.exit.wait();
+        let outcome = self.exit.wait(limit);
         stop_vcpus(threads);
         event_loop.stop();
         outcome.map_err(VmError::Other)

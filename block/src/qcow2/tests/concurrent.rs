@@ -491,3 +491,82 @@ fn sixty_four_threads_of_mixed_requests() {
     stress(&opts(65536, true, 16), 8 << 20, 64, 100, false);
     stress(&opts(4096, true, 1), 4 << 20, 64, 100, true);
 }
+
+/// A [`crate::WriteTurn`] that records whether it was waited for and passed.
+#[derive(Default)]
+struct Turn {
+    waited: std::sync::atomic::AtomicBool,
+    passed: std::sync::atomic::AtomicBool,
+}
+
+impl crate::WriteTurn for Turn {
+    fn wait(&self) -> crate::Result<()> {
+        self.waited.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+    fn pass(&self) {
+        self.passed.store(true, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_write_in_turn_passes_once_allocated_before_its_data_are_written() {
+    let d = tmp();
+    let (img, mut content) = image(d.path(), false);
+    let (gate, n) = open_gated(&img, Duration::ZERO);
+    let (lo, hi) = warm_up(&gate, &n, &mut content);
+    gate.set(lo, hi, GateMode::Block);
+    let turn = Arc::new(Turn::default());
+    let (n1, t1) = (n.clone(), turn.clone());
+    let (_, writer) = spawn(move || n1.write_in_turn(0, &[&[0xa1; 4096]], &*t1).unwrap());
+    assert!(
+        gate.wait_parked(1),
+        "the write never reached its data write"
+    );
+    assert!(
+        turn.waited.load(Ordering::SeqCst),
+        "allocated without its turn"
+    );
+    assert!(
+        turn.passed.load(Ordering::SeqCst),
+        "the turn was held during the data write"
+    );
+    gate.open();
+    writer.join().unwrap();
+    content[..4096].fill(0xa1);
+    assert_image(n, &img, &content);
+}
+
+#[test]
+fn a_write_in_turn_that_frees_clusters_passes_only_when_done() {
+    let d = tmp();
+    let (img, mut content) = image(d.path(), false);
+    let (gate, n) = open_gated(&img, Duration::ZERO);
+    warm_up(&gate, &n, &mut content);
+    // Guest cluster 100 is shared with a snapshot: a write copies it and
+    // drops the old cluster's refcount. A first write copies the shared L2
+    // table, so that the next new cluster is the copy of cluster 100.
+    n.snapshot_create("s", 0, 0).unwrap();
+    n.write_at(101 * CS, &[0x20; CS as usize]).unwrap();
+    content[101 * CS as usize..102 * CS as usize].fill(0x20);
+    n.flush().unwrap();
+    let end = gate.size();
+    gate.set(end, end + CS, GateMode::Block);
+    let turn = Arc::new(Turn::default());
+    let (n1, t1) = (n.clone(), turn.clone());
+    let at = 100 * CS + 512;
+    let (_, writer) = spawn(move || n1.write_in_turn(at, &[&[0xd4; 4096]], &*t1).unwrap());
+    assert!(
+        gate.wait_parked(1),
+        "the write never reached its data write"
+    );
+    assert!(
+        !turn.passed.load(Ordering::SeqCst),
+        "passed before the old cluster was released"
+    );
+    gate.open();
+    writer.join().unwrap();
+    assert!(turn.passed.load(Ordering::SeqCst), "never passed");
+    content[at as usize..at as usize + 4096].fill(0xd4);
+    assert_image(n, &img, &content);
+}
