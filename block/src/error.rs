@@ -233,7 +233,11 @@ impl BlockError {
                 _ => ErrorKind::InvalidArgument,
             },
             Self::Qcow2 { source, .. } => match source {
-                Q::BadMagic | Q::Invalid(_) | Q::HeaderFull => ErrorKind::InvalidArgument,
+                Q::BadMagic | Q::Invalid(_) | Q::HeaderFull | Q::CompressedUnaligned { .. } => {
+                    ErrorKind::InvalidArgument
+                }
+                // QEMU's -EIO.
+                Q::CompressedOverwrite { .. } => ErrorKind::Io,
                 Q::Unsupported(_) => ErrorKind::NotSupported,
                 Q::CorruptReadOnly => ErrorKind::PermissionDenied,
                 Q::Corrupt(_)
