@@ -153,7 +153,15 @@ fn convert_c_makes_what_qemu_img_makes() {
         let size = |f: &str| std::fs::metadata(dir.join(f)).expect("stat").len() as f64;
         let (ours_len, theirs_len) = (size("ours.qcow2"), size("theirs.qcow2"));
         let ratio = ours_len / theirs_len;
-        let most = if zstd { 1.08 } else { 1.03 };
+        // With -W, chunks that finish out of order leave the tails of partly
+        // filled host clusters behind when another chunk has taken the next one.
+        let most = if zstd {
+            1.08
+        } else if name.contains("-W") {
+            1.10
+        } else {
+            1.03
+        };
         if !(0.95..=most).contains(&ratio) {
             eprintln!("{name}: {ours_len} bytes, qemu-img {theirs_len}");
             failed.push(format!("{name} (size)"));
