@@ -20,7 +20,7 @@ use super::copy::{default_workers, Copy, KeepBacking, MAX_WORKERS};
 use super::create::{create_luks, luks_options};
 use super::image::{image_options, load_objects, open, OpenMode};
 use super::options_help;
-use super::rebase::backing_of;
+use super::rebase::{backing_of, qemu_open_error};
 use super::sparse::{Sparse, DEFAULT_MIN_SPARSE, MAX_MIN_SPARSE};
 use super::{Args, ImgError, Result};
 
@@ -32,11 +32,6 @@ pub fn run(argv: &[String]) -> Result<u8> {
         return options_help::print(format, a.positional.len() >= 2);
     }
     let tuning = Tuning::from_args(&a)?;
-    let [src, dst] = a.positional.as_slice() else {
-        return Err(ImgError::Msg(
-            "Expecting a source and a target image name".into(),
-        ));
-    };
     // `-B`: the last one given, as qemu-img's getopt loop keeps.
     let backing_arg = a
         .short
@@ -49,6 +44,11 @@ pub fn run(argv: &[String]) -> Result<u8> {
             "Having a backing file for the target makes no sense when concatenating multiple input images".into(),
         ));
     }
+    let [src, dst] = a.positional.as_slice() else {
+        return Err(ImgError::Msg(
+            "Expecting a source and a target image name".into(),
+        ));
+    };
     if a.target_image_opts && !a.no_create {
         return Err(ImgError::Msg(
             "--target-image-opts requires use of -n flag".into(),
@@ -116,6 +116,11 @@ pub fn run(argv: &[String]) -> Result<u8> {
                 if let Some(f) = &a.format2 {
                     opts.backing_fmt = Some(f.clone());
                 }
+                if opts.backing_fmt.is_some() && opts.backing_file.is_none() {
+                    return Err(ImgError::Msg(format!(
+                        "{dst}: error while converting qcow2: Backing format cannot be used without backing file"
+                    )));
+                }
                 if opts.backing_file.is_some() && opts.backing_fmt.is_none() {
                     return Err(ImgError::Msg(
                         "Use of backing file requires explicit backing format".into(),
@@ -124,7 +129,8 @@ pub fn run(argv: &[String]) -> Result<u8> {
                 block::qcow2::create(path, Some(src_size), &opts)?;
                 let target =
                     json!({"driver": "qcow2", "file": {"driver": "file", "filename": dst}});
-                let opened = open_new(target, &secrets, a.cache).map_err(|e| e.opening(dst))?;
+                let opened = open_new(target, &secrets, a.cache)
+                    .map_err(|e| qemu_open_error(e).opening(dst))?;
                 // A new qcow2 image reads as zeros unless it has a backing file.
                 let has_backing = opts.backing_file.is_some();
                 (opened, !has_backing, has_backing)

@@ -349,12 +349,18 @@ impl Shared<'_> {
             n = st.len.clamp(1, n);
             // Unallocated with no backing file below (or past its end) reads
             // as zeros, as QEMU's block status says.
-            let zero = st.zero
+            let reads_zero = st.zero
                 || (!st.data && keep.source_backing_size.is_none_or(|end| at >= end));
+            let run = match (reads_zero, st.data) {
+                (true, _) if past_backing => Run::Backing,
+                // `-S 0` allocates all the target does not leave to its
+                // backing file: zeros are written as data.
+                (true, _) if job.sparse.enabled() => Run::Zero,
+                (true, _) | (false, true) => Run::Data,
+                (false, false) => Run::Backing,
+            };
             let range = pos as usize..(pos + n) as usize;
-            if zero {
-                push_run(runs, if past_backing { Run::Backing } else { Run::Zero }, range.len());
-            } else if st.data {
+            if run == Run::Data {
                 job.src.read_at(at, &mut buf[range.clone()])?;
                 found.clear();
                 job.sparse.runs(&buf[range], at, &mut found);
@@ -362,7 +368,7 @@ impl Shared<'_> {
                     push_run(runs, data_or_zero(data), n);
                 }
             } else {
-                push_run(runs, Run::Backing, range.len());
+                push_run(runs, run, range.len());
             }
             pos += n;
         }
