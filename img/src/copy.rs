@@ -239,7 +239,9 @@ impl Shared<'_> {
                             job.sparse.runs(&buf[..len], offset, &mut found);
                             runs.extend(found.into_iter().map(|(data, n)| (data_or_zero(data), n)));
                         }),
-                        Some(keep) => self.read_above_backing(keep, offset, &mut buf[..len], &mut runs),
+                        Some(keep) => {
+                            self.read_above_backing(keep, offset, &mut buf[..len], &mut runs)
+                        }
                     };
                     st = self.lock();
                     read.map(|()| {
@@ -349,8 +351,8 @@ impl Shared<'_> {
             n = st.len.clamp(1, n);
             // Unallocated with no backing file below (or past its end) reads
             // as zeros, as QEMU's block status says.
-            let reads_zero = st.zero
-                || (!st.data && keep.source_backing_size.is_none_or(|end| at >= end));
+            let reads_zero =
+                st.zero || (!st.data && keep.source_backing_size.is_none_or(|end| at >= end));
             let run = match (reads_zero, st.data) {
                 (true, _) if past_backing => Run::Backing,
                 // `-S 0` allocates all the target does not leave to its
@@ -902,6 +904,9 @@ mod tests {
         fn discard(&self, _: u64, _: u64) -> block::Result<()> {
             unreachable!("the source is never written")
         }
+        fn write_zeroes(&self, _: u64, _: u64) -> block::Result<()> {
+            unreachable!("the source is never written")
+        }
         fn block_status(&self, offset: u64, len: u64) -> block::Result<block::BlockStatus> {
             let kind = self.clusters[(offset / CL) as usize];
             let mut end = (offset / CL + 1) * CL;
@@ -930,9 +935,11 @@ mod tests {
         data[8 * CL as usize..9 * CL as usize].fill(0);
         let top: NodeRef = Arc::new(Top { data, clusters });
         let size = top.size();
-        for (source_backing_size, target_backing_size) in
-            [(Some(size), Some(size)), (None, Some(size)), (Some(size), Some(36 * CL))]
-        {
+        for (source_backing_size, target_backing_size) in [
+            (Some(size), Some(size)),
+            (None, Some(size)),
+            (Some(size), Some(36 * CL)),
+        ] {
             let disk = Arc::new(Disk::new(vec![0xaa; size as usize]));
             let dst: NodeRef = disk.clone();
             Copy {

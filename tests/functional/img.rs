@@ -529,10 +529,7 @@ fn convert_copy_options_match_qemu_img() {
         ours.clean_error(1, &[message]);
         before.assert_unchanged(&ours);
     }
-    for unsupported in [
-        vec!["-c", "-O", "qcow2"],
-        vec!["-r", "1M"],
-    ] {
+    for unsupported in [vec!["-c", "-O", "qcow2"], vec!["-r", "1M"]] {
         let mut args = vec!["img", "convert"];
         args.extend(&unsupported);
         args.extend(["src.raw", "out.img"]);
@@ -547,7 +544,9 @@ fn convert_copy_options_match_qemu_img() {
         let before = Snapshot::take(s.path());
         let ours = cryptvm(
             s.path(),
-            ["img", "convert", "-B", "src.raw", "-O", "raw", "src.raw", "out.img"],
+            [
+                "img", "convert", "-B", "src.raw", "-O", "raw", "src.raw", "out.img",
+            ],
         );
         ours.clean_error(1, &["Backing file not supported for file format 'raw'"]);
         before.assert_unchanged(&ours);

@@ -105,11 +105,7 @@ fn same_target(p: &ImagePair, out: &str) {
         backing_fields(&p.theirs(), out),
         "backing of {out}"
     );
-    assert_eq!(
-        map(&p.ours(), out),
-        map(&p.theirs(), out),
-        "map of {out}"
-    );
+    assert_eq!(map(&p.ours(), out), map(&p.theirs(), out), "map of {out}");
     assert_qemu_check_clean(&p.ours(), out);
 }
 
@@ -130,8 +126,20 @@ fn convert_with_a_backing_file_copies_only_the_top_image() {
         &["-B", "base.qcow2", "-F", "qcow2"],
         &["-o", "backing_file=base.qcow2,backing_fmt=qcow2"],
         // -B and -F win over -o.
-        &["-B", "base.qcow2", "-F", "qcow2", "-o", "backing_file=small.qcow2,backing_fmt=raw"],
-        &["-B", "base.qcow2", "-o", "backing_fmt=qcow2,cluster_size=16k"],
+        &[
+            "-B",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "-o",
+            "backing_file=small.qcow2,backing_fmt=raw",
+        ],
+        &[
+            "-B",
+            "base.qcow2",
+            "-o",
+            "backing_fmt=qcow2,cluster_size=16k",
+        ],
     ];
     for (i, opts) in opt_spellings.iter().enumerate() {
         let out = format!("out{i}.qcow2");
@@ -157,8 +165,19 @@ fn convert_with_a_backing_file_copies_only_the_top_image() {
     let ours = cryptvm(
         &p.ours(),
         [
-            "img", "convert", "-W", "-m", "4", "-O", "qcow2", "-B", "base.qcow2", "-F",
-            "qcow2", "top.qcow2", "w.qcow2",
+            "img",
+            "convert",
+            "-W",
+            "-m",
+            "4",
+            "-O",
+            "qcow2",
+            "-B",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+            "w.qcow2",
         ],
     )
     .ok();
@@ -178,7 +197,14 @@ fn convert_with_a_backing_file_from_a_source_without_one_or_a_shorter_one() {
     both(
         &p,
         &[
-            "convert", "-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2", "plain.qcow2",
+            "convert",
+            "-O",
+            "qcow2",
+            "-B",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "plain.qcow2",
             "plain-out.qcow2",
         ],
     );
@@ -189,7 +215,14 @@ fn convert_with_a_backing_file_from_a_source_without_one_or_a_shorter_one() {
     both(
         &p,
         &[
-            "convert", "-O", "qcow2", "-B", "small.qcow2", "-F", "qcow2", "top.qcow2",
+            "convert",
+            "-O",
+            "qcow2",
+            "-B",
+            "small.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
             "small-out.qcow2",
         ],
     );
@@ -202,15 +235,29 @@ fn convert_with_a_backing_file_from_a_source_without_one_or_a_shorter_one() {
         qemu_img_ok(
             &d,
             &[
-                "create", "-q", "-f", "qcow2", "-b", "small.qcow2", "-F", "qcow2",
-                "existing.qcow2", "8M",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "small.qcow2",
+                "-F",
+                "qcow2",
+                "existing.qcow2",
+                "8M",
             ],
         );
     }
     both(
         &p,
         &[
-            "convert", "-n", "-B", "base.qcow2", "-O", "qcow2", "top.qcow2",
+            "convert",
+            "-n",
+            "-B",
+            "base.qcow2",
+            "-O",
+            "qcow2",
+            "top.qcow2",
             "existing.qcow2",
         ],
     );
@@ -219,7 +266,13 @@ fn convert_with_a_backing_file_from_a_source_without_one_or_a_shorter_one() {
     qemu_img_ok(
         &p.ours(),
         &[
-            "rebase", "-u", "-b", "base.qcow2", "-F", "qcow2", "existing.qcow2",
+            "rebase",
+            "-u",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "existing.qcow2",
         ],
     );
     identical(&p, "top.qcow2", "existing.qcow2");
@@ -254,8 +307,16 @@ fn convert_with_a_backing_file_refuses_as_qemu_img() {
     let ours = both(
         &p,
         &[
-            "convert", "-B", "base.qcow2", "-F", "qcow2", "-O", "qcow2", "top.qcow2",
-            "plain.qcow2", "out.img",
+            "convert",
+            "-B",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "-O",
+            "qcow2",
+            "top.qcow2",
+            "plain.qcow2",
+            "out.img",
         ],
     );
     assert_eq!(ours.status, Some(1), "{ours}");
@@ -264,7 +325,14 @@ fn convert_with_a_backing_file_refuses_as_qemu_img() {
     let ours = both(
         &p,
         &[
-            "convert", "-B", "missing.qcow2", "-F", "qcow2", "-O", "qcow2", "top.qcow2",
+            "convert",
+            "-B",
+            "missing.qcow2",
+            "-F",
+            "qcow2",
+            "-O",
+            "qcow2",
+            "top.qcow2",
             "out.img",
         ],
     );
