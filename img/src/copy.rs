@@ -72,6 +72,10 @@ pub struct Copy<'a> {
     pub sparse: Sparse,
     /// The target reads as zeros already: holes need not be written.
     pub zero_init: bool,
+    /// `-c`: write data compressed, in whole units of this many bytes (the
+    /// target's cluster size). A unit is data unless it is all zeros (with
+    /// sparse detection on), as in qemu-img.
+    pub compress: Option<u64>,
     /// Print qemu-img's progress line.
     pub progress: bool,
     /// The target has a backing file (`-B`): what the source's backing file
@@ -149,6 +153,15 @@ struct Shared<'a> {
 }
 
 impl Copy<'_> {
+    /// The data and zero runs of `buf` (at byte `offset`): whole compression
+    /// units with `-c`, else the zero scan's.
+    fn scan(&self, buf: &[u8], offset: u64, runs: &mut Vec<(bool, usize)>) {
+        match self.compress {
+            Some(unit) => compressed_runs(buf, unit, self.sparse, runs),
+            None => self.sparse.runs(buf, offset, runs),
+        }
+    }
+
     /// Copies, then flushes the target.
     pub fn run(&self) -> Result<()> {
         let shared = Shared {
@@ -198,6 +211,16 @@ impl Copy<'_> {
         if let Some(e) = state.error {
             return Err(e);
         }
+        if self.compress.is_some() {
+            // The end of the compressed writes (the image file ends on a sector).
+            self.dst
+                .write_compressed(0, &[], None)
+                .map_err(|source| ImgError::Copy {
+                    what: "writing",
+                    offset: self.size,
+                    source,
+                })?;
+        }
         if self.progress {
             if self.size == 0 {
                 print!("    (100.00/100%)\r");
@@ -236,7 +259,7 @@ impl Shared<'_> {
                     let read = match &job.backing {
                         None => job.src.read_at(offset, &mut buf[..len]).map(|()| {
                             let mut found = Vec::new();
-                            job.sparse.runs(&buf[..len], offset, &mut found);
+                            job.scan(&buf[..len], offset, &mut found);
                             runs.extend(found.into_iter().map(|(data, n)| (data_or_zero(data), n)));
                         }),
                         Some(keep) => {
@@ -365,7 +388,7 @@ impl Shared<'_> {
             if run == Run::Data {
                 job.src.read_at(at, &mut buf[range.clone()])?;
                 found.clear();
-                job.sparse.runs(&buf[range], at, &mut found);
+                job.scan(&buf[range], at, &mut found);
                 for &(data, n) in &found {
                     push_run(runs, data_or_zero(data), n);
                 }
@@ -397,6 +420,11 @@ impl Shared<'_> {
             let at = offset + pos as u64;
             let bytes = &data[pos..pos + n];
             let written = match (run, turn) {
+                (Run::Data, t) if job.compress.is_some() => match t {
+                    Some(t) if Some(i) == last => job.dst.write_compressed(at, bytes, Some(t)),
+                    Some(t) => job.dst.write_compressed(at, bytes, Some(&WaitOnly(t))),
+                    None => job.dst.write_compressed(at, bytes, None),
+                },
                 (Run::Data, None) => job.dst.write_at(at, bytes),
                 (Run::Data, Some(t)) if Some(i) == last => job.dst.write_in_turn(at, &[bytes], t),
                 (Run::Data, Some(t)) => job.dst.write_in_turn(at, &[bytes], &WaitOnly(t)),
@@ -465,6 +493,21 @@ fn push_run(runs: &mut Vec<(Run, usize)>, run: Run, n: usize) {
     match runs.last_mut() {
         Some((last, len)) if *last == run => *len += n,
         _ => runs.push((run, n)),
+    }
+}
+
+/// The runs of a chunk for compressed output: whole units (chunks start on
+/// unit boundaries), each zeros if it is all zeros and sparse detection is
+/// on (qemu-img's `buffer_is_zero` test for compressed targets), else data;
+/// neighbours of one kind merged.
+fn compressed_runs(buf: &[u8], unit: u64, sparse: Sparse, runs: &mut Vec<(bool, usize)>) {
+    runs.clear();
+    for part in buf.chunks(unit as usize) {
+        let data = !sparse.enabled() || !super::sparse::is_zero(part);
+        match runs.last_mut() {
+            Some((d, n)) if *d == data => *n += part.len(),
+            _ => runs.push((data, part.len())),
+        }
     }
 }
 
@@ -704,6 +747,7 @@ mod tests {
             in_order,
             sparse: Sparse::new(4096).unwrap(),
             zero_init: false,
+            compress: None,
             progress: false,
             backing: None,
         }
@@ -844,6 +888,7 @@ mod tests {
                 in_order: true,
                 sparse: Sparse::new(4096).unwrap(),
                 zero_init,
+                compress: None,
                 progress: false,
                 backing: None,
             }
@@ -950,6 +995,7 @@ mod tests {
                 in_order: true,
                 sparse: Sparse::new(4096).unwrap(),
                 zero_init: false,
+                compress: None,
                 progress: false,
                 backing: Some(KeepBacking {
                     source_backing_size,

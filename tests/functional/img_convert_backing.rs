@@ -161,6 +161,29 @@ fn convert_with_a_backing_file_copies_only_the_top_image() {
         same_target(&p, &out);
         identical(&p, "top.qcow2", &out);
     }
+    // Compressed (-c): the top image's clusters compressed, the rest left to
+    // the backing file.
+    both(
+        &p,
+        &[
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "-B",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+            "c.qcow2",
+        ],
+    );
+    assert_eq!(
+        backing_fields(&p.ours(), "c.qcow2"),
+        backing_fields(&p.theirs(), "c.qcow2")
+    );
+    assert_qemu_check_clean(&p.ours(), "c.qcow2");
+    identical(&p, "top.qcow2", "c.qcow2");
     // Out-of-order writes lay the target out differently, but read the same.
     let ours = cryptvm(
         &p.ours(),
