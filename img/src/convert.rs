@@ -1,6 +1,13 @@
 //! `cryptvm img convert`: copy an image into a new or existing one, decrypting
 //! and encrypting on the way, with qemu-img's options and semantics (see
 //! `copy` for how the copy runs).
+//!
+//! `-B BACKING` (or `-o backing_file=`, which `-B` overrides) gives the new
+//! target a backing file (its format from `-F`, else `-o backing_fmt=`, one
+//! of them required); with `-n` it only says that the existing target has
+//! one. Either way only what the source's top image allocates is copied:
+//! the rest is left unallocated, to be read from the target's backing file,
+//! which should read as the source's.
 
 use std::path::Path;
 
@@ -9,21 +16,34 @@ use block::options::{parse_size, Opts};
 use serde_json::json;
 
 use super::cache::CacheMode;
-use super::copy::{default_workers, Copy, MAX_WORKERS};
+use super::copy::{default_workers, Copy, KeepBacking, MAX_WORKERS};
 use super::create::{create_luks, luks_options};
 use super::image::{image_options, load_objects, open, OpenMode};
 use super::options_help;
+use super::rebase::{backing_of, qemu_open_error};
 use super::sparse::{Sparse, DEFAULT_MIN_SPARSE, MAX_MIN_SPARSE};
 use super::{Args, ImgError, Result};
 
 /// Runs `img convert`.
 pub fn run(argv: &[String]) -> Result<u8> {
-    let a = Args::parse(argv, "pqnUcCW", "fOotTlSmrB")?;
+    let a = Args::parse(argv, "pqnUcCW", "fOotTlSmrBF")?;
     if options_help::wanted(&a.options) {
         let format = a.output_format.as_deref().unwrap_or("raw");
         return options_help::print(format, a.positional.len() >= 2);
     }
     let tuning = Tuning::from_args(&a)?;
+    // `-B`: the last one given, as qemu-img's getopt loop keeps.
+    let backing_arg = a
+        .short
+        .iter()
+        .rev()
+        .find(|(c, _)| *c == 'B')
+        .map(|(_, v)| v.clone());
+    if backing_arg.is_some() && a.positional.len() > 2 {
+        return Err(ImgError::Msg(
+            "Having a backing file for the target makes no sense when concatenating multiple input images".into(),
+        ));
+    }
     let [src, dst] = a.positional.as_slice() else {
         return Err(ImgError::Msg(
             "Expecting a source and a target image name".into(),
@@ -51,7 +71,7 @@ pub fn run(argv: &[String]) -> Result<u8> {
     let src_size = source.node.size();
     let out_fmt = a.output_format.clone().unwrap_or_else(|| "raw".into());
 
-    let (target, zero_init) = if a.no_create {
+    let (target, zero_init, target_has_backing) = if a.no_create {
         let opts = if a.target_image_opts {
             image_options(dst, true, None)?
         } else {
@@ -69,6 +89,7 @@ pub fn run(argv: &[String]) -> Result<u8> {
             )
             .map_err(|e| e.opening(dst))?,
             false,
+            backing_arg.is_some(),
         )
     } else {
         let options_text = a.joined_options();
@@ -82,22 +103,44 @@ pub fn run(argv: &[String]) -> Result<u8> {
         match out_fmt.as_str() {
             "raw" => {
                 o.finish()?;
+                no_backing_for("raw", &backing_arg)?;
                 block::file::create_file(path, src_size)?;
                 let opts = json!({"driver": "raw", "file": {"driver": "file", "filename": dst}});
                 let opened = open_new(opts, &secrets, a.cache)?;
-                (opened, true)
+                (opened, true, false)
             }
             "qcow2" => {
-                let opts = block::qcow2::CreateOptions::from_opts(&mut o)?;
+                let mut opts = block::qcow2::CreateOptions::from_opts(&mut o)?;
                 o.finish()?;
+                // -B and -F override -o backing_file and backing_fmt.
+                if let Some(b) = &backing_arg {
+                    opts.backing_file = Some(b.clone());
+                }
+                if let Some(f) = &a.format2 {
+                    opts.backing_fmt = Some(f.clone());
+                }
+                if opts.backing_fmt.is_some() && opts.backing_file.is_none() {
+                    return Err(ImgError::Msg(format!(
+                        "{dst}: error while converting qcow2: Backing format cannot be used without backing file"
+                    )));
+                }
+                if opts.backing_file.is_some() && opts.backing_fmt.is_none() {
+                    return Err(ImgError::Msg(
+                        "Use of backing file requires explicit backing format".into(),
+                    ));
+                }
                 block::qcow2::create(path, Some(src_size), &opts)?;
                 let target =
                     json!({"driver": "qcow2", "file": {"driver": "file", "filename": dst}});
-                let opened = open_new(target, &secrets, a.cache)?;
+                let opened = open_new(target, &secrets, a.cache)
+                    .map_err(|e| qemu_open_error(e).opening(dst))?;
                 // A new qcow2 image reads as zeros unless it has a backing file.
-                (opened, opts.backing_file.is_none())
+                let has_backing = opts.backing_file.is_some();
+                (opened, !has_backing, has_backing)
             }
             "luks" => {
+                // Before the key-secret check, as qemu-img.
+                no_backing_for("luks", &backing_arg)?;
                 let (opts, key_secret) = luks_options(&mut o)?;
                 o.finish()?;
                 if opts.detached_header {
@@ -119,7 +162,7 @@ pub fn run(argv: &[String]) -> Result<u8> {
                 )?;
                 let target = json!({"driver": "luks", "key-secret": key_secret, "file": {"driver": "file", "filename": dst}});
                 let opened = open_new(target, &secrets, a.cache)?;
-                (opened, false)
+                (opened, false, false)
             }
             other => {
                 return Err(ImgError::Msg(format!(
@@ -154,9 +197,26 @@ pub fn run(argv: &[String]) -> Result<u8> {
         zero_init,
         compress,
         progress: a.progress && !a.quiet,
+        backing: target_has_backing.then(|| KeepBacking {
+            source_backing_size: backing_of(&source.node).map(|b| b.size()),
+            // Known for a new target only, as in qemu-img.
+            target_backing_size: (!a.no_create)
+                .then(|| backing_of(&target.node).map(|b| b.size()))
+                .flatten(),
+        }),
     }
     .run()?;
     Ok(0)
+}
+
+/// Refuses `-B` for a target format without backing files.
+fn no_backing_for(format: &str, backing: &Option<String>) -> Result<()> {
+    match backing {
+        Some(_) => Err(ImgError::Msg(format!(
+            "Backing file not supported for file format '{format}'"
+        ))),
+        None => Ok(()),
+    }
 }
 
 fn not_compressible() -> ImgError {
@@ -278,7 +338,8 @@ impl Tuning {
                         ))
                     })?;
                 }
-                'B' => return unsupported("A backing file for the target (-B)"),
+                // Handled with the target (`run`).
+                'B' => {}
                 // Handled once the source is open (`load_snapshot`).
                 'l' => {}
                 'r' => return unsupported("A rate limit (-r)"),

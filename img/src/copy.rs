@@ -20,6 +20,14 @@
 //! Workers are plain threads, never tasks of the crypto thread pool: a worker
 //! blocked in a node's parallel encryption cannot be handed another request.
 //! Memory is bounded by `workers + 1` chunk buffers.
+//!
+//! With a backing file for the target (`-B`, [`KeepBacking`]) a chunk's runs
+//! come from the block status of the source's top image, above its own
+//! backing (qemu-img's `convert_iteration_sectors` with `target_has_backing`):
+//! what the top image allocates is copied (its zero clusters written as
+//! zeroes, its data scanned for zero runs as usual), what it leaves to its
+//! backing file is left unallocated in the target, to be read from the
+//! target's backing file. Only the data runs are read.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -70,14 +78,41 @@ pub struct Copy<'a> {
     pub compress: Option<u64>,
     /// Print qemu-img's progress line.
     pub progress: bool,
+    /// The target has a backing file (`-B`): what the source's backing file
+    /// defines is left to it. `None` copies everything.
+    pub backing: Option<KeepBacking>,
+}
+
+/// `-B`: the target's backing file is taken to read as the source's backing
+/// file, so that only the source's top image is copied.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeepBacking {
+    /// Size of the source's backing image; `None` when the source has none
+    /// (then what its top image leaves unallocated reads as zeros).
+    pub source_backing_size: Option<u64>,
+    /// Size of the target's backing image when known (a new target): past
+    /// it, zeros need not be written (qemu-img's `target_backing_sectors`).
+    pub target_backing_size: Option<u64>,
+}
+
+/// What the write of a run does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Run {
+    /// Write the bytes read.
+    Data,
+    /// Write zeroes, unless the target reads as zeros already.
+    Zero,
+    /// Leave the target unallocated: its backing file provides the bytes
+    /// (qemu-img's `BLK_BACKING_FILE`).
+    Backing,
 }
 
 /// A chunk read and waiting to be written.
 struct Chunk {
     buf: Vec<u8>,
     len: usize,
-    /// Its data and zero runs.
-    runs: Vec<(bool, usize)>,
+    /// Its data, zero and backing runs.
+    runs: Vec<(Run, usize)>,
 }
 
 /// What a worker does next.
@@ -118,6 +153,15 @@ struct Shared<'a> {
 }
 
 impl Copy<'_> {
+    /// The data and zero runs of `buf` (at byte `offset`): whole compression
+    /// units with `-c`, else the zero scan's.
+    fn scan(&self, buf: &[u8], offset: u64, runs: &mut Vec<(bool, usize)>) {
+        match self.compress {
+            Some(unit) => compressed_runs(buf, unit, self.sparse, runs),
+            None => self.sparse.runs(buf, offset, runs),
+        }
+    }
+
     /// Copies, then flushes the target.
     pub fn run(&self) -> Result<()> {
         let shared = Shared {
@@ -211,14 +255,17 @@ impl Shared<'_> {
                     if buf.is_empty() {
                         buf = vec![0u8; CHUNK];
                     }
-                    let read = job.src.read_at(offset, &mut buf[..len]);
                     let mut runs = Vec::new();
-                    if read.is_ok() {
-                        match job.compress {
-                            Some(unit) => compressed_runs(&buf[..len], unit, job.sparse, &mut runs),
-                            None => job.sparse.runs(&buf[..len], offset, &mut runs),
+                    let read = match &job.backing {
+                        None => job.src.read_at(offset, &mut buf[..len]).map(|()| {
+                            let mut found = Vec::new();
+                            job.scan(&buf[..len], offset, &mut found);
+                            runs.extend(found.into_iter().map(|(data, n)| (data_or_zero(data), n)));
+                        }),
+                        Some(keep) => {
+                            self.read_above_backing(keep, offset, &mut buf[..len], &mut runs)
                         }
-                    }
+                    };
                     st = self.lock();
                     read.map(|()| {
                         st.ready.insert(offset, Chunk { buf, len, runs });
@@ -296,35 +343,94 @@ impl Shared<'_> {
         }
     }
 
+    /// Reads the chunk at `offset` into `buf` with `-B`: its runs from the
+    /// block status of the source's top image (qemu-img's
+    /// `convert_iteration_sectors` with a base), then the data runs alone,
+    /// scanned for zero runs.
+    fn read_above_backing(
+        &self,
+        keep: &KeepBacking,
+        offset: u64,
+        buf: &mut [u8],
+        runs: &mut Vec<(Run, usize)>,
+    ) -> block::Result<()> {
+        let job = self.job;
+        let len = buf.len() as u64;
+        let mut found = Vec::new();
+        let mut pos = 0;
+        while pos < len {
+            let at = offset + pos;
+            let mut n = len - pos;
+            // Past the end of the target's backing file zeros read as zeros.
+            let past_backing = match keep.target_backing_size {
+                Some(end) if at >= end => true,
+                Some(end) => {
+                    n = n.min(end - at);
+                    false
+                }
+                None => false,
+            };
+            let st = job.src.block_status(at, n)?;
+            n = st.len.clamp(1, n);
+            // Unallocated with no backing file below (or past its end) reads
+            // as zeros, as QEMU's block status says.
+            let reads_zero =
+                st.zero || (!st.data && keep.source_backing_size.is_none_or(|end| at >= end));
+            let run = match (reads_zero, st.data) {
+                (true, _) if past_backing => Run::Backing,
+                // `-S 0` allocates all the target does not leave to its
+                // backing file: zeros are written as data.
+                (true, _) if job.sparse.enabled() => Run::Zero,
+                (true, _) | (false, true) => Run::Data,
+                (false, false) => Run::Backing,
+            };
+            let range = pos as usize..(pos + n) as usize;
+            if run == Run::Data {
+                job.src.read_at(at, &mut buf[range.clone()])?;
+                found.clear();
+                job.scan(&buf[range], at, &mut found);
+                for &(data, n) in &found {
+                    push_run(runs, data_or_zero(data), n);
+                }
+            } else {
+                push_run(runs, run, range.len());
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
     /// Writes one chunk: its data runs, and its zero runs unless the target
-    /// reads as zeros already (qemu-img's `convert_co_write`). With a `turn`
-    /// every write is in turn, and the last one passes it.
+    /// reads as zeros already (qemu-img's `convert_co_write`); backing runs
+    /// are left alone. With a `turn` every write is in turn, and the last one
+    /// passes it.
     fn write(
         &self,
         offset: u64,
         data: &[u8],
-        runs: &[(bool, usize)],
+        runs: &[(Run, usize)],
         turn: Option<&dyn WriteTurn>,
     ) -> Result<()> {
         let job = self.job;
         let last = runs
             .iter()
-            .rposition(|&(is_data, _)| is_data || !job.zero_init);
+            .rposition(|&(run, _)| run == Run::Data || (run == Run::Zero && !job.zero_init));
         let mut pos = 0;
-        for (i, &(is_data, n)) in runs.iter().enumerate() {
+        for (i, &(run, n)) in runs.iter().enumerate() {
             let at = offset + pos as u64;
             let bytes = &data[pos..pos + n];
-            let written = match (is_data, turn) {
-                (true, t) if job.compress.is_some() => match t {
+            let written = match (run, turn) {
+                (Run::Data, t) if job.compress.is_some() => match t {
                     Some(t) if Some(i) == last => job.dst.write_compressed(at, bytes, Some(t)),
                     Some(t) => job.dst.write_compressed(at, bytes, Some(&WaitOnly(t))),
                     None => job.dst.write_compressed(at, bytes, None),
                 },
-                (true, None) => job.dst.write_at(at, bytes),
-                (true, Some(t)) if Some(i) == last => job.dst.write_in_turn(at, &[bytes], t),
-                (true, Some(t)) => job.dst.write_in_turn(at, &[bytes], &WaitOnly(t)),
-                (false, _) if job.zero_init => Ok(()),
-                (false, t) => t
+                (Run::Data, None) => job.dst.write_at(at, bytes),
+                (Run::Data, Some(t)) if Some(i) == last => job.dst.write_in_turn(at, &[bytes], t),
+                (Run::Data, Some(t)) => job.dst.write_in_turn(at, &[bytes], &WaitOnly(t)),
+                (Run::Backing, _) => Ok(()),
+                (Run::Zero, _) if job.zero_init => Ok(()),
+                (Run::Zero, t) => t
                     .map_or(Ok(()), |t| t.wait())
                     .and_then(|()| job.dst.write_zeroes(at, n as u64)),
             };
@@ -370,6 +476,23 @@ impl Shared<'_> {
             print!("    ({pct:.2}/100%)\r");
             let _ = std::io::stdout().flush();
         }
+    }
+}
+
+/// A run found by the zero scan.
+fn data_or_zero(data: bool) -> Run {
+    if data {
+        Run::Data
+    } else {
+        Run::Zero
+    }
+}
+
+/// Appends a run of `n` bytes, merged into the last one of the same kind.
+fn push_run(runs: &mut Vec<(Run, usize)>, run: Run, n: usize) {
+    match runs.last_mut() {
+        Some((last, len)) if *last == run => *len += n,
+        _ => runs.push((run, n)),
     }
 }
 
@@ -626,6 +749,7 @@ mod tests {
             zero_init: false,
             compress: None,
             progress: false,
+            backing: None,
         }
         .run()
     }
@@ -766,6 +890,7 @@ mod tests {
                 zero_init,
                 compress: None,
                 progress: false,
+                backing: None,
             }
             .run()
             .unwrap();
@@ -781,6 +906,153 @@ mod tests {
             }
             expect.extend([Op::Write(2 * c, c), Op::Flush]);
             assert_eq!(disk.log(), expect, "zero_init {zero_init}");
+        }
+    }
+
+    /// A top image over a backing file: each 64 KiB cluster is data (its
+    /// bytes), a zero cluster, or left to the backing file (reads 0xbb).
+    struct Top {
+        data: Vec<u8>,
+        /// Per cluster: b'd' data, b'z' zero, b'-' unallocated.
+        clusters: &'static [u8],
+    }
+
+    const CL: u64 = 64 << 10;
+
+    impl BlockNode for Top {
+        fn driver(&self) -> &'static str {
+            "test-top"
+        }
+        fn size(&self) -> u64 {
+            self.data.len() as u64
+        }
+        fn read_only(&self) -> bool {
+            true
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> block::Result<()> {
+            for (i, b) in buf.iter_mut().enumerate() {
+                let at = offset as usize + i;
+                *b = match self.clusters[at / CL as usize] {
+                    b'd' => self.data[at],
+                    b'z' => 0,
+                    _ => 0xbb,
+                };
+            }
+            Ok(())
+        }
+        fn write_at(&self, _: u64, _: &[u8]) -> block::Result<()> {
+            unreachable!("the source is never written")
+        }
+        fn flush(&self) -> block::Result<()> {
+            Ok(())
+        }
+        fn discard(&self, _: u64, _: u64) -> block::Result<()> {
+            unreachable!("the source is never written")
+        }
+        fn write_zeroes(&self, _: u64, _: u64) -> block::Result<()> {
+            unreachable!("the source is never written")
+        }
+        fn block_status(&self, offset: u64, len: u64) -> block::Result<block::BlockStatus> {
+            let kind = self.clusters[(offset / CL) as usize];
+            let mut end = (offset / CL + 1) * CL;
+            while end < offset + len && self.clusters[(end / CL) as usize] == kind {
+                end += CL;
+            }
+            let n = end.min(offset + len) - offset;
+            Ok(match kind {
+                b'd' => block::BlockStatus::data(n),
+                b'z' => block::BlockStatus {
+                    zero: true,
+                    data: false,
+                    ..block::BlockStatus::data(n)
+                },
+                _ => block::BlockStatus::unallocated(n),
+            })
+        }
+    }
+
+    #[test]
+    fn with_a_backing_file_only_the_top_image_is_copied() {
+        // 40 clusters: not a whole number of chunks either way.
+        let clusters: &'static [u8] = b"dd--zzd-dd------------------------dzdzd-";
+        let mut data = noise(clusters.len() * CL as usize, 9);
+        // An all-zero data cluster: a zero run the scan finds.
+        data[8 * CL as usize..9 * CL as usize].fill(0);
+        let top: NodeRef = Arc::new(Top { data, clusters });
+        let size = top.size();
+        for (source_backing_size, target_backing_size) in [
+            (Some(size), Some(size)),
+            (None, Some(size)),
+            (Some(size), Some(36 * CL)),
+        ] {
+            let disk = Arc::new(Disk::new(vec![0xaa; size as usize]));
+            let dst: NodeRef = disk.clone();
+            Copy {
+                src: &top,
+                dst: &dst,
+                size,
+                workers: 3,
+                in_order: true,
+                sparse: Sparse::new(4096).unwrap(),
+                zero_init: false,
+                compress: None,
+                progress: false,
+                backing: Some(KeepBacking {
+                    source_backing_size,
+                    target_backing_size,
+                }),
+            }
+            .run()
+            .unwrap();
+            let c = |n: u64| n * CL;
+            let mut want = vec![
+                Op::Write(0, c(2)),
+                Op::Zeroes(c(4), c(2)),
+                Op::Write(c(6), c(1)),
+                Op::Zeroes(c(8), c(1)),
+                Op::Write(c(9), c(1)),
+            ];
+            if source_backing_size.is_none() {
+                // Unallocated over no backing file reads as zeros.
+                want = vec![
+                    Op::Write(0, c(2)),
+                    Op::Zeroes(c(2), c(4)),
+                    Op::Write(c(6), c(1)),
+                    Op::Zeroes(c(7), c(2)),
+                    Op::Write(c(9), c(1)),
+                    // The chunk boundary at 32 clusters splits the run.
+                    Op::Zeroes(c(10), c(22)),
+                    Op::Zeroes(c(32), c(2)),
+                    Op::Write(c(34), c(1)),
+                    Op::Zeroes(c(35), c(1)),
+                    Op::Write(c(36), c(1)),
+                    Op::Zeroes(c(37), c(1)),
+                    Op::Write(c(38), c(1)),
+                    Op::Zeroes(c(39), c(1)),
+                ];
+            } else if target_backing_size == Some(size) {
+                want.extend([
+                    Op::Write(c(34), c(1)),
+                    Op::Zeroes(c(35), c(1)),
+                    Op::Write(c(36), c(1)),
+                    Op::Zeroes(c(37), c(1)),
+                    Op::Write(c(38), c(1)),
+                ]);
+            } else {
+                // Zero clusters past the target's backing file need no write.
+                want.extend([
+                    Op::Write(c(34), c(1)),
+                    Op::Zeroes(c(35), c(1)),
+                    Op::Write(c(36), c(1)),
+                    Op::Write(c(38), c(1)),
+                ]);
+            }
+            want.push(Op::Flush);
+            assert_eq!(
+                disk.log(),
+                want,
+                "{source_backing_size:?} {target_backing_size:?}"
+            );
         }
     }
 
