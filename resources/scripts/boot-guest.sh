@@ -17,7 +17,7 @@
 # keyboard path to the guest: `shell` there says so and stops at once.
 # CRYPTVM_E2E_MODE=direct|nested overrides the choice.
 #
-# First run: `cargo build --release` (~3 min, cargo's progress shown), then the guest from
+# First run: `cargo build --release` (~5 min, cargo's progress shown), then the guest from
 # Debian packages (resources/guest/build.sh, ~1 min, into ~/.cache/cryptvm/guest/).
 # Exit status: cryptvm's (0 when the guest powered off).
 set -euo pipefail
@@ -52,7 +52,7 @@ if [[ "$mode" == nested && "$scenario" == shell ]]; then
 fi
 
 cryptvm="${CARGO_TARGET_DIR:-$ROOT/target}/release/cryptvm"
-log "building cryptvm (cargo build --release; the first time takes ~3 min)..."
+log "building cryptvm (cargo build --release; the first time takes ~5 min)..."
 cargo build --release --manifest-path "$ROOT/Cargo.toml" -p vmm
 log "building the test guest (resources/guest/build.sh; the first time takes ~1 min)..."
 eval "$("$ROOT/resources/guest/build.sh" | grep -E '^(VMLINUZ|INITRAMFS)=')"

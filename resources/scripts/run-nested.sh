@@ -11,6 +11,7 @@
 #   --cryptvm PATH    the cryptvm binary to run (default: the release build,
 #                     ${CARGO_TARGET_DIR:-target}/release/cryptvm; built when missing)
 #   --time-limit S    the test host is killed after S seconds (default 600); exit 124
+#   --list-files      print the host files that would be carried (one a line), and exit
 #   -h, --help        this text
 #
 # Every file the arguments name is carried at its own absolute path, so paths mean the
@@ -32,12 +33,13 @@ usage() {
     exit "${1:-0}"
 }
 
-extra=() args=() cryptvm='' limit=600
+extra=() args=() cryptvm='' limit=600 list=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --file) extra+=("$2"); shift 2 ;;
         --cryptvm) cryptvm=$2; shift 2 ;;
         --time-limit) limit=$2; shift 2 ;;
+        --list-files) list=1; shift ;;
         -h|--help) usage 0 ;;
         --) shift; args+=("$@"); break ;;
         *) args+=("$1"); shift ;;
@@ -46,14 +48,14 @@ done
 [[ ${#args[@]} -gt 0 ]] || { log "no cryptvm run arguments"; usage 2 >&2; }
 command -v python3 >/dev/null || { log "python3 is not installed"; exit 1; }
 
-if [[ -z "$cryptvm" ]]; then
+if [[ $list -eq 0 && -z "$cryptvm" ]]; then
     cryptvm="${CARGO_TARGET_DIR:-$ROOT/target}/release/cryptvm"
     if [[ ! -x "$cryptvm" ]]; then
-        log "building cryptvm (cargo build --release; the first time takes ~3 min)..."
+        log "building cryptvm (cargo build --release; the first time takes ~5 min)..."
         cargo build --release --manifest-path "$ROOT/Cargo.toml" -p vmm
     fi
 fi
-[[ -x "$cryptvm" ]] || { log "no cryptvm binary at $cryptvm"; exit 1; }
+[[ $list -eq 1 || -x "$cryptvm" ]] || { log "no cryptvm binary at $cryptvm"; exit 1; }
 
 # The host files the arguments name, as absolute paths (one a line).
 files=$(python3 - "${args[@]}" <<'PY'
@@ -123,16 +125,17 @@ done <<<"$files"
 for f in "${extra[@]}"; do
     [[ -e "$f" ]] || { log "--file $f: no such file"; exit 1; }
     abs="$(cd "$(dirname "$f")" && pwd)/$(basename "$f")"
+    grep -qxF -- "$abs" <<<"$files" && continue
+    files+=$'\n'"$abs"
     carry+=(--file "$abs=$abs")
 done
+if [[ $list -eq 1 ]]; then
+    for ((i = 1; i < ${#carry[@]}; i += 2)); do echo "${carry[i]%%=*}"; done
+    exit 0
+fi
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/cryptvm-nested.XXXXXX")"
-tailer=''
-cleanup() {
-    [[ -n "$tailer" ]] && kill "$tailer" 2>/dev/null
-    rm -rf "$work"
-}
-trap cleanup EXIT
+trap 'rm -rf "$work"' EXIT
 
 # L1's /work/run.sh: cryptvm from the same folder, its console and stderr on L1's console
 # between two markers, its status last.
@@ -146,29 +149,27 @@ rc=\$?
 echo "CRYPTVM-NESTED-END rc=\$rc"
 RUN
 
-log "packing the test host (cryptvm, ${#carry[@]} file arguments)..."
+log "packing the test host: cryptvm and $((${#carry[@]} / 2)) files..."
 eval "$("$ROOT/resources/testhost/pack.sh" --out "$work/l1.img" --bin "$cryptvm" \
     "${carry[@]}" --run "$work/run.sh" | grep -E '^L1_(KERNEL|INITRD)=')"
 
 log "booting the test host (QEMU TCG, ~30 s), then: cryptvm run$quoted"
 console="$work/console.txt"
 : >"$console"
-# The guest's part of L1's console, as it is written: from the begin marker on, without
-# L1's heartbeat; a console that launch.sh boots again starts over (tail -F).
-tail -n +1 -F "$console" 2>/dev/null | tr -d '\r' | sed -u \
-    -e '/CRYPTVM-NESTED-BEGIN/,/CRYPTVM-NESTED-END/!d' \
-    -e '/^CRYPTVM-NESTED-BEGIN/d' -e '/^CRYPTVM-NESTED-END/d' \
-    -e 's/CRYPTVM-L1-ALIVE//g' -e '/^$/d' &
-tailer=$!
 set +e
 "$ROOT/resources/testhost/launch.sh" --kernel "$L1_KERNEL" --initrd "$L1_INITRD" \
-    --console "$console" --timeout "$limit"
+    --console "$console" --timeout "$limit" &
+launcher=$!
+# The guest's part of L1's console, as it is written: from the begin marker on, without
+# L1's heartbeat; a console that launch.sh boots again starts over (tail -F). tail ends
+# once launch.sh has.
+tail -n +1 -F --pid="$launcher" "$console" 2>/dev/null | sed -u \
+    -e 's/\r$//' -e 's/CRYPTVM-L1-ALIVE//g' \
+    -e '/CRYPTVM-NESTED-BEGIN/,/CRYPTVM-NESTED-END/!d' \
+    -e '/^CRYPTVM-NESTED-BEGIN/d' -e '/^CRYPTVM-NESTED-END/d' -e '/^$/d'
+wait "$launcher"
 launched=$?
 set -e
-sleep 1
-kill "$tailer" 2>/dev/null
-wait "$tailer" 2>/dev/null
-tailer=''
 
 rc=$(tr -d '\r' <"$console" | sed -n 's/.*CRYPTVM-NESTED-END rc=\([0-9]*\).*/\1/p' | tail -1)
 if [[ -n "$rc" ]]; then
