@@ -79,9 +79,24 @@ fn commands(block: &str) -> Vec<String> {
         .collect()
 }
 
-/// Words in backticks of `text`.
-fn backticked(text: &str) -> Vec<&str> {
-    text.split('`').skip(1).step_by(2).collect()
+/// Words in backticks of `text`'s prose (fenced code blocks left out).
+fn backticked(text: &str) -> Vec<String> {
+    let mut prose = String::new();
+    let mut fenced = false;
+    for line in text.lines() {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+        } else if !fenced {
+            prose.push_str(line);
+            prose.push('\n');
+        }
+    }
+    prose
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect()
 }
 
 const SECTIONS: [&str; 3] = ["Build", "Try it", "Test"];
@@ -217,7 +232,7 @@ fn every_script_the_readme_runs_exists_and_is_executable() {
         // Repository paths the prose names.
         for word in backticked(text) {
             if word.starts_with("resources/") || word.starts_with(".ci/") {
-                let path = word.split_whitespace().next().unwrap_or(word);
+                let path = word.split_whitespace().next().unwrap_or(&word);
                 assert!(root().join(path).exists(), "README's {title} names {path}");
             }
         }
@@ -363,7 +378,7 @@ fn every_path_the_docs_name_resolves() {
     let mut missing = Vec::new();
     for page in &pages {
         let text = read(&page.to_string_lossy());
-        let quoted: Vec<&str> = backticked(&text);
+        let quoted = backticked(&text);
         // QEMU's own files (`docs/devel/...` of QEMU's tree) are not this repository's.
         let foreign = |w: &str| {
             text.find(&format!("`{w}`")).is_some_and(|at| {
@@ -371,8 +386,8 @@ fn every_path_the_docs_name_resolves() {
             })
         };
         for word in quoted {
-            if let Some(path) = repo_path(word) {
-                if !foreign(word) && !root().join(path).exists() {
+            if let Some(path) = repo_path(&word) {
+                if !foreign(&word) && !root().join(path).exists() {
                     missing.push(format!("{}: `{path}`", page.display()));
                 }
             }
