@@ -13,7 +13,7 @@ set -euo pipefail
 out="${1:?usage: fuzz/seeds.sh DIR}"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
-for t in qcow2 luks1 qmp_lexer qmp_parser qmp_dispatch config virtio_blk_chain; do
+for t in qcow2 luks1 luks2 qmp_lexer qmp_parser qmp_dispatch config virtio_blk_chain; do
     mkdir -p "$out/$t"
 done
 work="$(mktemp -d)"
@@ -107,6 +107,30 @@ PY
     fi
 else
     echo "seeds.sh: no cryptsetup: luks1 starts from an empty corpus" >&2
+fi
+
+# --- luks2: [flags: bit 0 detached][header image] (fuzz_targets/luks2.rs) ---
+# Detached headers with small metadata and key slot areas (16 KiB + 256 KiB).
+if have cryptsetup; then
+    printf fuzz >"$work/key"
+    for kdf in pbkdf2 argon2id argon2i; do
+        for sector in 512 4096; do
+            truncate -s 4M "$work/payload"
+            rm -f "$work/hdr2"
+            if [[ $kdf == pbkdf2 ]]; then
+                cost=(--pbkdf-force-iterations 1000)
+            else
+                cost=(--pbkdf-memory 1024 --pbkdf-force-iterations 4)
+            fi
+            if cryptsetup luksFormat --type luks2 --batch-mode --pbkdf "$kdf" "${cost[@]}" \
+                --luks2-metadata-size 16k --luks2-keyslots-size 256k --sector-size "$sector" \
+                --key-file "$work/key" --header "$work/hdr2" "$work/payload" >/dev/null 2>&1; then
+                { printf '\x01'; cat "$work/hdr2"; } >"$out/luks2/detached-$kdf-$sector"
+            fi
+        done
+    done
+else
+    echo "seeds.sh: no cryptsetup: luks2 starts from an empty corpus" >&2
 fi
 
 # --- QMP: messages from vmm/src/qmp/tests.rs ---

@@ -211,6 +211,20 @@ impl BlockError {
                 L::WrongPassphrase => ErrorKind::PermissionDenied,
                 L::Io { source, .. } => io_kind(source),
                 L::Random(_) => ErrorKind::Io,
+                L::Luks2(e) => {
+                    use crate::luks::luks2::Luks2Error as L2;
+                    match e {
+                        L2::NoValidHeader { .. }
+                        | L2::BadHeader(_)
+                        | L2::Json(_)
+                        | L2::TooDeep { .. }
+                        | L2::Field { .. } => ErrorKind::Corrupt,
+                        L2::Unsupported(_) | L2::Requirements(_) | L2::Reencryption(_) => {
+                            ErrorKind::NotSupported
+                        }
+                        L2::Argon2Memory { .. } => ErrorKind::InvalidArgument,
+                    }
+                }
             },
             Self::Secret(e) => match e {
                 S::NotFound(_) => ErrorKind::NotFound,
@@ -219,7 +233,11 @@ impl BlockError {
                 _ => ErrorKind::InvalidArgument,
             },
             Self::Qcow2 { source, .. } => match source {
-                Q::BadMagic | Q::Invalid(_) | Q::HeaderFull => ErrorKind::InvalidArgument,
+                Q::BadMagic | Q::Invalid(_) | Q::HeaderFull | Q::CompressedUnaligned { .. } => {
+                    ErrorKind::InvalidArgument
+                }
+                // QEMU's -EIO.
+                Q::CompressedOverwrite { .. } => ErrorKind::Io,
                 Q::Unsupported(_) => ErrorKind::NotSupported,
                 Q::CorruptReadOnly => ErrorKind::PermissionDenied,
                 Q::Corrupt(_)

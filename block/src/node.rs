@@ -60,6 +60,34 @@ pub trait BlockNode: Send + Sync {
         turn.pass();
         written
     }
+    /// The unit of compressed writes (the cluster size) when the driver can
+    /// write compressed data ([`BlockNode::write_compressed`]), else None.
+    fn compressed_write_unit(&self) -> Option<u64> {
+        None
+    }
+    /// Writes `buf` at `offset` compressed, as QEMU's
+    /// `BDRV_REQ_WRITE_COMPRESSED`: whole units of
+    /// [`compressed_write_unit`](Self::compressed_write_unit) (the last one
+    /// may end at the end of the node) into unallocated ones. An empty `buf`
+    /// ends a series of compressed writes. With a `turn`, allocations wait
+    /// for it and it is passed once they are made (see
+    /// [`write_in_turn`](Self::write_in_turn)). Drivers that cannot
+    /// compress refuse.
+    fn write_compressed(
+        &self,
+        offset: u64,
+        buf: &[u8],
+        turn: Option<&dyn WriteTurn>,
+    ) -> Result<()> {
+        let _ = (offset, buf);
+        if let Some(t) = turn {
+            t.pass();
+        }
+        Err(BlockError::NotSupported(format!(
+            "'{}' nodes cannot write compressed data",
+            self.driver()
+        )))
+    }
     /// Make previous writes durable.
     fn flush(&self) -> Result<()>;
     /// Hint that a range is unused; it may read back as anything afterwards

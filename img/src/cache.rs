@@ -110,6 +110,17 @@ impl BlockNode for WriteThrough {
     fn write_in_turn(&self, offset: u64, bufs: &[&[u8]], turn: &dyn WriteTurn) -> Result<()> {
         self.then_flush(self.0.write_in_turn(offset, bufs, turn))
     }
+    fn compressed_write_unit(&self) -> Option<u64> {
+        self.0.compressed_write_unit()
+    }
+    fn write_compressed(
+        &self,
+        offset: u64,
+        buf: &[u8],
+        turn: Option<&dyn WriteTurn>,
+    ) -> Result<()> {
+        self.then_flush(self.0.write_compressed(offset, buf, turn))
+    }
     fn flush(&self) -> Result<()> {
         self.0.flush()
     }

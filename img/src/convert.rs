@@ -76,6 +76,9 @@ pub fn run(argv: &[String]) -> Result<u8> {
             .map_err(|e| ImgError::Msg(format!("Invalid options: {e}")))?;
         let mut o = Opts::new("-o", map);
         let path = Path::new(dst);
+        if tuning.compressed {
+            check_compression(&out_fmt, &o)?;
+        }
         match out_fmt.as_str() {
             "raw" => {
                 o.finish()?;
@@ -125,6 +128,16 @@ pub fn run(argv: &[String]) -> Result<u8> {
             }
         }
     };
+    let compress = if tuning.compressed {
+        Some(
+            target
+                .node
+                .compressed_write_unit()
+                .ok_or_else(not_compressible)?,
+        )
+    } else {
+        None
+    };
     if target.node.size() < src_size {
         return Err(ImgError::Msg(format!(
             "Target image is smaller than the source ({} < {src_size} bytes)",
@@ -139,10 +152,35 @@ pub fn run(argv: &[String]) -> Result<u8> {
         in_order: tuning.in_order,
         sparse: tuning.sparse,
         zero_init,
+        compress,
         progress: a.progress && !a.quiet,
     }
     .run()?;
     Ok(0)
+}
+
+fn not_compressible() -> ImgError {
+    ImgError::Msg("Compression not supported for this file format".into())
+}
+
+/// qemu-img's checks of `-c` against the new target's format and options.
+fn check_compression(format: &str, o: &Opts) -> Result<()> {
+    if format != "qcow2" {
+        return Err(not_compressible());
+    }
+    if o.get("encryption").is_some() || o.get("encrypt").is_some() {
+        return Err(ImgError::Msg(
+            "Compression and encryption not supported at the same time".into(),
+        ));
+    }
+    if o.get("preallocation")
+        .is_some_and(|p| p.as_str() != Some("off"))
+    {
+        return Err(ImgError::Msg(
+            "Compression and preallocation not supported at the same time".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// `-l`: reads the source's internal snapshot `param` names (an ID or a
@@ -193,24 +231,24 @@ fn load_snapshot(node: &block::NodeRef, param: &str) -> Result<()> {
     })
 }
 
-/// How the copy runs: qemu-img's `-m`, `-W` and `-S`.
+/// How the copy runs: qemu-img's `-c`, `-m`, `-W` and `-S`.
 struct Tuning {
+    /// `-c`.
+    compressed: bool,
     workers: usize,
     in_order: bool,
     sparse: Sparse,
 }
 
 impl Tuning {
-    /// Reads `-m`, `-W` and `-S`; refuses the options this tool does not
+    /// Reads `-c`, `-m`, `-W` and `-S`; refuses the options this tool does not
     /// implement rather than ignoring them. `-C` (copy offloading) is taken:
     /// qemu-img falls back to reading and writing where it is unavailable,
     /// and here it always is. `-U` needs nothing: images are not locked.
     fn from_args(a: &Args) -> Result<Self> {
         let unsupported = |what: &str| Err(ImgError::Msg(format!("{what} is not supported")));
-        if a.short_flags.contains(&'c') {
-            return unsupported("Compressed output (-c)");
-        }
         let mut t = Tuning {
+            compressed: a.short_flags.contains(&'c'),
             workers: default_workers(),
             in_order: !a.short_flags.contains(&'W'),
             sparse: Sparse::new(DEFAULT_MIN_SPARSE).expect("valid default"),

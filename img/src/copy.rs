@@ -64,6 +64,10 @@ pub struct Copy<'a> {
     pub sparse: Sparse,
     /// The target reads as zeros already: holes need not be written.
     pub zero_init: bool,
+    /// `-c`: write data compressed, in whole units of this many bytes (the
+    /// target's cluster size). A unit is data unless it is all zeros (with
+    /// sparse detection on), as in qemu-img.
+    pub compress: Option<u64>,
     /// Print qemu-img's progress line.
     pub progress: bool,
 }
@@ -163,6 +167,16 @@ impl Copy<'_> {
         if let Some(e) = state.error {
             return Err(e);
         }
+        if self.compress.is_some() {
+            // The end of the compressed writes (the image file ends on a sector).
+            self.dst
+                .write_compressed(0, &[], None)
+                .map_err(|source| ImgError::Copy {
+                    what: "writing",
+                    offset: self.size,
+                    source,
+                })?;
+        }
         if self.progress {
             if self.size == 0 {
                 print!("    (100.00/100%)\r");
@@ -200,7 +214,10 @@ impl Shared<'_> {
                     let read = job.src.read_at(offset, &mut buf[..len]);
                     let mut runs = Vec::new();
                     if read.is_ok() {
-                        job.sparse.runs(&buf[..len], offset, &mut runs);
+                        match job.compress {
+                            Some(unit) => compressed_runs(&buf[..len], unit, job.sparse, &mut runs),
+                            None => job.sparse.runs(&buf[..len], offset, &mut runs),
+                        }
                     }
                     st = self.lock();
                     read.map(|()| {
@@ -298,6 +315,11 @@ impl Shared<'_> {
             let at = offset + pos as u64;
             let bytes = &data[pos..pos + n];
             let written = match (is_data, turn) {
+                (true, t) if job.compress.is_some() => match t {
+                    Some(t) if Some(i) == last => job.dst.write_compressed(at, bytes, Some(t)),
+                    Some(t) => job.dst.write_compressed(at, bytes, Some(&WaitOnly(t))),
+                    None => job.dst.write_compressed(at, bytes, None),
+                },
                 (true, None) => job.dst.write_at(at, bytes),
                 (true, Some(t)) if Some(i) == last => job.dst.write_in_turn(at, &[bytes], t),
                 (true, Some(t)) => job.dst.write_in_turn(at, &[bytes], &WaitOnly(t)),
@@ -347,6 +369,21 @@ impl Shared<'_> {
             st.shown = pct;
             print!("    ({pct:.2}/100%)\r");
             let _ = std::io::stdout().flush();
+        }
+    }
+}
+
+/// The runs of a chunk for compressed output: whole units (chunks start on
+/// unit boundaries), each zeros if it is all zeros and sparse detection is
+/// on (qemu-img's `buffer_is_zero` test for compressed targets), else data;
+/// neighbours of one kind merged.
+fn compressed_runs(buf: &[u8], unit: u64, sparse: Sparse, runs: &mut Vec<(bool, usize)>) {
+    runs.clear();
+    for part in buf.chunks(unit as usize) {
+        let data = !sparse.enabled() || !super::sparse::is_zero(part);
+        match runs.last_mut() {
+            Some((d, n)) if *d == data => *n += part.len(),
+            _ => runs.push((data, part.len())),
         }
     }
 }
@@ -587,6 +624,7 @@ mod tests {
             in_order,
             sparse: Sparse::new(4096).unwrap(),
             zero_init: false,
+            compress: None,
             progress: false,
         }
         .run()
@@ -726,6 +764,7 @@ mod tests {
                 in_order: true,
                 sparse: Sparse::new(4096).unwrap(),
                 zero_init,
+                compress: None,
                 progress: false,
             }
             .run()

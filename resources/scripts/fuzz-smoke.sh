@@ -8,7 +8,7 @@
 # target.
 #
 #   resources/scripts/fuzz-smoke.sh                    # all targets, 30 s each
-#   FUZZ_SECS=10 resources/scripts/fuzz-smoke.sh qcow2 luks1
+#   FUZZ_SECS=10 resources/scripts/fuzz-smoke.sh qcow2 luks1 luks2
 #
 # Toolchain: `cargo +nightly` when rustup has a nightly toolchain (AddressSanitizer
 # on); otherwise the default (stable) toolchain with RUSTC_BOOTSTRAP=1, which

@@ -1,6 +1,7 @@
 //! Bad input (issue 2, second "Done when"): a wrong passphrase, a missing secret, a
 //! truncated or corrupted header (magic, version, key-bytes, stripes, overlapping slot
-//! offsets, a slot overlapping the payload of an attached header), a LUKS2 header, a
+//! offsets, a slot overlapping the payload of an attached header), a LUKS2 header with
+//! both checksums bad, a
 //! header that is not LUKS at all, and malformed JSON each give a one-line error that
 //! says what is wrong, exit status 1 (`compare`: 2), no panic, and leave every file
 //! byte-identical (and create none). The passphrase never appears in any output.
@@ -437,13 +438,20 @@ fn luks2_header() {
         None,
     )
     .ok();
+    // LUKS2 opens now (tests/interop/luks2.rs); what is refused is a LUKS2 header
+    // whose two copies both fail their checksums (one byte of each JSON area flipped).
+    let mut bytes = read(&hdr);
+    let hdr_size = get_be64(&bytes, 8) as usize;
+    bytes[4096 + 10] ^= 0x20;
+    bytes[hdr_size + 4096 + 10] ^= 0x20;
+    std::fs::write(&hdr, &bytes).expect("corrupting the LUKS2 header");
     let luks = Luks::detached(&hdr, &payload);
     expect_failure(
         &s,
         &luks.image_opts(),
         &[s.secret_object()],
         Cmds::All,
-        &["LUKS2 is not supported yet"],
+        &["checksum mismatch"],
     );
 }
 

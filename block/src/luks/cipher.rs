@@ -408,6 +408,89 @@ pub fn new_sector_cipher(
     build_sector_cipher(spec, key, Impl::Fastest)
 }
 
+/// [`new_sector_cipher`] for sectors of `sector_size` bytes (512, 1024,
+/// 2048 or 4096, as LUKS2 segments have): one IV per sector, the sector
+/// numbers given to [`SectorCipher::encrypt`] count such sectors, and
+/// buffers are whole such sectors. XTS, CBC and ECB take any of these
+/// sizes (the generic implementation); CTR only 512.
+pub fn new_sector_cipher_sized(
+    spec: &CipherSpec,
+    key: &[u8],
+    sector_size: usize,
+) -> Result<Box<dyn SectorCipher>, LuksError> {
+    if sector_size == SECTOR_SIZE {
+        return new_sector_cipher(spec, key);
+    }
+    if !(SECTOR_SIZE..=4096).contains(&sector_size) || !sector_size.is_power_of_two() {
+        return Err(LuksError::unsupported(format!(
+            "Sector size {sector_size} is not supported (512, 1024, 2048 or 4096)"
+        )));
+    }
+    spec.validate()?;
+    if key.len() != spec.key_bytes() {
+        return Err(LuksError::KeyLength {
+            what: spec.to_string(),
+            expected: spec.key_bytes(),
+            got: key.len(),
+        });
+    }
+    let ivgen = new_ivgen(spec, key)?;
+    macro_rules! sized {
+        ($c:ty) => {
+            sized_cipher::<$c>(spec, key, ivgen, sector_size)
+        };
+    }
+    match spec.alg {
+        CipherAlg::Aes128 => sized!(Aes128),
+        CipherAlg::Aes192 => sized!(Aes192),
+        CipherAlg::Aes256 => sized!(Aes256),
+        CipherAlg::Serpent128 | CipherAlg::Serpent192 | CipherAlg::Serpent256 => {
+            sized!(Serpent)
+        }
+        CipherAlg::Twofish128 | CipherAlg::Twofish192 | CipherAlg::Twofish256 => {
+            sized!(Twofish)
+        }
+        CipherAlg::Cast5_128 => Err(LuksError::unsupported(format!(
+            "Cipher {} is not supported with sector size {sector_size}",
+            spec.alg.name()
+        ))),
+    }
+}
+
+/// The generic cipher of `spec` over `sector`-byte sectors, for a 16-byte block cipher.
+fn sized_cipher<C>(
+    spec: &CipherSpec,
+    key: &[u8],
+    ivgen: IvGen,
+    sector: usize,
+) -> Result<Box<dyn SectorCipher>, LuksError>
+where
+    C: ModeCipher + BlockSizeUser<BlockSize = U16>,
+{
+    Ok(match spec.mode {
+        CipherMode::Xts => {
+            let (data_key, tweak_key) = key.split_at(key.len() / 2);
+            guarded(xts::Xts::with_sector(
+                init::<C>(spec.alg.name(), data_key)?,
+                init::<C>(spec.alg.name(), tweak_key)?,
+                ivgen,
+                sector,
+            ))
+        }
+        CipherMode::Cbc => guarded(modes::Cbc::with_sector(
+            init::<C>(spec.alg.name(), key)?,
+            ivgen,
+            sector,
+        )),
+        CipherMode::Ecb => guarded(modes::Ecb::new(init::<C>(spec.alg.name(), key)?)),
+        CipherMode::Ctr => {
+            return Err(LuksError::unsupported(format!(
+                "Cipher mode ctr is not supported with sector size {sector}"
+            )))
+        }
+    })
+}
+
 /// Which implementation [`build_sector_cipher`] may pick.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Impl {
@@ -609,6 +692,15 @@ fn check_same_len(src: &[u8], dst: &[u8]) {
         src.len(),
         dst.len(),
         "sector cipher source and destination lengths differ"
+    );
+}
+
+/// Asserts that `buf` is whole `sector`-byte sectors.
+fn check_len_of(buf: &[u8], sector: usize) {
+    assert!(
+        buf.chunks_exact(sector).remainder().is_empty(),
+        "sector cipher buffer of {} bytes is not a whole number of {sector}-byte sectors",
+        buf.len()
     );
 }
 

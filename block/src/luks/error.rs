@@ -86,6 +86,10 @@ pub enum LuksError {
     /// iteration count that does not fit the header).
     #[error("{0}")]
     InvalidArgument(String),
+
+    /// A LUKS2 volume's metadata is damaged or refused.
+    #[error(transparent)]
+    Luks2(#[from] super::luks2::Luks2Error),
 }
 
 impl LuksError {

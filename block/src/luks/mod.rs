@@ -14,9 +14,13 @@ mod guarded;
 mod hash;
 mod header;
 mod keyslot;
+pub mod luks2;
 pub mod node;
 
-pub use cipher::{new_sector_cipher, CipherAlg, CipherMode, CipherSpec, IvGenAlg, SectorCipher};
+pub use cipher::{
+    new_sector_cipher, new_sector_cipher_sized, CipherAlg, CipherMode, CipherSpec, IvGenAlg,
+    SectorCipher,
+};
 pub use create::{
     create, create_with_iterations, payload_offset, CreateOptions, NewVolume, PbkdfIterations,
 };

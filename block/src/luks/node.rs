@@ -8,9 +8,10 @@ use serde_json::{json, Value};
 
 use super::bounce::{Bounce, CHUNK};
 use super::crypto_pool::for_each_piece;
+use super::luks2::{self, Luks2Header};
 use super::{
-    new_sector_cipher, unlock_within, IvGenAlg, LuksError, LuksHeader, SectorCipher,
-    DEFAULT_KDF_ITERATIONS_LIMIT,
+    new_sector_cipher, new_sector_cipher_sized, unlock_within, IvGenAlg, LuksError, LuksHeader,
+    SectorCipher, DEFAULT_KDF_ITERATIONS_LIMIT,
 };
 use crate::blockdev::{DriverKeys, OpenContext};
 use crate::node::{check_range, total_len, write_zeroes_by_writing, BlockNode, NodeRef};
@@ -19,14 +20,25 @@ use crate::resize::{Prealloc, ResizeError};
 use crate::sg::{SgCursor, Split};
 use crate::{BlockError, Result, WaitOnly, WriteTurn, SECTOR_SIZE};
 
-/// Bytes in a payload sector (the unit of the IV).
-const SECTOR: usize = SECTOR_SIZE as usize;
+/// The parsed header of either version (one per node, so the LUKS1 header
+/// inline costs nothing worth a box).
+#[allow(clippy::large_enum_variant)]
+enum Meta {
+    V1(LuksHeader),
+    V2(Box<Luks2Header>),
+}
 
 /// An unlocked (or, for metadata queries, merely parsed) LUKS volume.
 pub struct LuksNode {
     payload: NodeRef,
     header_node: Option<NodeRef>,
-    header: LuksHeader,
+    meta: Meta,
+    /// Bytes of an encryption sector (the unit of the IV): 512 for LUKS1,
+    /// the segment's `sector_size` for LUKS2. Also the node's block size:
+    /// requests not aligned to it are read-modify-written.
+    sector: u64,
+    /// Added to the IV's sector number (LUKS2 `iv_tweak`).
+    iv_tweak: u64,
     /// `None` when opened without I/O (metadata only).
     cipher: Option<Box<dyn SectorCipher>>,
     payload_offset: u64,
@@ -75,6 +87,18 @@ impl LuksNode {
         };
         let header_src: &NodeRef = header_node.as_ref().unwrap_or(&payload);
         let detached = header_node.is_some();
+        let mut first = [0u8; 8];
+        let avail = header_src.size().min(8) as usize;
+        header_src.read_at(0, &mut first[..avail])?;
+        if luks2::is_luks2(&first[..avail]) {
+            return Self::open_luks2(
+                payload,
+                header_node,
+                passphrase.as_deref().map(|p| &p[..]),
+                kdf_limit,
+                read_only,
+            );
+        }
         let mut buf = vec![0u8; LuksHeader::SIZE];
         let avail = header_src.size().min(LuksHeader::SIZE as u64) as usize;
         header_src.read_at(0, &mut buf[..avail])?;
@@ -112,12 +136,150 @@ impl LuksNode {
         Ok(Self {
             payload,
             header_node,
-            header,
+            meta: Meta::V1(header),
+            sector: SECTOR_SIZE,
+            iv_tweak: 0,
             cipher,
             payload_offset,
             size: AtomicU64::new(size),
             read_only,
         })
+    }
+
+    /// Opens a LUKS2 volume: both header copies, the JSON, then (with a
+    /// passphrase) a key slot; the payload from the segment.
+    fn open_luks2(
+        payload: NodeRef,
+        header_node: Option<NodeRef>,
+        passphrase: Option<&[u8]>,
+        kdf_limit: u64,
+        read_only: bool,
+    ) -> Result<Self> {
+        let header_src: NodeRef = header_node.clone().unwrap_or_else(|| payload.clone());
+        let detached = header_node.is_some();
+        let node_size = header_src.size();
+        let mut read = |off: u64, out: &mut [u8]| {
+            header_src
+                .read_at(off, out)
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        };
+        let header = Luks2Header::read(&mut read, node_size, detached).map_err(LuksError::from)?;
+        let seg = &header.meta.segment;
+        let sector = u64::from(seg.sector_size);
+        let payload_offset = seg.offset;
+        let avail = payload.size().checked_sub(payload_offset).ok_or_else(|| {
+            BlockError::from(LuksError::from(luks2::Luks2Error::field(
+                "segments.0.offset",
+                format!(
+                    "{payload_offset} is beyond the end of the image ({} bytes)",
+                    payload.size()
+                ),
+            )))
+        })?;
+        let size = match seg.size {
+            None => avail - avail % sector,
+            Some(size) if size <= avail => size,
+            Some(size) => {
+                return Err(LuksError::from(luks2::Luks2Error::field(
+                    "segments.0.size",
+                    format!(
+                    "{size} bytes at {payload_offset} go beyond the end of the image ({} bytes)",
+                    payload.size()
+                ),
+                ))
+                .into())
+            }
+        };
+        let cipher = if let Some(passphrase) = passphrase {
+            let (key, _slot) =
+                luks2::keyslot::unlock(&header.meta, passphrase, &mut read, node_size, kdf_limit)?;
+            Some(new_sector_cipher_sized(
+                &seg.spec,
+                &key,
+                seg.sector_size as usize,
+            )?)
+        } else {
+            None
+        };
+        let iv_tweak = seg.iv_tweak;
+        Ok(Self {
+            payload,
+            header_node,
+            meta: Meta::V2(Box::new(header)),
+            sector,
+            iv_tweak,
+            cipher,
+            payload_offset,
+            size: AtomicU64::new(size),
+            read_only,
+        })
+    }
+
+    /// `info()` of a LUKS2 volume: the format version, the segment and the
+    /// key slots (no salts, digests or keys).
+    fn info_luks2(&self, h: &Luks2Header) -> Value {
+        let m = &h.meta;
+        let seg = &m.segment;
+        let slots: Vec<Value> = m
+            .keyslots
+            .iter()
+            .map(|(n, k)| {
+                let mut kdf = serde_json::Map::new();
+                kdf.insert("type".into(), json!(k.kdf.name()));
+                match &k.kdf {
+                    luks2::Kdf::Pbkdf2 {
+                        hash, iterations, ..
+                    } => {
+                        kdf.insert("hash".into(), json!(hash.name()));
+                        kdf.insert("iterations".into(), json!(iterations));
+                    }
+                    luks2::Kdf::Argon2 {
+                        time,
+                        memory_kib,
+                        cpus,
+                        ..
+                    } => {
+                        kdf.insert("time".into(), json!(time));
+                        kdf.insert("memory".into(), json!(memory_kib));
+                        kdf.insert("cpus".into(), json!(cpus));
+                    }
+                }
+                json!({
+                    "id": n,
+                    "key-size": k.key_size,
+                    "priority": k.priority,
+                    "kdf": kdf,
+                    "stripes": k.stripes,
+                    "af-hash": k.af_hash.name(),
+                    "area-offset": k.area_offset,
+                    "area-size": k.area_size,
+                    "area-encryption": k.area_encryption,
+                })
+            })
+            .collect();
+        let mut data = serde_json::Map::new();
+        data.insert("version".into(), json!(2));
+        data.insert("detached-header".into(), json!(self.header_node.is_some()));
+        data.insert("uuid".into(), json!(h.header.uuid));
+        data.insert("label".into(), json!(h.header.label));
+        data.insert("seqid".into(), json!(h.header.seqid));
+        data.insert("header-size".into(), json!(h.header.hdr_size));
+        data.insert("cipher-alg".into(), json!(seg.spec.alg.name()));
+        data.insert("cipher-mode".into(), json!(seg.spec.mode.name()));
+        data.insert("ivgen-alg".into(), json!(seg.spec.ivgen.name()));
+        if let (IvGenAlg::Essiv, Some(ivhash)) = (seg.spec.ivgen, seg.spec.ivgen_hash) {
+            data.insert("ivgen-hash-alg".into(), json!(ivhash.name()));
+        }
+        data.insert("sector-size".into(), json!(seg.sector_size));
+        data.insert("iv-tweak".into(), json!(seg.iv_tweak));
+        data.insert("payload-offset".into(), json!(seg.offset));
+        data.insert("slots".into(), Value::Array(slots));
+        json!({"type": "luks", "data": data})
+    }
+
+    /// The IV sector number of the encryption sector at byte `offset` of the volume.
+    fn iv_sector(&self, offset: u64) -> u64 {
+        (offset / self.sector).wrapping_add(self.iv_tweak)
     }
 
     fn cipher(&self) -> Result<&dyn SectorCipher> {
@@ -130,15 +292,17 @@ impl LuksNode {
     /// first byte, buffer)`; large totals on the crypto threads.
     fn decrypt(&self, jobs: Vec<(u64, &mut [u8])>) -> Result<()> {
         let cipher = self.cipher()?;
-        for_each_piece(jobs, SECTOR, |s, b| cipher.decrypt(s, b));
+        for_each_piece(jobs, self.sector as usize, |s, b| cipher.decrypt(s, b));
         Ok(())
     }
 
     fn encrypt(&self, first_sector: u64, buf: &mut [u8]) -> Result<()> {
         let cipher = self.cipher()?;
-        for_each_piece(vec![(first_sector, buf)], SECTOR, |s, b: &mut [u8]| {
-            cipher.encrypt(s, b)
-        });
+        for_each_piece(
+            vec![(first_sector, buf)],
+            self.sector as usize,
+            |s, b: &mut [u8]| cipher.encrypt(s, b),
+        );
         Ok(())
     }
 
@@ -148,6 +312,7 @@ impl LuksNode {
     /// pieces that split sectors are copied, then encrypted in place.
     fn encrypt_from(&self, first_sector: u64, src: &mut Gather<'_>, dst: &mut [u8]) -> Result<()> {
         let cipher = self.cipher()?;
+        let sector_len = self.sector as usize;
         let mut jobs: Vec<(u64, Encrypt<'_>)> = Vec::new();
         let mut sector = first_sector;
         let mut rest = dst;
@@ -155,24 +320,24 @@ impl LuksNode {
         let mut run = 0usize;
         while rest.len() > run {
             let piece = src.next_piece(rest.len() - run);
-            if run == 0 && piece.len().is_multiple_of(SECTOR) {
+            if run == 0 && piece.len().is_multiple_of(sector_len) {
                 let (d, r) = rest.split_at_mut(piece.len());
                 jobs.push((sector, Encrypt::From(piece, d)));
-                sector += (piece.len() / SECTOR) as u64;
+                sector += (piece.len() / sector_len) as u64;
                 rest = r;
                 continue;
             }
             rest[run..run + piece.len()].copy_from_slice(piece);
             run += piece.len();
-            if run.is_multiple_of(SECTOR) {
+            if run.is_multiple_of(sector_len) {
                 let (d, r) = rest.split_at_mut(run);
                 jobs.push((sector, Encrypt::InPlace(d)));
-                sector += (run / SECTOR) as u64;
+                sector += (run / sector_len) as u64;
                 rest = r;
                 run = 0;
             }
         }
-        for_each_piece(jobs, SECTOR, |s, job| match job {
+        for_each_piece(jobs, sector_len, |s, job| match job {
             Encrypt::From(src, dst) => cipher.encrypt_to(s, src, dst),
             Encrypt::InPlace(buf) => cipher.encrypt(s, buf),
         });
@@ -184,12 +349,12 @@ impl LuksNode {
         self.cipher()?;
         self.payload
             .read_vectored(self.payload_offset + offset, bufs)?;
-        let mut sector = offset / SECTOR_SIZE;
+        let mut sector = self.iv_sector(offset);
         let mut jobs = Vec::with_capacity(bufs.len());
         for buf in bufs.iter_mut() {
-            let n = (buf.len() / SECTOR) as u64;
+            let n = buf.len() as u64 / self.sector;
             jobs.push((sector, &mut buf[..]));
-            sector += n;
+            sector = sector.wrapping_add(n);
         }
         self.decrypt(jobs)
     }
@@ -201,9 +366,9 @@ impl LuksNode {
         let mut out = SgCursor::new(bufs);
         let mut pos = offset;
         while pos < end {
-            let start = pos - pos % SECTOR_SIZE;
+            let start = pos - pos % self.sector;
             let stop = end.min(start + CHUNK as u64);
-            let covering = (stop.next_multiple_of(SECTOR_SIZE) - start) as usize;
+            let covering = (stop.next_multiple_of(self.sector) - start) as usize;
             let mut bounce = Bounce::take(covering);
             self.read_sectors(start, &mut [&mut bounce[..]])?;
             let mut at = (pos - start) as usize;
@@ -235,17 +400,18 @@ impl LuksNode {
         self.cipher()?;
         let mut src = Gather::new(bufs);
         let mut pos = offset;
-        let head = pos % SECTOR_SIZE;
+        let sector = self.sector;
+        let head = pos % sector;
         if head != 0 && pos < end {
-            let n = (SECTOR_SIZE - head).min(end - pos);
+            let n = (sector - head).min(end - pos);
             let last = pos + n == end;
             self.write_partial_sector(pos, n as usize, &mut src, piece_turn(turn, last))?;
             pos += n;
         }
-        while end - pos >= SECTOR_SIZE {
-            let n = ((end - pos) / SECTOR_SIZE * SECTOR_SIZE).min(CHUNK as u64) as usize;
+        while end - pos >= sector {
+            let n = ((end - pos) / sector * sector).min(CHUNK as u64) as usize;
             let mut bounce = Bounce::take(n);
-            self.encrypt_from(pos / SECTOR_SIZE, &mut src, &mut bounce)?;
+            self.encrypt_from(self.iv_sector(pos), &mut src, &mut bounce)?;
             let last = pos + n as u64 == end;
             self.write_payload(pos, &bounce, piece_turn(turn, last))?;
             pos += n as u64;
@@ -276,12 +442,12 @@ impl LuksNode {
         src: &mut Gather<'_>,
         turn: Option<PieceTurn<'_>>,
     ) -> Result<()> {
-        let start = offset - offset % SECTOR_SIZE;
+        let start = offset - offset % self.sector;
         let at = (offset - start) as usize;
-        let mut sector = Bounce::take(SECTOR);
+        let mut sector = Bounce::take(self.sector as usize);
         self.read_sectors(start, &mut [&mut sector[..]])?;
         src.copy_to(&mut sector[at..at + len]);
-        self.encrypt(start / SECTOR_SIZE, &mut sector)?;
+        self.encrypt(self.iv_sector(start), &mut sector)?;
         self.write_payload(start, &sector, turn)
     }
 }
@@ -372,9 +538,9 @@ impl Split for Encrypt<'_> {
     }
 }
 
-/// Whether a request covers whole sectors only (empty requests do).
-fn is_sector_aligned(offset: u64, len: usize) -> bool {
-    offset.is_multiple_of(SECTOR_SIZE) && (len as u64).is_multiple_of(SECTOR_SIZE)
+/// Whether a request covers whole `sector`-byte sectors only (empty requests do).
+fn is_sector_aligned(offset: u64, len: usize, sector: u64) -> bool {
+    offset.is_multiple_of(sector) && (len as u64).is_multiple_of(sector)
 }
 
 impl BlockNode for LuksNode {
@@ -404,7 +570,9 @@ impl BlockNode for LuksNode {
     fn read_vectored(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
         check_range("luks", self.size(), offset, total_len(bufs))?;
         self.cipher()?;
-        if is_sector_aligned(offset, 0) && bufs.iter().all(|b| is_sector_aligned(0, b.len())) {
+        let s = self.sector;
+        if is_sector_aligned(offset, 0, s) && bufs.iter().all(|b| is_sector_aligned(0, b.len(), s))
+        {
             return self.read_sectors(offset, bufs);
         }
         self.read_bounced(offset, bufs)
@@ -448,6 +616,13 @@ impl BlockNode for LuksNode {
         if self.read_only {
             return Err(BlockError::ReadOnly("luks".into()));
         }
+        if let Meta::V2(h) = &self.meta {
+            if h.meta.segment.size.is_some() {
+                return Err(BlockError::NotSupported(
+                    "LUKS2 volume with a fixed segment size cannot be resized".into(),
+                ));
+            }
+        }
         let end = self
             .payload_offset
             .checked_add(size)
@@ -455,12 +630,15 @@ impl BlockNode for LuksNode {
             .ok_or(ResizeError::TooLarge)?;
         self.payload.truncate(end, prealloc)?;
         self.size
-            .store(size - size % SECTOR_SIZE, Ordering::Release);
+            .store(size - size % self.sector, Ordering::Release);
         Ok(())
     }
 
     fn info(&self) -> Value {
-        let h = &self.header;
+        let h = match &self.meta {
+            Meta::V1(h) => h,
+            Meta::V2(h) => return self.info_luks2(h),
+        };
         let slots: Vec<Value> = h
             .slots
             .iter()

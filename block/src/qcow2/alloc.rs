@@ -48,6 +48,71 @@ impl Meta {
         }
     }
 
+    /// Allocates `size` bytes (1 to a cluster) for a compressed cluster, as
+    /// QEMU's `qcow2_alloc_bytes`: right after the previous compressed
+    /// cluster if they fit in its host cluster, or spill into the next one
+    /// when that is the next free cluster, else at the start of a new
+    /// cluster. Each host cluster the bytes touch gains one reference.
+    /// Returns the host byte offset.
+    pub fn alloc_bytes(&mut self, size: u64) -> Result<u64> {
+        debug_assert!(size > 0 && size <= self.cs);
+        self.prepare_meta_change()?;
+        let mut offset = self.free_byte_offset;
+        if offset != 0 {
+            let r = self.refcount(self.cluster_of(offset))?;
+            // A cluster freed since (0) is not ours to share any more.
+            if r == self.max_refcount() || r == 0 {
+                offset = 0;
+            }
+        }
+        let mut free_in_cluster = self.cs - (offset & (self.cs - 1));
+        if offset == 0 || free_in_cluster < size {
+            loop {
+                let new = self.find_free(self.free_hint, 1)?;
+                if self.ensure_refblocks(new, 1, new + 1)? {
+                    continue;
+                }
+                self.free_hint = new + 1;
+                let new_off = new * self.cs;
+                if offset == 0 || offset.next_multiple_of(self.cs) != new_off {
+                    offset = new_off;
+                    free_in_cluster = self.cs;
+                } else {
+                    free_in_cluster += self.cs;
+                }
+                break;
+            }
+        }
+        debug_assert!(free_in_cluster >= size);
+        let first = self.cluster_of(offset);
+        let last = self.cluster_of(offset + size - 1);
+        for c in first..=last {
+            if let Err(e) = self.add_refcount(c, 1) {
+                for done in first..c {
+                    let _ = self.add_refcount(done, -1);
+                }
+                self.free_byte_offset = 0;
+                return Err(e);
+            }
+        }
+        let end = offset + size;
+        self.free_byte_offset = if end & (self.cs - 1) == 0 { 0 } else { end };
+        Ok(offset)
+    }
+
+    /// Drops the references of `size` bytes from [`Meta::alloc_bytes`] that
+    /// no L2 entry points at (a failed write). A refcount that cannot be
+    /// updated leaves the cluster leaked, never referenced.
+    pub fn free_bytes(&mut self, offset: u64, size: u64) {
+        self.free_byte_offset = 0;
+        let first = self.cluster_of(offset);
+        for c in first..=self.cluster_of(offset + size - 1) {
+            if self.add_refcount(c, -1).is_err() {
+                break;
+            }
+        }
+    }
+
     /// Makes sure refcount blocks cover clusters `start..start+n`. Returns
     /// true if it had to allocate one (the caller then searches again, as
     /// the new block may sit where it meant to allocate).

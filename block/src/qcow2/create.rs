@@ -105,7 +105,13 @@ impl CreateOptions {
             c.compression_type = match t.as_str() {
                 "zlib" => CompressionType::Zlib,
                 "zstd" => CompressionType::Zstd,
-                _ => return Err(o.error("compression_type", format!("Invalid parameter '{t}'"))),
+                // QEMU's QAPI enum error.
+                _ => {
+                    return Err(Qcow2Error::Invalid(format!(
+                        "Parameter 'compression-type' does not accept value '{t}'"
+                    ))
+                    .into())
+                }
             };
         }
         if o.bool("extended_l2")?.unwrap_or(false) {

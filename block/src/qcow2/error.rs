@@ -43,6 +43,22 @@ pub enum Qcow2Error {
         /// Which metadata it is.
         what: &'static str,
     },
+    /// A compressed write that does not cover whole clusters (only the
+    /// image's last cluster may be partial).
+    #[error("compressed write of {len} bytes at {offset} does not cover whole clusters")]
+    CompressedUnaligned {
+        /// Guest offset of the request.
+        offset: u64,
+        /// Its length.
+        len: u64,
+    },
+    /// A compressed write to a guest cluster that is allocated already
+    /// (compressed clusters are only written into unallocated ones).
+    #[error("compressed write to guest offset {offset}, whose cluster is allocated already")]
+    CompressedOverwrite {
+        /// Guest offset of the cluster.
+        offset: u64,
+    },
     /// An invalid creation option or size.
     #[error("{0}")]
     Invalid(String),

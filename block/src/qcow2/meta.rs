@@ -84,6 +84,9 @@ pub struct Meta {
     pub reftable: Vec<u64>,
     /// Lowest cluster index that may be free.
     pub free_hint: u64,
+    /// Where the next compressed cluster may go: the first free byte of the
+    /// host cluster the last one ended in (0: none; QEMU's `free_byte_offset`).
+    pub free_byte_offset: u64,
     /// Refcount decreases waiting until the L2 changes that need them are durable.
     pending_frees: Vec<(u64, u64)>,
     /// Data or refcount changes were made since the last flush.
@@ -148,6 +151,7 @@ impl Meta {
             rb_cache: TableCache::new(rb_cache_entries),
             reftable,
             free_hint: 0,
+            free_byte_offset: 0,
             pending_frees: Vec::new(),
             need_barrier: false,
             lazy,
@@ -488,6 +492,10 @@ impl Meta {
             self.overlap.remove(c);
             if c < self.free_hint {
                 self.free_hint = c;
+            }
+            // Its free bytes are not to be shared any more.
+            if self.free_byte_offset >> self.header.cluster_bits == c {
+                self.free_byte_offset = 0;
             }
         }
         self.need_barrier = true;

@@ -1,6 +1,6 @@
 //! The qcow2 format driver: versions 2 and 3, cluster sizes 512 B to 2 MiB,
 //! refcount widths 1 to 64 bits, backing files, compressed clusters (zlib
-//! and zstd, read), extended L2 entries (read), lazy refcounts, crash-safe
+//! and zstd, read and written), extended L2 entries (read), lazy refcounts, crash-safe
 //! allocation, image creation and `qemu-img check`-style checking.
 //!
 //! Follows QEMU's `docs/interop/qcow2.txt`.
@@ -10,6 +10,7 @@ mod backing_change;
 mod cache;
 pub mod check;
 mod compress;
+mod compress_write;
 pub mod create;
 mod error;
 pub mod header;

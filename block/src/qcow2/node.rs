@@ -641,6 +641,27 @@ impl BlockNode for Qcow2Node {
         self.do_write_vectored(offset, bufs, Some(turn))
     }
 
+    fn compressed_write_unit(&self) -> Option<u64> {
+        Some(self.cluster_size())
+    }
+
+    fn write_compressed(
+        &self,
+        offset: u64,
+        buf: &[u8],
+        turn: Option<&dyn WriteTurn>,
+    ) -> Result<()> {
+        let checked = self
+            .check_writable()
+            .and_then(|()| check_range("qcow2", self.size(), offset, buf.len() as u64));
+        let written = checked.and_then(|()| self.do_write_compressed(offset, buf, turn));
+        // Every path passes the turn (a pass after a pass does nothing).
+        if let Some(t) = turn {
+            t.pass();
+        }
+        written
+    }
+
     fn flush(&self) -> Result<()> {
         if self.read_only {
             return Ok(());

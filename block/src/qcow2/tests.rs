@@ -445,6 +445,99 @@ fn reads_compressed_clusters() {
     }
 }
 
+#[test]
+fn writes_compressed_clusters_and_overwrites_them() {
+    let d = tmp();
+    let dir = d.path();
+    let cs = 65536usize;
+    // 40 clusters and a partial one: noise, a byte pattern, zeros, text.
+    let size = 40 * cs + 3072;
+    let mut data = vec![0u8; size];
+    let mut rng = Rng(7);
+    for (i, chunk) in data.chunks_mut(cs).enumerate() {
+        match i % 4 {
+            0 => rng.fill(chunk),
+            1 => chunk.fill(i as u8),
+            2 => {}
+            _ => {
+                for (j, b) in chunk.iter_mut().enumerate() {
+                    *b = b"compressed qcow2 data, "[j % 23];
+                }
+            }
+        }
+    }
+    for (ctype, refcount_bits) in [(CompressionType::Zlib, 16), (CompressionType::Zstd, 1)] {
+        let img = dir.join(format!("w-{ctype:?}.qcow2"));
+        let opts = CreateOptions {
+            compression_type: ctype,
+            refcount_bits,
+            ..CreateOptions::default()
+        };
+        create(&img, Some(size as u64), &opts).unwrap();
+        {
+            let n = Qcow2Node::open_path(&img, false).unwrap();
+            assert_eq!(n.compressed_write_unit(), Some(cs as u64));
+            // Not whole clusters.
+            assert!(n.write_compressed(512, &data[..cs], None).is_err());
+            assert!(n.write_compressed(0, &data[..cs - 512], None).is_err());
+            // Zero clusters are skipped, as convert does.
+            for (i, chunk) in data.chunks(cs).enumerate() {
+                if i % 4 != 2 {
+                    n.write_compressed((i * cs) as u64, chunk, None).unwrap();
+                }
+            }
+            n.write_compressed(0, &[], None).unwrap();
+            // Compressed clusters are written once, never over data.
+            let e = n
+                .write_compressed(cs as u64, &data[cs..2 * cs], None)
+                .unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    crate::BlockError::Qcow2 {
+                        source: Qcow2Error::CompressedOverwrite { .. },
+                        ..
+                    }
+                ),
+                "{e}"
+            );
+            assert!(read_all(&n) == data, "{ctype:?}: reads differently");
+            let r = n.check(Repair::None).unwrap();
+            assert!(r.is_clean(), "{ctype:?}: {:?}", r.messages);
+            // The noise clusters do not compress; the others do, and so
+            // does the partial last one (padded with zeros).
+            assert_eq!(r.compressed_clusters, 21, "{ctype:?}");
+            n.flush().unwrap();
+        }
+        assert_eq!(std::fs::metadata(&img).unwrap().len() % 512, 0);
+        if !have("qemu-img") {
+            continue;
+        }
+        assert_qemu_clean(&img);
+        assert!(qemu_raw(&img) == data, "{ctype:?}: qemu reads differently");
+        // Overwrites: partial, whole, discard; the old compressed
+        // references go (qemu-img check counts every one).
+        let mut expect = data.clone();
+        {
+            let n = Qcow2Node::open_path(&img, false).unwrap();
+            n.write_at(cs as u64 + 100, b"partial").unwrap();
+            expect[cs + 100..cs + 107].copy_from_slice(b"partial");
+            n.write_at(3 * cs as u64, &vec![9u8; cs]).unwrap();
+            expect[3 * cs..4 * cs].fill(9);
+            n.discard(5 * cs as u64, cs as u64).unwrap();
+            expect[5 * cs..6 * cs].fill(0);
+            n.write_zeroes(7 * cs as u64, 2 * cs as u64).unwrap();
+            expect[7 * cs..9 * cs].fill(0);
+            assert!(read_all(&n) == expect, "{ctype:?}: after writes");
+            n.flush().unwrap();
+            let r = n.check(Repair::None).unwrap();
+            assert!(r.is_clean(), "{ctype:?}: {:?}", r.messages);
+        }
+        assert_qemu_clean(&img);
+        assert!(qemu_raw(&img) == expect, "{ctype:?}: qemu after writes");
+    }
+}
+
 /// Header bytes of a fresh default image, modified by `f`, must be refused
 /// with an error containing `want`, without changing the file.
 fn refused(dir: &Path, name: &str, want: &str, f: impl Fn(&mut Vec<u8>)) {

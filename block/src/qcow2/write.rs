@@ -102,13 +102,13 @@ impl Bounce {
 /// The guest clusters a request registered as in flight. Ended by
 /// [`Registration::finish`] under the metadata lock, or (panic, lock
 /// poisoned) when dropped; the clusters then stay allocated (leaked).
-struct Registration<'a> {
-    node: &'a Qcow2Node,
-    firsts: Vec<u64>,
+pub(super) struct Registration<'a> {
+    pub(super) node: &'a Qcow2Node,
+    pub(super) firsts: Vec<u64>,
 }
 
 impl Registration<'_> {
-    fn finish(mut self, m: &mut Meta) {
+    pub(super) fn finish(mut self, m: &mut Meta) {
         for first in self.firsts.drain(..) {
             m.inflight.remove(first);
         }
@@ -222,7 +222,7 @@ impl Qcow2Node {
 
     /// Waits until no allocation is in flight in the guest clusters of
     /// `[offset, offset+len)`.
-    fn wait_for_allocations<'a>(
+    pub(super) fn wait_for_allocations<'a>(
         &'a self,
         mut m: MutexGuard<'a, Meta>,
         offset: u64,

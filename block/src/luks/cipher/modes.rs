@@ -7,7 +7,7 @@ use cipher::{Block, BlockDecrypt, BlockEncrypt, BlockSizeUser, Unsigned};
 use zeroize::Zeroize;
 
 use super::ivgen::IvGen;
-use super::{check_len, sector_number, SectorCipher, SECTOR_SIZE};
+use super::{check_len, check_len_of, sector_number, SectorCipher, SECTOR_SIZE};
 
 /// Views `buf` as whole blocks of `N` bytes (a trailing partial block is
 /// left out; sector buffers have none).
@@ -68,19 +68,31 @@ impl<C: BlockEncrypt + BlockDecrypt + Send + Sync> SectorCipher for Ecb<C> {
 pub(super) struct Cbc<C> {
     cipher: C,
     ivgen: IvGen,
+    /// Bytes per sector (one IV each): 512, or up to 4096 for LUKS2.
+    sector: usize,
 }
 
 impl<C> Cbc<C> {
     pub(super) fn new(cipher: C, ivgen: IvGen) -> Self {
-        Cbc { cipher, ivgen }
+        Cbc::with_sector(cipher, ivgen, SECTOR_SIZE)
+    }
+
+    /// CBC over sectors of `sector` bytes (a multiple of 512), the chain
+    /// running over the whole sector.
+    pub(super) fn with_sector(cipher: C, ivgen: IvGen, sector: usize) -> Self {
+        Cbc {
+            cipher,
+            ivgen,
+            sector,
+        }
     }
 }
 
 impl<C: BlockEncrypt + BlockDecrypt + Send + Sync> SectorCipher for Cbc<C> {
     fn encrypt(&self, first_sector: u64, buf: &mut [u8]) {
-        check_len(buf);
+        check_len_of(buf, self.sector);
         let mut chain = Block::<C>::default();
-        for (i, sector) in buf.chunks_exact_mut(SECTOR_SIZE).enumerate() {
+        for (i, sector) in buf.chunks_exact_mut(self.sector).enumerate() {
             let n = sector_number(first_sector, i);
             self.ivgen.generate(n, &mut chain);
             for block in as_blocks::<C::BlockSize>(sector) {
@@ -92,21 +104,25 @@ impl<C: BlockEncrypt + BlockDecrypt + Send + Sync> SectorCipher for Cbc<C> {
     }
 
     fn decrypt(&self, first_sector: u64, buf: &mut [u8]) {
-        check_len(buf);
+        check_len_of(buf, self.sector);
         let bs = C::BlockSize::USIZE;
         let mut iv = Block::<C>::default();
         let mut ciphertext = [0u8; SECTOR_SIZE];
-        for (i, sector) in buf.chunks_exact_mut(SECTOR_SIZE).enumerate() {
+        for (i, sector) in buf.chunks_exact_mut(self.sector).enumerate() {
             let n = sector_number(first_sector, i);
             self.ivgen.generate(n, &mut iv);
-            ciphertext.copy_from_slice(sector);
-            // Blocks decrypt independently (and in parallel where the
-            // cipher can); then each is XORed with the previous ciphertext.
-            self.cipher
-                .decrypt_blocks(as_blocks::<C::BlockSize>(sector));
-            let (first, rest) = sector.split_at_mut(bs);
-            xor_in_place(first, &iv);
-            xor_in_place(rest, &ciphertext[..SECTOR_SIZE - bs]);
+            // In 512-byte parts; `iv` carries the last ciphertext block of
+            // one part into the next.
+            for part in sector.chunks_exact_mut(SECTOR_SIZE) {
+                ciphertext.copy_from_slice(part);
+                // Blocks decrypt independently (and in parallel where the
+                // cipher can); then each is XORed with the previous ciphertext.
+                self.cipher.decrypt_blocks(as_blocks::<C::BlockSize>(part));
+                let (first, rest) = part.split_at_mut(bs);
+                xor_in_place(first, &iv);
+                xor_in_place(rest, &ciphertext[..SECTOR_SIZE - bs]);
+                iv.copy_from_slice(&ciphertext[SECTOR_SIZE - bs..]);
+            }
         }
     }
 }

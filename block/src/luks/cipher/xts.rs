@@ -13,7 +13,7 @@ use cipher::{Block, BlockDecrypt, BlockEncrypt, BlockSizeUser};
 
 use super::ivgen::IvGen;
 use super::modes::as_blocks;
-use super::{check_len, sector_number, SectorCipher, SECTOR_SIZE};
+use super::{check_len_of, sector_number, SectorCipher, SECTOR_SIZE};
 
 /// Blocks in a sector.
 const BLOCKS: usize = SECTOR_SIZE / 16;
@@ -26,6 +26,8 @@ pub(super) struct Xts<C> {
     data: C,
     tweak: C,
     ivgen: IvGen,
+    /// Bytes per sector (one IV each): 512, or up to 4096 for LUKS2.
+    sector: usize,
 }
 
 impl<C> Xts<C>
@@ -34,37 +36,56 @@ where
 {
     /// XTS from the two halves of the key, already keyed.
     pub(super) fn new(data: C, tweak: C, ivgen: IvGen) -> Self {
-        Xts { data, tweak, ivgen }
+        Xts::with_sector(data, tweak, ivgen, SECTOR_SIZE)
     }
 
-    /// The tweak of every block of sector `n`: `E_tweak(IV) * x^i`.
-    fn tweaks(&self, n: u64, out: &mut Tweaks) {
+    /// XTS over sectors of `sector` bytes (a multiple of 512): the tweak of
+    /// a sector runs on over all its blocks, as dm-crypt's with LUKS2
+    /// sector sizes.
+    pub(super) fn with_sector(data: C, tweak: C, ivgen: IvGen, sector: usize) -> Self {
+        Xts {
+            data,
+            tweak,
+            ivgen,
+            sector,
+        }
+    }
+
+    /// The first tweak of sector `n`: `E_tweak(IV)`.
+    fn first_tweak(&self, n: u64) -> u128 {
         let mut t = Block::<C>::default();
         self.ivgen.generate(n, &mut t);
         self.tweak.encrypt_block(&mut t);
         let mut bytes = [0u8; 16];
         bytes.copy_from_slice(&t);
-        let mut x = u128::from_le_bytes(bytes);
+        u128::from_le_bytes(bytes)
+    }
+
+    /// The next [`BLOCKS`] tweaks from `x` (`x * x^i`); returns the one after.
+    fn tweaks(mut x: u128, out: &mut Tweaks) -> u128 {
         for slot in out.iter_mut() {
             *slot = x;
             x = mul_x(x);
         }
+        x
     }
 
     fn process(&self, first_sector: u64, buf: &mut [u8], encrypt: bool) {
-        check_len(buf);
+        check_len_of(buf, self.sector);
         let mut tweaks: Tweaks = [0; BLOCKS];
-        for (i, sector) in buf.chunks_exact_mut(SECTOR_SIZE).enumerate() {
-            let n = sector_number(first_sector, i);
-            self.tweaks(n, &mut tweaks);
-            xor_tweaks(sector, &tweaks);
-            let blocks = as_blocks::<U16>(sector);
-            if encrypt {
-                self.data.encrypt_blocks(blocks);
-            } else {
-                self.data.decrypt_blocks(blocks);
+        for (i, sector) in buf.chunks_exact_mut(self.sector).enumerate() {
+            let mut x = self.first_tweak(sector_number(first_sector, i));
+            for part in sector.chunks_exact_mut(SECTOR_SIZE) {
+                x = Self::tweaks(x, &mut tweaks);
+                xor_tweaks(part, &tweaks);
+                let blocks = as_blocks::<U16>(part);
+                if encrypt {
+                    self.data.encrypt_blocks(blocks);
+                } else {
+                    self.data.decrypt_blocks(blocks);
+                }
+                xor_tweaks(part, &tweaks);
             }
-            xor_tweaks(sector, &tweaks);
         }
     }
 }
