@@ -59,7 +59,11 @@ fn commands(block: &str) -> Vec<String> {
     let mut joined = String::new();
     for line in block.lines() {
         let line = line.split(" #").next().unwrap_or("");
-        let line = if line.trim_start().starts_with('#') { "" } else { line };
+        let line = if line.trim_start().starts_with('#') {
+            ""
+        } else {
+            line
+        };
         match line.strip_suffix('\\') {
             Some(head) => {
                 joined.push_str(head);
@@ -108,7 +112,10 @@ fn build_section_comes_first_and_builds_the_release_binary() {
     let try_at = readme.find("\n## Try it\n").expect("a Try it section");
     assert!(build_at < try_at, "Build comes before Try it");
     let build = section(&readme, "Build");
-    let cmds: Vec<String> = code_blocks(build).iter().flat_map(|b| commands(b)).collect();
+    let cmds: Vec<String> = code_blocks(build)
+        .iter()
+        .flat_map(|b| commands(b))
+        .collect();
     assert!(
         cmds.iter().any(|c| c == "cargo build --release"),
         "the Build section runs `cargo build --release`: {cmds:?}"
@@ -212,7 +219,10 @@ fn the_build_packages_are_those_ci_installs() {
             "README lists {p}, which .ci/run does not install: {installed:?}"
         );
     }
-    assert!(apt.contains("tests only"), "says which packages are for tests only");
+    assert!(
+        apt.contains("tests only"),
+        "says which packages are for tests only"
+    );
 }
 
 #[test]
@@ -256,7 +266,10 @@ fn every_script_the_readme_runs_exists_and_is_executable() {
         );
         // Scripts that take --help answer it at once, with their usage, status 0.
         if fs::read_to_string(&path).is_ok_and(|s| s.contains("-h|--help)")) {
-            let out = Command::new(&path).arg("--help").output().expect("running it");
+            let out = Command::new(&path)
+                .arg("--help")
+                .output()
+                .expect("running it");
             assert!(out.status.success(), "{script} --help: {:?}", out.status);
             assert!(
                 String::from_utf8_lossy(&out.stdout).contains(script.trim_start_matches("./")),
@@ -303,7 +316,13 @@ fn boot_guest_shell_in_nested_mode_says_so_at_once() {
 #[test]
 fn run_nested_carries_the_files_a_config_names() {
     let dir = tempfile::tempdir().expect("a temporary folder");
-    for f in ["bzImage", "initrd.img", "disk.qcow2", "pass.txt", "extra.bin"] {
+    for f in [
+        "bzImage",
+        "initrd.img",
+        "disk.qcow2",
+        "pass.txt",
+        "extra.bin",
+    ] {
         fs::write(dir.path().join(f), b"x").expect("writing a file");
     }
     let config = dir.path().join("vm.json");
@@ -326,7 +345,11 @@ fn run_nested_carries_the_files_a_config_names() {
         .arg("2")
         .output()
         .expect("running run-nested.sh");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let listed = String::from_utf8_lossy(&out.stdout);
     let mut listed: Vec<&str> = listed.lines().collect();
     listed.sort_unstable();
