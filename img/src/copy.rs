@@ -324,7 +324,16 @@ impl Shared<'_> {
             if st.error.is_some() {
                 return (st, None);
             }
-            if let Some(offset) = st.ready.keys().next().copied() {
+            // In source order a chunk that cannot allocate yet waits while
+            // another is read, if one can be.
+            let can_read = st.next < job.size && !st.free.is_empty();
+            let writable = st
+                .ready
+                .keys()
+                .next()
+                .copied()
+                .filter(|&o| !job.in_order || o <= st.alloc_turn || !can_read);
+            if let Some(offset) = writable {
                 let chunk = st.ready.remove(&offset).expect("chunk is ready");
                 return (st, Some(Task::Write(offset, chunk)));
             }
