@@ -426,14 +426,7 @@ pub fn new_sector_cipher_sized(
             "Sector size {sector_size} is not supported (512, 1024, 2048 or 4096)"
         )));
     }
-    spec.validate()?;
-    if key.len() != spec.key_bytes() {
-        return Err(LuksError::KeyLength {
-            what: spec.to_string(),
-            expected: spec.key_bytes(),
-            got: key.len(),
-        });
-    }
+    check_key(spec, key)?;
     let ivgen = new_ivgen(spec, key)?;
     macro_rules! sized {
         ($c:ty) => {
@@ -502,12 +495,8 @@ enum Impl {
     Generic,
 }
 
-/// [`new_sector_cipher`], choosing among the implementations with `which`.
-fn build_sector_cipher(
-    spec: &CipherSpec,
-    key: &[u8],
-    which: Impl,
-) -> Result<Box<dyn SectorCipher>, LuksError> {
+/// A usable spec, and a key of the length it takes.
+fn check_key(spec: &CipherSpec, key: &[u8]) -> Result<(), LuksError> {
     spec.validate()?;
     if key.len() != spec.key_bytes() {
         return Err(LuksError::KeyLength {
@@ -516,6 +505,16 @@ fn build_sector_cipher(
             got: key.len(),
         });
     }
+    Ok(())
+}
+
+/// [`new_sector_cipher`], choosing among the implementations with `which`.
+fn build_sector_cipher(
+    spec: &CipherSpec,
+    key: &[u8],
+    which: Impl,
+) -> Result<Box<dyn SectorCipher>, LuksError> {
+    check_key(spec, key)?;
     let ivgen = new_ivgen(spec, key)?;
     #[cfg(target_arch = "x86_64")]
     if spec.mode == CipherMode::Xts && which == Impl::Fastest {
