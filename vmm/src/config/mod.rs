@@ -99,7 +99,7 @@ pub struct VmConfig {
     /// Seccomp filters on the VMM's threads (`seccomp`: on, off or log).
     pub seccomp: SeccompMode,
     /// How long the guest may run (`timeout`, in seconds; `None`: no limit): then the VMM
-    /// stops it and `cryptvm run` exits with [`crate::cli::run::TIMEOUT_STATUS`].
+    /// stops it and `cryptvm run` exits with status 124 (`TIMEOUT_STATUS` of the `run` command).
     pub timeout: Option<Duration>,
 }
 
