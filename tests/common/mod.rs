@@ -269,6 +269,28 @@ impl Scratch {
         format!("secret,id=sec0,file={}", self.pass_file.display())
     }
 
+    /// `cryptvm img convert -n` of the raw file `src` into the existing image
+    /// `image_opts` describes (`--target-image-opts`, secret `sec0`); it must succeed.
+    pub fn cryptvm_writes(&self, src: &str, image_opts: &str) -> Run {
+        let secret = self.secret_object();
+        cryptvm(
+            self.path(),
+            [
+                "img",
+                "convert",
+                "--object",
+                &secret,
+                "-n",
+                "-f",
+                "raw",
+                "--target-image-opts",
+                src,
+                image_opts,
+            ],
+        )
+        .ok()
+    }
+
     /// Writes `bytes` to `name` in the folder and returns its path.
     pub fn write(&self, name: &str, bytes: &[u8]) -> PathBuf {
         let p = self.join(name);

@@ -266,23 +266,8 @@ fn source_image(seed: u64) -> Vec<u8> {
 /// --target-image-opts`); QEMU must read it back.
 fn cryptvm_writes_qemu_reads(s: &Scratch, luks: &Luks, seed: u64) {
     let src = s.write("source.raw", &source_image(seed));
-    cryptvm(
-        s.path(),
-        [
-            "img",
-            "convert",
-            "--object",
-            &s.secret_object(),
-            "-n",
-            "-f",
-            "raw",
-            "--target-image-opts",
-            src.to_str().expect("utf-8 path"),
-            &luks.image_opts(),
-        ],
-    )
-    .ok()
-    .never_shows(&s.pass);
+    s.cryptvm_writes(src.to_str().expect("utf-8 path"), &luks.image_opts())
+        .never_shows(&s.pass);
     qemu_io(
         &s.secret_object(),
         &luks.image_opts(),
@@ -357,22 +342,7 @@ fn cryptvm_writes_openssl_reads(s: &Scratch, luks: &Luks, c: &Combo, header: &Pa
     assert_eq!(c.cipher_name(), "aes");
     let src_bytes = source_image(99);
     let src = s.write("source.raw", &src_bytes);
-    cryptvm(
-        s.path(),
-        [
-            "img",
-            "convert",
-            "--object",
-            &s.secret_object(),
-            "-n",
-            "-f",
-            "raw",
-            "--target-image-opts",
-            src.to_str().expect("utf-8 path"),
-            &luks.image_opts(),
-        ],
-    )
-    .ok();
+    s.cryptvm_writes(src.to_str().expect("utf-8 path"), &luks.image_opts());
     let key = cryptsetup_master_key(header, &s.pass_file);
     assert_eq!(key.len() * 8, c.key_bits() as usize, "master key length");
     let payload_offset = luks_dump(header).payload_offset * SECTOR as u64;

@@ -181,23 +181,8 @@ fn cryptsetup_volume(tag: &str, case: Case) {
     // cryptvm writes, openssl decrypts.
     let src_bytes = pattern(tag.len() as u64 * 977 + sector, SIZE as usize);
     let src = s.write("source.raw", &src_bytes);
-    cryptvm(
-        s.path(),
-        [
-            "img",
-            "convert",
-            "--object",
-            &s.secret_object(),
-            "-n",
-            "-f",
-            "raw",
-            "--target-image-opts",
-            src.to_str().expect("utf-8"),
-            &luks.image_opts(),
-        ],
-    )
-    .ok()
-    .never_shows(&s.pass);
+    s.cryptvm_writes(src.to_str().expect("utf-8"), &luks.image_opts())
+        .never_shows(&s.pass);
     let mut disk = read(&payload);
     let last = SIZE / sector - 1;
     let chosen = [0, 1, last / 2, last];
@@ -244,34 +229,26 @@ fn cryptsetup_volume(tag: &str, case: Case) {
         &format!("{tag}: cryptvm read of openssl's data"),
     );
     let want = s.write("want.raw", &expected);
-    let r = cryptvm(
-        s.path(),
-        [
-            "img",
-            "compare",
-            "--object",
-            &s.secret_object(),
-            "--image-opts",
-            &format!("driver=raw,file.filename={}", want.display()),
-            &luks.image_opts(),
-        ],
-    );
+    let compare = || {
+        cryptvm(
+            s.path(),
+            [
+                "img",
+                "compare",
+                "--object",
+                &s.secret_object(),
+                "--image-opts",
+                &format!("driver=raw,file.filename={}", want.display()),
+                &luks.image_opts(),
+            ],
+        )
+    };
+    let r = compare();
     assert_eq!(r.status, Some(0), "img compare:\n{r}");
 
     // The wrong passphrase: one clean error line.
     std::fs::write(&s.pass_file, "not the passphrase").expect("pass file");
-    let r = cryptvm(
-        s.path(),
-        [
-            "img",
-            "compare",
-            "--object",
-            &s.secret_object(),
-            "--image-opts",
-            &format!("driver=raw,file.filename={}", want.display()),
-            &luks.image_opts(),
-        ],
-    );
+    let r = compare();
     assert_ne!(r.status, Some(0), "wrong passphrase:\n{r}");
     assert!(r.stderr.to_lowercase().contains("invalid password"), "{r}");
 }

@@ -1040,23 +1040,8 @@ fn mission_stack_round_trip(s: &Scratch, stack: &Stack) {
     // cryptvm writes, QEMU reads.
     let src = source_disk(9);
     let src_path = s.write("source.raw", &src);
-    cryptvm(
-        s.path(),
-        [
-            "img",
-            "convert",
-            "--object",
-            &s.secret_object(),
-            "-n",
-            "-f",
-            "raw",
-            "--target-image-opts",
-            "source.raw",
-            &stack.image_opts(),
-        ],
-    )
-    .ok()
-    .never_shows(&s.pass);
+    s.cryptvm_writes("source.raw", &stack.image_opts())
+        .never_shows(&s.pass);
     qemu_io(
         &s.secret_object(),
         &stack.image_opts(),
