@@ -405,7 +405,7 @@ impl LuksNode {
         if head != 0 && pos < end {
             let n = (sector - head).min(end - pos);
             let last = pos + n == end;
-            self.write_partial_sector(pos, n as usize, &mut src, piece_turn(turn, last))?;
+            self.write_partial_sector(pos, n as usize, &mut src, turn, last)?;
             pos += n;
         }
         while end - pos >= sector {
@@ -413,23 +413,30 @@ impl LuksNode {
             let mut bounce = Bounce::take(n);
             self.encrypt_from(self.iv_sector(pos), &mut src, &mut bounce)?;
             let last = pos + n as u64 == end;
-            self.write_payload(pos, &bounce, piece_turn(turn, last))?;
+            self.write_payload(pos, &bounce, turn, last)?;
             pos += n as u64;
         }
         if pos < end {
             let n = (end - pos) as usize;
-            self.write_partial_sector(pos, n, &mut src, piece_turn(turn, true))?;
+            self.write_partial_sector(pos, n, &mut src, turn, true)?;
         }
         Ok(())
     }
 
-    /// Writes ciphertext at `offset` of the volume, in `turn` if there is one.
-    fn write_payload(&self, offset: u64, data: &[u8], turn: Option<PieceTurn<'_>>) -> Result<()> {
+    /// Writes ciphertext at `offset` of the volume, in `turn` if there is
+    /// one; only the `last` piece of a request passes it.
+    fn write_payload(
+        &self,
+        offset: u64,
+        data: &[u8],
+        turn: Option<&dyn WriteTurn>,
+        last: bool,
+    ) -> Result<()> {
         let at = self.payload_offset + offset;
         match turn {
             None => self.payload.write_at(at, data),
-            Some(PieceTurn::Last(t)) => self.payload.write_in_turn(at, &[data], t),
-            Some(PieceTurn::NotLast(t)) => self.payload.write_in_turn(at, &[data], &t),
+            Some(t) if last => self.payload.write_in_turn(at, &[data], t),
+            Some(t) => self.payload.write_in_turn(at, &[data], &WaitOnly(t)),
         }
     }
 
@@ -440,7 +447,8 @@ impl LuksNode {
         offset: u64,
         len: usize,
         src: &mut Gather<'_>,
-        turn: Option<PieceTurn<'_>>,
+        turn: Option<&dyn WriteTurn>,
+        last: bool,
     ) -> Result<()> {
         let start = offset - offset % self.sector;
         let at = (offset - start) as usize;
@@ -448,26 +456,8 @@ impl LuksNode {
         self.read_sectors(start, &mut [&mut sector[..]])?;
         src.copy_to(&mut sector[at..at + len]);
         self.encrypt(self.iv_sector(start), &mut sector)?;
-        self.write_payload(start, &sector, turn)
+        self.write_payload(start, &sector, turn, last)
     }
-}
-
-/// The turn a payload write of one piece of a request gets.
-enum PieceTurn<'a> {
-    /// The request's last piece: it passes the turn.
-    Last(&'a dyn WriteTurn),
-    /// Any other piece: it only waits.
-    NotLast(WaitOnly<'a>),
-}
-
-fn piece_turn(turn: Option<&dyn WriteTurn>, last: bool) -> Option<PieceTurn<'_>> {
-    turn.map(|t| {
-        if last {
-            PieceTurn::Last(t)
-        } else {
-            PieceTurn::NotLast(WaitOnly(t))
-        }
-    })
 }
 
 /// Copies consecutive bytes out of a scatter-gather list.
