@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use crate::aligned::AlignedBuf;
 use crate::blockdev::{Common, DriverKeys};
 use crate::node::{
     check_range, total_len, write_zeroes_by_writing, BlockNode, BlockStatus, HostMapping,
@@ -16,7 +17,7 @@ use crate::resize::{Prealloc, ResizeError};
 use crate::{BlockError, Result, WriteTurn};
 
 /// Alignment of buffers, offsets and lengths for `cache.direct` (O_DIRECT).
-const DIRECT_ALIGN: usize = 4096;
+const DIRECT_ALIGN: usize = crate::aligned::ALIGN;
 
 /// A host file opened for the block graph.
 #[derive(Debug)]
@@ -148,18 +149,14 @@ impl FileNode {
         let start = offset - offset % DIRECT_ALIGN as u64;
         let head = (offset - start) as usize;
         let span = (head + len).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
-        let mut buf = vec![0u8; span + DIRECT_ALIGN];
-        let at = buf.as_ptr().align_offset(DIRECT_ALIGN);
-        let window = &mut buf[at..at + span];
-        let valid =
-            read_up_to(&self.file, window, start).map_err(|e| self.io_err("reading", offset, e))?;
-        window[valid..].fill(0);
+        let mut buf = AlignedBuf::zeroed(span);
+        let valid = read_up_to(&self.file, &mut buf, start)
+            .map_err(|e| self.io_err("reading", offset, e))?;
+        buf[valid..].fill(0);
         Ok(DirectWindow {
             buf,
-            at,
             start,
             head,
-            span,
             valid,
         })
     }
@@ -193,22 +190,19 @@ fn device_size(file: &File) -> std::io::Result<u64> {
 
 /// Aligned blocks read for an unaligned O_DIRECT request.
 struct DirectWindow {
-    buf: Vec<u8>,
-    /// Where the aligned window starts in `buf`.
-    at: usize,
+    /// The window: whole blocks.
+    buf: AlignedBuf,
     /// File offset of the window.
     start: u64,
     /// Offset of the request within the window.
     head: usize,
-    /// Window length (whole blocks).
-    span: usize,
     /// Bytes that were in the file.
     valid: usize,
 }
 
 impl DirectWindow {
     fn window(&mut self) -> &mut [u8] {
-        &mut self.buf[self.at..self.at + self.span]
+        &mut self.buf
     }
 }
 
@@ -266,7 +260,7 @@ impl BlockNode for FileNode {
         // O_DIRECT with an unaligned request: read-modify-write whole blocks.
         let _rmw = self.rmw_guard();
         let mut b = self.read_direct_window(offset, buf.len())?;
-        let (start, head, span) = (b.start, b.head, b.span);
+        let (start, head, span) = (b.start, b.head, b.buf.len());
         let window = b.window();
         window[head..head + buf.len()].copy_from_slice(buf);
         // The file's tail may not be block aligned: write only what exists.

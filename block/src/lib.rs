@@ -2,6 +2,7 @@
 //! arguments, the `file`, `raw` and `luks` drivers, and the secrets that unlock
 //! encrypted nodes. Nothing here knows about KVM.
 
+pub mod aligned;
 pub mod blockdev;
 pub mod error;
 pub mod file;

@@ -34,6 +34,7 @@ use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
+use block::aligned::AlignedBuf;
 use block::{NodeRef, WaitOnly, WriteTurn};
 
 use super::sparse::Sparse;
@@ -109,7 +110,7 @@ enum Run {
 
 /// A chunk read and waiting to be written.
 struct Chunk {
-    buf: Vec<u8>,
+    buf: AlignedBuf,
     len: usize,
     /// Its data, zero and backing runs.
     runs: Vec<(Run, usize)>,
@@ -117,7 +118,7 @@ struct Chunk {
 
 /// What a worker does next.
 enum Task {
-    Read(u64, usize, Vec<u8>),
+    Read(u64, usize, AlignedBuf),
     Write(u64, Chunk),
 }
 
@@ -134,7 +135,7 @@ struct State {
     /// Chunks read, by offset.
     ready: BTreeMap<u64, Chunk>,
     /// Buffers no chunk holds (allocated on first use).
-    free: Vec<Vec<u8>>,
+    free: Vec<AlignedBuf>,
     /// Bytes copied so far, for the progress line.
     done: u64,
     /// Percentage last shown.
@@ -193,7 +194,7 @@ impl Copy<'_> {
             // One more than the workers, so that a chunk can wait for its turn
             // while the next is read; one alone for a strictly serial copy.
             let buffers = if workers == 1 { 1 } else { workers + 1 };
-            st.free.resize_with(buffers, Vec::new);
+            st.free.resize_with(buffers, AlignedBuf::default);
         }
         let files = writeback::host_files(self.dst);
         std::thread::scope(|s| {
@@ -253,7 +254,7 @@ impl Shared<'_> {
             let result = match task {
                 Task::Read(offset, len, mut buf) => {
                     if buf.is_empty() {
-                        buf = vec![0u8; CHUNK];
+                        buf = AlignedBuf::zeroed(CHUNK);
                     }
                     let mut runs = Vec::new();
                     let read = match &job.backing {

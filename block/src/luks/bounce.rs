@@ -7,17 +7,19 @@
 use std::ops::{Deref, DerefMut};
 use std::sync::Mutex;
 
+use crate::aligned::AlignedBuf;
+
 /// The largest piece of a request encrypted at once.
 pub const CHUNK: usize = 1 << 20;
 /// Idle buffers kept for reuse.
 const KEEP: usize = 16;
 
-static FREE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+static FREE: Mutex<Vec<AlignedBuf>> = Mutex::new(Vec::new());
 
-/// A buffer of `len` bytes (at most [`CHUNK`]), given back when dropped.
+/// A buffer of `len` bytes (at most [`CHUNK`]), aligned so that the file
+/// below can write it as it is; given back when dropped.
 pub struct Bounce {
-    buf: Vec<u8>,
-    len: usize,
+    buf: AlignedBuf,
 }
 
 impl Bounce {
@@ -25,21 +27,22 @@ impl Bounce {
     pub fn take(len: usize) -> Bounce {
         assert!(len <= CHUNK, "bounce buffers hold at most {CHUNK} bytes");
         let reused = FREE.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let buf = reused.unwrap_or_else(|| vec![0u8; CHUNK]);
-        Bounce { buf, len }
+        let mut buf = reused.unwrap_or_else(|| AlignedBuf::zeroed(CHUNK));
+        buf.set_len(len);
+        Bounce { buf }
     }
 }
 
 impl Deref for Bounce {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.buf[..self.len]
+        &self.buf
     }
 }
 
 impl DerefMut for Bounce {
     fn deref_mut(&mut self) -> &mut [u8] {
-        &mut self.buf[..self.len]
+        &mut self.buf
     }
 }
 

@@ -36,11 +36,10 @@ use std::sync::MutexGuard;
 
 use super::meta::{ClusterKind, Meta, OFLAG_COPIED};
 use super::node::Qcow2Node;
+use crate::aligned::{AlignedBuf, ALIGN};
 use crate::sg::SgSlices;
 use crate::{BlockError, Result, WriteTurn};
 
-/// Alignment of bounce buffers (O_DIRECT image files take them as they are).
-const BOUNCE_ALIGN: usize = 4096;
 /// Largest bounce used to gather an unaligned run of new clusters.
 const GATHER_CHUNK: usize = 1 << 20;
 
@@ -70,32 +69,6 @@ struct Run {
 impl Run {
     fn clusters(&self) -> u64 {
         self.olds.len() as u64
-    }
-}
-
-/// A bounce buffer aligned to `BOUNCE_ALIGN`.
-struct Bounce {
-    buf: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl Bounce {
-    fn zeroed(len: usize) -> Self {
-        let buf = vec![0u8; len + BOUNCE_ALIGN - 1];
-        let start = buf
-            .as_ptr()
-            .align_offset(BOUNCE_ALIGN)
-            .min(BOUNCE_ALIGN - 1);
-        Self { buf, start, len }
-    }
-
-    fn bytes(&self) -> &[u8] {
-        &self.buf[self.start..self.start + self.len]
-    }
-
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        &mut self.buf[self.start..self.start + self.len]
     }
 }
 
@@ -358,13 +331,12 @@ impl Qcow2Node {
             None
         };
         let mut iov: Vec<&[u8]> = Vec::with_capacity(data.len() + 2);
-        iov.extend(head.as_ref().map(Bounce::bytes));
+        iov.extend(head.as_ref().map(|b| &b[..]));
         iov.extend(data);
-        iov.extend(tail.as_ref().map(Bounce::bytes));
-        let aligned = iov.iter().all(|b| {
-            (b.as_ptr() as usize).is_multiple_of(BOUNCE_ALIGN)
-                && b.len().is_multiple_of(BOUNCE_ALIGN)
-        });
+        iov.extend(tail.as_ref().map(|b| &b[..]));
+        let aligned = iov
+            .iter()
+            .all(|b| (b.as_ptr() as usize).is_multiple_of(ALIGN) && b.len().is_multiple_of(ALIGN));
         if aligned {
             return self.storage.write_vectored(run.host, &iov);
         }
@@ -372,18 +344,17 @@ impl Qcow2Node {
         // reading and writing back whole blocks for each: gather them into
         // aligned chunks instead (as the caller's bytes would be copied anyway).
         let total: usize = iov.iter().map(|b| b.len()).sum();
-        let mut chunk = Bounce::zeroed(total.min(GATHER_CHUNK));
+        let mut chunk = AlignedBuf::zeroed(total.min(GATHER_CHUNK));
         let mut cursor = SgSlices::new(&iov);
         let mut done = 0;
         while done < total {
             let n = (total - done).min(GATHER_CHUNK);
             let mut at = 0;
             for part in cursor.take(n) {
-                chunk.bytes_mut()[at..at + part.len()].copy_from_slice(part);
+                chunk[at..at + part.len()].copy_from_slice(part);
                 at += part.len();
             }
-            self.storage
-                .write_at(run.host + done as u64, &chunk.bytes()[..n])?;
+            self.storage.write_at(run.host + done as u64, &chunk[..n])?;
             done += n;
         }
         Ok(())
@@ -391,18 +362,17 @@ impl Qcow2Node {
 
     /// Bytes `[from, to)` of guest cluster `gc` as it is now (`kind`), for
     /// copy-on-write.
-    fn old_bytes(&self, gc: u64, kind: ClusterKind, from: u64, to: u64) -> Result<Bounce> {
-        let mut b = Bounce::zeroed((to - from) as usize);
+    fn old_bytes(&self, gc: u64, kind: ClusterKind, from: u64, to: u64) -> Result<AlignedBuf> {
+        let mut b = AlignedBuf::zeroed((to - from) as usize);
         match kind {
             ClusterKind::Unallocated => {
-                self.read_backing(gc * self.cluster_size() + from, b.bytes_mut())?
+                self.read_backing(gc * self.cluster_size() + from, &mut b)?
             }
             ClusterKind::ZeroPlain | ClusterKind::ZeroAlloc(_) => {}
-            ClusterKind::Normal(h) => self.storage.read_at(h + from, b.bytes_mut())?,
+            ClusterKind::Normal(h) => self.storage.read_at(h + from, &mut b)?,
             ClusterKind::Compressed { offset, size } => {
                 let c = self.read_compressed(offset, size)?;
-                b.bytes_mut()
-                    .copy_from_slice(&c[from as usize..to as usize]);
+                b.copy_from_slice(&c[from as usize..to as usize]);
             }
         }
         Ok(b)
