@@ -7,6 +7,10 @@
 #   resources/bench/boot.sh                 # builds cryptvm in release mode first
 #   CRYPTVM=path/to/cryptvm REPS=5 CPUS=2 MEM_MIB=256 QEMU_MACHINE=microvm resources/bench/boot.sh
 #   KEEP=1 resources/bench/boot.sh          # keeps the work folder (consoles, bench.txt)
+#   CMDLINE="console=ttyS0 printk.time=1 panic=-1" KEEP=1 REPS=1 WARMUP=0 resources/bench/boot.sh
+#                                           # timestamped boot logs of both VMMs, to compare
+# With KEEP=1, out/VMM.N.times has each console line after the L1 uptime it was read at
+# (its first line: the uptime just before the VMM started).
 #
 # boot time: from just before the VMM process starts to the guest's init marker line
 #   (CRYPTVM-GUEST-UP) on its serial console, both taken inside L1 (/proc/uptime, 10 ms).
@@ -37,7 +41,7 @@ fi
 
 bench_workdir boot
 
-cmdline="console=ttyS0 quiet panic=-1"
+cmdline="${CMDLINE:-console=ttyS0 quiet panic=-1}"
 qemu_cmd="qemu-system-x86_64 -enable-kvm -M $QEMU_MACHINE -cpu host -smp $CPUS -m ${MEM_MIB}M \
 -nodefaults -no-user-config -display none -serial stdio -no-reboot \
 -kernel /work/guest/vmlinuz -initrd /work/guest/initramfs.cpio.gz -append '$cmdline'"
@@ -60,30 +64,45 @@ guest_kb() {
         /^Rss:/ { if (size >= min) sum += $2 }
         END { print sum + 0 }' "/proc/$1/smaps"
 }
+# kvm_counts PID: L1 KVM's exit counters of the VM of process PID (debugfs), as
+# key=value fields: all exits, port I/O, MMIO, HLT, interrupt, and nested page faults fixed.
+mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+kvm_counts() {
+    for d in /sys/kernel/debug/kvm/"$1"-*; do
+        [ -r "$d/exits" ] || continue
+        echo "exits=$(cat "$d/exits") io=$(cat "$d/io_exits") mmio=$(cat "$d/mmio_exits")" \
+            "halt=$(cat "$d/halt_exits") irq=$(cat "$d/irq_exits") npf=$(cat "$d/pf_fixed")"
+        return
+    done
+}
 # measure NAME REP COMMAND: boots once, prints a BENCH line.
 measure() {
     name=$1 rep=$2 cmd=$3
     fifo=/tmp/console.$name.$rep
     mkfifo "$fifo"
     read -r t0 _ </proc/uptime
+    echo "$t0 (VMM starts)" >"/out/$name.$rep.times"
     timeout -s KILL 60 sh -c "exec $cmd" </dev/null >"$fifo" 2>"/out/$name.$rep.stderr" &
     pid=$!
-    t1= rss= gkb=
+    t1= rss= gkb= kvm=
     while IFS= read -r line; do
         case "$line" in
             *CRYPTVM-GUEST-UP*)
                 read -r t1 _ </proc/uptime
                 rss=$(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status" 2>/dev/null)
                 gkb=$(guest_kb "$pid" 2>/dev/null)
+                kvm=$(kvm_counts "$pid")
                 ;;
         esac
         echo "$line" >>"/out/$name.$rep.console"
+        read -r tl _ </proc/uptime
+        echo "$tl $line" >>"/out/$name.$rep.times"
     done <"$fifo"
     wait "$pid"
     rc=$?
     rm -f "$fifo"
     if [ -n "$t1" ] && [ -n "$rss" ]; then
-        echo "BENCH vmm=$name rep=$rep rc=$rc boot_s=$(awk "BEGIN { print $t1 - $t0 }") rss_kb=$rss guest_kb=$gkb overhead_kb=$((rss - gkb))"
+        echo "BENCH vmm=$name rep=$rep rc=$rc boot_s=$(awk "BEGIN { print $t1 - $t0 }") rss_kb=$rss guest_kb=$gkb overhead_kb=$((rss - gkb)) $kvm"
     else
         echo "BENCH vmm=$name rep=$rep rc=$rc boot_s=none error=$(head -1 "/out/$name.$rep.stderr" | tr ' ' '_')"
     fi
@@ -138,6 +157,20 @@ summary() {
             printf "%.2f %d %d %d\n", best, ov[int((n + 1) / 2)], rss[1], g[1]
         }' "$WORK/out/bench.txt"
 }
+# exit_counts VMM: L1 KVM's exit counters up to the init marker in VMM's fastest boot.
+exit_counts() {
+    awk -v vmm="$1" '
+        $1 == "BENCH" {
+            delete f
+            for (i = 2; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
+            if (f["vmm"] != vmm || f["boot_s"] == "none" || f["exits"] == "") next
+            if (best == "" || f["boot_s"] + 0 < best) {
+                best = f["boot_s"] + 0
+                line = f["exits"] " " f["io"] " " f["mmio"] " " f["halt"] " " f["irq"] " " f["npf"]
+            }
+        }
+        END { if (line != "") print line }' "$WORK/out/bench.txt"
+}
 read -r q_boot q_ov q_rss q_guest < <(summary qemu)
 read -r c_boot c_ov c_rss c_guest < <(summary cryptvm) || true
 
@@ -158,4 +191,13 @@ elif [[ -z "${c_boot:-}" || "$c_boot" == none ]]; then
 else
     printf '%-34s %10s %14.1f\n' "cryptvm" "$c_boot" "$(awk "BEGIN { print $c_ov / 1024 }")"
     awk "BEGIN { printf \"ratio cryptvm/QEMU: boot %.2f, memory overhead %.2f\n\", $c_boot / $q_boot, ($q_ov > 0 ? $c_ov / $q_ov : 0) }"
+fi
+q_exits=$(exit_counts qemu)
+c_exits=$(exit_counts cryptvm)
+if [[ -n "$q_exits" || -n "$c_exits" ]]; then
+    echo
+    echo "KVM exits up to the init marker (L1's KVM counters, debugfs; each VMM's fastest boot):"
+    printf '%-34s %8s %8s %8s %8s %8s %8s\n' VMM all "port I/O" MMIO HLT interrupt "NPT fault"
+    [[ -n "$q_exits" ]] && printf '%-34s %8s %8s %8s %8s %8s %8s\n' "QEMU -M $QEMU_MACHINE" $q_exits
+    [[ -n "$c_exits" ]] && printf '%-34s %8s %8s %8s %8s %8s %8s\n' cryptvm $c_exits
 fi
