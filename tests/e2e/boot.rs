@@ -17,6 +17,7 @@
 mod harness;
 
 use harness::{Kernel, Mode, Outcome, Scenario, Vmm};
+use std::time::Duration;
 
 /// Whether to skip (printing why): a tool the harness needs is missing, outside CI.
 fn skip() -> bool {
@@ -111,6 +112,33 @@ fn debug_exit(vmm: Vmm, name: &str) {
     assert!(!out.powered_off(), "the guest powered off instead:\n{out}");
 }
 
+/// The test guest's init reports a failed scenario through isa-debug-exit
+/// (`cryptvm.debug_exit=0xf4`): a scenario that exits 3 makes the VMM exit (3 << 1) | 1.
+fn failed_scenario_sets_the_exit_status(vmm: Vmm, name: &str) {
+    if skip() {
+        return;
+    }
+    if vmm == Vmm::Qemu && harness::default_mode() == Mode::Nested {
+        eprintln!(
+            "skipped: QEMU's guest cannot do port I/O from user mode in the nested test host"
+        );
+        return;
+    }
+    let out = Scenario::new(name)
+        .vmm(vmm)
+        .vmm_args(["--device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+        .cmdline("cryptvm.debug_exit=0xf4")
+        .guest_script("echo CRYPTVM-TEST failing on purpose\nexit 3\n")
+        .run();
+    assert_eq!(out.scenario_rc(), Some(3), "scenario status:\n{out}");
+    assert!(
+        !out.l2_console.contains("isa-debug-exit write"),
+        "the guest could not write the port:\n{out}"
+    );
+    assert_eq!(out.exit_code, Some(7), "VMM exit code:\n{out}");
+    assert!(!out.powered_off(), "the guest powered off instead:\n{out}");
+}
+
 /// QEMU 10, the reference: proves the guest, the test host and the harness.
 mod qemu {
     use super::*;
@@ -138,6 +166,11 @@ mod qemu {
     #[test]
     fn isa_debug_exit_sets_the_exit_status() {
         debug_exit(Vmm::Qemu, "debug-exit-qemu");
+    }
+
+    #[test]
+    fn failed_scenario_sets_the_exit_status() {
+        super::failed_scenario_sets_the_exit_status(Vmm::Qemu, "failed-scenario-qemu");
     }
 
     /// A scenario script from the test runs in the guest, and its exit status and output
@@ -192,6 +225,39 @@ mod cryptvm {
     #[test]
     fn isa_debug_exit_sets_the_exit_status() {
         debug_exit(vmm(), "debug-exit-cryptvm");
+    }
+
+    #[test]
+    fn failed_scenario_sets_the_exit_status() {
+        super::failed_scenario_sets_the_exit_status(vmm(), "failed-scenario-cryptvm");
+    }
+
+    /// A guest whose scenario hangs is stopped at `--timeout`: exit status 124 and one
+    /// line on stderr (docs/run.md), however long the guest would have gone on. QEMU has
+    /// no such option: cryptvm only.
+    #[test]
+    fn hung_guest_ends_at_the_timeout() {
+        if skip() {
+            return;
+        }
+        const LIMIT_S: u64 = 40;
+        let out = Scenario::new("hung-guest")
+            .vmm(Vmm::Cryptvm)
+            .vmm_args(["--timeout", &LIMIT_S.to_string()])
+            .guest_script("echo CRYPTVM-TEST hanging\nwhile :; do sleep 1; done\n")
+            .timeout(Duration::from_secs(LIMIT_S + 150))
+            .run();
+        assert!(
+            out.l2_console.contains("CRYPTVM-TEST hanging"),
+            "the guest never reached its scenario within {LIMIT_S} s:\n{out}"
+        );
+        assert_eq!(out.scenario_rc(), None, "the scenario ended:\n{out}");
+        assert_eq!(out.exit_code, Some(124), "VMM exit code:\n{out}");
+        assert!(
+            out.vmm_stderr
+                .contains("cryptvm: --timeout: the guest still ran after"),
+            "stderr:\n{out}"
+        );
     }
 }
 
