@@ -7,6 +7,8 @@
 #   resources/bench/boot.sh                 # builds cryptvm in release mode first
 #   CRYPTVM=path/to/cryptvm REPS=5 CPUS=2 MEM_MIB=256 QEMU_MACHINE=microvm resources/bench/boot.sh
 #   KEEP=1 resources/bench/boot.sh          # keeps the work folder (consoles, bench.txt)
+#   CRYPTVM_KERNEL=vmlinux resources/bench/boot.sh   # cryptvm boots the ELF extracted from
+#                                           # the same bzImage QEMU boots (no decompression)
 #   CMDLINE="console=ttyS0 printk.time=1 panic=-1" KEEP=1 REPS=1 WARMUP=0 resources/bench/boot.sh
 #                                           # timestamped boot logs of both VMMs, to compare
 # With KEEP=1, out/VMM.N.times has each console line after the L1 uptime it was read at
@@ -45,7 +47,11 @@ cmdline="${CMDLINE:-console=ttyS0 quiet panic=-1}"
 qemu_cmd="qemu-system-x86_64 -enable-kvm -M $QEMU_MACHINE -cpu host -smp $CPUS -m ${MEM_MIB}M \
 -nodefaults -no-user-config -display none -serial stdio -no-reboot \
 -kernel /work/guest/vmlinuz -initrd /work/guest/initramfs.cpio.gz -append '$cmdline'"
-cryptvm_cmd="cryptvm run --kernel /work/guest/vmlinuz --initrd /work/guest/initramfs.cpio.gz \
+case "${CRYPTVM_KERNEL:=vmlinuz}" in
+    vmlinuz | vmlinux) ;;
+    *) echo "boot.sh: CRYPTVM_KERNEL is vmlinuz (the bzImage) or vmlinux (its ELF)" >&2; exit 2 ;;
+esac
+cryptvm_cmd="cryptvm run --kernel /work/guest/$CRYPTVM_KERNEL --initrd /work/guest/initramfs.cpio.gz \
 --cmdline '$cmdline' --cpus $CPUS --memory ${MEM_MIB}M --serial stdio"
 
 # The script L1 runs: each VMM REPS times, alternating; one BENCH line per boot.
@@ -129,7 +135,9 @@ EOF
     cat "$WORK/run.sh"
 } >"$WORK/run2.sh"
 
-pack=(--out "$WORK/l1.img" --qemu --guest --guest-kernel bzimage --run "$WORK/run2.sh")
+guest_kernel=bzimage
+[[ "$CRYPTVM_KERNEL" == vmlinux ]] && guest_kernel=both
+pack=(--out "$WORK/l1.img" --qemu --guest --guest-kernel $guest_kernel --run "$WORK/run2.sh")
 [[ -n "$CRYPTVM" ]] && pack+=(--bin "$CRYPTVM")
 packed=$("$ROOT/resources/testhost/pack.sh" "${pack[@]}")
 eval "$packed"
@@ -189,7 +197,7 @@ if [[ -n "$cryptvm_note" ]]; then
 elif [[ -z "${c_boot:-}" || "$c_boot" == none ]]; then
     echo "cryptvm: not yet able to boot (${c_ov:+$c_ov }${c_rss:-}${c_guest:+ $c_guest})"
 else
-    printf '%-34s %10s %14.1f\n' "cryptvm" "$c_boot" "$(awk "BEGIN { print $c_ov / 1024 }")"
+    printf '%-34s %10s %14.1f\n' "cryptvm ($CRYPTVM_KERNEL)" "$c_boot" "$(awk "BEGIN { print $c_ov / 1024 }")"
     awk "BEGIN { printf \"ratio cryptvm/QEMU: boot %.2f, memory overhead %.2f\n\", $c_boot / $q_boot, ($q_ov > 0 ? $c_ov / $q_ov : 0) }"
 fi
 q_exits=$(exit_counts qemu)
