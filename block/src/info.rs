@@ -26,10 +26,15 @@ pub fn node_info(node: &NodeRef) -> Value {
         "file" => json!({"type": "file", "data": {}}),
         _ => node.info(),
     };
+    let qcow2_encrypted = node.driver() == "qcow2"
+        && specific
+            .get("data")
+            .and_then(|d| d.get("encrypt"))
+            .is_some();
     if !specific.is_null() {
         m.insert("format-specific".into(), specific);
     }
-    if node.driver() == "luks" {
+    if node.driver() == "luks" || qcow2_encrypted {
         m.insert("encrypted".into(), json!(true));
     }
     m.insert("dirty-flag".into(), json!(false));

@@ -69,8 +69,10 @@ pub fn run(argv: &[String]) -> Result<u8> {
                     .find(|(k, _)| *k == key)
                     .map(|(_, v)| v.to_string())
             };
+            let encrypt = qcow2_encrypt_options(&mut o, &filename, &secrets)?;
             let mut opts = qcow2::CreateOptions::from_opts(&mut o)?;
             o.finish()?;
+            opts.encrypt = encrypt;
             // qemu-img's -b BACKING and -F BACKING_FMT.
             if let Some((_, b)) = a.short.iter().find(|(c, _)| *c == 'b') {
                 opts.backing_file = Some(b.clone());
@@ -97,7 +99,27 @@ pub fn run(argv: &[String]) -> Result<u8> {
                 })?;
             }
             if !a.quiet {
-                println!("{}", qcow2_formatting_line(&filename, size, &opts, &given));
+                let mut line = qcow2_formatting_line(&filename, size, &opts, &given);
+                if opts.encrypt.is_some() {
+                    // As qemu-img: the encrypt.* options first, in its list's order.
+                    let mut enc = String::new();
+                    for key in [
+                        "encrypt.format",
+                        "encrypt.key-secret",
+                        "encrypt.cipher-alg",
+                        "encrypt.cipher-mode",
+                        "encrypt.ivgen-alg",
+                        "encrypt.ivgen-hash-alg",
+                        "encrypt.hash-alg",
+                        "encrypt.iter-time",
+                    ] {
+                        if let Some(v) = given(key) {
+                            enc += &format!(" {key}={v}");
+                        }
+                    }
+                    line = line.replacen(" fmt=qcow2", &format!(" fmt=qcow2{enc}"), 1);
+                }
+                println!("{line}");
             }
             qcow2::create(path, Some(size), &opts)?;
         }
@@ -120,6 +142,74 @@ fn check_preallocation(o: &mut Opts) -> Result<()> {
             )
             .into()),
     }
+}
+
+/// qcow2's `encryption` and `encrypt.*` creation options: the built-in LUKS
+/// encryption of `encrypt.format=luks` (legacy AES images are never made).
+fn qcow2_encrypt_options(
+    o: &mut Opts,
+    filename: &str,
+    secrets: &SecretStore,
+) -> Result<Option<qcow2::create::EncryptCreate>> {
+    let legacy = o.bool("encryption")?.unwrap_or(false);
+    let Some(v) = o.take("encrypt") else {
+        if legacy {
+            return Err(ImgError::Msg(format!(
+                "{filename}: Parameter 'encrypt.key-secret' is required for cipher"
+            )));
+        }
+        return Ok(None);
+    };
+    let mut e = Opts::new(
+        "encrypt",
+        match v {
+            serde_json::Value::Object(m) => m,
+            _ => return Err(o.error("encrypt", "expected encrypt.* options").into()),
+        },
+    );
+    let format = e.str("format")?;
+    let aes = match (format.as_deref(), legacy) {
+        (Some("luks"), false) => false,
+        (Some("aes") | None, true) | (Some("aes"), false) => true,
+        (Some("luks"), true) => {
+            return Err(ImgError::Msg(format!(
+                "{filename}: encrypt.format=luks and encryption=on are mutually exclusive"
+            )))
+        }
+        (Some(other), _) => {
+            return Err(ImgError::Msg(format!(
+                "{filename}: Parameter 'encrypt.format' does not accept value '{other}'"
+            )))
+        }
+        (None, false) => {
+            return Err(ImgError::Msg(format!(
+                "{filename}: encrypt.* options need encrypt.format=luks"
+            )))
+        }
+    };
+    if e.get("key-secret").is_none() {
+        return Err(ImgError::Msg(format!(
+            "{filename}: Parameter 'encrypt.key-secret' is required for cipher"
+        )));
+    }
+    if aes {
+        return Err(ImgError::Msg(format!(
+            "{filename}: creating qcow2 images with the insecure legacy AES-CBC encryption (encrypt.format=aes) is not supported; use encrypt.format=luks"
+        )));
+    }
+    if e.get("detached-header").is_some() {
+        return Err(ImgError::Msg(format!(
+            "{filename}: Invalid parameter 'encrypt.detached-header'"
+        )));
+    }
+    let (luks, key_secret) = luks_options(&mut e)?;
+    e.finish()?;
+    validate_spec(&luks.spec)?;
+    let passphrase = secrets.passphrase(&key_secret).map_err(BlockError::from)?;
+    Ok(Some(qcow2::create::EncryptCreate {
+        luks,
+        passphrase: std::sync::Arc::new(passphrase),
+    }))
 }
 
 /// qemu-img's `-o` options for luks: returns the create options and `key-secret`.

@@ -20,6 +20,74 @@ use crate::resize::{Prealloc, ResizeError};
 use crate::sg::{SgCursor, Split};
 use crate::{BlockError, Result, WaitOnly, WriteTurn, SECTOR_SIZE};
 
+/// Reads and checks a LUKS1 header (and that its key material fits in the
+/// `len` bytes `read` can read): the first step of opening a volume, shared
+/// by the `luks` driver and qcow2's built-in LUKS encryption.
+pub fn parse_v1(
+    read: &dyn Fn(u64, &mut [u8]) -> Result<()>,
+    len: u64,
+    detached: bool,
+) -> Result<LuksHeader> {
+    let mut buf = vec![0u8; LuksHeader::SIZE];
+    let avail = len.min(LuksHeader::SIZE as u64) as usize;
+    read(0, &mut buf[..avail])?;
+    let header = LuksHeader::parse(&buf[..avail], detached)?;
+    let header_len = header.key_material_end();
+    if len < header_len {
+        return Err(LuksError::corrupt(format!(
+            "LUKS header is truncated: its key material ends at byte {header_len}, but the header is only {len} bytes"
+        ))
+        .into());
+    }
+    Ok(header)
+}
+
+/// Unlocks a key slot of `header` with `passphrase` (`read` reads the
+/// header's bytes) and builds the payload cipher (512-byte sectors).
+pub fn unlock_v1(
+    header: &LuksHeader,
+    read: &dyn Fn(u64, &mut [u8]) -> Result<()>,
+    passphrase: &[u8],
+    kdf_limit: u64,
+) -> Result<Box<dyn SectorCipher>> {
+    let mut read_io =
+        |off: u64, out: &mut [u8]| read(off, out).map_err(|e| std::io::Error::other(e.to_string()));
+    let master_key = unlock_within(header, passphrase, &mut read_io, kdf_limit)?;
+    Ok(new_sector_cipher(&header.spec, &master_key)?)
+}
+
+/// The `data` of a LUKS1 volume's `format-specific` info, as QEMU's
+/// `QCryptoBlockInfoLUKS` (also the `encrypt` block of an encrypted qcow2).
+pub fn v1_info_data(h: &LuksHeader, detached: bool) -> serde_json::Map<String, Value> {
+    let slots: Vec<Value> = h
+        .slots
+        .iter()
+        .map(|s| {
+            let key_offset = u64::from(s.key_offset_sectors) * SECTOR_SIZE;
+            if s.active {
+                json!({"active": true, "iters": s.iterations, "key-offset": key_offset, "stripes": s.stripes})
+            } else {
+                json!({"active": false, "key-offset": key_offset})
+            }
+        })
+        .collect();
+    let mut data = serde_json::Map::new();
+    data.insert("ivgen-alg".into(), json!(h.spec.ivgen.name()));
+    data.insert("detached-header".into(), json!(detached));
+    data.insert("hash-alg".into(), json!(h.spec.hash.name()));
+    data.insert("cipher-alg".into(), json!(h.spec.alg.name()));
+    data.insert("uuid".into(), json!(h.uuid));
+    // As QEMU: the IV hash is shown for ESSIV only (dm-crypt ignores it otherwise).
+    if let (IvGenAlg::Essiv, Some(ivhash)) = (h.spec.ivgen, h.spec.ivgen_hash) {
+        data.insert("ivgen-hash-alg".into(), json!(ivhash.name()));
+    }
+    data.insert("cipher-mode".into(), json!(h.spec.mode.name()));
+    data.insert("slots".into(), Value::Array(slots));
+    data.insert("payload-offset".into(), json!(h.payload_offset()));
+    data.insert("master-key-iters".into(), json!(h.mk_iterations));
+    data
+}
+
 /// The parsed header of either version (one per node, so the LUKS1 header
 /// inline costs nothing worth a box).
 #[allow(clippy::large_enum_variant)]
@@ -99,18 +167,8 @@ impl LuksNode {
                 read_only,
             );
         }
-        let mut buf = vec![0u8; LuksHeader::SIZE];
-        let avail = header_src.size().min(LuksHeader::SIZE as u64) as usize;
-        header_src.read_at(0, &mut buf[..avail])?;
-        let header = LuksHeader::parse(&buf[..avail], detached)?;
-        let header_len = header.key_material_end();
-        if header_src.size() < header_len {
-            return Err(LuksError::corrupt(format!(
-                "LUKS header is truncated: its key material ends at byte {header_len}, but the header is only {} bytes",
-                header_src.size()
-            ))
-            .into());
-        }
+        let read = |off: u64, out: &mut [u8]| header_src.read_at(off, out);
+        let header = parse_v1(&read, header_src.size(), detached)?;
         // With a detached header, the payload offset (usually 0) locates the
         // data within `file`, as cryptsetup --header --offset does.
         let payload_offset = header.payload_offset();
@@ -122,16 +180,9 @@ impl LuksNode {
         })?;
         let size = size - size % SECTOR_SIZE;
 
-        let cipher = if let Some(passphrase) = passphrase {
-            let mut read = |off: u64, out: &mut [u8]| {
-                header_src
-                    .read_at(off, out)
-                    .map_err(|e| std::io::Error::other(e.to_string()))
-            };
-            let master_key = unlock_within(&header, &passphrase, &mut read, kdf_limit)?;
-            Some(new_sector_cipher(&header.spec, &master_key)?)
-        } else {
-            None
+        let cipher = match passphrase {
+            Some(passphrase) => Some(unlock_v1(&header, &read, &passphrase, kdf_limit)?),
+            None => None,
         };
         Ok(Self {
             payload,
@@ -629,32 +680,7 @@ impl BlockNode for LuksNode {
             Meta::V1(h) => h,
             Meta::V2(h) => return self.info_luks2(h),
         };
-        let slots: Vec<Value> = h
-            .slots
-            .iter()
-            .map(|s| {
-                let key_offset = u64::from(s.key_offset_sectors) * SECTOR_SIZE;
-                if s.active {
-                    json!({"active": true, "iters": s.iterations, "key-offset": key_offset, "stripes": s.stripes})
-                } else {
-                    json!({"active": false, "key-offset": key_offset})
-                }
-            })
-            .collect();
-        let mut data = serde_json::Map::new();
-        data.insert("ivgen-alg".into(), json!(h.spec.ivgen.name()));
-        data.insert("detached-header".into(), json!(self.header_node.is_some()));
-        data.insert("hash-alg".into(), json!(h.spec.hash.name()));
-        data.insert("cipher-alg".into(), json!(h.spec.alg.name()));
-        data.insert("uuid".into(), json!(h.uuid));
-        // As QEMU: the IV hash is shown for ESSIV only (dm-crypt ignores it otherwise).
-        if let (IvGenAlg::Essiv, Some(ivhash)) = (h.spec.ivgen, h.spec.ivgen_hash) {
-            data.insert("ivgen-hash-alg".into(), json!(ivhash.name()));
-        }
-        data.insert("cipher-mode".into(), json!(h.spec.mode.name()));
-        data.insert("slots".into(), Value::Array(slots));
-        data.insert("payload-offset".into(), json!(h.payload_offset()));
-        data.insert("master-key-iters".into(), json!(h.mk_iterations));
+        let data = v1_info_data(h, self.header_node.is_some());
         json!({"type": "luks", "data": data})
     }
 

@@ -551,6 +551,11 @@ impl Counter<'_> {
         let rt = self.m.header.refcount_table_offset;
         self.inc(rt, self.m.reftable.len() as u64 * 8);
         self.walk_bitmaps()?;
+        if self.m.header.crypt_method != 0 {
+            if let Some((off, len)) = super::crypt::crypto_header_range(&self.m.header) {
+                self.inc(off, len);
+            }
+        }
         self.check_refblocks();
         Ok(())
     }

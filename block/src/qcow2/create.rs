@@ -11,7 +11,7 @@ use std::sync::Arc;
 use super::error::Qcow2Error;
 use super::header::{
     field, qemu_feature_table, CompressionType, Extension, Header, COMPAT_LAZY_REFCOUNTS,
-    EXT_BACKING_FORMAT, EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION, V2_HEADER_LEN, V3_HEADER_LEN,
+    EXT_BACKING_FORMAT, EXT_CRYPTO, EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION, V2_HEADER_LEN, V3_HEADER_LEN,
     V3_HEADER_LEN_QEMU,
 };
 use super::meta::{Meta, OFLAG_COPIED};
@@ -50,6 +50,26 @@ pub struct CreateOptions {
     pub preallocation: Preallocation,
     /// `compression_type`.
     pub compression_type: CompressionType,
+    /// `encrypt.format=luks` and the other `encrypt.*` options.
+    pub encrypt: Option<EncryptCreate>,
+}
+
+/// The built-in LUKS encryption of a new image.
+#[derive(Clone)]
+pub struct EncryptCreate {
+    /// Cipher, hash, PBKDF2 time (`encrypt.cipher-alg`, ...).
+    pub luks: crate::luks::CreateOptions,
+    /// The passphrase of `encrypt.key-secret`.
+    pub passphrase: std::sync::Arc<zeroize::Zeroizing<Vec<u8>>>,
+}
+
+impl std::fmt::Debug for EncryptCreate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EncryptCreate")
+            .field("luks", &self.luks)
+            .field("passphrase", &"<redacted>")
+            .finish()
+    }
 }
 
 impl Default for CreateOptions {
@@ -64,6 +84,7 @@ impl Default for CreateOptions {
             refcount_bits: 16,
             preallocation: Preallocation::Off,
             compression_type: CompressionType::Zlib,
+            encrypt: None,
         }
     }
 }
@@ -227,12 +248,44 @@ pub fn create(path: &Path, size: Option<u64>, opts: &CreateOptions) -> Result<()
         false,
     )?;
     m.grow_l1(l1_entries)?;
+    if let Some(e) = &opts.encrypt {
+        set_up_encryption(&mut m, e)?;
+    }
     m.write_header_field(field::SIZE, &size.to_be_bytes())?;
     m.header.size = size;
     if opts.preallocation == Preallocation::Metadata {
         preallocate(&mut m, size)?;
     }
     m.flush_all()
+}
+
+/// Makes the LUKS volume of a new image: its header and key material in
+/// new clusters, named by the header extension (QEMU's
+/// `qcow2_set_up_encryption`).
+fn set_up_encryption(m: &mut Meta, e: &EncryptCreate) -> Result<()> {
+    let volume = crate::luks::create(&e.luks, &e.passphrase)?;
+    let cs = m.cs;
+    let len = volume.header_image.len() as u64;
+    let host = m.alloc_clusters(len.div_ceil(cs))?;
+    m.storage.write_at(host, &volume.header_image)?;
+    m.storage.extend_to(host + len.div_ceil(cs) * cs)?;
+    let bits = m.header.cluster_bits;
+    m.overlap.set_range(
+        super::overlap::MetaKind::CryptoHeader,
+        host,
+        len,
+        bits,
+    );
+    let mut h = m.header.clone();
+    for ext in h.extensions.iter_mut().filter(|x| x.kind == EXT_CRYPTO) {
+        ext.data = [host.to_be_bytes(), len.to_be_bytes()].concat();
+    }
+    let mut bytes = h.serialize()?;
+    bytes.resize(cs as usize, 0);
+    m.storage.write_at(0, &bytes)?;
+    m.storage.flush()?;
+    m.header = h;
+    Ok(())
 }
 
 fn new_header(cluster_bits: u32, opts: &CreateOptions) -> Header {
@@ -242,6 +295,13 @@ fn new_header(cluster_bits: u32, opts: &CreateOptions) -> Header {
         extensions.push(Extension {
             kind: EXT_BACKING_FORMAT,
             data: fmt.as_bytes().to_vec(),
+        });
+    }
+    if opts.encrypt.is_some() {
+        // Filled in once the LUKS header's clusters are allocated.
+        extensions.push(Extension {
+            kind: EXT_CRYPTO,
+            data: vec![0; 16],
         });
     }
     // As QEMU: the feature name table (392 bytes) only for clusters over 4 KiB.
@@ -262,7 +322,11 @@ fn new_header(cluster_bits: u32, opts: &CreateOptions) -> Header {
         backing_file_size: 0,
         cluster_bits,
         size: 0,
-        crypt_method: 0,
+        crypt_method: if opts.encrypt.is_some() {
+            super::crypt::CRYPT_LUKS
+        } else {
+            0
+        },
         l1_size: 0,
         l1_table_offset: 0,
         refcount_table_offset: cs,

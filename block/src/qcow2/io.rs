@@ -188,7 +188,7 @@ impl Qcow2Node {
         for e in extents {
             let part = &mut buf[e.pos..e.pos + e.len];
             match e.src {
-                Src::Data(h) => self.storage.read_at(h, part)?,
+                Src::Data(h) => self.data_read(h, offset + e.pos as u64, part)?,
                 Src::Zero => part.fill(0),
                 Src::Backing => self.read_backing(offset + e.pos as u64, part)?,
                 Src::Compressed { offset, size, skip } => {
@@ -229,7 +229,7 @@ impl Qcow2Node {
         for e in &extents {
             let mut parts = cursor.take(e.len);
             match e.src {
-                Src::Data(h) => self.storage.read_vectored(h, &mut parts)?,
+                Src::Data(h) => self.data_read_vectored(h, offset + e.pos as u64, &mut parts)?,
                 Src::Zero => parts.iter_mut().for_each(|p| p.fill(0)),
                 Src::Backing => {
                     let mut guest = offset + e.pos as u64;

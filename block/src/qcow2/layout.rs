@@ -22,7 +22,7 @@ pub fn check_features(h: &Header) -> Result<(), Qcow2Error> {
             "qcow2 images with an external data file are not supported".into(),
         ));
     }
-    if h.crypt_method != 0 {
+    if h.crypt_method > super::crypt::CRYPT_LUKS {
         return Err(Qcow2Error::Unsupported(format!(
             "encrypted qcow2 images (crypt_method {}) are not supported; put a luks node over a plain qcow2 node instead",
             h.crypt_method

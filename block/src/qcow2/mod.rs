@@ -12,6 +12,7 @@ pub mod check;
 mod compress;
 mod compress_write;
 pub mod create;
+pub mod crypt;
 mod error;
 pub mod header;
 mod imrt;

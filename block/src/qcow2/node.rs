@@ -8,6 +8,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock};
 use serde_json::{json, Value};
 
 use super::check::{self, Repair};
+use super::crypt::{Crypto, EncryptOpen};
 use super::error::Qcow2Error;
 use super::header::{CompressionType, Header, INCOMPAT_DIRTY, INCOMPAT_EXTL2};
 use super::layout::{check_features, check_layout, is_marked_corrupt};
@@ -59,6 +60,8 @@ pub struct Qcow2Options {
     pub common: Common,
     /// Which backing files the header may name.
     pub backing_files: BackingFiles,
+    /// The `encrypt.*` options of an encrypted image.
+    pub encrypt: EncryptOpen,
 }
 
 /// An open qcow2 image.
@@ -88,6 +91,8 @@ pub struct Qcow2Node {
     pub(super) prepared: AtomicBool,
     /// Whether the metadata looks preallocated (`img map` status), once known.
     pub(super) prealloc: OnceLock<bool>,
+    /// The encryption of an encrypted image.
+    pub(super) crypto: Option<Crypto>,
     info: Value,
 }
 
@@ -203,12 +208,33 @@ impl Qcow2Node {
         if o.take("data-file").is_some() {
             return Err(o.error("data-file", "external data files are not supported"));
         }
-        if o.take("encrypt").is_some() {
-            return Err(o.error(
-                "encrypt",
-                "qcow2 encryption is not supported; put a luks node over the qcow2 node",
-            ));
-        }
+        let encrypt = match o.take("encrypt") {
+            None => EncryptOpen::default(),
+            Some(v) => {
+                let mut eo = Opts::from_value(o.key_path("encrypt"), v)?;
+                let format = eo.str("format")?;
+                let key_secret = eo.str("key-secret")?;
+                eo.finish()?;
+                let passphrase = match key_secret {
+                    Some(id) if !ctx.no_io => Some(std::sync::Arc::new(
+                        ctx.secrets
+                            .passphrase(&id)
+                            .map_err(|e| o.error("encrypt.key-secret", e.to_string()))?,
+                    )),
+                    _ => None,
+                };
+                EncryptOpen {
+                    format,
+                    passphrase,
+                    no_io: ctx.no_io,
+                    kdf_limit: None,
+                }
+            }
+        };
+        let encrypt = EncryptOpen {
+            no_io: ctx.no_io,
+            ..encrypt
+        };
         // Metadata-only opens (img info) leave the backing chain closed, as
         // qemu-img info does: a missing backing file is no error there.
         let backing = match backing {
@@ -226,6 +252,7 @@ impl Qcow2Node {
             base_dir: ctx.base_dir.map(Path::to_path_buf),
             backing_files: ctx.backing_files,
             common: common.clone(),
+            encrypt,
         };
         Self::open_image(file, backing, &opts).map_err(|e| match e {
             // Name the node's key path, if it has one (not for a top-level image).
@@ -257,7 +284,14 @@ impl Qcow2Node {
             )
             .into());
         }
-        let writable = writable_req && !corrupt && !file.read_only();
+        let crypto = {
+            let read = |off: u64, out: &mut [u8]| storage.read_at(off, out);
+            Crypto::open(&header, storage.len(), &read, &o.encrypt)?
+        };
+        let writable = writable_req
+            && !corrupt
+            && !file.read_only()
+            && crypto.as_ref().is_none_or(Crypto::writable);
         let compression = header.compression_type()?;
         let (l2_entries, rc_entries) = cache_sizes(&header, o)?;
         let lazy = o
@@ -323,7 +357,21 @@ impl Qcow2Node {
             let bits = meta.header.incompatible & !INCOMPAT_DIRTY;
             meta.set_incompatible(bits)?;
         }
-        let info = info_value(&meta.header, compression, corrupt);
+        let mut info = info_value(&meta.header, compression, corrupt);
+        if let (Some(c), Some(data)) = (&crypto, info["data"].as_object_mut()) {
+            // As qemu-img: after the refcount width, before the corrupt bit.
+            let mut out = serde_json::Map::new();
+            for (k, v) in std::mem::take(data) {
+                if k == "corrupt" {
+                    out.insert("encrypt".into(), c.info());
+                }
+                out.insert(k, v);
+            }
+            if !out.contains_key("encrypt") {
+                out.insert("encrypt".into(), c.info());
+            }
+            *data = out;
+        }
         let prepared = meta.prepared;
         Ok(Self {
             meta: Mutex::new(meta),
@@ -341,6 +389,7 @@ impl Qcow2Node {
             version,
             prepared: AtomicBool::new(prepared),
             prealloc: OnceLock::new(),
+            crypto,
             info,
         })
     }
@@ -563,6 +612,10 @@ fn open_backing_file(
                 lazy_refcounts: None,
                 host_path: Some(path.clone()),
                 common,
+                encrypt: EncryptOpen {
+                    no_io: parent.encrypt.no_io,
+                    ..EncryptOpen::default()
+                },
                 ..parent.clone()
             };
             let node = Qcow2Node::open_depth(file, Backing::Auto, &o, depth + 1)
@@ -642,7 +695,8 @@ impl BlockNode for Qcow2Node {
     }
 
     fn compressed_write_unit(&self) -> Option<u64> {
-        Some(self.cluster_size())
+        // Compressed clusters are never encrypted: none on encrypted images.
+        self.crypto.is_none().then(|| self.cluster_size())
     }
 
     fn write_compressed(
@@ -654,6 +708,13 @@ impl BlockNode for Qcow2Node {
         let checked = self
             .check_writable()
             .and_then(|()| check_range("qcow2", self.size(), offset, buf.len() as u64));
+        let checked = checked.and_then(|()| match self.crypto {
+            Some(_) => Err(Qcow2Error::Unsupported(
+                "compressed writes to encrypted images are not supported".into(),
+            )
+            .into()),
+            None => Ok(()),
+        });
         let written = checked.and_then(|()| self.do_write_compressed(offset, buf, turn));
         // Every path passes the turn (a pass after a pass does nothing).
         if let Some(t) = turn {

@@ -32,6 +32,8 @@ pub enum MetaKind {
     SnapshotTable,
     /// The L1 table of an internal snapshot.
     SnapshotL1,
+    /// The LUKS header of an encrypted image.
+    CryptoHeader,
 }
 
 impl MetaKind {
@@ -45,6 +47,7 @@ impl MetaKind {
             Self::L2 => "L2 table",
             Self::SnapshotTable => "snapshot table",
             Self::SnapshotL1 => "snapshot L1 table",
+            Self::CryptoHeader => "encryption header",
         }
     }
 }
@@ -121,6 +124,11 @@ impl Overlap {
             o.ranges.push((s, e, MetaKind::RefcountTable));
         }
         o.add_snapshots(storage, h);
+        if let Some((off, len)) = super::crypt::crypto_header_range(h) {
+            if let Some((s, e)) = cluster_range(off, len, bits) {
+                o.ranges.push((s, e, MetaKind::CryptoHeader));
+            }
+        }
         for &e in reftable {
             let off = e & OFFSET_MASK;
             if off != 0 {

@@ -303,7 +303,7 @@ impl Qcow2Node {
         for p in pieces {
             match p {
                 Piece::InPlace { host, len } => {
-                    self.storage.write_vectored(*host, &cursor.take(*len))?
+                    self.data_write_vectored(*host, &cursor.take(*len))?
                 }
                 Piece::Alloc(run) => self.write_run(run, cursor.take(run.len))?,
             }
@@ -337,8 +337,8 @@ impl Qcow2Node {
         let aligned = iov
             .iter()
             .all(|b| (b.as_ptr() as usize).is_multiple_of(ALIGN) && b.len().is_multiple_of(ALIGN));
-        if aligned {
-            return self.storage.write_vectored(run.host, &iov);
+        if aligned || self.crypto.is_some() {
+            return self.data_write_vectored(run.host, &iov);
         }
         // An O_DIRECT image file would write unaligned pieces one by one,
         // reading and writing back whole blocks for each: gather them into
@@ -369,7 +369,9 @@ impl Qcow2Node {
                 self.read_backing(gc * self.cluster_size() + from, &mut b)?
             }
             ClusterKind::ZeroPlain | ClusterKind::ZeroAlloc(_) => {}
-            ClusterKind::Normal(h) => self.storage.read_at(h + from, &mut b)?,
+            ClusterKind::Normal(h) => {
+                self.data_read(h + from, gc * self.cluster_size() + from, &mut b)?
+            }
             ClusterKind::Compressed { offset, size } => {
                 let c = self.read_compressed(offset, size)?;
                 b.copy_from_slice(&c[from as usize..to as usize]);

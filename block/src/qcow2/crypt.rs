@@ -1,0 +1,313 @@
+//! Encrypted qcow2 images: QEMU's built-in LUKS encryption
+//! (`encrypt.format=luks`, crypt method 2: a LUKS1 header in clusters named
+//! by the full disk encryption header extension, data clusters encrypted
+//! with its volume key, IVs from the *host* offset) and, read only, the
+//! legacy AES-CBC encryption (`encrypt.format=aes`, crypt method 1: the
+//! passphrase is the key, IVs from the *guest* offset), as QEMU's
+//! `qcow2_co_encdec` (with `crypt_physical_offset`) computes them.
+//!
+//! Only guest data is encrypted: metadata, compressed clusters (QEMU does
+//! not encrypt them either) and the LUKS header are not.
+
+use std::sync::Arc;
+
+use serde_json::{json, Map, Value};
+use zeroize::Zeroizing;
+
+use super::error::Qcow2Error;
+use super::header::{Header, EXT_CRYPTO};
+use super::node::Qcow2Node;
+use crate::aligned::AlignedBuf;
+use crate::luks::crypto_pool::for_each_piece;
+use crate::luks::node::{parse_v1, unlock_v1, v1_info_data};
+use crate::luks::{
+    new_sector_cipher, CipherAlg, CipherMode, CipherSpec, HashAlg, IvGenAlg, LuksHeader,
+    SectorCipher, DEFAULT_KDF_ITERATIONS_LIMIT,
+};
+use crate::sg::SgSlices;
+use crate::{BlockError, Result, SECTOR_SIZE};
+
+/// `crypt_method` of legacy AES-CBC encryption.
+pub const CRYPT_AES: u32 = 1;
+/// `crypt_method` of LUKS encryption.
+pub const CRYPT_LUKS: u32 = 2;
+
+/// Bytes encrypted or decrypted per bounce (bounds the memory of a request).
+const CHUNK: usize = 1 << 20;
+
+/// How an encrypted image is opened (the `encrypt.*` options).
+#[derive(Clone, Default)]
+pub struct EncryptOpen {
+    /// `encrypt.format` (`luks` or `aes`), checked against the header.
+    pub format: Option<String>,
+    /// The passphrase of `encrypt.key-secret`.
+    pub passphrase: Option<Arc<Zeroizing<Vec<u8>>>>,
+    /// Opened for metadata only: nothing is unlocked.
+    pub no_io: bool,
+    /// PBKDF2 iterations an unlock may cost at most.
+    pub kdf_limit: Option<u64>,
+}
+
+impl std::fmt::Debug for EncryptOpen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EncryptOpen")
+            .field("format", &self.format)
+            .field("passphrase", &self.passphrase.as_ref().map(|_| "<redacted>"))
+            .field("no_io", &self.no_io)
+            .finish()
+    }
+}
+
+/// The encryption of an open image.
+pub struct Crypto {
+    method: u32,
+    /// The LUKS header (method 2).
+    luks: Option<LuksHeader>,
+    /// `None` when opened for metadata only.
+    cipher: Option<Box<dyn SectorCipher>>,
+}
+
+/// The name of a crypt method as QEMU's `encrypt.format` spells it.
+fn format_name(method: u32) -> &'static str {
+    if method == CRYPT_AES {
+        "aes"
+    } else {
+        "luks"
+    }
+}
+
+/// The offset and length of the LUKS header, from the header extension.
+pub fn crypto_header_range(h: &Header) -> Option<(u64, u64)> {
+    let ext = h.extension(EXT_CRYPTO)?;
+    if ext.len() < 16 {
+        return None;
+    }
+    let off = u64::from_be_bytes(ext[0..8].try_into().ok()?);
+    let len = u64::from_be_bytes(ext[8..16].try_into().ok()?);
+    Some((off, len))
+}
+
+/// The legacy AES-CBC cipher: AES-128 keyed with the passphrase's first 16
+/// bytes (zero padded), plain64 IVs (QEMU's `qcrypto_block_qcow`).
+fn aes_cipher(passphrase: &[u8]) -> Result<Box<dyn SectorCipher>> {
+    let mut key = Zeroizing::new(vec![0u8; 16]);
+    let n = passphrase.len().min(16);
+    key[..n].copy_from_slice(&passphrase[..n]);
+    let spec = CipherSpec {
+        alg: CipherAlg::Aes128,
+        mode: CipherMode::Cbc,
+        ivgen: IvGenAlg::Plain64,
+        ivgen_hash: None,
+        hash: HashAlg::Sha256,
+    };
+    Ok(new_sector_cipher(&spec, &key)?)
+}
+
+impl Crypto {
+    /// Sets up the encryption of the image with header `h` (`read` reads
+    /// the image file); `None` for a plain image.
+    pub fn open(
+        h: &Header,
+        file_len: u64,
+        read: &dyn Fn(u64, &mut [u8]) -> Result<()>,
+        o: &EncryptOpen,
+    ) -> Result<Option<Crypto>> {
+        let method = h.crypt_method;
+        if method == 0 {
+            if let Some(f) = &o.format {
+                return Err(Qcow2Error::Invalid(format!(
+                    "No encryption in image header, but options specified format '{f}'"
+                ))
+                .into());
+            }
+            return Ok(None);
+        }
+        if let Some(f) = o.format.as_deref().filter(|f| *f != format_name(method)) {
+            return Err(Qcow2Error::Invalid(format!(
+                "Header reported '{}' encryption format but options specify '{f}'",
+                format_name(method)
+            ))
+            .into());
+        }
+        let passphrase = match (&o.passphrase, o.no_io) {
+            (_, true) => None,
+            (Some(p), false) => Some(p.clone()),
+            (None, false) => {
+                return Err(Qcow2Error::Invalid(
+                    "Parameter 'encrypt.key-secret' is required for cipher".into(),
+                )
+                .into())
+            }
+        };
+        if method == CRYPT_AES {
+            let cipher = passphrase.map(|p| aes_cipher(&p)).transpose()?;
+            return Ok(Some(Crypto {
+                method,
+                luks: None,
+                cipher,
+            }));
+        }
+        let (off, len) = crypto_header_range(h).ok_or_else(|| {
+            Qcow2Error::corrupt("Could not read encryption header: the header extension is missing")
+        })?;
+        let cs = h.cluster_size();
+        if off % cs != 0 || off < cs || off.checked_add(len).is_none_or(|e| e > file_len) {
+            return Err(Qcow2Error::corrupt(format!(
+                "encryption header at offset {off:#x} ({len} bytes) is not inside the image"
+            ))
+            .into());
+        }
+        let read_hdr = |at: u64, out: &mut [u8]| -> Result<()> {
+            if at.saturating_add(out.len() as u64) > len {
+                return Err(Qcow2Error::corrupt(format!(
+                    "Request for data outside of extension header: {at} + {} > {len}",
+                    out.len()
+                ))
+                .into());
+            }
+            read(off + at, out)
+        };
+        let header = parse_v1(&read_hdr, len, false)?;
+        let kdf_limit = o.kdf_limit.unwrap_or(DEFAULT_KDF_ITERATIONS_LIMIT);
+        let cipher = match passphrase {
+            Some(p) => Some(unlock_v1(&header, &read_hdr, &p, kdf_limit)?),
+            None => None,
+        };
+        Ok(Some(Crypto {
+            method,
+            luks: Some(header),
+            cipher,
+        }))
+    }
+
+    /// Whether writes are possible (legacy AES images are read only).
+    pub fn writable(&self) -> bool {
+        self.method == CRYPT_LUKS
+    }
+
+    /// The `encrypt` block of the image's `format-specific` info.
+    pub fn info(&self) -> Value {
+        let Some(h) = &self.luks else {
+            return json!({"format": "aes"});
+        };
+        let mut out = Map::new();
+        for (k, v) in v1_info_data(h, false) {
+            if k == "cipher-mode" {
+                out.insert("format".into(), json!("luks"));
+            }
+            out.insert(k, v);
+        }
+        Value::Object(out)
+    }
+
+    fn cipher(&self) -> Result<&dyn SectorCipher> {
+        self.cipher.as_deref().ok_or_else(|| {
+            BlockError::NotSupported(
+                "qcow2 image was opened without its key: no data I/O possible".into(),
+            )
+        })
+    }
+
+    /// The IV sector of the data byte at `host` (guest offset `guest`).
+    fn iv_sector(&self, host: u64, guest: u64) -> u64 {
+        if self.method == CRYPT_AES {
+            guest / SECTOR_SIZE
+        } else {
+            host / SECTOR_SIZE
+        }
+    }
+}
+
+impl Qcow2Node {
+    /// Reads guest data at host offset `host` (guest offset `guest`),
+    /// decrypting it on an encrypted image.
+    pub(super) fn data_read(&self, host: u64, guest: u64, buf: &mut [u8]) -> Result<()> {
+        let Some(c) = &self.crypto else {
+            return self.storage.read_at(host, buf);
+        };
+        let cipher = c.cipher()?;
+        let mut done = 0;
+        while done < buf.len() {
+            let h = host + done as u64;
+            let start = h - h % SECTOR_SIZE;
+            let want = (buf.len() - done).min(CHUNK);
+            let end = (h + want as u64).next_multiple_of(SECTOR_SIZE);
+            let mut b = AlignedBuf::zeroed((end - start) as usize);
+            self.storage.read_at(start, &mut b)?;
+            let first = c.iv_sector(start, guest + done as u64 - (h - start));
+            for_each_piece(vec![(first, &mut b[..])], SECTOR_SIZE as usize, |s, p| {
+                cipher.decrypt(s, p)
+            });
+            let skip = (h - start) as usize;
+            buf[done..done + want].copy_from_slice(&b[skip..skip + want]);
+            done += want;
+        }
+        Ok(())
+    }
+
+    /// [`Self::data_read`] into a scatter-gather list.
+    pub(super) fn data_read_vectored(
+        &self,
+        host: u64,
+        guest: u64,
+        parts: &mut [&mut [u8]],
+    ) -> Result<()> {
+        if self.crypto.is_none() {
+            return self.storage.read_vectored(host, parts);
+        }
+        let mut at = 0u64;
+        for p in parts.iter_mut() {
+            self.data_read(host + at, guest + at, p)?;
+            at += p.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Writes guest data at host offset `host`, encrypting it on an
+    /// encrypted image (partial sectors are read, decrypted and merged).
+    pub(super) fn data_write_vectored(&self, host: u64, bufs: &[&[u8]]) -> Result<()> {
+        let Some(c) = &self.crypto else {
+            return self.storage.write_vectored(host, bufs);
+        };
+        let cipher = c.cipher()?;
+        if !c.writable() {
+            return Err(BlockError::ReadOnly("qcow2 (AES encrypted)".into()));
+        }
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let mut src = SgSlices::new(bufs);
+        let mut done = 0;
+        while done < total {
+            let h = host + done as u64;
+            let start = h - h % SECTOR_SIZE;
+            let n = (total - done).min(CHUNK);
+            let end = (h + n as u64).next_multiple_of(SECTOR_SIZE);
+            let mut b = AlignedBuf::zeroed((end - start) as usize);
+            let skip = (h - start) as usize;
+            if skip != 0 || (h + n as u64) != end {
+                // Read-modify-write of the partial first and last sectors.
+                let last = (end - SECTOR_SIZE) as usize - start as usize;
+                self.data_read(start, 0, &mut b[..SECTOR_SIZE as usize])?;
+                if last != 0 {
+                    self.data_read(end - SECTOR_SIZE, 0, &mut b[last..])?;
+                }
+            }
+            let mut at = skip;
+            for part in src.take(n) {
+                b[at..at + part.len()].copy_from_slice(part);
+                at += part.len();
+            }
+            let first = c.iv_sector(start, 0);
+            for_each_piece(vec![(first, &mut b[..])], SECTOR_SIZE as usize, |s, p| {
+                cipher.encrypt(s, p)
+            });
+            self.storage.write_at(start, &b)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Whether the image is encrypted.
+    pub fn encrypted(&self) -> bool {
+        self.crypto.is_some()
+    }
+}
