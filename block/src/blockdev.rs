@@ -230,6 +230,9 @@ pub struct OpenContext<'a> {
     pub read_only: bool,
     /// Which backing files named inside images may be opened.
     pub backing_files: BackingFiles,
+    /// Open legacy AES-CBC encrypted qcow2 images, as qemu-img does (system
+    /// emulators, the VMM among them, refuse them).
+    pub legacy_aes: bool,
 }
 
 /// Which backing files a qcow2 header may name and have opened, when the

@@ -238,7 +238,7 @@ impl BlockError {
                 }
                 // QEMU's -EIO.
                 Q::CompressedOverwrite { .. } => ErrorKind::Io,
-                Q::Unsupported(_) => ErrorKind::NotSupported,
+                Q::Unsupported(_) | Q::LegacyAes => ErrorKind::NotSupported,
                 Q::CorruptReadOnly => ErrorKind::PermissionDenied,
                 Q::Corrupt(_)
                 | Q::Decompress { .. }

@@ -403,6 +403,7 @@ mod tests {
                 no_io: false,
                 read_only: false,
                 backing_files: crate::blockdev::BackingFiles::Contained,
+                legacy_aes: false,
             }
         }
     }

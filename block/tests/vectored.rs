@@ -38,6 +38,7 @@ fn open(dir: &Path, secrets: &SecretStore, args: Value) -> NodeRef {
         no_io: false,
         read_only: false,
         backing_files: BackingFiles::Contained,
+        legacy_aes: false,
     };
     let name = graph.add("t", args, &ctx, true).expect("open");
     graph.get(&name).expect("node")

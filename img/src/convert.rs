@@ -110,8 +110,15 @@ pub fn run(argv: &[String]) -> Result<u8> {
                 (opened, true, false)
             }
             "qcow2" => {
+                let key_secret = o
+                    .get("encrypt")
+                    .and_then(|e| e.get("key-secret"))
+                    .and_then(|k| k.as_str())
+                    .map(str::to_string);
+                let encrypt = super::create::qcow2_encrypt_options(&mut o, dst, &secrets)?;
                 let mut opts = block::qcow2::CreateOptions::from_opts(&mut o)?;
                 o.finish()?;
+                opts.encrypt = encrypt;
                 // -B and -F override -o backing_file and backing_fmt.
                 if let Some(b) = &backing_arg {
                     opts.backing_file = Some(b.clone());
@@ -130,8 +137,11 @@ pub fn run(argv: &[String]) -> Result<u8> {
                     ));
                 }
                 block::qcow2::create(path, Some(src_size), &opts)?;
-                let target =
+                let mut target =
                     json!({"driver": "qcow2", "file": {"driver": "file", "filename": dst}});
+                if let (Some(k), true) = (&key_secret, opts.encrypt.is_some()) {
+                    target["encrypt"] = json!({"key-secret": k});
+                }
                 let opened = open_new(target, &secrets, a.cache)
                     .map_err(|e| qemu_open_error(e).opening(dst))?;
                 // A new qcow2 image reads as zeros unless it has a backing file.

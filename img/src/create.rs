@@ -146,7 +146,7 @@ fn check_preallocation(o: &mut Opts) -> Result<()> {
 
 /// qcow2's `encryption` and `encrypt.*` creation options: the built-in LUKS
 /// encryption of `encrypt.format=luks` (legacy AES images are never made).
-fn qcow2_encrypt_options(
+pub(crate) fn qcow2_encrypt_options(
     o: &mut Opts,
     filename: &str,
     secrets: &SecretStore,

@@ -193,6 +193,7 @@ pub fn open(mut opts: Map<String, Value>, secrets: &SecretStore, mode: OpenMode)
         read_only: mode.read_only,
         // As qemu-img: the user chose the image.
         backing_files: BackingFiles::Any,
+        legacy_aes: true,
     };
     let mut graph = BlockGraph::new();
     let name = graph

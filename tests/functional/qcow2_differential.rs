@@ -69,6 +69,7 @@ fn open_qcow2(path: &Path) -> NodeRef {
         no_io: false,
         read_only: false,
         backing_files: BackingFiles::Contained,
+        legacy_aes: false,
     };
     let mut graph = BlockGraph::new();
     let opts = json!({

@@ -52,6 +52,7 @@ fn open_and_read(root: &Path, name: &str, extra: Value) -> block::Result<Vec<u8>
         no_io: false,
         read_only: true,
         backing_files: BackingFiles::default(),
+        legacy_aes: false,
     };
     let mut args = json!({
         "node-name": "disk",

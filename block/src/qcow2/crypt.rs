@@ -46,6 +46,8 @@ pub struct EncryptOpen {
     pub no_io: bool,
     /// PBKDF2 iterations an unlock may cost at most.
     pub kdf_limit: Option<u64>,
+    /// Legacy AES-CBC images may be opened (qemu-img's tools, not the VMM).
+    pub legacy_aes: bool,
 }
 
 impl std::fmt::Debug for EncryptOpen {
@@ -115,31 +117,37 @@ impl Crypto {
         let method = h.crypt_method;
         if method == 0 {
             if let Some(f) = &o.format {
-                return Err(Qcow2Error::Invalid(format!(
-                    "No encryption in image header, but options specified format '{f}'"
-                ))
-                .into());
+                return Err(BlockError::option(
+                    "",
+                    format!("No encryption in image header, but options specified format '{f}'"),
+                ));
             }
             return Ok(None);
         }
         if let Some(f) = o.format.as_deref().filter(|f| *f != format_name(method)) {
-            return Err(Qcow2Error::Invalid(format!(
-                "Header reported '{}' encryption format but options specify '{f}'",
-                format_name(method)
-            ))
-            .into());
+            return Err(BlockError::option(
+                "",
+                format!(
+                    "Header reported '{}' encryption format but options specify '{f}'",
+                    format_name(method)
+                ),
+            ));
         }
         let passphrase = match (&o.passphrase, o.no_io) {
             (_, true) => None,
             (Some(p), false) => Some(p.clone()),
             (None, false) => {
-                return Err(Qcow2Error::Invalid(
-                    "Parameter 'encrypt.key-secret' is required for cipher".into(),
-                )
-                .into())
+                // QEMU's words; they name the key already.
+                return Err(BlockError::option(
+                    "",
+                    "Parameter 'encrypt.key-secret' is required for cipher",
+                ))
             }
         };
         if method == CRYPT_AES {
+            if !o.legacy_aes {
+                return Err(Qcow2Error::LegacyAes.into());
+            }
             let cipher = passphrase.map(|p| aes_cipher(&p)).transpose()?;
             return Ok(Some(Crypto {
                 method,

@@ -11,6 +11,12 @@ pub enum Qcow2Error {
     /// A feature or layout this driver does not handle.
     #[error("{0}")]
     Unsupported(String),
+    /// A legacy AES-CBC encrypted image opened by the VMM (QEMU's system
+    /// emulators refuse them; qemu-img's tools open them).
+    #[error(
+        "Use of AES-CBC encrypted qcow2 images is no longer supported in system emulators\nYou can use 'qemu-img convert' to convert your image to an alternative supported format, such as unencrypted qcow2, or raw with the LUKS format instead."
+    )]
+    LegacyAes,
     /// Metadata that contradicts itself or the file.
     #[error("Image is corrupt: {0}")]
     Corrupt(String),

@@ -228,11 +228,13 @@ impl Qcow2Node {
                     passphrase,
                     no_io: ctx.no_io,
                     kdf_limit: None,
+                    legacy_aes: ctx.legacy_aes,
                 }
             }
         };
         let encrypt = EncryptOpen {
             no_io: ctx.no_io,
+            legacy_aes: ctx.legacy_aes,
             ..encrypt
         };
         // Metadata-only opens (img info) leave the backing chain closed, as

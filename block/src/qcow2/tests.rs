@@ -864,6 +864,7 @@ fn graph_options_and_backing_choices() {
         no_io: false,
         read_only: false,
         backing_files: crate::blockdev::BackingFiles::Contained,
+        legacy_aes: false,
     };
     let mut g = BlockGraph::new();
     let file = json!({"driver": "file", "filename": "top.qcow2"});

@@ -279,6 +279,7 @@ impl Machine {
             no_io: false,
             read_only: false,
             backing_files: BackingFiles::Contained,
+            legacy_aes: false,
         };
         staging
             .add(path, Value::Object(args.clone()), &ctx, false)

@@ -333,6 +333,7 @@ fn node_sector_size_and_iv_tweak() {
         no_io: false,
         read_only: false,
         backing_files: BackingFiles::Contained,
+        legacy_aes: false,
     };
     let mut g = BlockGraph::new();
     g.add(
