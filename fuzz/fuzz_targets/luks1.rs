@@ -38,6 +38,7 @@ fuzz_target!(|data: &[u8]| {
         no_io: false,
         read_only: false,
         backing_files: BackingFiles::Contained,
+        legacy_aes: false,
     };
     let mut graph = BlockGraph::new();
     let detached = flags & 1 != 0;

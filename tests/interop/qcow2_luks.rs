@@ -214,7 +214,11 @@ fn cryptvm_made_images_work_in_qemu() {
         qemu_check(&s, &image);
         cryptvm(s.path(), ["img", "check", image.to_str().unwrap()]).ok();
         let seen = to_raw(&s, "qemu-img", &image, "seen.raw");
-        assert_same_bytes(&seen, &data, &format!("QEMU's view of cryptvm's writes ({spec})"));
+        assert_same_bytes(
+            &seen,
+            &data,
+            &format!("QEMU's view of cryptvm's writes ({spec})"),
+        );
         qemu_io(
             &secret,
             &opts(&image),
@@ -225,7 +229,11 @@ fn cryptvm_made_images_work_in_qemu() {
             ],
         );
         // QEMU writes over cryptvm's clusters; cryptvm reads.
-        qemu_io(&secret, &opts(&image), &["write -P 0x77 4096 1000".to_string()]);
+        qemu_io(
+            &secret,
+            &opts(&image),
+            &["write -P 0x77 4096 1000".to_string()],
+        );
         let mut data = data;
         data[4096..5096].fill(0x77);
         let got = to_raw(&s, "cryptvm", &image, "got.raw");
@@ -320,7 +328,16 @@ fn wrong_or_missing_key_gets_qemus_error() {
     let bad = format!("secret,id=sec0,file={}", s.join("bad.txt").display());
     let image_opts = "driver=qcow2,encrypt.key-secret=sec0,file.filename=k.qcow2";
     let cases: Vec<Vec<&str>> = vec![
-        vec!["convert", "--object", &bad, "--image-opts", image_opts, "-O", "raw", "o.raw"],
+        vec![
+            "convert",
+            "--object",
+            &bad,
+            "--image-opts",
+            image_opts,
+            "-O",
+            "raw",
+            "o.raw",
+        ],
         vec!["convert", "k.qcow2", "-O", "raw", "o.raw"],
         vec![
             "convert",

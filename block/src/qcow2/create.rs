@@ -11,8 +11,8 @@ use std::sync::Arc;
 use super::error::Qcow2Error;
 use super::header::{
     field, qemu_feature_table, CompressionType, Extension, Header, COMPAT_LAZY_REFCOUNTS,
-    EXT_BACKING_FORMAT, EXT_CRYPTO, EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION, V2_HEADER_LEN, V3_HEADER_LEN,
-    V3_HEADER_LEN_QEMU,
+    EXT_BACKING_FORMAT, EXT_CRYPTO, EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION, V2_HEADER_LEN,
+    V3_HEADER_LEN, V3_HEADER_LEN_QEMU,
 };
 use super::meta::{Meta, OFLAG_COPIED};
 use super::node::{Qcow2Node, DEFAULT_L2_CACHE_MAX};
@@ -270,12 +270,8 @@ fn set_up_encryption(m: &mut Meta, e: &EncryptCreate) -> Result<()> {
     m.storage.write_at(host, &volume.header_image)?;
     m.storage.extend_to(host + len.div_ceil(cs) * cs)?;
     let bits = m.header.cluster_bits;
-    m.overlap.set_range(
-        super::overlap::MetaKind::CryptoHeader,
-        host,
-        len,
-        bits,
-    );
+    m.overlap
+        .set_range(super::overlap::MetaKind::CryptoHeader, host, len, bits);
     let mut h = m.header.clone();
     for ext in h.extensions.iter_mut().filter(|x| x.kind == EXT_CRYPTO) {
         ext.data = [host.to_be_bytes(), len.to_be_bytes()].concat();

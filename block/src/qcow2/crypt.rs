@@ -54,7 +54,10 @@ impl std::fmt::Debug for EncryptOpen {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EncryptOpen")
             .field("format", &self.format)
-            .field("passphrase", &self.passphrase.as_ref().map(|_| "<redacted>"))
+            .field(
+                "passphrase",
+                &self.passphrase.as_ref().map(|_| "<redacted>"),
+            )
             .field("no_io", &self.no_io)
             .finish()
     }
@@ -154,7 +157,7 @@ impl Crypto {
                 return Err(BlockError::option(
                     "",
                     "Parameter 'encrypt.key-secret' is required for cipher",
-                ))
+                ));
             }
         };
         if method == CRYPT_AES {
@@ -376,8 +379,10 @@ mod tests {
     fn unaligned_writes_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("e.qcow2");
-        let mut luks = crate::luks::CreateOptions::default();
-        luks.iter_time_ms = 10;
+        let luks = crate::luks::CreateOptions {
+            iter_time_ms: 10,
+            ..Default::default()
+        };
         let opts = CreateOptions {
             cluster_size: 4096,
             encrypt: Some(EncryptCreate {
@@ -391,9 +396,15 @@ mod tests {
         let mut model = vec![0u8; size as usize];
         {
             let n = open(&img, Some("pw"), false).unwrap();
-            for (i, &(off, len)) in [(3u64, 1000usize), (4090, 20), (10_000, 70_000), (5, 3), (8191, 2)]
-                .iter()
-                .enumerate()
+            for (i, &(off, len)) in [
+                (3u64, 1000usize),
+                (4090, 20),
+                (10_000, 70_000),
+                (5, 3),
+                (8191, 2),
+            ]
+            .iter()
+            .enumerate()
             {
                 let data: Vec<u8> = (0..len).map(|j| (j as u8) ^ (0x41 + i as u8)).collect();
                 n.write_at(off, &data).unwrap();
@@ -412,9 +423,14 @@ mod tests {
         let raw = std::fs::read(&img).unwrap();
         let needle: Vec<u8> = (0..64).map(|j| (j as u8) ^ 0x43).collect();
         assert!(!raw.windows(64).any(|w| w == needle), "plain text on disk");
-        let wrong = open(&img, Some("nope"), false).err().expect("wrong key opens");
+        let wrong = open(&img, Some("nope"), false)
+            .err()
+            .expect("wrong key opens");
         assert!(
-            matches!(wrong, crate::BlockError::Luks(crate::luks::LuksError::WrongPassphrase)),
+            matches!(
+                wrong,
+                crate::BlockError::Luks(crate::luks::LuksError::WrongPassphrase)
+            ),
             "{wrong}"
         );
         let meta = open(&img, None, true).unwrap();

@@ -117,6 +117,7 @@ pub fn open_stack(images: &Images) -> (BlockGraph, block::NodeRef) {
         no_io: false,
         read_only: false,
         backing_files: BackingFiles::Contained,
+        legacy_aes: false,
     };
     let mut graph = BlockGraph::new();
     for args in [
