@@ -30,6 +30,23 @@ const LUKS: &[Opt] = &[
         "str",
         "ID of the secret that provides the keyslot passphrase",
     ),
+    (
+        "luks-version",
+        "num",
+        "LUKS version: 1 (default, QEMU's) or 2 (cryptsetup's)",
+    ),
+    (
+        "pbkdf",
+        "str",
+        "LUKS2 key derivation: argon2id (default), argon2i or pbkdf2",
+    ),
+    ("pbkdf-memory", "num", "LUKS2 Argon2 memory limit in KiB"),
+    ("pbkdf-parallel", "num", "LUKS2 Argon2 threads (1 to 4)"),
+    (
+        "sector-size",
+        "num",
+        "LUKS2 encryption sector size (512 to 4096, default 4096)",
+    ),
     SIZE,
 ];
 
