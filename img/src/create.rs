@@ -172,16 +172,14 @@ pub fn luks_options(o: &mut Opts) -> Result<(LuksCreate, String)> {
     let key_secret = o.str("key-secret")?;
     let named = |o: &mut Opts, key: &str| -> Result<Option<String>> { Ok(o.str(key)?) };
     if let Some(v) = named(o, "cipher-alg")? {
-        v1.spec.alg =
-            CipherAlg::from_name(&v).map_err(|e| o.error("cipher-alg", e.to_string()))?;
+        v1.spec.alg = CipherAlg::from_name(&v).map_err(|e| o.error("cipher-alg", e.to_string()))?;
     }
     if let Some(v) = named(o, "cipher-mode")? {
         v1.spec.mode =
             CipherMode::from_name(&v).map_err(|e| o.error("cipher-mode", e.to_string()))?;
     }
     if let Some(v) = named(o, "ivgen-alg")? {
-        v1.spec.ivgen =
-            IvGenAlg::from_name(&v).map_err(|e| o.error("ivgen-alg", e.to_string()))?;
+        v1.spec.ivgen = IvGenAlg::from_name(&v).map_err(|e| o.error("ivgen-alg", e.to_string()))?;
     }
     if let Some(v) = named(o, "ivgen-hash-alg")? {
         v1.spec.ivgen_hash =
@@ -239,11 +237,29 @@ pub fn luks_options(o: &mut Opts) -> Result<(LuksCreate, String)> {
                     .map_err(|_| o.error(key, format!("{v} is too large")).into()),
             }
         };
-        if let Some(kib) = u32_opt(o, "pbkdf-memory")? {
-            v2.memory_kib = kib;
-        }
         if let Some(n) = u32_opt(o, "pbkdf-parallel")? {
+            if !(1..=luks2::MAX_PARALLEL).contains(&n) {
+                return Err(o
+                    .error(
+                        "pbkdf-parallel",
+                        format!("{n} is not 1 to {}", luks2::MAX_PARALLEL),
+                    )
+                    .into());
+            }
             v2.parallel = n;
+        }
+        if let Some(kib) = u32_opt(o, "pbkdf-memory")? {
+            let least = luks2::MIN_MEMORY_KIB.max(8 * v2.parallel);
+            let most = block::luks::luks2::json::MAX_ARGON2_MEMORY_KIB;
+            if kib < least || u64::from(kib) > most {
+                return Err(o
+                    .error(
+                        "pbkdf-memory",
+                        format!("{kib} KiB is not {least} to {most} KiB"),
+                    )
+                    .into());
+            }
+            v2.memory_kib = kib;
         }
         if let Some(n) = u32_opt(o, "sector-size")? {
             if !matches!(n, 512 | 1024 | 2048 | 4096) {

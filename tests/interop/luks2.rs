@@ -486,7 +486,10 @@ fn cryptvm_volume(tag: &str, opts: &str, detached: bool, want_kdf: &str, want_se
     } else {
         (s.join("disk.luks"), s.join("disk.luks"))
     };
-    let mut o = format!("luks-version=2,key-secret=sec0,{opts}");
+    let mut o = "luks-version=2,key-secret=sec0".to_string();
+    if !opts.is_empty() {
+        o = format!("{o},{opts}");
+    }
     if !opts.contains("iter-time") {
         o = format!("{o},{FAST_CREATE}");
     }
@@ -516,7 +519,12 @@ fn cryptvm_volume(tag: &str, opts: &str, detached: bool, want_kdf: &str, want_se
         Luks::attached(&header)
     };
 
-    let dump = run("cryptsetup", ["luksDump".as_ref(), header.as_os_str()], None).ok();
+    let dump = run(
+        "cryptsetup",
+        ["luksDump".as_ref(), header.as_os_str()],
+        None,
+    )
+    .ok();
     assert!(dump.stdout.contains("Version:       \t2"), "{dump}");
     assert!(dump.stdout.contains("0: luks2"), "{dump}");
     cryptsetup_test_passphrase(&header, &s.pass_file).ok();
@@ -526,7 +534,11 @@ fn cryptvm_volume(tag: &str, opts: &str, detached: bool, want_kdf: &str, want_se
 
     let meta = json_metadata(&header);
     let seg = &meta["segments"]["0"];
-    let offset: u64 = seg["offset"].as_str().expect("offset").parse().expect("number");
+    let offset: u64 = seg["offset"]
+        .as_str()
+        .expect("offset")
+        .parse()
+        .expect("number");
     assert_eq!(offset, if detached { 0 } else { 16 << 20 }, "{meta}");
     assert_eq!(seg["sector_size"], want_sector, "{meta}");
     assert_eq!(meta["keyslots"]["0"]["kdf"]["type"], want_kdf, "{meta}");
@@ -563,9 +575,19 @@ fn cryptvm_volume(tag: &str, opts: &str, detached: bool, want_kdf: &str, want_se
     let last = SIZE / want_sector - 1;
     for n in [0, 1, last / 2, last] {
         let at = (offset + n * want_sector) as usize;
-        let pt = openssl_sector(&encryption, false, &key, n, &disk[at..at + want_sector as usize]);
+        let pt = openssl_sector(
+            &encryption,
+            false,
+            &key,
+            n,
+            &disk[at..at + want_sector as usize],
+        );
         let want = &src_bytes[(n * want_sector) as usize..((n + 1) * want_sector) as usize];
-        assert_same_bytes(&pt, want, &format!("{tag}: openssl decryption of sector {n}"));
+        assert_same_bytes(
+            &pt,
+            want,
+            &format!("{tag}: openssl decryption of sector {n}"),
+        );
     }
 }
 
@@ -624,13 +646,22 @@ fn create_bad_options() {
         ("luks-version=2,sector-size=8192", &["sector-size"]),
         ("luks-version=2,sector-size=1000", &["sector-size"]),
         ("luks-version=2,pbkdf=scrypt", &["pbkdf"]),
-        ("luks-version=2,pbkdf=pbkdf2,pbkdf-memory=65536", &["pbkdf-memory"]),
-        ("luks-version=2,pbkdf=pbkdf2,pbkdf-parallel=2", &["pbkdf-parallel"]),
+        (
+            "luks-version=2,pbkdf=pbkdf2,pbkdf-memory=65536",
+            &["pbkdf-memory"],
+        ),
+        (
+            "luks-version=2,pbkdf=pbkdf2,pbkdf-parallel=2",
+            &["pbkdf-parallel"],
+        ),
         ("luks-version=2,pbkdf-parallel=5", &["parallel"]),
         ("luks-version=2,pbkdf-memory=16", &["memory"]),
         ("luks-version=2,pbkdf-memory=99999999999", &["pbkdf-memory"]),
         ("luks-version=2,iter-time=0", &["iter-time"]),
-        ("luks-version=2,cipher-alg=cast5-128,cipher-mode=xts", &["xts"]),
+        (
+            "luks-version=2,cipher-alg=cast5-128,cipher-mode=xts",
+            &["xts"],
+        ),
         ("luks-version=2,frobnicate=1", &["frobnicate"]),
     ];
     for (opts, mentions) in cases {
