@@ -1,6 +1,8 @@
 //! `-o help` (or `-o ?`) of `img create` and `img convert`: a format's creation
 //! options in qemu-img's layout. Only the options (and values) this tool implements
-//! are listed; qemu-img's others are refused with an error when given.
+//! are listed; qemu-img's others are refused with an error when given. cryptvm's own
+//! luks options (`luks-version=2` and the LUKS2 ones, docs/luks.md) are not listed, so
+//! that the output stays qemu-img's.
 
 /// One creation option: name, type as qemu-img shows it, help text.
 type Opt = (&'static str, &'static str, &'static str);
@@ -29,23 +31,6 @@ const LUKS: &[Opt] = &[
         "key-secret",
         "str",
         "ID of the secret that provides the keyslot passphrase",
-    ),
-    (
-        "luks-version",
-        "num",
-        "LUKS version: 1 (default, QEMU's) or 2 (cryptsetup's)",
-    ),
-    (
-        "pbkdf",
-        "str",
-        "LUKS2 key derivation: argon2id (default), argon2i or pbkdf2",
-    ),
-    ("pbkdf-memory", "num", "LUKS2 Argon2 memory limit in KiB"),
-    ("pbkdf-parallel", "num", "LUKS2 Argon2 threads (1 to 4)"),
-    (
-        "sector-size",
-        "num",
-        "LUKS2 encryption sector size (512 to 4096, default 4096)",
     ),
     SIZE,
 ];
