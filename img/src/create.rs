@@ -1,7 +1,5 @@
 //! `cryptvm img create`: new raw and luks images (attached or detached header).
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use block::luks::{create, CipherAlg, CipherMode, CipherSpec, CreateOptions, HashAlg, IvGenAlg};
@@ -194,17 +192,14 @@ pub fn create_luks(
         payload,
         options_text,
     );
-    let file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(|e| ImgError::Msg(format!("Could not create '{}': {e}", path.display())))?;
-    let total = volume.header_image.len() as u64 + payload;
-    let io = |e: std::io::Error| ImgError::Msg(format!("writing '{}': {e}", path.display()));
-    file.set_len(total).map_err(io)?;
-    file.write_all_at(&volume.header_image, 0).map_err(io)?;
-    file.sync_all().map_err(io)?;
+    // The same writer as QMP's blockdev-create of a luks image.
+    block::file::create_file(path, 0)?;
+    let name = path
+        .to_str()
+        .ok_or_else(|| ImgError::Msg(format!("'{}': the path is not UTF-8", path.display())))?;
+    let mut o = Opts::from_value("file", serde_json::json!({ "filename": name }))?;
+    let node = block::file::FileNode::open(&mut o, &block::blockdev::Common::default(), None)?;
+    block::luks::write_volume(&node, &volume, payload)?;
     Ok(())
 }
 

@@ -86,6 +86,24 @@ impl std::fmt::Debug for NewVolume {
     }
 }
 
+/// Writes `volume` to `header` from offset 0 (its old contents dropped) and sizes it for
+/// `payload` bytes after the header: the header and key material, then the payload
+/// (attached header; pass 0 for a detached header node), as QEMU's luks
+/// `blockdev-create` and `qemu-img create -f luks` leave the file.
+pub fn write_volume(
+    header: &dyn crate::BlockNode,
+    volume: &NewVolume,
+    payload: u64,
+) -> crate::Result<()> {
+    let total = (volume.header_image.len() as u64)
+        .checked_add(payload)
+        .ok_or_else(|| LuksError::InvalidArgument(format!("size {payload} is too large")))?;
+    header.resize(0)?;
+    header.resize(total)?;
+    header.write_at(0, &volume.header_image)?;
+    header.flush()
+}
+
 /// PBKDF2 iteration counts of a new volume.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PbkdfIterations {
