@@ -473,7 +473,7 @@ pub fn run(
                 ));
             }
             let header_ref = l.header.as_ref().or(l.file.as_ref()).ok_or_else(|| {
-                CreateError::Unsupported("Either 'file' or 'header' must be specified".into())
+                CreateError::Unsupported("Either the parameter 'header' or 'file' must be specified".into())
             })?;
             let header = resolve(header_ref, lookup)?;
             let data = match (&l.header, &l.file) {

@@ -162,6 +162,22 @@ fn session(q: &mut Qmp) {
     q.cmd(json!({"execute": "job-dismiss", "arguments": {"id": "jl"}}));
     q.cmd(json!({"execute": "blockdev-add", "arguments": {"driver": "luks", "node-name": "l1", "file": "f2", "key-secret": "sec0"}}));
 
+    // luks with a detached header (QEMU 9.0's `header`).
+    for (id, name) in [("jh", "h.luks"), ("jd", "d.raw")] {
+        q.create(id, json!({"driver": "file", "filename": format!("DIR/{name}"), "size": 0}));
+        q.cmd(json!({"execute": "job-dismiss", "arguments": {"id": id}}));
+    }
+    q.cmd(json!({"execute": "blockdev-add", "arguments": {"driver": "file", "filename": "DIR/h.luks", "node-name": "fh"}}));
+    q.cmd(json!({"execute": "blockdev-add", "arguments": {"driver": "file", "filename": "DIR/d.raw", "node-name": "fd"}}));
+    q.create("jdh", json!({"driver": "luks", "header": "fh", "file": "fd", "size": 1048576, "key-secret": "sec0", "iter-time": 10}));
+    q.cmd(json!({"execute": "blockdev-add", "arguments": {"driver": "luks", "node-name": "l2", "header": "fh", "file": "fd", "key-secret": "sec0"}}));
+    q.create("e4", json!({"driver": "luks", "size": 1048576, "key-secret": "sec0"}));
+    q.create("e5", json!({"driver": "luks", "file": "fd", "size": 1048576}));
+    q.cmd(json!({"execute": "query-jobs"}));
+    for id in ["jdh", "e4", "e5"] {
+        q.cmd(json!({"execute": "job-dismiss", "arguments": {"id": id}}));
+    }
+
     // Errors: at once, and in the job.
     q.cmd(json!({"execute": "blockdev-create", "arguments": {"options": {"driver": "file", "filename": "DIR/x", "size": 0}}}));
     q.cmd(json!({"execute": "blockdev-create", "arguments": {"job-id": "e1", "options": {"driver": "foo"}}}));
@@ -262,6 +278,30 @@ fn blockdev_create_as_qemu() {
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
+    for name in ["h.luks", "d.raw"] {
+        assert_eq!(
+            std::fs::metadata(cdir.path().join(name)).unwrap().len(),
+            std::fs::metadata(qdir.path().join(name)).unwrap().len(),
+            "{name}"
+        );
+    }
+    let detached = |d: &Path| {
+        format!(
+            "driver=luks,key-secret=sec0,header.driver=file,header.filename={},file.driver=file,file.filename={}",
+            d.join("h.luks").display(),
+            d.join("d.raw").display()
+        )
+    };
+    for d in [qdir.path(), cdir.path()] {
+        let out = Command::new("qemu-io")
+            .args(["--object", secret, "--image-opts", &detached(d), "-c", "write -P 0x33 0 1M"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    qemu_img(&[
+        "compare", "--object", secret, "--image-opts", &detached(qdir.path()), &detached(cdir.path()),
+    ]);
     qemu_img(&[
         "compare", "--object", secret, "--image-opts", &luks_opts(&ql), &luks_opts(&cl),
     ]);

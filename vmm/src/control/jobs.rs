@@ -259,7 +259,9 @@ impl Jobs {
     pub fn query(&self) -> Value {
         let jobs = lock(&self.jobs);
         Value::Array(
+            // Newest first, as QEMU's job list.
             jobs.iter()
+                .rev()
                 .map(|j| {
                     let mut v = json!({
                         "current-progress": u64::from(j.done),
