@@ -296,12 +296,50 @@ impl CreateOptions {
 
 /// QEMU's `BlockdevDriver` values cryptvm has no create options for.
 const BLOCKDEV_DRIVERS: &[&str] = &[
-    "blkdebug", "blklogwrites", "blkreplay", "blkverify", "bochs", "cloop", "compress",
-    "copy-before-write", "copy-on-read", "dmg", "snapshot-access", "ftp", "ftps", "gluster",
-    "host_cdrom", "host_device", "http", "https", "io_uring", "iscsi", "nbd", "nfs", "null-aio",
-    "null-co", "nvme", "nvme-io_uring", "parallels", "preallocate", "qcow", "qed", "quorum",
-    "raw", "rbd", "replication", "ssh", "throttle", "vdi", "vhdx", "virtio-blk-vfio-pci",
-    "virtio-blk-vhost-user", "virtio-blk-vhost-vdpa", "vmdk", "vpc", "vvfat",
+    "blkdebug",
+    "blklogwrites",
+    "blkreplay",
+    "blkverify",
+    "bochs",
+    "cloop",
+    "compress",
+    "copy-before-write",
+    "copy-on-read",
+    "dmg",
+    "snapshot-access",
+    "ftp",
+    "ftps",
+    "gluster",
+    "host_cdrom",
+    "host_device",
+    "http",
+    "https",
+    "io_uring",
+    "iscsi",
+    "nbd",
+    "nfs",
+    "null-aio",
+    "null-co",
+    "nvme",
+    "nvme-io_uring",
+    "parallels",
+    "preallocate",
+    "qcow",
+    "qed",
+    "quorum",
+    "raw",
+    "rbd",
+    "replication",
+    "ssh",
+    "throttle",
+    "vdi",
+    "vhdx",
+    "virtio-blk-vfio-pci",
+    "virtio-blk-vhost-user",
+    "virtio-blk-vhost-vdpa",
+    "vmdk",
+    "vpc",
+    "vvfat",
 ];
 
 fn file_options(m: &mut Members<'_>) -> Result<FileCreate, OptionsError> {
@@ -420,7 +458,10 @@ fn luks_options(m: &mut Members<'_>) -> Result<LuksCreate, OptionsError> {
 
 /// Opens the node `r` names (`lookup` finds named nodes), or the inline node it
 /// describes (a `file` node, opened for the job only).
-fn resolve(r: &BlockdevRef, lookup: &dyn Fn(&str) -> Option<NodeRef>) -> Result<NodeRef, CreateError> {
+fn resolve(
+    r: &BlockdevRef,
+    lookup: &dyn Fn(&str) -> Option<NodeRef>,
+) -> Result<NodeRef, CreateError> {
     match r {
         BlockdevRef::Name(name) => lookup(name).ok_or_else(|| CreateError::NodeNotFound(name.clone())),
         BlockdevRef::Inline(map) if map.get("driver").and_then(Value::as_str) == Some("file") => {
@@ -473,14 +514,18 @@ pub fn run(
                 ));
             }
             let header_ref = l.header.as_ref().or(l.file.as_ref()).ok_or_else(|| {
-                CreateError::Unsupported("Either the parameter 'header' or 'file' must be specified".into())
+                CreateError::Unsupported(
+                    "Either the parameter 'header' or 'file' must be specified".into(),
+                )
             })?;
             let header = resolve(header_ref, lookup)?;
             let data = match (&l.header, &l.file) {
                 (Some(_), Some(f)) => Some(resolve(f, lookup)?),
                 _ => None,
             };
-            let passphrase = secrets.passphrase(&l.key_secret).map_err(BlockError::from)?;
+            let passphrase = secrets
+                .passphrase(&l.key_secret)
+                .map_err(BlockError::from)?;
             let volume = crate::luks::create(&l.opts, &passphrase).map_err(BlockError::from)?;
             match data {
                 None if l.header.is_some() => crate::luks::write_volume(&*header, &volume, 0)?,
@@ -510,16 +555,46 @@ mod tests {
     #[test]
     fn qemu_texts_for_bad_options() {
         let cases = [
-            (json!({"driver": "foo"}), "Parameter 'driver' does not accept value 'foo'"),
-            (json!({"driver": "file"}), "Parameter 'options.filename' is missing"),
-            (json!({"driver": "file", "filename": "x"}), "Parameter 'options.size' is missing"),
-            (json!({"driver": "file", "filename": "x", "size": "1"}), "Parameter 'options.size' expects uint64"),
-            (json!({"driver": "file", "filename": "x", "size": 1, "bogus": 1}), "Parameter 'options.bogus' is unexpected"),
-            (json!({"driver": "raw", "file": "x"}), "Parameter 'options.file' is unexpected"),
-            (json!({"driver": "qcow2", "file": "x"}), "Parameter 'options.size' is missing"),
-            (json!({"driver": "qcow2", "size": 1}), "Parameter 'options.file' is missing"),
-            (json!({"driver": "qcow2", "size": 1, "file": "x", "version": "v9"}), "Parameter 'version' does not accept value 'v9'"),
-            (json!({"driver": "qcow2", "size": 1, "file": "x", "cluster-size": "a"}), "Parameter 'options.cluster-size' expects uint64"),
+            (
+                json!({"driver": "foo"}),
+                "Parameter 'driver' does not accept value 'foo'",
+            ),
+            (
+                json!({"driver": "file"}),
+                "Parameter 'options.filename' is missing",
+            ),
+            (
+                json!({"driver": "file", "filename": "x"}),
+                "Parameter 'options.size' is missing",
+            ),
+            (
+                json!({"driver": "file", "filename": "x", "size": "1"}),
+                "Parameter 'options.size' expects uint64",
+            ),
+            (
+                json!({"driver": "file", "filename": "x", "size": 1, "bogus": 1}),
+                "Parameter 'options.bogus' is unexpected",
+            ),
+            (
+                json!({"driver": "raw", "file": "x"}),
+                "Parameter 'options.file' is unexpected",
+            ),
+            (
+                json!({"driver": "qcow2", "file": "x"}),
+                "Parameter 'options.size' is missing",
+            ),
+            (
+                json!({"driver": "qcow2", "size": 1}),
+                "Parameter 'options.file' is missing",
+            ),
+            (
+                json!({"driver": "qcow2", "size": 1, "file": "x", "version": "v9"}),
+                "Parameter 'version' does not accept value 'v9'",
+            ),
+            (
+                json!({"driver": "qcow2", "size": 1, "file": "x", "cluster-size": "a"}),
+                "Parameter 'options.cluster-size' expects uint64",
+            ),
         ];
         for (v, want) in cases {
             assert_eq!(parse(v.clone()).unwrap_err().to_string(), want, "{v}");
@@ -532,7 +607,8 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("a.qcow2");
         let secrets = SecretStore::default();
-        let f = parse(json!({"driver": "file", "filename": path.to_str().unwrap(), "size": 0})).unwrap();
+        let f = parse(json!({"driver": "file", "filename": path.to_str().unwrap(), "size": 0}))
+            .unwrap();
         run(&f, &|_| None, &secrets).unwrap();
         let q = parse(json!({"driver": "qcow2", "file": {"driver": "file", "filename": path.to_str().unwrap()}, "size": 1048576})).unwrap();
         run(&q, &|_| None, &secrets).unwrap();
@@ -548,7 +624,8 @@ mod tests {
             run(&odd, &|_| None, &secrets).unwrap_err().to_string(),
             "Image size must be a multiple of 512 bytes"
         );
-        let missing = parse(json!({"driver": "file", "filename": "/nonexistent-dir/x", "size": 1})).unwrap();
+        let missing =
+            parse(json!({"driver": "file", "filename": "/nonexistent-dir/x", "size": 1})).unwrap();
         assert_eq!(
             run(&missing, &|_| None, &secrets).unwrap_err().to_string(),
             "Could not create '/nonexistent-dir/x': No such file or directory"

@@ -27,7 +27,8 @@ struct Qmp {
 impl Qmp {
     fn connect(address: &str, dir: &Path) -> Qmp {
         let conn = UnixStream::connect(address).unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
         let mut q = Qmp {
             conn,
             pending: Vec::new(),
@@ -47,7 +48,12 @@ impl Qmp {
                 return serde_json::from_slice(&line[..end]).unwrap();
             }
             let mut buf = [0u8; 65536];
-            let n = self.conn.read(&mut buf).unwrap_or_else(|e| panic!("reading QMP: {e}; replies {:?} events {:?}", self.replies, self.events));
+            let n = self.conn.read(&mut buf).unwrap_or_else(|e| {
+                panic!(
+                    "reading QMP: {e}; replies {:?} events {:?}",
+                    self.replies, self.events
+                )
+            });
             assert!(n > 0, "QMP closed");
             self.pending.extend_from_slice(&buf[..n]);
         }
@@ -81,7 +87,8 @@ impl Qmp {
 
     /// Waits for job `id`'s `concluded` event.
     fn concluded(&mut self, id: &str) {
-        let want = json!({"data": {"status": "concluded", "id": id}, "event": "JOB_STATUS_CHANGE"}).to_string();
+        let want = json!({"data": {"status": "concluded", "id": id}, "event": "JOB_STATUS_CHANGE"})
+            .to_string();
         while !self.events.contains(&want) {
             let v = self.line();
             self.record(v);
@@ -90,7 +97,9 @@ impl Qmp {
 
     /// `blockdev-create`, waiting for the job to conclude.
     fn create(&mut self, id: &str, options: Value) -> Value {
-        let r = self.cmd(json!({"execute": "blockdev-create", "arguments": {"job-id": id, "options": options}}));
+        let r = self.cmd(
+            json!({"execute": "blockdev-create", "arguments": {"job-id": id, "options": options}}),
+        );
         if r.get("return").is_some() {
             self.concluded(id);
         }
@@ -119,10 +128,17 @@ fn wait_for(address: &Path, p: &mut Proc) {
 fn start_qemu(dir: &Path) -> (Proc, String) {
     let sock = dir.join("qmp.sock");
     let mut cmd = Command::new(common::find_tool("qemu-system-x86_64").unwrap());
-    cmd.args(["-machine", "none", "-nodefaults", "-display", "none", "-qmp"])
-        .arg(format!("unix:{},server=on,wait=off", sock.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
+    cmd.args([
+        "-machine",
+        "none",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-qmp",
+    ])
+    .arg(format!("unix:{},server=on,wait=off", sock.display()))
+    .stdin(Stdio::null())
+    .stdout(Stdio::null());
     let mut p = Proc(cmd.spawn().unwrap());
     wait_for(&sock, &mut p);
     (p, sock.to_str().unwrap().to_string())
@@ -132,7 +148,17 @@ fn start_cryptvm(dir: &Path) -> (Proc, String) {
     std::fs::write(dir.join("kernel"), common::halting_kernel()).unwrap();
     let mut cmd = Command::new(common::CRYPTVM);
     cmd.current_dir(dir)
-        .args(["run", "--kernel", "kernel", "--memory", "32M", "--serial", "file:console.log", "--qmp", "qmp.sock"])
+        .args([
+            "run",
+            "--kernel",
+            "kernel",
+            "--memory",
+            "32M",
+            "--serial",
+            "file:console.log",
+            "--qmp",
+            "qmp.sock",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null());
     let mut p = Proc(cmd.spawn().unwrap());
@@ -144,7 +170,10 @@ fn start_cryptvm(dir: &Path) -> (Proc, String) {
 /// The command sequence both get.
 fn session(q: &mut Qmp) {
     // The file for the qcow2 image, then a file node on it.
-    q.create("jf", json!({"driver": "file", "filename": "DIR/a.qcow2", "size": 0}));
+    q.create(
+        "jf",
+        json!({"driver": "file", "filename": "DIR/a.qcow2", "size": 0}),
+    );
     q.cmd(json!({"execute": "job-dismiss", "arguments": {"id": "jf"}}));
     q.cmd(json!({"execute": "blockdev-add", "arguments": {"driver": "file", "filename": "DIR/a.qcow2", "node-name": "f1"}}));
     q.create("jq", json!({"driver": "qcow2", "file": "f1", "size": 67108864, "cluster-size": 65536, "lazy-refcounts": true}));
@@ -155,7 +184,10 @@ fn session(q: &mut Qmp) {
 
     // luks, its secret first.
     q.cmd(json!({"execute": "object-add", "arguments": {"qom-type": "secret", "id": "sec0", "data": "abc123"}}));
-    q.create("jlf", json!({"driver": "file", "filename": "DIR/l.luks", "size": 0}));
+    q.create(
+        "jlf",
+        json!({"driver": "file", "filename": "DIR/l.luks", "size": 0}),
+    );
     q.cmd(json!({"execute": "job-dismiss", "arguments": {"id": "jlf"}}));
     q.cmd(json!({"execute": "blockdev-add", "arguments": {"driver": "file", "filename": "DIR/l.luks", "node-name": "f2"}}));
     q.create("jl", json!({"driver": "luks", "file": "f2", "size": 4194304, "key-secret": "sec0", "iter-time": 10}));
@@ -164,15 +196,24 @@ fn session(q: &mut Qmp) {
 
     // luks with a detached header (QEMU 9.0's `header`).
     for (id, name) in [("jh", "h.luks"), ("jd", "d.raw")] {
-        q.create(id, json!({"driver": "file", "filename": format!("DIR/{name}"), "size": 0}));
+        q.create(
+            id,
+            json!({"driver": "file", "filename": format!("DIR/{name}"), "size": 0}),
+        );
         q.cmd(json!({"execute": "job-dismiss", "arguments": {"id": id}}));
     }
     q.cmd(json!({"execute": "blockdev-add", "arguments": {"driver": "file", "filename": "DIR/h.luks", "node-name": "fh"}}));
     q.cmd(json!({"execute": "blockdev-add", "arguments": {"driver": "file", "filename": "DIR/d.raw", "node-name": "fd"}}));
     q.create("jdh", json!({"driver": "luks", "header": "fh", "file": "fd", "size": 1048576, "key-secret": "sec0", "iter-time": 10}));
     q.cmd(json!({"execute": "blockdev-add", "arguments": {"driver": "luks", "node-name": "l2", "header": "fh", "file": "fd", "key-secret": "sec0"}}));
-    q.create("e4", json!({"driver": "luks", "size": 1048576, "key-secret": "sec0"}));
-    q.create("e5", json!({"driver": "luks", "file": "fd", "size": 1048576}));
+    q.create(
+        "e4",
+        json!({"driver": "luks", "size": 1048576, "key-secret": "sec0"}),
+    );
+    q.create(
+        "e5",
+        json!({"driver": "luks", "file": "fd", "size": 1048576}),
+    );
     q.cmd(json!({"execute": "query-jobs"}));
     for id in ["jdh", "e4", "e5"] {
         q.cmd(json!({"execute": "job-dismiss", "arguments": {"id": id}}));
@@ -184,7 +225,10 @@ fn session(q: &mut Qmp) {
     q.cmd(json!({"execute": "blockdev-create", "arguments": {"job-id": "e1"}}));
     q.cmd(json!({"execute": "blockdev-create", "arguments": {"job-id": "e1", "options": {"driver": "file", "filename": "DIR/x"}}}));
     q.cmd(json!({"execute": "blockdev-create", "arguments": {"job-id": "a b", "options": {"driver": "file", "filename": "DIR/x", "size": 0}}}));
-    q.create("e1", json!({"driver": "qcow2", "file": "nope", "size": 1048576}));
+    q.create(
+        "e1",
+        json!({"driver": "qcow2", "file": "nope", "size": 1048576}),
+    );
     q.cmd(json!({"execute": "blockdev-create", "arguments": {"job-id": "e1", "options": {"driver": "file", "filename": "DIR/x", "size": 0}}}));
     q.cmd(json!({"execute": "query-jobs"}));
     q.cmd(json!({"execute": "job-cancel", "arguments": {"id": "e1"}}));
@@ -196,7 +240,10 @@ fn session(q: &mut Qmp) {
     q.create("e2", json!({"driver": "qcow2", "file": {"driver": "file", "filename": "DIR/a.qcow2"}, "size": 1000}));
     q.cmd(json!({"execute": "query-jobs"}));
     q.cmd(json!({"execute": "job-dismiss", "arguments": {"id": "e2"}}));
-    q.create("e3", json!({"driver": "file", "filename": "/nonexistent-dir/x", "size": 0}));
+    q.create(
+        "e3",
+        json!({"driver": "file", "filename": "/nonexistent-dir/x", "size": 0}),
+    );
     q.cmd(json!({"execute": "query-jobs"}));
     q.cmd(json!({"execute": "job-dismiss", "arguments": {"id": "e3"}}));
     q.cmd(json!({"execute": "quit"}));
@@ -208,13 +255,20 @@ fn info(path: &Path) -> Value {
         .arg(path)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut v: Value = serde_json::from_slice(&out.stdout).unwrap();
     let m = v.as_object_mut().unwrap();
     for k in ["filename", "actual-size", "children"] {
         m.remove(k);
     }
-    if let Some(data) = v.pointer_mut("/format-specific/data").and_then(Value::as_object_mut) {
+    if let Some(data) = v
+        .pointer_mut("/format-specific/data")
+        .and_then(Value::as_object_mut)
+    {
         // Random or benchmarked per volume.
         for k in ["uuid", "master-key-iters", "slots", "detached-header"] {
             data.remove(k);
@@ -235,7 +289,10 @@ fn qemu_img(args: &[&str]) -> String {
 }
 
 fn luks_opts(path: &Path) -> String {
-    format!("driver=luks,key-secret=sec0,file.filename={}", path.display())
+    format!(
+        "driver=luks,key-secret=sec0,file.filename={}",
+        path.display()
+    )
 }
 
 #[test]
@@ -254,7 +311,11 @@ fn blockdev_create_as_qemu() {
     assert_eq!(c.replies, q.replies, "replies");
     // SHUTDOWN: cryptvm sends it once quit's reply is out (docs/qmp.md), QEMU before.
     let jobs = |q: &Qmp| -> Vec<String> {
-        q.events.iter().filter(|e| e.contains("JOB_STATUS_CHANGE")).cloned().collect()
+        q.events
+            .iter()
+            .filter(|e| e.contains("JOB_STATUS_CHANGE"))
+            .cloned()
+            .collect()
     };
     assert_eq!(jobs(&c), jobs(&q), "events");
     let _ = qemu.0.wait();
@@ -273,10 +334,23 @@ fn blockdev_create_as_qemu() {
     let secret = "secret,id=sec0,data=abc123";
     for p in [&ql, &cl] {
         let out = Command::new("qemu-io")
-            .args(["--object", secret, "--image-opts", &luks_opts(p), "-c", "write -P 0 0 4M", "-c", "write -P 0x5a 4096 65536"])
+            .args([
+                "--object",
+                secret,
+                "--image-opts",
+                &luks_opts(p),
+                "-c",
+                "write -P 0 0 4M",
+                "-c",
+                "write -P 0x5a 4096 65536",
+            ])
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     for name in ["h.luks", "d.raw"] {
         assert_eq!(
@@ -294,15 +368,36 @@ fn blockdev_create_as_qemu() {
     };
     for d in [qdir.path(), cdir.path()] {
         let out = Command::new("qemu-io")
-            .args(["--object", secret, "--image-opts", &detached(d), "-c", "write -P 0x33 0 1M"])
+            .args([
+                "--object",
+                secret,
+                "--image-opts",
+                &detached(d),
+                "-c",
+                "write -P 0x33 0 1M",
+            ])
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     qemu_img(&[
-        "compare", "--object", secret, "--image-opts", &detached(qdir.path()), &detached(cdir.path()),
+        "compare",
+        "--object",
+        secret,
+        "--image-opts",
+        &detached(qdir.path()),
+        &detached(cdir.path()),
     ]);
     qemu_img(&[
-        "compare", "--object", secret, "--image-opts", &luks_opts(&ql), &luks_opts(&cl),
+        "compare",
+        "--object",
+        secret,
+        "--image-opts",
+        &luks_opts(&ql),
+        &luks_opts(&cl),
     ]);
 }

@@ -209,7 +209,9 @@ pub fn create(path: &Path, size: Option<u64>, opts: &CreateOptions) -> Result<()
 /// multiple of 512 bytes (QEMU's check; `qemu-img create` rounds up before).
 pub fn create_on(node: crate::NodeRef, size: u64, opts: &CreateOptions) -> Result<()> {
     if size % 512 != 0 {
-        return Err(Qcow2Error::Invalid("Image size must be a multiple of 512 bytes".into()).into());
+        return Err(
+            Qcow2Error::Invalid("Image size must be a multiple of 512 bytes".into()).into(),
+        );
     }
     let cluster_bits = opts.validate()?;
     if size > i64::MAX as u64 {

@@ -179,10 +179,7 @@ impl Jobs {
                 done: false,
                 error: None,
             });
-            (self.emit)(
-                "JOB_STATUS_CHANGE",
-                json!({"status": "created", "id": id}),
-            );
+            (self.emit)("JOB_STATUS_CHANGE", json!({"status": "created", "id": id}));
             set(&mut jobs, &self.emit, id, JobStatus::Running);
         }
         let jobs = Arc::clone(&self.jobs);
@@ -291,10 +288,15 @@ mod tests {
         let jobs = Jobs::new(Arc::new(move |_: &str, d: Value| {
             lock(&s).push(d["status"].as_str().unwrap_or("").to_string())
         }));
-        assert_eq!(jobs.start("a b", Box::new(|| Ok(()))), Err(JobError::BadId("a b".into())));
+        assert_eq!(
+            jobs.start("a b", Box::new(|| Ok(()))),
+            Err(JobError::BadId("a b".into()))
+        );
         jobs.start("j1", Box::new(|| Err("boom".into()))).unwrap();
         assert_eq!(
-            jobs.start("j1", Box::new(|| Ok(()))).unwrap_err().to_string(),
+            jobs.start("j1", Box::new(|| Ok(())))
+                .unwrap_err()
+                .to_string(),
             "Job ID 'j1' already in use"
         );
         while jobs.query()[0]["status"] != "concluded" {

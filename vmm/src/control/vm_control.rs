@@ -32,7 +32,9 @@ impl VmControl {
         events: Arc<EventBus>,
     ) -> Self {
         let bus = Arc::clone(&events);
-        let jobs = Jobs::new(Arc::new(move |event: &str, data: Value| bus.emit(event, data)));
+        let jobs = Jobs::new(Arc::new(move |event: &str, data: Value| {
+            bus.emit(event, data)
+        }));
         Self {
             machine,
             ged,
@@ -67,7 +69,8 @@ impl VmControl {
             Action::Query(Query::Jobs) => Ok(self.jobs.query()),
             Action::BlockdevCreate { job_id, options } => {
                 let machine = Arc::clone(m);
-                let work = Box::new(move || machine.blockdev_create(&options).map_err(|e| e.to_string()));
+                let work =
+                    Box::new(move || machine.blockdev_create(&options).map_err(|e| e.to_string()));
                 self.jobs
                     .start(&job_id, work)
                     .map(|()| json!({}))

@@ -245,8 +245,9 @@ fn blockdev_create(mut a: Args<'_>) -> Result<Action, QmpError> {
         Some(_) => return Err(wrong_type("options", "object")),
     };
     let order = qdict_order(options);
-    let options = block::create::CreateOptions::parse(options, order.iter().map(|(k, _)| k.as_str()))
-        .map_err(|e| QmpError::generic(e.to_string()))?;
+    let options =
+        block::create::CreateOptions::parse(options, order.iter().map(|(k, _)| k.as_str()))
+            .map_err(|e| QmpError::generic(e.to_string()))?;
     a.finish()?;
     Ok(Action::BlockdevCreate {
         job_id,
