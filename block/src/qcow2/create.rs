@@ -208,7 +208,7 @@ pub fn create(path: &Path, size: Option<u64>, opts: &CreateOptions) -> Result<()
 /// node): its old contents are dropped (it is resized to 0 first), `size` must be a
 /// multiple of 512 bytes (QEMU's check; `qemu-img create` rounds up before).
 pub fn create_on(node: crate::NodeRef, size: u64, opts: &CreateOptions) -> Result<()> {
-    if size % 512 != 0 {
+    if !size.is_multiple_of(512) {
         return Err(
             Qcow2Error::Invalid("Image size must be a multiple of 512 bytes".into()).into(),
         );
