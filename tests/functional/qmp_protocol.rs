@@ -332,6 +332,7 @@ impl QmpBackend for StandIn {
             Action::Query(_) => Ok(json!([])),
             Action::ObjectAdd(_) | Action::BlockdevAdd(_) => Ok(json!({})),
             Action::SystemPowerdown | Action::Quit => Ok(json!({})),
+            Action::BlockdevCreate { .. } | Action::Job { .. } => Ok(json!({})),
         }
     }
 }

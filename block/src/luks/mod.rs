@@ -22,7 +22,8 @@ pub use cipher::{
     SectorCipher,
 };
 pub use create::{
-    create, create_with_iterations, payload_offset, CreateOptions, NewVolume, PbkdfIterations,
+    create, create_with_iterations, payload_offset, write_header_image, write_volume,
+    CreateOptions, NewVolume, PbkdfIterations,
 };
 pub use error::LuksError;
 pub use hash::HashAlg;
