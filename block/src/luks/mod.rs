@@ -28,5 +28,5 @@ pub use create::{
 pub use error::LuksError;
 pub use hash::HashAlg;
 pub use header::{KeySlot, LuksHeader};
-pub use shared::{HeaderSlot, SharedHeaders};
 pub use keyslot::{unlock, unlock_within, MasterKey, DEFAULT_KDF_ITERATIONS_LIMIT};
+pub use shared::{HeaderSlot, SharedHeaders};

@@ -439,8 +439,7 @@ fn read_meta(header_src: &NodeRef, detached: bool) -> Result<Meta> {
                 .read_at(off, out)
                 .map_err(|e| std::io::Error::other(e.to_string()))
         };
-        let header =
-            Luks2Header::read(&mut read, node_size, detached).map_err(LuksError::from)?;
+        let header = Luks2Header::read(&mut read, node_size, detached).map_err(LuksError::from)?;
         return Ok(Meta::V2(Box::new(header)));
     }
     let mut buf = vec![0u8; LuksHeader::SIZE];

@@ -58,4 +58,4 @@ impl Luks2Header {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
