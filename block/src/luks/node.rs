@@ -552,7 +552,6 @@ fn cipher_for(meta: &Meta, key: &MasterKey) -> Result<Box<dyn SectorCipher>> {
 }
 
 /// Copies consecutive bytes out of a scatter-gather list.
-
 struct Gather<'a> {
     bufs: &'a [&'a [u8]],
     index: usize,
