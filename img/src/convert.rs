@@ -143,7 +143,7 @@ pub fn run(argv: &[String]) -> Result<u8> {
                 no_backing_for("luks", &backing_arg)?;
                 let (opts, key_secret) = luks_options(&mut o)?;
                 o.finish()?;
-                if opts.detached_header {
+                if opts.detached_header() {
                     return Err(ImgError::Msg(
                         "convert cannot create a detached header; create it with 'img create', then use -n --target-image-opts".into(),
                     ));

@@ -1,9 +1,11 @@
-//! `cryptvm img create`: new raw and luks images (attached or detached header).
+//! `cryptvm img create`: new raw, luks (LUKS1 or, with `luks-version=2`,
+//! LUKS2; attached or detached header) and qcow2 images.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use block::luks::luks2::create as luks2;
 use block::luks::{create, CipherAlg, CipherMode, CipherSpec, CreateOptions, HashAlg, IvGenAlg};
 use block::options::{parse_size, Opts};
 use block::qcow2;
@@ -122,52 +124,171 @@ fn check_preallocation(o: &mut Opts) -> Result<()> {
     }
 }
 
-/// qemu-img's `-o` options for luks: returns the create options and `key-secret`.
-pub fn luks_options(o: &mut Opts) -> Result<(CreateOptions, String)> {
-    let mut opts = CreateOptions::default();
+/// What `-o` asks a new luks image to be.
+#[derive(Clone, Debug)]
+pub enum LuksCreate {
+    /// LUKS1, as QEMU makes it (the default).
+    V1(CreateOptions),
+    /// LUKS2, as cryptsetup makes it (`luks-version=2`).
+    V2(luks2::CreateOptions),
+}
+
+impl LuksCreate {
+    /// Whether the header goes to a file of its own.
+    pub fn detached_header(&self) -> bool {
+        match self {
+            LuksCreate::V1(o) => o.detached_header,
+            LuksCreate::V2(o) => o.detached_header,
+        }
+    }
+
+    fn spec(&self) -> &CipherSpec {
+        match self {
+            LuksCreate::V1(o) => &o.spec,
+            LuksCreate::V2(o) => &o.spec,
+        }
+    }
+}
+
+/// Options only LUKS2 has.
+const LUKS2_ONLY: [&str; 4] = ["pbkdf", "pbkdf-memory", "pbkdf-parallel", "sector-size"];
+/// Options only Argon2 has.
+const ARGON2_ONLY: [&str; 2] = ["pbkdf-memory", "pbkdf-parallel"];
+
+/// qemu-img's `-o` options for luks, and cryptvm's LUKS2 ones
+/// (`luks-version`, `pbkdf`, `pbkdf-memory`, `pbkdf-parallel`,
+/// `sector-size`): returns the create options and `key-secret`.
+pub fn luks_options(o: &mut Opts) -> Result<(LuksCreate, String)> {
+    let version = match o.str("luks-version")?.as_deref() {
+        None | Some("1") => 1,
+        Some("2") => 2,
+        Some(v) => {
+            return Err(o
+                .error("luks-version", format!("'{v}' is not 1 or 2"))
+                .into())
+        }
+    };
+    let mut v1 = CreateOptions::default();
     let key_secret = o.str("key-secret")?;
     let named = |o: &mut Opts, key: &str| -> Result<Option<String>> { Ok(o.str(key)?) };
     if let Some(v) = named(o, "cipher-alg")? {
-        opts.spec.alg =
-            CipherAlg::from_name(&v).map_err(|e| o.error("cipher-alg", e.to_string()))?;
+        v1.spec.alg = CipherAlg::from_name(&v).map_err(|e| o.error("cipher-alg", e.to_string()))?;
     }
     if let Some(v) = named(o, "cipher-mode")? {
-        opts.spec.mode =
+        v1.spec.mode =
             CipherMode::from_name(&v).map_err(|e| o.error("cipher-mode", e.to_string()))?;
     }
     if let Some(v) = named(o, "ivgen-alg")? {
-        opts.spec.ivgen =
-            IvGenAlg::from_name(&v).map_err(|e| o.error("ivgen-alg", e.to_string()))?;
+        v1.spec.ivgen = IvGenAlg::from_name(&v).map_err(|e| o.error("ivgen-alg", e.to_string()))?;
     }
     if let Some(v) = named(o, "ivgen-hash-alg")? {
-        opts.spec.ivgen_hash =
+        v1.spec.ivgen_hash =
             Some(HashAlg::from_name(&v).map_err(|e| o.error("ivgen-hash-alg", e.to_string()))?);
     }
-    if opts.spec.ivgen == IvGenAlg::Essiv && opts.spec.ivgen_hash.is_none() {
-        opts.spec.ivgen_hash = Some(HashAlg::Sha256);
+    if v1.spec.ivgen == IvGenAlg::Essiv && v1.spec.ivgen_hash.is_none() {
+        v1.spec.ivgen_hash = Some(HashAlg::Sha256);
     }
     if let Some(v) = named(o, "hash-alg")? {
-        opts.spec.hash = HashAlg::from_name(&v).map_err(|e| o.error("hash-alg", e.to_string()))?;
+        v1.spec.hash = HashAlg::from_name(&v).map_err(|e| o.error("hash-alg", e.to_string()))?;
     }
-    if let Some(ms) = o.u64("iter-time")? {
-        if ms == 0 {
+    let iter_time = o.u64("iter-time")?;
+    if iter_time == Some(0) {
+        return Err(o
+            .error("iter-time", "must be at least 1 millisecond")
+            .into());
+    }
+    v1.detached_header = o.bool("detached-header")?.unwrap_or(false);
+    let opts = if version == 1 {
+        if let Some(key) = LUKS2_ONLY.iter().find(|k| o.get(k).is_some()) {
             return Err(o
-                .error("iter-time", "must be at least 1 millisecond")
+                .error(key, "is a LUKS2 option: it needs luks-version=2")
                 .into());
         }
-        opts.iter_time_ms = ms;
-    }
-    opts.detached_header = o.bool("detached-header")?.unwrap_or(false);
+        if let Some(ms) = iter_time {
+            v1.iter_time_ms = ms;
+        }
+        LuksCreate::V1(v1)
+    } else {
+        let mut v2 = luks2::CreateOptions {
+            spec: v1.spec,
+            detached_header: v1.detached_header,
+            ..luks2::CreateOptions::default()
+        };
+        if let Some(ms) = iter_time {
+            v2.iter_time_ms = ms;
+        }
+        if let Some(p) = named(o, "pbkdf")? {
+            v2.pbkdf = luks2::Pbkdf::from_name(&p).ok_or_else(|| {
+                o.error("pbkdf", format!("'{p}' is not argon2id, argon2i or pbkdf2"))
+            })?;
+        }
+        if v2.pbkdf == luks2::Pbkdf::Pbkdf2 {
+            if let Some(key) = ARGON2_ONLY.iter().find(|k| o.get(k).is_some()) {
+                return Err(o
+                    .error(key, "applies only to pbkdf=argon2id or argon2i")
+                    .into());
+            }
+        }
+        let u32_opt = |o: &mut Opts, key: &str| -> Result<Option<u32>> {
+            match o.u64(key)? {
+                None => Ok(None),
+                Some(v) => u32::try_from(v)
+                    .map(Some)
+                    .map_err(|_| o.error(key, format!("{v} is too large")).into()),
+            }
+        };
+        if let Some(n) = u32_opt(o, "pbkdf-parallel")? {
+            if !(1..=luks2::MAX_PARALLEL).contains(&n) {
+                return Err(o
+                    .error(
+                        "pbkdf-parallel",
+                        format!("{n} is not 1 to {}", luks2::MAX_PARALLEL),
+                    )
+                    .into());
+            }
+            v2.parallel = n;
+        }
+        if let Some(kib) = u32_opt(o, "pbkdf-memory")? {
+            let least = luks2::MIN_MEMORY_KIB.max(8 * v2.parallel);
+            let most = block::luks::luks2::json::MAX_ARGON2_MEMORY_KIB;
+            if kib < least || u64::from(kib) > most {
+                return Err(o
+                    .error(
+                        "pbkdf-memory",
+                        format!("{kib} KiB is not {least} to {most} KiB"),
+                    )
+                    .into());
+            }
+            v2.memory_kib = kib;
+        }
+        if let Some(n) = u32_opt(o, "sector-size")? {
+            if !matches!(n, 512 | 1024 | 2048 | 4096) {
+                return Err(o
+                    .error("sector-size", format!("{n} is not 512, 1024, 2048 or 4096"))
+                    .into());
+            }
+            v2.sector_size = n;
+        }
+        v2.validate()?;
+        LuksCreate::V2(v2)
+    };
     let key_secret = key_secret
         .ok_or_else(|| ImgError::Msg("Parameter 'key-secret' is required for cipher".into()))?;
     Ok((opts, key_secret))
 }
 
+/// A made volume: what to write at offset 0 of the header node, the
+/// header node's length without payload.
+struct Made {
+    image: Vec<u8>,
+    header_len: u64,
+}
+
 /// Formats a new luks image at `path`; with a detached header `path` gets
-/// only the header and key material.
+/// only the header and key material. Nothing is left behind when it fails.
 pub fn create_luks(
     path: &Path,
-    opts: &CreateOptions,
+    opts: &LuksCreate,
     key_secret: &str,
     size: Option<u64>,
     secrets: &SecretStore,
@@ -175,18 +296,38 @@ pub fn create_luks(
     options_text: &str,
 ) -> Result<()> {
     let passphrase = secrets.passphrase(key_secret).map_err(BlockError::from)?;
-    let payload = match (opts.detached_header, size) {
+    let sector = match opts {
+        LuksCreate::V1(_) => block::SECTOR_SIZE,
+        LuksCreate::V2(o) => u64::from(o.sector_size),
+    };
+    let payload = match (opts.detached_header(), size) {
         (true, Some(s)) if s > 0 => {
             return Err(ImgError::Msg(
                 "a size makes no sense with detached-header=true: the file holds only the header; create the payload separately".into(),
             ))
         }
         (true, _) => 0,
-        (false, Some(s)) => s.next_multiple_of(block::SECTOR_SIZE),
+        (false, Some(s)) => s.next_multiple_of(sector),
         (false, None) => return Err(ImgError::Msg("Image creation needs a size parameter".into())),
     };
-    validate_spec(&opts.spec)?;
-    let volume = create(opts, &passphrase)?;
+    validate_spec(opts.spec())?;
+    let made = match opts {
+        LuksCreate::V1(o) => {
+            let v = create(o, &passphrase)?;
+            let header_len = v.header_image.len() as u64;
+            Made {
+                image: v.header_image,
+                header_len,
+            }
+        }
+        LuksCreate::V2(o) => {
+            let v = luks2::create(o, &passphrase)?;
+            Made {
+                image: v.header_image,
+                header_len: v.header_len,
+            }
+        }
+    };
     announce(
         a,
         &path.display().to_string(),
@@ -200,11 +341,17 @@ pub fn create_luks(
         .truncate(true)
         .open(path)
         .map_err(|e| ImgError::Msg(format!("Could not create '{}': {e}", path.display())))?;
-    let total = volume.header_image.len() as u64 + payload;
-    let io = |e: std::io::Error| ImgError::Msg(format!("writing '{}': {e}", path.display()));
-    file.set_len(total).map_err(io)?;
-    file.write_all_at(&volume.header_image, 0).map_err(io)?;
-    file.sync_all().map_err(io)?;
+    let total = made.header_len + payload;
+    let written = file
+        .set_len(total)
+        .and_then(|()| file.write_all_at(&made.image, 0))
+        .and_then(|()| file.sync_all());
+    if let Err(e) = written {
+        drop(file);
+        // As qemu-img: no half-written image stays behind.
+        let _ = std::fs::remove_file(path);
+        return Err(ImgError::Msg(format!("writing '{}': {e}", path.display())));
+    }
     Ok(())
 }
 

@@ -1,6 +1,8 @@
 //! `-o help` (or `-o ?`) of `img create` and `img convert`: a format's creation
 //! options in qemu-img's layout. Only the options (and values) this tool implements
-//! are listed; qemu-img's others are refused with an error when given.
+//! are listed; qemu-img's others are refused with an error when given. cryptvm's own
+//! luks options (`luks-version=2` and the LUKS2 ones, docs/luks.md) are not listed, so
+//! that the output stays qemu-img's.
 
 /// One creation option: name, type as qemu-img shows it, help text.
 type Opt = (&'static str, &'static str, &'static str);

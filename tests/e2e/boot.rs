@@ -83,11 +83,11 @@ fn check_boot(out: &Outcome, cpus: u32) {
     assert_eq!(out.exit_code, Some(0), "VMM exit code:\n{out}");
 }
 
-/// The guest writes 5 to an `isa-debug-exit` port (`blkio outb`: its kernel has no
-/// /dev/port): the VMM exits with (5 << 1) | 1 = 11, as QEMU does.
-fn debug_exit(vmm: Vmm, name: &str) {
+/// A scenario for `vmm` with an isa-debug-exit device at port 0xf4, or None when the
+/// test cannot run here.
+fn with_debug_exit(vmm: Vmm, name: &str) -> Option<Scenario> {
     if skip() {
-        return;
+        return None;
     }
     if vmm == Vmm::Qemu && harness::default_mode() == Mode::Nested {
         // Seen in the TCG test host: with QEMU as the L2 VMM the guest's user-mode `outb`
@@ -95,11 +95,22 @@ fn debug_exit(vmm: Vmm, name: &str) {
         eprintln!(
             "skipped: QEMU's guest cannot do port I/O from user mode in the nested test host"
         );
-        return;
+        return None;
     }
-    let out = Scenario::new(name)
-        .vmm(vmm)
-        .vmm_args(["--device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+    Some(
+        Scenario::new(name)
+            .vmm(vmm)
+            .vmm_args(["--device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]),
+    )
+}
+
+/// The guest writes 5 to an `isa-debug-exit` port (`blkio outb`: its kernel has no
+/// /dev/port): the VMM exits with (5 << 1) | 1 = 11, as QEMU does.
+fn debug_exit(vmm: Vmm, name: &str) {
+    let Some(scenario) = with_debug_exit(vmm, name) else {
+        return;
+    };
+    let out = scenario
         .guest_script(
             "blkio outb 0xf4 5 || echo CRYPTVM-TEST outb failed rc=$?\nsleep 60\nexit 1\n",
         )
@@ -115,18 +126,10 @@ fn debug_exit(vmm: Vmm, name: &str) {
 /// The test guest's init reports a failed scenario through isa-debug-exit
 /// (`cryptvm.debug_exit=0xf4`): a scenario that exits 3 makes the VMM exit (3 << 1) | 1.
 fn failed_scenario_sets_the_exit_status(vmm: Vmm, name: &str) {
-    if skip() {
+    let Some(scenario) = with_debug_exit(vmm, name) else {
         return;
-    }
-    if vmm == Vmm::Qemu && harness::default_mode() == Mode::Nested {
-        eprintln!(
-            "skipped: QEMU's guest cannot do port I/O from user mode in the nested test host"
-        );
-        return;
-    }
-    let out = Scenario::new(name)
-        .vmm(vmm)
-        .vmm_args(["--device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+    };
+    let out = scenario
         .cmdline("cryptvm.debug_exit=0xf4")
         .guest_script("echo CRYPTVM-TEST failing on purpose\nexit 3\n")
         .run();

@@ -174,7 +174,7 @@ pub fn create_with_iterations(
 }
 
 /// A random (version 4) UUID in lower-case text.
-fn new_uuid() -> Result<String, LuksError> {
+pub(crate) fn new_uuid() -> Result<String, LuksError> {
     let mut b = [0u8; 16];
     random_bytes(&mut b)?;
     b[6] = (b[6] & 0x0f) | 0x40;
@@ -210,6 +210,15 @@ pub fn benchmark_iterations(
     let master_key = scale(per_block, iter_time_ms, 8)?;
     let slot = scale(per_block / blocks, iter_time_ms, 1)?;
     Ok(PbkdfIterations { master_key, slot })
+}
+
+/// PBKDF2 iterations of `hash` that take `ms` for an output of `out_len`
+/// bytes, at least [`MIN_ITERATIONS`] (the rate measured as for
+/// [`benchmark_iterations`]).
+pub(crate) fn pbkdf2_iterations(hash: HashAlg, out_len: usize, ms: u64) -> Result<u32, LuksError> {
+    let per_block = iterations_per_second(hash)?;
+    let blocks = out_len.div_ceil(hash.digest_len()).max(1) as u64;
+    scale(per_block / blocks, ms, 1)
 }
 
 /// `per_second * ms / 1000 / divisor`, at least [`MIN_ITERATIONS`],

@@ -154,15 +154,35 @@ pub(crate) fn seal(
             slot.stripes
         )));
     }
-    let len = usize::try_from(slot.key_material_len(key_bytes))
-        .map_err(|_| LuksError::InvalidArgument("Key material is too large".into()))?;
-    let mut material = Zeroizing::new(vec![0u8; len]);
-    af::split(spec.hash, master_key, slot.stripes, &mut material)?;
-
+    debug_assert_eq!(
+        slot.key_material_len(key_bytes),
+        (u64::from(key_bytes) * u64::from(slot.stripes)).next_multiple_of(512)
+    );
     let mut slot_key = Zeroizing::new(vec![0u8; master_key.len()]);
     spec.hash
         .pbkdf2(passphrase, &slot.salt, slot.iterations, &mut slot_key);
-    new_sector_cipher(spec, &slot_key)?.encrypt(0, &mut material);
+    seal_with_key(spec, master_key, &slot_key, slot.stripes)
+}
+
+/// The encrypted key material holding `master_key`, from an already derived
+/// area key (LUKS1 and LUKS2 alike): the AF split over `stripes` with
+/// `spec.hash`, zero padded to whole 512-byte sectors, encrypted with
+/// `spec` under `area_key` (sector numbers from 0).
+pub(crate) fn seal_with_key(
+    spec: &CipherSpec,
+    master_key: &[u8],
+    area_key: &[u8],
+    stripes: u32,
+) -> Result<Zeroizing<Vec<u8>>, LuksError> {
+    if stripes == 0 || stripes > MAX_STRIPES {
+        return Err(LuksError::InvalidArgument(format!(
+            "Invalid number of anti-forensic stripes {stripes}"
+        )));
+    }
+    let len = af::split_len(master_key.len(), stripes)?.next_multiple_of(512);
+    let mut material = Zeroizing::new(vec![0u8; len]);
+    af::split(spec.hash, master_key, stripes, &mut material)?;
+    new_sector_cipher(spec, area_key)?.encrypt(0, &mut material);
     Ok(material)
 }
 

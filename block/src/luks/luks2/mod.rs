@@ -1,10 +1,11 @@
-//! LUKS2 volumes, opened (not created): the two binary headers with their
+//! LUKS2 volumes, opened and created ([`create`]): the two binary headers with their
 //! checksums, the JSON metadata, key slots (PBKDF2, Argon2i, Argon2id),
 //! PBKDF2 digests and the `crypt` segment; per cryptsetup's LUKS2 on-disk
 //! format. Reencryption, integrity and unknown mandatory requirements are
 //! refused; tokens are ignored.
 
 pub mod binary_header;
+pub mod create;
 mod error;
 pub mod json;
 pub mod keyslot;
