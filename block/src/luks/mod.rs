@@ -16,6 +16,7 @@ mod header;
 mod keyslot;
 pub mod luks2;
 pub mod node;
+pub mod shared;
 
 pub use cipher::{
     new_sector_cipher, new_sector_cipher_sized, CipherAlg, CipherMode, CipherSpec, IvGenAlg,
@@ -29,3 +30,4 @@ pub use error::LuksError;
 pub use hash::HashAlg;
 pub use header::{KeySlot, LuksHeader};
 pub use keyslot::{unlock, unlock_within, MasterKey, DEFAULT_KDF_ITERATIONS_LIMIT};
+pub use shared::{HeaderSlot, SharedHeaders};
