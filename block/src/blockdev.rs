@@ -7,6 +7,7 @@ use serde_json::{Map, Value};
 
 use crate::file::FileNode;
 use crate::luks::node::LuksNode;
+use crate::luks::shared::HeaderSlot;
 use crate::node::NodeRef;
 use crate::options::{Opts, MISSING_OPTION};
 use crate::qcow2::{Backing, Qcow2Node};
@@ -253,6 +254,13 @@ pub enum BackingFiles {
 pub trait ChildResolver {
     /// The child at `key` in `o`, if present.
     fn child(&mut self, o: &mut Opts, key: &str, parent: &Common) -> Result<Option<NodeRef>>;
+
+    /// Where the node being opened finds the shared unlock of the detached
+    /// LUKS header it resolved at `key` ([`crate::luks::shared`]); `None`
+    /// outside a block graph, where nothing is shared.
+    fn shared_luks_header(&self, _key: &str) -> Option<HeaderSlot> {
+        None
+    }
 }
 
 /// The drivers `blockdev-add` knows.
@@ -282,7 +290,17 @@ pub fn open_driver(
             let file = required_child(o, "file")?;
             check_writable(o, "file", &file, common)?;
             let header = children.child(o, "header", common)?;
-            std::sync::Arc::new(LuksNode::open(o, file, header, common.read_only, ctx)?)
+            let slot = header
+                .as_ref()
+                .and_then(|_| children.shared_luks_header("header"));
+            std::sync::Arc::new(LuksNode::open(
+                o,
+                file,
+                header,
+                common.read_only,
+                ctx,
+                slot,
+            )?)
         }
         "qcow2" => {
             let file = required_child(o, "file")?;

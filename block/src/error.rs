@@ -209,6 +209,7 @@ impl BlockError {
                 }
                 L::Truncated { .. } | L::Corrupt(_) => ErrorKind::Corrupt,
                 L::WrongPassphrase => ErrorKind::PermissionDenied,
+                L::HeaderShared { .. } => ErrorKind::InUse,
                 L::Io { source, .. } => io_kind(source),
                 L::Random(_) => ErrorKind::Io,
                 L::Luks2(e) => {

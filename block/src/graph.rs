@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use crate::blockdev::{check_node_keys, open_driver, ChildResolver, Common, OpenContext};
 use crate::keyval;
+use crate::luks::shared::{HeaderSlot, SharedHeaders};
 use crate::node::NodeRef;
 use crate::options::Opts;
 use crate::{BlockError, GraphError, Result};
@@ -31,6 +32,9 @@ struct Entry {
 pub struct BlockGraph {
     nodes: BTreeMap<String, Entry>,
     next_implicit: u64,
+    /// Detached LUKS headers unlocked once for all the luks nodes naming
+    /// them; shared with the graph's staging copies.
+    luks_headers: Arc<SharedHeaders>,
 }
 
 /// New nodes being opened in a copy of a graph, away from whatever guards the
@@ -202,6 +206,13 @@ impl BlockGraph {
         Ok(())
     }
 
+    /// The detached LUKS headers unlocked in this graph: which luks nodes
+    /// share header node `name` ([`SharedHeaders::users`]), and whether it
+    /// may be written ([`SharedHeaders::check_writable`]).
+    pub fn luks_headers(&self) -> &SharedHeaders {
+        &self.luks_headers
+    }
+
     /// The node called `name`.
     pub fn get(&self, name: &str) -> Option<NodeRef> {
         self.nodes.get(name).map(|e| e.node.clone())
@@ -357,6 +368,15 @@ impl ChildResolver for Resolver<'_, '_> {
         };
         self.children.push((key.to_string(), name.clone()));
         Ok(self.graph.get(&name))
+    }
+
+    fn shared_luks_header(&self, key: &str) -> Option<HeaderSlot> {
+        let (_, header) = self.children.iter().rev().find(|(k, _)| k == key)?;
+        Some(HeaderSlot {
+            registry: self.graph.luks_headers.clone(),
+            header: header.clone(),
+            user: self.parent_name.to_string(),
+        })
     }
 }
 

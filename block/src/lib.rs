@@ -4,6 +4,7 @@
 
 pub mod aligned;
 pub mod blockdev;
+pub mod create;
 pub mod error;
 pub mod file;
 pub mod graph;

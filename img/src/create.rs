@@ -1,8 +1,6 @@
 //! `cryptvm img create`: new raw, luks (LUKS1 or, with `luks-version=2`,
 //! LUKS2; attached or detached header) and qcow2 images.
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use block::luks::luks2::create as luks2;
@@ -386,6 +384,18 @@ struct Made {
     header_len: u64,
 }
 
+/// Writes `made` as the new file `path`, sized for `payload` bytes after its header.
+fn write_new_luks(path: &Path, made: &Made, payload: u64) -> Result<()> {
+    block::file::create_file(path, 0)?;
+    let name = path
+        .to_str()
+        .ok_or_else(|| ImgError::Msg(format!("'{}': the path is not UTF-8", path.display())))?;
+    let mut o = Opts::from_value("file", serde_json::json!({ "filename": name }))?;
+    let node = block::file::FileNode::open(&mut o, &block::blockdev::Common::default(), None)?;
+    block::luks::write_header_image(&node, &made.image, made.header_len, payload)?;
+    Ok(())
+}
+
 /// Formats a new luks image at `path`; with a detached header `path` gets
 /// only the header and key material. Nothing is left behind when it fails.
 pub fn create_luks(
@@ -437,24 +447,13 @@ pub fn create_luks(
         payload,
         options_text,
     );
-    let file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(|e| ImgError::Msg(format!("Could not create '{}': {e}", path.display())))?;
-    let total = made.header_len + payload;
-    let written = file
-        .set_len(total)
-        .and_then(|()| file.write_all_at(&made.image, 0))
-        .and_then(|()| file.sync_all());
-    if let Err(e) = written {
-        drop(file);
+    // The same writer as QMP's blockdev-create of a luks image.
+    let written = write_new_luks(path, &made, payload);
+    if written.is_err() {
         // As qemu-img: no half-written image stays behind.
         let _ = std::fs::remove_file(path);
-        return Err(ImgError::Msg(format!("writing '{}': {e}", path.display())));
     }
-    Ok(())
+    written
 }
 
 /// The size of the backing image named in `opts`, resolved next to `path`.

@@ -86,6 +86,43 @@ impl std::fmt::Debug for NewVolume {
     }
 }
 
+/// Writes `volume` to `header` from offset 0 (its old contents dropped) and sizes it for
+/// `payload` bytes after the header: the header and key material, then the payload
+/// (attached header; pass 0 for a detached header node), as QEMU's luks
+/// `blockdev-create` and `qemu-img create -f luks` leave the file.
+pub fn write_volume(
+    header: &dyn crate::BlockNode,
+    volume: &NewVolume,
+    payload: u64,
+) -> crate::Result<()> {
+    write_header_image(
+        header,
+        &volume.header_image,
+        volume.header_image.len() as u64,
+        payload,
+    )
+}
+
+/// Writes a new header's `image` at offset 0 of `header` (its old contents dropped) and
+/// sizes it to `header_len` (the header area, at least `image`'s length) plus `payload`:
+/// [`write_volume`] for LUKS1, and LUKS2 whose header area is larger than the bytes
+/// written.
+pub fn write_header_image(
+    header: &dyn crate::BlockNode,
+    image: &[u8],
+    header_len: u64,
+    payload: u64,
+) -> crate::Result<()> {
+    let total = header_len
+        .max(image.len() as u64)
+        .checked_add(payload)
+        .ok_or_else(|| LuksError::InvalidArgument(format!("size {payload} is too large")))?;
+    header.resize(0)?;
+    header.resize(total)?;
+    header.write_at(0, image)?;
+    header.flush()
+}
+
 /// PBKDF2 iteration counts of a new volume.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PbkdfIterations {

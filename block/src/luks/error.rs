@@ -87,6 +87,20 @@ pub enum LuksError {
     #[error("{0}")]
     InvalidArgument(String),
 
+    /// A write to a detached header (amend, a resize that rewrites it) while
+    /// more than one luks node uses that header.
+    #[error(
+        "The LUKS header node '{header}' is shared by the luks nodes {}: it cannot be \
+         written while more than one node uses it",
+        quoted(users)
+    )]
+    HeaderShared {
+        /// The header node's node-name.
+        header: String,
+        /// The node-names of the luks nodes using it.
+        users: Vec<String>,
+    },
+
     /// A LUKS2 volume's metadata is damaged or refused.
     #[error(transparent)]
     Luks2(#[from] super::luks2::Luks2Error),
@@ -102,6 +116,15 @@ impl LuksError {
     pub(crate) fn unsupported(msg: impl Into<String>) -> Self {
         LuksError::Unsupported(msg.into())
     }
+}
+
+/// `'a', 'b'`: names for a message.
+fn quoted(names: &[String]) -> String {
+    names
+        .iter()
+        .map(|n| format!("'{n}'"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Fills `buf` with random bytes from the operating system.

@@ -16,15 +16,18 @@ mod header;
 mod keyslot;
 pub mod luks2;
 pub mod node;
+pub mod shared;
 
 pub use cipher::{
     new_sector_cipher, new_sector_cipher_sized, CipherAlg, CipherMode, CipherSpec, IvGenAlg,
     SectorCipher,
 };
 pub use create::{
-    create, create_with_iterations, payload_offset, CreateOptions, NewVolume, PbkdfIterations,
+    create, create_with_iterations, payload_offset, write_header_image, write_volume,
+    CreateOptions, NewVolume, PbkdfIterations,
 };
 pub use error::LuksError;
 pub use hash::HashAlg;
 pub use header::{KeySlot, LuksHeader};
 pub use keyslot::{unlock, unlock_within, MasterKey, DEFAULT_KDF_ITERATIONS_LIMIT};
+pub use shared::{HeaderSlot, SharedHeaders};

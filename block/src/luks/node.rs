@@ -3,15 +3,17 @@
 //! `header` node (a detached header).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use serde_json::{json, Value};
 
 use super::bounce::{Bounce, CHUNK};
 use super::crypto_pool::for_each_piece;
 use super::luks2::{self, Luks2Header};
+use super::shared::{HeaderSlot, HeaderUse, Meta};
 use super::{
     new_sector_cipher, new_sector_cipher_sized, unlock_within, IvGenAlg, LuksError, LuksHeader,
-    SectorCipher, DEFAULT_KDF_ITERATIONS_LIMIT,
+    MasterKey, SectorCipher, DEFAULT_KDF_ITERATIONS_LIMIT,
 };
 use crate::blockdev::{DriverKeys, OpenContext};
 use crate::node::{check_range, total_len, write_zeroes_by_writing, BlockNode, NodeRef};
@@ -88,19 +90,28 @@ pub fn v1_info_data(h: &LuksHeader, detached: bool) -> serde_json::Map<String, V
     data
 }
 
-/// The parsed header of either version (one per node, so the LUKS1 header
-/// inline costs nothing worth a box).
-#[allow(clippy::large_enum_variant)]
-enum Meta {
-    V1(LuksHeader),
-    V2(Box<Luks2Header>),
+#[cfg(test)]
+thread_local! {
+    /// Key derivations run by `LuksNode` opens on this thread (a test hook:
+    /// the shared header tests count them).
+    pub(crate) static KDF_RUNS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Where a volume's encryption sectors lie in its payload.
+struct Geometry {
+    sector: u64,
+    iv_tweak: u64,
+    payload_offset: u64,
+    size: u64,
 }
 
 /// An unlocked (or, for metadata queries, merely parsed) LUKS volume.
 pub struct LuksNode {
     payload: NodeRef,
     header_node: Option<NodeRef>,
-    meta: Meta,
+    /// The parsed header; shared with the other luks nodes of a shared
+    /// detached header.
+    meta: Arc<Meta>,
     /// Bytes of an encryption sector (the unit of the IV): 512 for LUKS1,
     /// the segment's `sector_size` for LUKS2. Also the node's block size:
     /// requests not aligned to it are read-modify-written.
@@ -108,7 +119,9 @@ pub struct LuksNode {
     /// Added to the IV's sector number (LUKS2 `iv_tweak`).
     iv_tweak: u64,
     /// `None` when opened without I/O (metadata only).
-    cipher: Option<Box<dyn SectorCipher>>,
+    cipher: Option<Arc<dyn SectorCipher>>,
+    /// This node's use of a detached header other luks nodes may share.
+    shared: Option<HeaderUse>,
     payload_offset: u64,
     /// Whole sectors of payload; changes on resize.
     size: AtomicU64,
@@ -126,12 +139,17 @@ impl LuksNode {
 
     /// Opens a `luks` node: parses and checks the header, unlocks a key slot
     /// with `key-secret`, and builds the payload cipher.
+    ///
+    /// With `slot` (a detached header node of a block graph), the header is
+    /// parsed and unlocked once for every luks node naming it: see
+    /// [`crate::luks::shared`].
     pub fn open(
         o: &mut Opts,
         payload: NodeRef,
         header_node: Option<NodeRef>,
         read_only: bool,
         ctx: &OpenContext<'_>,
+        slot: Option<HeaderSlot>,
     ) -> Result<Self> {
         let key_secret = o.str("key-secret")?;
         let kdf_limit = o
@@ -139,7 +157,7 @@ impl LuksNode {
             .unwrap_or(DEFAULT_KDF_ITERATIONS_LIMIT);
         // As QEMU: the key and its secret first, then the header. Opened for its
         // metadata only (`img info`), nothing is unlocked, so neither is looked up.
-        let passphrase = if ctx.no_io {
+        let secret = if ctx.no_io {
             None
         } else {
             // The message names the key already (QEMU's words): it is about the
@@ -151,119 +169,85 @@ impl LuksNode {
                 .secrets
                 .passphrase(&id)
                 .map_err(|e| o.error("key-secret", e.to_string()))?;
-            Some(passphrase)
+            Some((id, passphrase))
         };
-        let header_src: &NodeRef = header_node.as_ref().unwrap_or(&payload);
-        let detached = header_node.is_some();
-        let mut first = [0u8; 8];
-        let avail = header_src.size().min(8) as usize;
-        header_src.read_at(0, &mut first[..avail])?;
-        if luks2::is_luks2(&first[..avail]) {
-            return Self::open_luks2(
-                payload,
-                header_node,
-                passphrase.as_deref().map(|p| &p[..]),
-                kdf_limit,
-                read_only,
-            );
-        }
-        let read = |off: u64, out: &mut [u8]| header_src.read_at(off, out);
-        let header = parse_v1(&read, header_src.size(), detached)?;
-        // With a detached header, the payload offset (usually 0) locates the
-        // data within `file`, as cryptsetup --header --offset does.
-        let payload_offset = header.payload_offset();
-        let size = payload.size().checked_sub(payload_offset).ok_or_else(|| {
-            BlockError::from(LuksError::Corrupt(format!(
-                "payload offset {payload_offset} is beyond the end of the image ({} bytes)",
-                payload.size()
-            )))
-        })?;
-        let size = size - size % SECTOR_SIZE;
-
-        let cipher = match passphrase {
-            Some(passphrase) => Some(unlock_v1(&header, &read, &passphrase, kdf_limit)?),
-            None => None,
-        };
-        Ok(Self {
-            payload,
-            header_node,
-            meta: Meta::V1(header),
-            sector: SECTOR_SIZE,
-            iv_tweak: 0,
-            cipher,
-            payload_offset,
-            size: AtomicU64::new(size),
-            read_only,
-        })
-    }
-
-    /// Opens a LUKS2 volume: both header copies, the JSON, then (with a
-    /// passphrase) a key slot; the payload from the segment.
-    fn open_luks2(
-        payload: NodeRef,
-        header_node: Option<NodeRef>,
-        passphrase: Option<&[u8]>,
-        kdf_limit: u64,
-        read_only: bool,
-    ) -> Result<Self> {
         let header_src: NodeRef = header_node.clone().unwrap_or_else(|| payload.clone());
         let detached = header_node.is_some();
-        let node_size = header_src.size();
-        let mut read = |off: u64, out: &mut [u8]| {
-            header_src
-                .read_at(off, out)
-                .map_err(|e| std::io::Error::other(e.to_string()))
+        // A header unlocked already for another luks node.
+        let slot = slot.filter(|_| detached && secret.is_some());
+        let known = slot
+            .as_ref()
+            .and_then(|s| s.registry.lookup(&s.header, &header_src));
+        let meta = match &known {
+            Some(u) => u.meta.clone(),
+            None => Arc::new(read_meta(&header_src, detached)?),
         };
-        let header = Luks2Header::read(&mut read, node_size, detached).map_err(LuksError::from)?;
-        let seg = &header.meta.segment;
-        let sector = u64::from(seg.sector_size);
-        let payload_offset = seg.offset;
-        let avail = payload.size().checked_sub(payload_offset).ok_or_else(|| {
-            BlockError::from(LuksError::from(luks2::Luks2Error::field(
-                "segments.0.offset",
-                format!(
-                    "{payload_offset} is beyond the end of the image ({} bytes)",
-                    payload.size()
-                ),
-            )))
-        })?;
-        let size = match seg.size {
-            None => avail - avail % sector,
-            Some(size) if size <= avail => size,
-            Some(size) => {
-                return Err(LuksError::from(luks2::Luks2Error::field(
-                    "segments.0.size",
-                    format!(
-                    "{size} bytes at {payload_offset} go beyond the end of the image ({} bytes)",
-                    payload.size()
-                ),
-                ))
-                .into())
-            }
-        };
-        let cipher = if let Some(passphrase) = passphrase {
-            let (key, _slot) =
-                luks2::keyslot::unlock(&header.meta, passphrase, &mut read, node_size, kdf_limit)?;
-            Some(new_sector_cipher_sized(
-                &seg.spec,
-                &key,
-                seg.sector_size as usize,
-            )?)
-        } else {
-            None
-        };
-        let iv_tweak = seg.iv_tweak;
-        Ok(Self {
+        let geo = geometry(&meta, &payload)?;
+        let mut node = Self {
             payload,
             header_node,
-            meta: Meta::V2(Box::new(header)),
-            sector,
-            iv_tweak,
-            cipher,
-            payload_offset,
-            size: AtomicU64::new(size),
+            meta: meta.clone(),
+            sector: geo.sector,
+            iv_tweak: geo.iv_tweak,
+            cipher: None,
+            shared: None,
+            payload_offset: geo.payload_offset,
+            size: AtomicU64::new(geo.size),
             read_only,
-        })
+        };
+        let Some((secret_id, passphrase)) = secret else {
+            return Ok(node);
+        };
+        let user = slot.as_ref().map(|s| s.user.clone()).unwrap_or_default();
+        let unlocked = match (known, slot) {
+            (Some(u), _) if u.knows_secret(&secret_id, &passphrase) => u,
+            (Some(u), _) => {
+                // Another secret: its own KDF run, which must give the same key.
+                let key = unlock_meta(&meta, &header_src, &passphrase, kdf_limit)?;
+                u.accept(&secret_id, &passphrase, &key)?;
+                u
+            }
+            (None, Some(s)) => {
+                let key = unlock_meta(&meta, &header_src, &passphrase, kdf_limit)?;
+                let cipher: Arc<dyn SectorCipher> = Arc::from(cipher_for(&meta, &key)?);
+                s.registry.insert(
+                    &s.header,
+                    header_src.clone(),
+                    meta,
+                    key,
+                    cipher,
+                    &secret_id,
+                    &passphrase,
+                )?
+            }
+            (None, None) => {
+                let key = unlock_meta(&meta, &header_src, &passphrase, kdf_limit)?;
+                node.cipher = Some(Arc::from(cipher_for(&meta, &key)?));
+                return Ok(node);
+            }
+        };
+        node.cipher = Some(unlocked.cipher.clone());
+        node.meta = unlocked.meta.clone();
+        node.shared = Some(HeaderUse::new(unlocked, &user));
+        Ok(node)
+    }
+
+    /// Refuses a write to this node's header (amend, a resize that rewrites
+    /// it) while another luks node shares it ([`LuksError::HeaderShared`]).
+    pub fn check_header_writable(&self) -> Result<()> {
+        match &self.shared {
+            Some(u) => Ok(u.unlocked.check_exclusive()?),
+            None => Ok(()),
+        }
+    }
+
+    /// The node-names of the luks nodes sharing this node's detached header
+    /// (this one included); empty when the header is not shared.
+    pub fn header_users(&self) -> Vec<String> {
+        self.shared
+            .as_ref()
+            .map(|u| u.unlocked.users())
+            .unwrap_or_default()
     }
 
     /// `info()` of a LUKS2 volume: the format version, the segment and the
@@ -511,6 +495,130 @@ impl LuksNode {
     }
 }
 
+/// Reads and checks the header of either version from `header_src`.
+fn read_meta(header_src: &NodeRef, detached: bool) -> Result<Meta> {
+    let mut first = [0u8; 8];
+    let avail = header_src.size().min(8) as usize;
+    header_src.read_at(0, &mut first[..avail])?;
+    if luks2::is_luks2(&first[..avail]) {
+        let node_size = header_src.size();
+        let mut read = |off: u64, out: &mut [u8]| {
+            header_src
+                .read_at(off, out)
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        };
+        let header = Luks2Header::read(&mut read, node_size, detached).map_err(LuksError::from)?;
+        return Ok(Meta::V2(Box::new(header)));
+    }
+    let mut buf = vec![0u8; LuksHeader::SIZE];
+    let avail = header_src.size().min(LuksHeader::SIZE as u64) as usize;
+    header_src.read_at(0, &mut buf[..avail])?;
+    let header = LuksHeader::parse(&buf[..avail], detached)?;
+    let header_len = header.key_material_end();
+    if header_src.size() < header_len {
+        return Err(LuksError::corrupt(format!(
+            "LUKS header is truncated: its key material ends at byte {header_len}, but the header is only {} bytes",
+            header_src.size()
+        ))
+        .into());
+    }
+    Ok(Meta::V1(header))
+}
+
+/// Where the volume of `meta` lies in `payload`.
+fn geometry(meta: &Meta, payload: &NodeRef) -> Result<Geometry> {
+    let header = match meta {
+        Meta::V1(h) => h,
+        Meta::V2(h) => return geometry_luks2(h, payload),
+    };
+    // With a detached header, the payload offset (usually 0) locates the
+    // data within `file`, as cryptsetup --header --offset does.
+    let payload_offset = header.payload_offset();
+    let size = payload.size().checked_sub(payload_offset).ok_or_else(|| {
+        BlockError::from(LuksError::Corrupt(format!(
+            "payload offset {payload_offset} is beyond the end of the image ({} bytes)",
+            payload.size()
+        )))
+    })?;
+    Ok(Geometry {
+        sector: SECTOR_SIZE,
+        iv_tweak: 0,
+        payload_offset,
+        size: size - size % SECTOR_SIZE,
+    })
+}
+
+/// [`geometry`] of a LUKS2 volume: its segment.
+fn geometry_luks2(header: &Luks2Header, payload: &NodeRef) -> Result<Geometry> {
+    let seg = &header.meta.segment;
+    let sector = u64::from(seg.sector_size);
+    let payload_offset = seg.offset;
+    let avail = payload.size().checked_sub(payload_offset).ok_or_else(|| {
+        BlockError::from(LuksError::from(luks2::Luks2Error::field(
+            "segments.0.offset",
+            format!(
+                "{payload_offset} is beyond the end of the image ({} bytes)",
+                payload.size()
+            ),
+        )))
+    })?;
+    let size = match seg.size {
+        None => avail - avail % sector,
+        Some(size) if size <= avail => size,
+        Some(size) => {
+            return Err(LuksError::from(luks2::Luks2Error::field(
+                "segments.0.size",
+                format!(
+                    "{size} bytes at {payload_offset} go beyond the end of the image ({} bytes)",
+                    payload.size()
+                ),
+            ))
+            .into())
+        }
+    };
+    Ok(Geometry {
+        sector,
+        iv_tweak: seg.iv_tweak,
+        payload_offset,
+        size,
+    })
+}
+
+/// Runs the key derivation: the volume key of `meta` that `passphrase`
+/// opens, from the key material in `header_src`.
+fn unlock_meta(
+    meta: &Meta,
+    header_src: &NodeRef,
+    passphrase: &[u8],
+    kdf_limit: u64,
+) -> Result<MasterKey> {
+    #[cfg(test)]
+    KDF_RUNS.with(|n| n.set(n.get() + 1));
+    let node_size = header_src.size();
+    let mut read = |off: u64, out: &mut [u8]| {
+        header_src
+            .read_at(off, out)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    };
+    Ok(match meta {
+        Meta::V1(h) => unlock_within(h, passphrase, &mut read, kdf_limit)?,
+        Meta::V2(h) => {
+            luks2::keyslot::unlock(&h.meta, passphrase, &mut read, node_size, kdf_limit)?.0
+        }
+    })
+}
+
+/// The payload cipher of `meta` with volume key `key`.
+fn cipher_for(meta: &Meta, key: &MasterKey) -> Result<Box<dyn SectorCipher>> {
+    Ok(match meta {
+        Meta::V1(h) => new_sector_cipher(&h.spec, key)?,
+        Meta::V2(h) => {
+            let seg = &h.meta.segment;
+            new_sector_cipher_sized(&seg.spec, key, seg.sector_size as usize)?
+        }
+    })
+}
+
 /// Copies consecutive bytes out of a scatter-gather list.
 struct Gather<'a> {
     bufs: &'a [&'a [u8]],
@@ -657,8 +765,10 @@ impl BlockNode for LuksNode {
         if self.read_only {
             return Err(BlockError::ReadOnly("luks".into()));
         }
-        if let Meta::V2(h) = &self.meta {
+        if let Meta::V2(h) = &*self.meta {
             if h.meta.segment.size.is_some() {
+                // Resizing it would rewrite the segment in the header.
+                self.check_header_writable()?;
                 return Err(BlockError::NotSupported(
                     "LUKS2 volume with a fixed segment size cannot be resized".into(),
                 ));
@@ -676,7 +786,7 @@ impl BlockNode for LuksNode {
     }
 
     fn info(&self) -> Value {
-        let h = match &self.meta {
+        let h = match &*self.meta {
             Meta::V1(h) => h,
             Meta::V2(h) => return self.info_luks2(h),
         };

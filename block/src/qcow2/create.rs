@@ -198,7 +198,6 @@ pub fn create(path: &Path, size: Option<u64>, opts: &CreateOptions) -> Result<()
         .checked_next_multiple_of(512)
         .filter(|&s| s <= i64::MAX as u64)
         .ok_or_else(|| Qcow2Error::Invalid(format!("Image size {size} is too large")))?;
-    let cs = 1u64 << cluster_bits;
     let mut h = new_header(cluster_bits, opts);
     let header_bytes = match h.serialize() {
         Ok(b) => b,
@@ -210,31 +209,67 @@ pub fn create(path: &Path, size: Option<u64>, opts: &CreateOptions) -> Result<()
         }
     };
 
-    // Header, refcount table (cluster 1) and one refcount block (cluster 2).
     let file = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .open(path)
         .map_err(|e| BlockError::io(format!("Could not create '{}'", path.display()), e))?;
-    let io = |e| BlockError::io(format!("writing '{}'", path.display()), e);
-    let mut first = vec![0u8; 3 * cs as usize];
-    first[..header_bytes.len()].copy_from_slice(&header_bytes);
-    first[cs as usize..cs as usize + 8].copy_from_slice(&(2 * cs).to_be_bytes());
-    let rb = &mut first[2 * cs as usize..];
-    for c in 0..3 {
-        super::cache::set_refcount(rb, h.refcount_order, c, 1);
-    }
-    file.write_all_at(&first, 0).map_err(io)?;
     drop(file);
-
-    // Grow the L1 table and preallocate through the normal allocator.
     let common = Common::default();
     let mut fo = Opts::from_value(
         "file",
         serde_json::json!({ "filename": path.to_str().ok_or_else(|| Qcow2Error::Invalid("the path is not UTF-8".into()))? }),
     )?;
     let node: crate::NodeRef = Arc::new(crate::file::FileNode::open(&mut fo, &common, None)?);
+    format(node, cluster_bits, h, &header_bytes, size, opts)
+}
+
+/// Formats the open node `node` (QEMU's `blockdev-create` of a qcow2 image on a file
+/// node): its old contents are dropped (it is resized to 0 first), `size` must be a
+/// multiple of 512 bytes (QEMU's check; `qemu-img create` rounds up before).
+pub fn create_on(node: crate::NodeRef, size: u64, opts: &CreateOptions) -> Result<()> {
+    if !size.is_multiple_of(512) {
+        return Err(
+            Qcow2Error::Invalid("Image size must be a multiple of 512 bytes".into()).into(),
+        );
+    }
+    let cluster_bits = opts.validate()?;
+    if size > i64::MAX as u64 {
+        return Err(Qcow2Error::Invalid(format!("Image size {size} is too large")).into());
+    }
+    let mut h = new_header(cluster_bits, opts);
+    let header_bytes = match h.serialize() {
+        Ok(b) => b,
+        Err(_) => {
+            h.extensions.retain(|e| e.kind != EXT_FEATURE_TABLE);
+            h.serialize()?
+        }
+    };
+    node.resize(0)?;
+    format(node, cluster_bits, h, &header_bytes, size, opts)
+}
+
+/// Writes a new image to the empty `node`: header, refcount table (cluster 1) and one
+/// refcount block (cluster 2), then grows the L1 table and preallocates through the
+/// normal allocator.
+fn format(
+    node: crate::NodeRef,
+    cluster_bits: u32,
+    h: Header,
+    header_bytes: &[u8],
+    size: u64,
+    opts: &CreateOptions,
+) -> Result<()> {
+    let cs = 1u64 << cluster_bits;
+    let mut first = vec![0u8; 3 * cs as usize];
+    first[..header_bytes.len()].copy_from_slice(header_bytes);
+    first[cs as usize..cs as usize + 8].copy_from_slice(&(2 * cs).to_be_bytes());
+    let rb = &mut first[2 * cs as usize..];
+    for c in 0..3 {
+        super::cache::set_refcount(rb, h.refcount_order, c, 1);
+    }
+    node.write_at(0, &first)?;
     let storage = Arc::new(Storage::new(node)?);
     let header = super::node::read_header(&storage)?;
     let l2_entries = cs / 8;

@@ -34,7 +34,7 @@ mod tests;
 mod write;
 
 pub use check::{check, CheckReport, Repair};
-pub use create::{create, CreateOptions, Preallocation};
+pub use create::{create, create_on, CreateOptions, Preallocation};
 pub use error::Qcow2Error;
 pub use header::{CompressionType, Header};
 pub use node::{Backing, Qcow2Node, Qcow2Options};

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use serde_json::{Map, Value};
 
+use super::jobs::JobVerb;
 use crate::device_manager::virtio_blk::BlkProps;
 
 /// An `object-add` (a secret): the whole arguments object, checked by the block
@@ -55,6 +56,8 @@ pub enum Query {
     },
     /// `query-pci`.
     Pci,
+    /// `query-jobs`.
+    Jobs,
 }
 
 /// One thing asked of the VM.
@@ -72,6 +75,20 @@ pub enum Action {
     DeviceAdd(DeviceSpec),
     /// Starts the unplug of the device with this id.
     DeviceDel(String),
+    /// Starts a `blockdev-create` job.
+    BlockdevCreate {
+        /// `job-id`.
+        job_id: String,
+        /// What to create.
+        options: Box<block::create::CreateOptions>,
+    },
+    /// `job-cancel`, `job-complete`, `job-finalize` or `job-dismiss` of the job `id`.
+    Job {
+        /// Which.
+        verb: JobVerb,
+        /// The job.
+        id: String,
+    },
     /// Answers a query.
     Query(Query),
     /// Presses the ACPI power button.
@@ -94,6 +111,9 @@ impl Action {
             Action::Query(Query::Block) => "query-block",
             Action::Query(Query::NamedBlockNodes { .. }) => "query-named-block-nodes",
             Action::Query(Query::Pci) => "query-pci",
+            Action::Query(Query::Jobs) => "query-jobs",
+            Action::BlockdevCreate { .. } => "blockdev-create",
+            Action::Job { verb, .. } => verb.command(),
             Action::SystemPowerdown => "system_powerdown",
             Action::Quit => "quit",
         }

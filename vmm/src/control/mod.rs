@@ -2,6 +2,7 @@
 //! actions, the one place that runs them, and the answers of its queries.
 
 pub mod action;
+pub mod jobs;
 pub mod queries;
 pub mod vm_control;
 

@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 use devices::acpi::Ged;
 
 use super::action::{Action, Query};
+use super::jobs::Jobs;
 use crate::device_manager::{ControlError, Machine};
 use crate::qmp::{EventBus, QmpBackend, QmpError};
 use crate::vstate::exit::{ExitReason, ExitState};
@@ -18,6 +19,7 @@ pub struct VmControl {
     ged: Arc<Mutex<Ged>>,
     exit: Arc<ExitState>,
     events: Arc<EventBus>,
+    jobs: Jobs,
 }
 
 impl VmControl {
@@ -29,11 +31,16 @@ impl VmControl {
         exit: Arc<ExitState>,
         events: Arc<EventBus>,
     ) -> Self {
+        let bus = Arc::clone(&events);
+        let jobs = Jobs::new(Arc::new(move |event: &str, data: Value| {
+            bus.emit(event, data)
+        }));
         Self {
             machine,
             ged,
             exit,
             events,
+            jobs,
         }
     }
 
@@ -59,6 +66,21 @@ impl VmControl {
             Action::Query(Query::Block) => Ok(m.query_block()),
             Action::Query(Query::NamedBlockNodes { flat }) => Ok(m.query_named_block_nodes(flat)),
             Action::Query(Query::Pci) => Ok(m.query_pci()),
+            Action::Query(Query::Jobs) => Ok(self.jobs.query()),
+            Action::BlockdevCreate { job_id, options } => {
+                let machine = Arc::clone(m);
+                let work =
+                    Box::new(move || machine.blockdev_create(&options).map_err(|e| e.to_string()));
+                self.jobs
+                    .start(&job_id, work)
+                    .map(|()| json!({}))
+                    .map_err(|e| ControlError::Invalid(e.to_string()))
+            }
+            Action::Job { verb, id } => self
+                .jobs
+                .apply(verb, &id)
+                .map(|()| json!({}))
+                .map_err(|e| ControlError::Invalid(e.to_string())),
             Action::SystemPowerdown => {
                 self.ged
                     .lock()

@@ -290,6 +290,31 @@ impl Machine {
             .map_err(|e| ControlError::Block(e.at(path)))
     }
 
+    /// The work of a `blockdev-create` job: creates what `options` say on the nodes
+    /// they name (looked up now, so nodes added after the job started count), with the
+    /// secrets known now.
+    pub fn blockdev_create(
+        &self,
+        options: &block::create::CreateOptions,
+    ) -> Result<(), block::create::CreateError> {
+        let (nodes, secrets) = {
+            let state = lock(&self.state);
+            let nodes: Vec<(String, block::NodeRef)> = state
+                .graph
+                .names()
+                .filter_map(|n| state.graph.get(n).map(|node| (n.to_string(), node)))
+                .collect();
+            (nodes, state.secrets.clone())
+        };
+        let lookup = |name: &str| {
+            nodes
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, node)| Arc::clone(node))
+        };
+        block::create::run(options, &lookup, &secrets)
+    }
+
     /// `blockdev-del`: refused while a device or another node uses the node.
     pub fn blockdev_del(&self, node_name: &str) -> Result<(), ControlError> {
         let mut state = lock(&self.state);

@@ -8,6 +8,7 @@ use serde_json::{json, Map, Value};
 
 use super::writer::qdict_order;
 use super::{QmpBackend, QmpError};
+use crate::control::jobs::JobVerb;
 use crate::control::{Action, BlockdevSpec, DeviceSpec, ObjectSpec, Query};
 use crate::device_manager::debug_exit;
 use crate::device_manager::virtio_blk::BlkProps;
@@ -33,6 +34,12 @@ pub(crate) const COMMANDS: &[&str] = &[
     "query-block",
     "query-named-block-nodes",
     "query-pci",
+    "blockdev-create",
+    "query-jobs",
+    "job-cancel",
+    "job-complete",
+    "job-finalize",
+    "job-dismiss",
     "system_powerdown",
     "quit",
 ];
@@ -206,11 +213,45 @@ fn check(name: &str, args: &Map<String, Value>, vcpus: u8) -> Option<Result<Chec
         "blockdev-del" => a
             .required_str("node-name")
             .and_then(|n| no_args(a, Do(Action::BlockdevDel(n.to_owned())))),
+        "query-jobs" => no_args(a, Do(Action::Query(Query::Jobs))),
+        "blockdev-create" => blockdev_create(a).map(Do),
+        "job-cancel" | "job-complete" | "job-finalize" | "job-dismiss" => {
+            let verb = match name {
+                "job-cancel" => JobVerb::Cancel,
+                "job-complete" => JobVerb::Complete,
+                "job-finalize" => JobVerb::Finalize,
+                _ => JobVerb::Dismiss,
+            };
+            a.required_str("id").and_then(|id| {
+                let id = id.to_owned();
+                no_args(a, Do(Action::Job { verb, id }))
+            })
+        }
         "query-named-block-nodes" => a.optional_bool("flat").and_then(|flat| {
             let flat = flat.unwrap_or(false);
             no_args(a, Do(Action::Query(Query::NamedBlockNodes { flat })))
         }),
         _ => return None,
+    })
+}
+
+/// `blockdev-create`'s arguments: `job-id`, then `options` (QEMU's
+/// `BlockdevCreateOptions`, [`block::create::CreateOptions::parse`]).
+fn blockdev_create(mut a: Args<'_>) -> Result<Action, QmpError> {
+    let job_id = a.required_str("job-id")?.to_owned();
+    let options = match a.optional("options") {
+        None => return Err(QmpError::generic("Parameter 'options' is missing")),
+        Some(Value::Object(m)) => m,
+        Some(_) => return Err(wrong_type("options", "object")),
+    };
+    let order = qdict_order(options);
+    let options =
+        block::create::CreateOptions::parse(options, order.iter().map(|(k, _)| k.as_str()))
+            .map_err(|e| QmpError::generic(e.to_string()))?;
+    a.finish()?;
+    Ok(Action::BlockdevCreate {
+        job_id,
+        options: Box::new(options),
     })
 }
 

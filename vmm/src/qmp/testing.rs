@@ -100,6 +100,8 @@ impl QmpBackend for FakeBackend {
             Action::Query(Query::Block) => Ok(json!([])),
             Action::Query(Query::NamedBlockNodes { flat }) => Ok(json!([{ "flat": flat }])),
             Action::Query(Query::Pci) => Ok(json!([{"bus": 0, "devices": []}])),
+            Action::Query(Query::Jobs) => Ok(json!([])),
+            Action::BlockdevCreate { .. } | Action::Job { .. } => Ok(json!({})),
             Action::SystemPowerdown => Ok(json!({})),
             Action::Quit => {
                 self.quits.fetch_add(1, Ordering::SeqCst);

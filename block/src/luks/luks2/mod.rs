@@ -59,4 +59,4 @@ impl Luks2Header {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -24,13 +24,14 @@ fn b64(b: &[u8]) -> String {
 }
 
 /// A volume key, and the JSON and key material of a one-slot volume.
-struct Built {
-    key: Vec<u8>,
-    json: Value,
+pub(crate) struct Built {
+    pub(crate) key: Vec<u8>,
+    pub(crate) json: Value,
     material: Vec<u8>,
 }
 
-fn build(argon: bool) -> Built {
+/// A one-slot volume (passphrase `hunter2`), PBKDF2 or Argon2id.
+pub(crate) fn build(argon: bool) -> Built {
     let key: Vec<u8> = (0..64u8).map(|i| i ^ 0x5c).collect();
     let salt = [7u8; 32];
     let mut area_key = vec![0u8; 64];
@@ -84,7 +85,8 @@ fn image_text(b: &Built, text: &str) -> Vec<u8> {
     img
 }
 
-fn image(b: &Built) -> Vec<u8> {
+/// The image of `b`: both header copies, the key material, 64 KiB more.
+pub(crate) fn image(b: &Built) -> Vec<u8> {
     image_text(b, &b.json.to_string())
 }
 
