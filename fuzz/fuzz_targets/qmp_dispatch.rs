@@ -64,6 +64,7 @@ impl QmpBackend for Backend {
             Action::Query(_) => Ok(json!([])),
             Action::BlockdevDel(_) | Action::DeviceDel(_) => Ok(json!({})),
             Action::SystemPowerdown | Action::Quit => Ok(json!({})),
+            Action::BlockdevCreate { .. } | Action::Job { .. } => Ok(json!({})),
         }
     }
 }

@@ -296,6 +296,7 @@ mod tests {
                 no_io: false,
                 read_only: false,
                 backing_files: BackingFiles::Contained,
+                legacy_aes: false,
             }
         }
 
