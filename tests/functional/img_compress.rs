@@ -155,6 +155,8 @@ fn convert_c_makes_what_qemu_img_makes() {
         let ratio = ours_len / theirs_len;
         // With -W, chunks that finish out of order leave the tails of partly
         // filled host clusters behind when another chunk has taken the next one.
+        // qemu-img's own -W layout varies from run to run (1.93 to 1.94 MB here against
+        // cryptvm's 1.84 MB), so with -W only "not much larger" is a property.
         let most = if zstd {
             1.08
         } else if name.contains("-W") {
@@ -162,7 +164,8 @@ fn convert_c_makes_what_qemu_img_makes() {
         } else {
             1.03
         };
-        if !(0.95..=most).contains(&ratio) {
+        let least = if name.contains("-W") { 0.85 } else { 0.95 };
+        if !(least..=most).contains(&ratio) {
             eprintln!("{name}: {ours_len} bytes, qemu-img {theirs_len}");
             failed.push(format!("{name} (size)"));
         }
