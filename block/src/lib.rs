@@ -17,6 +17,7 @@ pub mod qcow2;
 pub mod raw;
 pub mod resize;
 pub mod secret;
+pub mod sector_locks;
 pub mod sg;
 pub mod snapshot;
 pub mod threads;

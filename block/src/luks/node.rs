@@ -19,6 +19,7 @@ use crate::blockdev::{DriverKeys, OpenContext};
 use crate::node::{check_range, total_len, write_zeroes_by_writing, BlockNode, NodeRef};
 use crate::options::Opts;
 use crate::resize::{Prealloc, ResizeError};
+use crate::sector_locks::SectorLocks;
 use crate::sg::{SgCursor, Split};
 use crate::{BlockError, Result, WaitOnly, WriteTurn, SECTOR_SIZE};
 
@@ -126,6 +127,8 @@ pub struct LuksNode {
     /// Whole sectors of payload; changes on resize.
     size: AtomicU64,
     read_only: bool,
+    /// Held by each read-modify-write of a partial sector.
+    rmw_locks: SectorLocks,
 }
 
 impl LuksNode {
@@ -194,6 +197,7 @@ impl LuksNode {
             payload_offset: geo.payload_offset,
             size: AtomicU64::new(geo.size),
             read_only,
+            rmw_locks: SectorLocks::default(),
         };
         let Some((secret_id, passphrase)) = secret else {
             return Ok(node);
@@ -476,7 +480,8 @@ impl LuksNode {
     }
 
     /// Writes the part of one sector at `offset` (unaligned, `len` bytes
-    /// within the sector) from `src`: read, decrypt, patch, encrypt, write.
+    /// within the sector) from `src`: read, decrypt, patch, encrypt, write,
+    /// holding the sector's lock throughout.
     fn write_partial_sector(
         &self,
         offset: u64,
@@ -487,6 +492,12 @@ impl LuksNode {
     ) -> Result<()> {
         let start = offset - offset % self.sector;
         let at = (offset - start) as usize;
+        // In turn before the sector's lock: the write whose turn comes first
+        // may need the same lock for its own last sector.
+        if let Some(t) = turn {
+            t.wait()?;
+        }
+        let _rmw = self.rmw_locks.lock(&[start / self.sector]);
         let mut sector = Bounce::take(self.sector as usize);
         self.read_sectors(start, &mut [&mut sector[..]])?;
         src.copy_to(&mut sector[at..at + len]);

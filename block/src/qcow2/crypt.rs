@@ -24,6 +24,7 @@ use crate::luks::{
     new_sector_cipher, CipherAlg, CipherMode, CipherSpec, HashAlg, IvGenAlg, LuksHeader,
     SectorCipher, DEFAULT_KDF_ITERATIONS_LIMIT,
 };
+use crate::sector_locks::SectorLocks;
 use crate::sg::SgSlices;
 use crate::{BlockError, Result, SECTOR_SIZE};
 
@@ -70,6 +71,8 @@ pub struct Crypto {
     luks: Option<LuksHeader>,
     /// `None` when opened for metadata only.
     cipher: Option<Box<dyn SectorCipher>>,
+    /// Held by each read-modify-write of a partial sector (host sectors).
+    rmw_locks: SectorLocks,
 }
 
 /// The name of a crypt method as QEMU's `encrypt.format` spells it.
@@ -166,6 +169,7 @@ impl Crypto {
                 method,
                 luks: None,
                 cipher,
+                rmw_locks: SectorLocks::default(),
             }));
         }
         let Some((off, len)) = range else {
@@ -198,6 +202,7 @@ impl Crypto {
             method,
             luks: Some(header),
             cipher,
+            rmw_locks: SectorLocks::default(),
         }))
     }
 
@@ -304,7 +309,12 @@ impl Qcow2Node {
             let end = (h + n as u64).next_multiple_of(SECTOR_SIZE);
             let mut b = AlignedBuf::zeroed((end - start) as usize);
             let skip = (h - start) as usize;
-            if skip != 0 || (h + n as u64) != end {
+            let partial = skip != 0 || (h + n as u64) != end;
+            let _rmw = partial.then(|| {
+                c.rmw_locks
+                    .lock(&[start / SECTOR_SIZE, (end - SECTOR_SIZE) / SECTOR_SIZE])
+            });
+            if partial {
                 // Read-modify-write of the partial first and last sectors.
                 let last = (end - SECTOR_SIZE) as usize - start as usize;
                 self.data_read(start, 0, &mut b[..SECTOR_SIZE as usize])?;
