@@ -22,6 +22,12 @@ pub trait BlockNode: Send + Sync {
     fn size(&self) -> u64;
     /// Whether writes are refused.
     fn read_only(&self) -> bool;
+    /// The smallest write the node does without reading back: a guest disk
+    /// shows it as its logical block size unless told otherwise (LUKS2 with
+    /// 4096-byte sectors gives 4096). 512 by default.
+    fn block_size(&self) -> u64 {
+        crate::SECTOR_SIZE
+    }
     /// Fill `buf` from `offset`; reading past the end is an error.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
     /// Write `buf` at `offset`; writing past the end is an error.

@@ -75,6 +75,10 @@ impl BlockNode for RawNode {
         self.read_only
     }
 
+    fn block_size(&self) -> u64 {
+        self.child.block_size()
+    }
+
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         check_range("raw", self.size(), offset, buf.len() as u64)?;
         self.child.read_at(self.offset + offset, buf)

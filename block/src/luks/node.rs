@@ -716,6 +716,10 @@ impl BlockNode for LuksNode {
         self.read_only
     }
 
+    fn block_size(&self) -> u64 {
+        self.sector
+    }
+
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.read_vectored(offset, &mut [buf])
     }

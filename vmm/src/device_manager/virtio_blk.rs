@@ -75,6 +75,9 @@ pub struct BlkProps {
     pub slot: Option<u8>,
     /// The virtio-blk configuration.
     pub config: BlockConfig,
+    /// Whether `logical_block_size` was given; if not, the drive's block size
+    /// ([`block::BlockNode::block_size`]) is used.
+    pub logical_block_size_given: bool,
 }
 
 impl BlkProps {
@@ -104,6 +107,7 @@ impl BlkProps {
                 num_queues: u16::from(cpus.max(1)).min(MAX_QUEUES),
                 ..BlockConfig::default()
             },
+            logical_block_size_given: false,
         };
         let mut drive = None;
         for (key, value) in args {
@@ -122,7 +126,8 @@ impl BlkProps {
                 "num-queues" => c.num_queues = number(key, value, 0, u64::from(u16::MAX))? as u16,
                 "queue-size" => c.queue_size = number(key, value, 0, u64::from(u16::MAX))? as u16,
                 "logical_block_size" => {
-                    c.logical_block_size = number(key, value, 0, u64::from(u32::MAX))? as u32
+                    c.logical_block_size = number(key, value, 0, u64::from(u32::MAX))? as u32;
+                    props.logical_block_size_given = true;
                 }
                 "physical_block_size" => {
                     c.physical_block_size = number(key, value, 0, u64::from(u32::MAX))? as u32
@@ -149,6 +154,24 @@ impl BlkProps {
         };
         props.config.validate()?;
         Ok(props)
+    }
+}
+
+impl BlkProps {
+    /// The configuration for a device over `node`: without a
+    /// `logical_block_size`, the node's block size (up to the largest the
+    /// device takes), with `physical_block_size` at least as large, so that a
+    /// guest on a LUKS2 volume of 4096-byte sectors writes whole sectors.
+    pub fn config_for(&self, node: &dyn block::BlockNode) -> BlockConfig {
+        let mut c = self.config.clone();
+        if !self.logical_block_size_given {
+            let size = node.block_size().clamp(512, 32768) as u32;
+            if size.is_power_of_two() {
+                c.logical_block_size = size;
+                c.physical_block_size = c.physical_block_size.max(size);
+            }
+        }
+        c
     }
 }
 
@@ -298,12 +321,13 @@ impl VirtioBlkPci {
         node: NodeRef,
         mut env: DeviceEnv<'_>,
     ) -> Result<VirtioBlkPci, DeviceError> {
-        let mut device = VirtioBlock::new(node, props.config.clone())?;
+        let config = props.config_for(&*node);
+        let mut device = VirtioBlock::new(node, config.clone())?;
         if let Some(report) = env.on_error.take() {
             device = device.with_error_reporter(report);
         }
         let device = Arc::new(device);
-        let nq = props.config.num_queues;
+        let nq = config.num_queues;
         let vectors = (0..=nq)
             .map(|_| env.router.allocate())
             .collect::<Result<Vec<_>, _>>()?;
@@ -372,6 +396,55 @@ impl Drop for VirtioBlkPci {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// A node that only has a block size.
+    struct Sized(u64);
+
+    impl block::BlockNode for Sized {
+        fn driver(&self) -> &'static str {
+            "test"
+        }
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn read_only(&self) -> bool {
+            true
+        }
+        fn block_size(&self) -> u64 {
+            self.0
+        }
+        fn read_at(&self, _: u64, _: &mut [u8]) -> block::Result<()> {
+            Ok(())
+        }
+        fn write_at(&self, _: u64, _: &[u8]) -> block::Result<()> {
+            Ok(())
+        }
+        fn flush(&self) -> block::Result<()> {
+            Ok(())
+        }
+        fn discard(&self, _: u64, _: u64) -> block::Result<()> {
+            Ok(())
+        }
+        fn write_zeroes(&self, _: u64, _: u64) -> block::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Without `logical_block_size` the guest sees the drive's block size
+    /// (a LUKS2 volume's 4096-byte sectors); a given one is kept.
+    #[test]
+    fn block_size_follows_the_drive_unless_given() {
+        let plain = parse(json!({"driver": "virtio-blk-pci", "drive": "d"})).unwrap();
+        let c = plain.config_for(&Sized(4096));
+        assert_eq!((c.logical_block_size, c.physical_block_size), (4096, 4096));
+        let c = plain.config_for(&Sized(512));
+        assert_eq!((c.logical_block_size, c.physical_block_size), (512, 512));
+        let given =
+            parse(json!({"driver": "virtio-blk-pci", "drive": "d", "logical_block_size": 512}))
+                .unwrap();
+        let c = given.config_for(&Sized(4096));
+        assert_eq!(c.logical_block_size, 512);
+    }
 
     fn parse(v: Value) -> Result<BlkProps, PropertyError> {
         BlkProps::parse(v.as_object().expect("object"), 2)
