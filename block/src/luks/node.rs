@@ -521,19 +521,8 @@ fn read_meta(header_src: &NodeRef, detached: bool) -> Result<Meta> {
         let header = Luks2Header::read(&mut read, node_size, detached).map_err(LuksError::from)?;
         return Ok(Meta::V2(Box::new(header)));
     }
-    let mut buf = vec![0u8; LuksHeader::SIZE];
-    let avail = header_src.size().min(LuksHeader::SIZE as u64) as usize;
-    header_src.read_at(0, &mut buf[..avail])?;
-    let header = LuksHeader::parse(&buf[..avail], detached)?;
-    let header_len = header.key_material_end();
-    if header_src.size() < header_len {
-        return Err(LuksError::corrupt(format!(
-            "LUKS header is truncated: its key material ends at byte {header_len}, but the header is only {} bytes",
-            header_src.size()
-        ))
-        .into());
-    }
-    Ok(Meta::V1(header))
+    let read = |off: u64, out: &mut [u8]| header_src.read_at(off, out);
+    Ok(Meta::V1(parse_v1(&read, header_src.size(), detached)?))
 }
 
 /// Where the volume of `meta` lies in `payload`.
