@@ -300,6 +300,15 @@ mod harness_parts {
     }
 
     #[test]
+    fn scenario_status_survives_the_kernel_writing_on_its_line() {
+        assert_eq!(scenario_rc_in("x\nCRYPTVM-SCENARIO-END rc=7\r\n"), Some(7));
+        let interleaved = "CRYPTVM-SCENARIO-END rc=0[   14.161533] reboot: Power down\n";
+        assert_eq!(scenario_rc_in(interleaved), Some(0));
+        assert_eq!(scenario_rc_in("CRYPTVM-SCENARIO-END rc=\n"), None);
+        assert_eq!(scenario_rc_in("CRYPTVM-GUEST-UP cpus=1\n"), None);
+    }
+
+    #[test]
     fn shell_join_quotes() {
         let argv = ["a".to_string(), "b c".to_string(), "it's".to_string()];
         assert_eq!(shell_join(&argv), r"a 'b c' 'it'\''s'");

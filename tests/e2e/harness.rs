@@ -864,18 +864,26 @@ impl Outcome {
     }
 
     /// The exit status of the guest's scenario (`CRYPTVM-SCENARIO-END rc=N`).
+    ///
+    /// Only the digits count: the kernel's own "reboot: Power down" can land on the same
+    /// line before the tty has written init's newline (`rc=0[   14.16] reboot: ...`).
     pub fn scenario_rc(&self) -> Option<i32> {
-        self.l2_console.lines().find_map(|l| {
-            l.trim_end_matches('\r')
-                .split_once("CRYPTVM-SCENARIO-END rc=")
-                .and_then(|(_, rc)| rc.trim().parse().ok())
-        })
+        scenario_rc_in(&self.l2_console)
     }
 
     /// Whether the guest kernel reported powering down.
     pub fn powered_off(&self) -> bool {
         self.l2_console.contains("reboot: Power down")
     }
+}
+
+/// The status in a console's `CRYPTVM-SCENARIO-END rc=N` line (see [`Outcome::scenario_rc`]).
+pub fn scenario_rc_in(console: &str) -> Option<i32> {
+    console.lines().find_map(|l| {
+        let (_, rest) = l.split_once("CRYPTVM-SCENARIO-END rc=")?;
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        rest[..digits].parse().ok()
+    })
 }
 
 impl fmt::Display for Outcome {
