@@ -2,10 +2,10 @@
 # Fuzz smoke test: builds every cargo-fuzz target of fuzz/ once (release, with debug
 # assertions and overflow checks), makes the seed corpora (fuzz/seeds.sh: qemu-img,
 # qemu-io, cryptsetup, python3), then runs each target for FUZZ_SECS seconds
-# (default 30), one at a time, with -rss_limit_mb=2048 -timeout=10. Fails naming
-# every target that crashed, timed out or ran out of memory (its input is kept in
-# the scratch folder, whose path is printed); prints executions and corpus size per
-# target.
+# (default 30), FUZZ_JOBS at a time (default: one per CPU), with -rss_limit_mb=2048
+# -timeout=10. Fails naming every target that crashed, timed out or ran out of
+# memory (its input is kept in the scratch folder, whose path is printed); prints
+# executions and corpus size per target.
 #
 #   resources/scripts/fuzz-smoke.sh                    # all targets, 30 s each
 #   FUZZ_SECS=10 resources/scripts/fuzz-smoke.sh qcow2 luks1 luks2
@@ -64,15 +64,11 @@ scratch="$(mktemp -d "${TMPDIR:-/tmp}/cryptvm-fuzz.XXXXXX")"
 echo "== fuzz/seeds.sh $scratch/seeds"
 fuzz/seeds.sh "$scratch/seeds"
 
-failed=()
-summary=()
-for t in "${targets[@]}"; do
-    corpus="$scratch/corpus/$t"
-    artifacts="$scratch/artifacts/$t"
-    log="$scratch/$t.log"
+# One target's run; its verdict goes to $scratch/$t.summary (and .failed when it failed).
+run_target() {
+    local t=$1 corpus="$scratch/corpus/$1" artifacts="$scratch/artifacts/$1" log="$scratch/$1.log"
+    local status=0 execs size kind
     mkdir -p "$corpus" "$artifacts" "$scratch/seeds/$t"
-    echo "== $t: ${secs} s"
-    status=0
     # A hang that libFuzzer's own -timeout cannot end (a deadlock outside an input) is
     # ended here.
     timeout -k 10 $((secs * 2 + 120)) "$bin_dir/$t" "$corpus" "$scratch/seeds/$t" \
@@ -82,13 +78,34 @@ for t in "${targets[@]}"; do
     size=$(find "$corpus" -type f | wc -l)
     if [[ $status -ne 0 ]]; then
         kind=$(grep -oE 'ERROR: libFuzzer: [a-z-]+|deadly signal|panicked at|ERROR: AddressSanitizer: [a-z-]+|ERROR: LeakSanitizer' "$log" | head -1 || true)
-        tail -40 "$log"
-        echo "$t FAILED (exit status $status${kind:+: $kind}); input: $(ls "$artifacts" | head -1)"
-        failed+=("$t")
-        summary+=("$(printf '%-18s FAILED  %s' "$t" "${kind:-exit status $status}")")
+        { tail -40 "$log"
+          echo "$t FAILED (exit status $status${kind:+: $kind}); input: $(ls "$artifacts" | head -1)"
+        } >"$scratch/$t.failed"
+        printf '%-18s FAILED  %s\n' "$t" "${kind:-exit status $status}" >"$scratch/$t.summary"
     else
-        summary+=("$(printf '%-18s %10s execs  corpus %5s' "$t" "${execs:-?}" "$size")")
+        printf '%-18s %10s execs  corpus %5s\n' "$t" "${execs:-?}" "$size" >"$scratch/$t.summary"
     fi
+}
+
+# Targets run FUZZ_JOBS at a time (default: one per CPU); each is single-threaded.
+jobs="${FUZZ_JOBS:-$(nproc)}"
+for t in "${targets[@]}"; do
+    while [[ $(jobs -rp | wc -l) -ge $jobs ]]; do
+        wait -n || true
+    done
+    echo "== $t: ${secs} s"
+    run_target "$t" &
+done
+wait
+
+failed=()
+summary=()
+for t in "${targets[@]}"; do
+    if [[ -f "$scratch/$t.failed" ]]; then
+        cat "$scratch/$t.failed"
+        failed+=("$t")
+    fi
+    summary+=("$(cat "$scratch/$t.summary" 2>/dev/null || echo "$t: no verdict")")
 done
 
 echo "== fuzz smoke: ${secs} s per target, $(($(date +%s) - start)) s in all"

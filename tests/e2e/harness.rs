@@ -881,7 +881,9 @@ impl Outcome {
 pub fn scenario_rc_in(console: &str) -> Option<i32> {
     console.lines().find_map(|l| {
         let (_, rest) = l.split_once("CRYPTVM-SCENARIO-END rc=")?;
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
         rest[..digits].parse().ok()
     })
 }
